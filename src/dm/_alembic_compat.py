@@ -1,0 +1,67 @@
+"""The only module that touches Alembic's private API.
+
+Alembic's own commands and pytest-alembic rely on these names, which have kept their
+meaning since Alembic 0.7; they are checked when dm is imported so a future Alembic that
+drops one fails at once with a clear message instead of in the middle of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+
+from alembic.runtime.migration import MigrationContext
+from alembic.runtime.migration import RevisionStep
+from alembic.script import Script
+from alembic.script import ScriptDirectory
+from alembic.script.revision import Revision
+from alembic.script.revision import RevisionMap
+
+_REQUIRED = (
+    (ScriptDirectory, "_load_revisions"),
+    (ScriptDirectory, "_upgrade_revs"),
+    (ScriptDirectory, "_downgrade_revs"),
+    (Revision, "_all_down_revisions"),
+)
+for _owner, _name in _REQUIRED:
+    if not hasattr(_owner, _name):  # pragma: no cover - only with an unsupported Alembic
+        raise ImportError(
+            f"dm needs {_owner.__name__}.{_name}, which this Alembic version lacks; "
+            "install a supported Alembic (see pyproject.toml)"
+        )
+
+
+def load_scripts(script_dir: ScriptDirectory) -> list[Script]:
+    """Import every revision file of ``script_dir``, in directory order."""
+    return list(script_dir._load_revisions())
+
+
+def use_scripts(script_dir: ScriptDirectory, scripts: Sequence[Script]) -> None:
+    """Make ``script_dir`` build its revision map from already-loaded ``scripts``."""
+    loaded = tuple(scripts)
+    script_dir.revision_map = RevisionMap(lambda: iter(loaded))
+
+
+def upgrade_steps(
+    script_dir: ScriptDirectory, target: str, heads: Iterable[str]
+) -> list[RevisionStep]:
+    """Return Alembic's upgrade steps from ``heads`` to ``target``, in execution order."""
+    return list(script_dir._upgrade_revs(target, tuple(heads)))
+
+
+def downgrade_steps(
+    script_dir: ScriptDirectory, target: str | None, heads: Iterable[str]
+) -> list[RevisionStep]:
+    """Return Alembic's downgrade steps from ``heads`` to ``target``, in execution order."""
+    return list(script_dir._downgrade_revs(target, tuple(heads)))
+
+
+def all_down_revisions(revision: Revision) -> tuple[str, ...]:
+    """Return the parents of ``revision``, ``depends_on`` included."""
+    return tuple(revision._all_down_revisions)
+
+
+def migrations_fn(context: MigrationContext) -> Any:
+    """Return the plan function an ``alembic`` command handed to ``EnvironmentContext``."""
+    return context._migrations_fn  # type: ignore[attr-defined]

@@ -1,0 +1,95 @@
+"""Let ``alembic -n <section> upgrade|downgrade|current`` run through dm.
+
+``env.py`` calls :func:`run`. The plan comes from whatever Alembic command was invoked; it
+is executed by dm's runner under dm's lock and recorded in dm's tracker, exactly as the
+``dm`` command would. Alembic's ``stamp`` and offline ``--sql`` mode are refused: revision
+hooks are Python coroutines, and ``dm stamp`` records stamps properly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+from typing import Any
+
+from alembic.runtime.migration import RevisionStep
+from alembic.util import CommandError
+
+from . import _alembic_compat as compat
+from .errors import DmError
+from .graph import Graph
+from .graph import Step
+from .graph import require_reversible
+from .settings import Settings
+from .signals import run_until_signal
+from .tracker import applied_revisions
+
+if TYPE_CHECKING:
+    from alembic.runtime.environment import EnvironmentContext
+
+log = logging.getLogger("dm.alembic_env")
+
+
+def run(context: EnvironmentContext) -> None:
+    """Execute the invoked Alembic command's plan with dm's runner."""
+    from . import log as dm_log
+
+    if context.is_offline_mode():
+        raise CommandError("dm revisions are Python coroutines; offline --sql mode is not supported")
+    config = context.config
+    dm_log.configure()
+    try:
+        settings = Settings.load(
+            config_file=config.config_file_name, ini_section=config.config_ini_section
+        )
+        run_until_signal(_run(context, settings))
+    except DmError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+async def _run(context: EnvironmentContext, settings: Settings) -> None:
+    from . import command
+    from .runner import Runner
+
+    graph = Graph.from_config(settings.alembic_config())
+    async with command._database(settings) as db:
+        steps = await _plan(context, graph, db, await db.read_latest())
+        if not steps:
+            return
+        async with db.locked() as (latest, _interrupted):
+            steps = await _plan(context, graph, db, latest)
+            runner = Runner(
+                await db.conn(),
+                db.tracker,
+                command.run_info(settings),
+                latest,
+                timeout=settings.timeout,
+                pg_lock_timeout=settings.pg_lock_timeout,
+            )
+            await runner.run(steps)
+
+
+async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any) -> list[Step]:
+    """Ask the invoked Alembic command for its steps, given the tracker's heads."""
+    heads = graph.applied_heads(applied_revisions(latest))
+    conn = await db.conn()
+
+    def plan(sync_conn: Any) -> list[Any]:
+        context.configure(connection=sync_conn)
+        migration_context = context.get_context()
+        migration_context.get_current_heads = lambda: heads  # type: ignore[method-assign]
+        return list(compat.migrations_fn(migration_context)(heads, migration_context))
+
+    async with conn.begin():
+        alembic_steps = await conn.run_sync(plan)
+    steps = []
+    for step in alembic_steps:
+        if not isinstance(step, RevisionStep):
+            raise CommandError("use 'dm stamp' to stamp revisions in dm's tracker")
+        script = graph.script(step.revision.revision)
+        steps.append(Step(script, step.is_upgrade))
+    try:
+        require_reversible(steps, "the requested revision")
+    except DmError as exc:
+        raise CommandError(str(exc)) from None
+    return steps

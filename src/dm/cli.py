@@ -1,0 +1,516 @@
+"""The ``dm`` command line: a thin click layer over ``dm.command``.
+
+The only module that prints, reads options or picks exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import traceback
+from collections.abc import Callable
+from collections.abc import Coroutine
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import TypeVar
+
+import click
+
+from . import __version__
+from .errors import DmError
+
+if TYPE_CHECKING:
+    from .command import RevisionInfo
+    from .command import RunResult
+    from .settings import Settings
+
+T = TypeVar("T")
+
+EXIT_CHECK_FAILED = 4
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+
+
+@dataclasses.dataclass
+class Invocation:
+    """Options given to the ``dm`` group, shared with every subcommand."""
+
+    config_file: Path | None
+    section: str | None
+    database_url: str | None
+    verbose: bool
+    log_format: str
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def settings(self, **overrides: Any) -> Settings:
+        """Resolve settings from options, environment, ini file and defaults."""
+        from .settings import Settings
+
+        return Settings.load(
+            config_file=self.config_file,
+            ini_section=self.section,
+            database_url=self.database_url,
+            **overrides,
+        )
+
+
+pass_invocation = click.make_pass_decorator(Invocation)
+
+
+class DmGroup(click.Group):
+    """Turn ``DmError`` into one ``dm: error: ...`` line and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DmError as exc:
+            _fail(ctx, str(exc), exc.exit_code, exc)
+        except KeyboardInterrupt as exc:  # outside the event loop (e.g. while importing)
+            _fail(ctx, "interrupted", 130, exc)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            message = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+            _fail(ctx, message, 1, exc)
+
+
+def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
+    invocation = ctx.find_object(Invocation)
+    if invocation is not None and invocation.verbose:
+        click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+    elif code == 1 and not isinstance(exc, DmError):
+        message += " (run with --verbose for the traceback)"
+    click.echo(f"dm: error: {message}", err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=DmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "-c",
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="DM_CONFIG",
+    help="Config file holding dm's section.  [default: ./alembic.ini; env DM_CONFIG]",
+)
+@click.option(
+    "-n",
+    "--name",
+    "section",
+    envvar="DM_INI_SECTION",
+    help="Section of the config file.  [default: data_migrations; env DM_INI_SECTION]",
+)
+@click.option(
+    "--database-url",
+    metavar="URL",
+    help="Database URL; prefer DM_DATABASE_URL, which keeps the password out of `ps`.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logs and tracebacks on errors.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    envvar="DM_LOG_FORMAT",
+    show_default=True,
+    help="Log lines on stderr as text or JSON.",
+)
+@click.version_option(__version__, prog_name="dm")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config_file: Path | None,
+    section: str | None,
+    database_url: str | None,
+    verbose: bool,
+    log_format: str,
+) -> None:
+    """Run data migrations and maintenance scripts the way Alembic runs schema revisions."""
+    from . import log
+
+    ctx.obj = Invocation(config_file, section, database_url, verbose, log_format)
+    secrets = [database_url] if database_url else []
+    log.configure(verbose=verbose, json_lines=log_format == "json", secrets=secrets)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from .signals import run_until_signal
+
+    return run_until_signal(coro)
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(_jsonable(value), indent=2, sort_keys=False))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+# -- project files ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False), default=".")
+@pass_invocation
+def init(invocation: Invocation, directory: Path) -> None:
+    """Create a dm project: alembic.ini (or dm's section in it) and data_migrations/."""
+    from . import command
+
+    result = command.init(directory, section=invocation.section or "data_migrations")
+    verb = "added a section to" if result.appended_section else "wrote"
+    click.echo(f"{verb} {result.config_file}; created {result.script_location}/")
+    click.echo("next: dm revision -m 'describe the change', then dm upgrade heads")
+
+
+@main.command()
+@click.option("-m", "--message", required=True, help="What the revision does (its description).")
+@click.option("--head", default="head", show_default=True, help="Parent revision (or branch@head).")
+@click.option("--splice", is_flag=True, help="Allow a parent that is not a head.")
+@click.option("--branch-label", help="Label the new revision's branch.")
+@click.option("--depends-on", multiple=True, help="Revision or label this one depends on.")
+@click.option("--rev-id", help="Use this revision id instead of a generated one.")
+@json_option
+@pass_invocation
+def revision(
+    invocation: Invocation,
+    message: str,
+    head: str,
+    splice: bool,
+    branch_label: str | None,
+    depends_on: tuple[str, ...],
+    rev_id: str | None,
+    as_json: bool,
+) -> None:
+    """Create a revision file with async upgrade/downgrade/verify stubs."""
+    from . import command
+
+    info = command.revision(
+        invocation.settings(),
+        message,
+        head=head,
+        splice=splice,
+        branch_label=branch_label,
+        depends_on=depends_on,
+        rev_id=rev_id,
+    )
+    if as_json:
+        _emit_json(info)
+    else:
+        click.echo(f"created {info.revision}: {info.path}")
+
+
+@main.command()
+@click.argument("revisions", nargs=-1)
+@click.option("-m", "--message", help="Description of the merge revision.")
+@click.option("--branch-label", help="Label the merge revision's branch.")
+@click.option("--rev-id", help="Use this revision id instead of a generated one.")
+@json_option
+@pass_invocation
+def merge(
+    invocation: Invocation,
+    revisions: tuple[str, ...],
+    message: str | None,
+    branch_label: str | None,
+    rev_id: str | None,
+    as_json: bool,
+) -> None:
+    """Create a revision merging REVISIONS (default: all heads)."""
+    from . import command
+
+    info = command.merge(
+        invocation.settings(), revisions, message, branch_label=branch_label, rev_id=rev_id
+    )
+    if as_json:
+        _emit_json(info)
+    else:
+        click.echo(f"created merge {info.revision}: {info.path}")
+
+
+# -- running -----------------------------------------------------------------------------------
+
+
+def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--lock-timeout",
+        type=click.FloatRange(min=0),
+        help="Seconds to wait for another dm run.  [default: 600; env DM_LOCK_TIMEOUT]",
+    )(fn)
+    fn = click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Per-revision time limit in seconds (a revision's own `timeout` wins).",
+    )(fn)
+    fn = click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")(fn)
+    return json_option(fn)
+
+
+# Relative targets such as -1 look like options; let them through as arguments.
+_TARGET_COMMAND = {"context_settings": {"ignore_unknown_options": True}}
+
+
+@main.command(**_TARGET_COMMAND)
+@click.argument("target", default="heads")
+@_run_options
+@pass_invocation
+def upgrade(
+    invocation: Invocation,
+    target: str,
+    lock_timeout: float | None,
+    timeout: float | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Run upgrade() (and verify()) of every revision up to TARGET  [default: heads]."""
+    from . import command
+
+    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    result = _run(command.upgrade(settings, target, dry_run=dry_run))
+    _render_run(result, "upgrade", as_json)
+
+
+@main.command(**_TARGET_COMMAND)
+@click.argument("target")
+@_run_options
+@pass_invocation
+def downgrade(
+    invocation: Invocation,
+    target: str,
+    lock_timeout: float | None,
+    timeout: float | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Run downgrade() of every applied revision above TARGET, newest first."""
+    from . import command
+
+    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    result = _run(command.downgrade(settings, target, dry_run=dry_run))
+    _render_run(result, "downgrade", as_json)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@json_option
+@pass_invocation
+def stamp(invocation: Invocation, target: str, lock_timeout: float | None, as_json: bool) -> None:
+    """Record revisions up to TARGET as applied without running them."""
+    from . import command
+
+    result = _run(command.stamp(invocation.settings(lock_timeout=lock_timeout), target))
+    _render_run(result, "stamp", as_json)
+
+
+def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
+    if as_json:
+        _emit_json(
+            {
+                "target": result.target,
+                "dry_run": result.dry_run,
+                "planned": result.planned,
+                "steps": result.steps,
+                "interrupted": result.interrupted,
+            }
+        )
+        return
+    if result.dry_run:
+        if not result.planned:
+            click.echo(f"nothing to {verb}: already at {result.target}")
+        for step in result.planned:
+            reversible = "" if step.reversible else "  (irreversible)"
+            click.echo(f"{step.direction} {step.revision}  {step.description}{reversible}")
+        return
+    if result.nothing_to_do:
+        click.echo(f"nothing to {verb}: already at {result.target}")
+    else:
+        click.echo(f"{verb}: {len(result.steps)} revision(s) done, target {result.target}")
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+@main.command()
+@json_option
+@pass_invocation
+def current(invocation: Invocation, as_json: bool) -> None:
+    """Show the applied head revisions recorded in the tracker."""
+    from . import command
+
+    result = _run(command.current(invocation.settings()))
+    if as_json:
+        _emit_json({"heads": result.heads})
+        return
+    if not result.heads:
+        click.echo("(nothing applied)", err=True)
+    for rev in result.heads:
+        click.echo(f"{rev} (head)" if rev in result.graph_heads else rev)
+
+
+@main.command()
+@json_option
+@pass_invocation
+def status(invocation: Invocation, as_json: bool) -> None:
+    """Show every revision: status, last run, duration, by whom, attempts, error."""
+    from . import command
+
+    rows = _run(command.status(invocation.settings()))
+    if as_json:
+        _emit_json(rows)
+        return
+    table = [("REVISION", "STATUS", "ATTEMPTS", "LAST RUN (UTC)", "DURATION", "BY", "DESCRIPTION")]
+    for row in rows:
+        state = row.status or "not run"
+        if row.direction == "downgrade" and row.status == "failed":
+            state = "failed (downgrade)"
+        if row.missing_file:
+            state += " (file missing)"
+        table.append(
+            (
+                row.revision,
+                state,
+                str(row.attempts),
+                row.started_at.strftime("%Y-%m-%d %H:%M:%S") if row.started_at else "-",
+                f"{row.duration_ms} ms" if row.duration_ms is not None else "-",
+                row.pod_name or row.run_by or "-",
+                row.description + (f"  [error: {row.error}]" if row.error and row.status == "failed" else ""),
+            )
+        )
+    _print_table(table)
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]).rstrip())
+
+
+@main.command()
+@json_option
+@pass_invocation
+def check(invocation: Invocation, as_json: bool) -> None:
+    """Exit 0 when every revision is applied; exit 4 when any is pending, failed or running."""
+    from . import command
+
+    result = _run(command.check(invocation.settings()))
+    if as_json:
+        _emit_json(
+            {
+                "ok": result.ok,
+                "pending": result.pending,
+                "failed": result.failed,
+                "running": result.running,
+                "missing": result.missing,
+            }
+        )
+    else:
+        if result.ok:
+            click.echo("ok: every revision is applied")
+        for label, revisions in (
+            ("pending", result.pending),
+            ("failed", result.failed),
+            ("running", result.running),
+            ("applied but file missing", result.missing),
+        ):
+            if revisions:
+                click.echo(f"{label}: {', '.join(revisions)}")
+    if not result.ok:
+        raise click.exceptions.Exit(EXIT_CHECK_FAILED)
+
+
+@main.command()
+@click.option("-r", "--rev-range", metavar="START:END", help="Limit to a range, e.g. base:ab12.")
+@click.option("--verbose", "detailed", is_flag=True, help="Show paths, parents and docstrings.")
+@json_option
+@pass_invocation
+def history(invocation: Invocation, rev_range: str | None, detailed: bool, as_json: bool) -> None:
+    """List revisions, newest first, with their descriptions."""
+    from . import command
+
+    _render_revisions(command.history(invocation.settings(), rev_range), detailed, as_json)
+
+
+@main.command()
+@click.option("--verbose", "detailed", is_flag=True, help="Show paths, parents and docstrings.")
+@json_option
+@pass_invocation
+def heads(invocation: Invocation, detailed: bool, as_json: bool) -> None:
+    """Show the head revisions of the revision graph."""
+    from . import command
+
+    _render_revisions(command.heads(invocation.settings()), detailed, as_json)
+
+
+@main.command()
+@click.option("--verbose", "detailed", is_flag=True, help="Show paths, parents and docstrings.")
+@json_option
+@pass_invocation
+def branches(invocation: Invocation, detailed: bool, as_json: bool) -> None:
+    """Show the revisions where the graph branches."""
+    from . import command
+
+    _render_revisions(command.branches(invocation.settings()), detailed, as_json)
+
+
+@main.command()
+@click.argument("rev")
+@json_option
+@pass_invocation
+def show(invocation: Invocation, rev: str, as_json: bool) -> None:
+    """Show the revision REV (an id, partial id, label, head...)."""
+    from . import command
+
+    infos = command.show(invocation.settings(), rev)
+    if as_json:
+        _emit_json(infos[0] if len(infos) == 1 else infos)
+    else:
+        _render_revisions(infos, True, False)
+
+
+def _render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) -> None:
+    if as_json:
+        _emit_json(infos)
+        return
+    for info in infos:
+        parents = ", ".join(info.down_revisions) or "<base>"
+        marks = "".join(
+            f" ({mark})"
+            for mark, on in (
+                ("head", info.is_head),
+                ("branchpoint", info.is_branch_point),
+                ("mergepoint", info.is_merge_point),
+            )
+            if on
+        )
+        labels = f" ({', '.join(info.branch_labels)})" if info.branch_labels else ""
+        if not detailed:
+            click.echo(f"{parents} -> {info.revision}{labels}{marks}, {info.description}")
+            continue
+        click.echo(f"Rev: {info.revision}{labels}{marks}")
+        click.echo(f"Parent: {parents}")
+        if info.depends_on:
+            click.echo(f"Also depends on: {', '.join(info.depends_on)}")
+        click.echo(f"Reversible: {'yes' if info.reversible else 'no'}")
+        click.echo(f"Path: {info.path}")
+        click.echo("")
+        for line in (info.doc or info.description).splitlines():
+            click.echo(f"    {line}".rstrip())
+        click.echo("")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,589 @@
+"""One function per dm command: settings and arguments in, a result object out.
+
+Nothing here prints or exits; ``dm.cli`` renders the results, and programs may call these
+functions directly. Database commands are coroutines; graph-only commands are plain
+functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+from .errors import UnknownTarget
+from .errors import UsageError
+from .graph import Graph
+from .graph import Step
+from .graph import describe
+from .graph import display_path
+from .tracker import Attempt
+from .tracker import RunInfo
+from .tracker import Status
+from .tracker import Tracker
+from .tracker import applied_revisions
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import Script
+    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .runner import StepResult
+    from .settings import Settings
+
+log = logging.getLogger("dm.command")
+
+INTERRUPTED = "interrupted: the run that made this attempt stopped before finishing it"
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    """A revision file as the graph sees it."""
+
+    revision: str
+    down_revisions: list[str]
+    description: str
+    branch_labels: list[str]
+    depends_on: list[str]
+    path: str
+    is_head: bool
+    is_branch_point: bool
+    is_merge_point: bool
+    reversible: bool
+    doc: str = ""
+
+    @classmethod
+    def from_script(cls, script: Script) -> RevisionInfo:
+        """Describe ``script``."""
+        return cls(
+            revision=script.revision,
+            down_revisions=list(_as_list(script.down_revision)),
+            description=describe(script),
+            branch_labels=sorted(script.branch_labels),
+            depends_on=list(_as_list(script.dependencies)),
+            path=display_path(script.path),
+            is_head=script.is_head,
+            is_branch_point=script.is_branch_point,
+            is_merge_point=script.is_merge_point,
+            reversible=getattr(script.module, "downgrade", None) is not None,
+            doc=(script.module.__doc__ or "").strip(),
+        )
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step of a plan, as shown before it runs."""
+
+    revision: str
+    direction: str
+    description: str
+    reversible: bool
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of ``upgrade``, ``downgrade`` or ``stamp``."""
+
+    target: str
+    planned: list[PlannedStep]
+    steps: list[StepResult] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Return whether the plan was empty."""
+        return not self.planned
+
+
+@dataclass(frozen=True)
+class CurrentResult:
+    """The applied heads, as derived from the tracker."""
+
+    heads: list[str]
+    graph_heads: list[str]
+
+
+@dataclass(frozen=True)
+class RevisionStatus:
+    """One revision's latest attempt (``status`` is None when it never ran)."""
+
+    revision: str
+    description: str
+    status: str | None
+    direction: str | None
+    applied: bool
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    run_by: str | None
+    pod_name: str | None
+    error: str | None
+    reason: str | None
+    is_head: bool
+    missing_file: bool = False
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """What ``check`` found: everything must be empty for the check to pass."""
+
+    pending: list[str]
+    failed: list[str]
+    running: list[str]
+    missing: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """Return whether nothing is pending, failed, running or missing."""
+        return not (self.pending or self.failed or self.running or self.missing)
+
+
+@dataclass(frozen=True)
+class InitResult:
+    """Files written by ``init``."""
+
+    config_file: str
+    script_location: str
+    appended_section: bool
+
+
+# -- project loading --------------------------------------------------------------------
+
+
+def _graph(settings: Settings) -> Graph:
+    return Graph.from_config(settings.alembic_config())
+
+
+def _tracker(settings: Settings) -> Tracker:
+    return Tracker(settings.tracker_table, settings.tracker_schema)
+
+
+def run_info(settings: Settings) -> RunInfo:
+    """Return who and where this invocation runs."""
+    from . import __version__
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = str(os.getuid())
+    return RunInfo(
+        run_id=str(uuid.uuid4()),
+        run_by=f"{user}@{socket.gethostname()}",
+        pod_name=settings.pod_name,
+        dm_version=__version__,
+        environment=settings.environment,
+    )
+
+
+class _Database:
+    """One working connection, opened on first use, plus the lock around writes."""
+
+    def __init__(self, settings: Settings, tracker: Tracker) -> None:
+        from .db import create_engine
+
+        self.settings = settings
+        self.tracker = tracker
+        self.url = settings.url()
+        self.application_name = f"dm:{settings.pod_name or socket.gethostname()}"
+        self.engine: AsyncEngine = create_engine(self.url, application_name=self.application_name)
+        self._conn: AsyncConnection | None = None
+        self._exit = contextlib.AsyncExitStack()
+
+    async def close(self) -> None:
+        await self._exit.aclose()
+        await self.engine.dispose()
+
+    async def conn(self) -> AsyncConnection:
+        if self._conn is None:
+            from .db import connect
+
+            self._conn = await self._exit.enter_async_context(connect(self.engine))
+        return self._conn
+
+    def _file_missing(self) -> bool:
+        from .db import is_sqlite
+
+        return is_sqlite(self.url) and not Path(self.url.database or "").exists()
+
+    async def read_latest(self) -> dict[str, Attempt]:
+        """Return the tracker's latest attempts without writing anything."""
+        if self._file_missing():
+            return {}
+        conn = await self.conn()
+        async with conn.begin():
+            if not await self.tracker.exists(conn):
+                return {}
+            return await self.tracker.latest(conn)
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[tuple[dict[str, Attempt], list[str]]]:
+        """Hold the migration lock; yield fresh attempts and the runs found interrupted."""
+        from .lock import migration_lock
+
+        async with migration_lock(
+            self.settings.lock_url(),
+            self.tracker,
+            self.settings.lock_timeout,
+            self.application_name,
+        ):
+            conn = await self.conn()
+            await self.tracker.ensure(conn)
+            async with conn.begin():
+                interrupted = await self.tracker.fail_pending(conn, INTERRUPTED)
+            for revision in interrupted:
+                log.warning("revision %s: an earlier run died while running it; marked failed", revision)
+            async with conn.begin():
+                latest = await self.tracker.latest(conn)
+            yield latest, interrupted
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[_Database]:
+    db = _Database(settings, _tracker(settings))
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def _planned(steps: Sequence[Step]) -> list[PlannedStep]:
+    return [PlannedStep(s.revision, s.direction, s.description, s.reversible) for s in steps]
+
+
+# -- commands that write -----------------------------------------------------------------
+
+
+async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = False) -> RunResult:
+    """Upgrade to a later revision (default: every head).
+
+    :param target: ``heads``, ``head``, a revision, ``branch@head``, ``+N``...
+    :param dry_run: only return the plan.
+    """
+    graph = _graph(settings)
+    return await _migrate(settings, graph, target, graph.plan_upgrade, dry_run)
+
+
+async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
+    """Revert to an earlier revision, running ``downgrade()`` hooks newest first.
+
+    :param target: a revision, ``base``, ``-N``, ``branch@-N``...
+    :param dry_run: only return the plan.
+    """
+    graph = _graph(settings)
+    return await _migrate(settings, graph, target, graph.plan_downgrade, dry_run)
+
+
+async def _migrate(settings, graph, target, plan, dry_run):  # type: ignore[no-untyped-def]
+    from .runner import Runner
+
+    async with _database(settings) as db:
+        steps = plan(target, applied_revisions(await db.read_latest()))
+        if dry_run or not steps:
+            return RunResult(target, _planned(steps), dry_run=dry_run)
+        async with db.locked() as (latest, interrupted):
+            steps = plan(target, applied_revisions(latest))
+            if not steps:
+                log.info("another run finished this work while dm waited for the lock")
+                return RunResult(target, [], interrupted=interrupted)
+            runner = Runner(
+                await db.conn(),
+                db.tracker,
+                run_info(settings),
+                latest,
+                timeout=settings.timeout,
+                pg_lock_timeout=settings.pg_lock_timeout,
+            )
+            results = await runner.run(steps)
+            return RunResult(target, _planned(steps), results, interrupted)
+
+
+async def stamp(settings: Settings, target: str) -> RunResult:
+    """Record revisions as applied (or not) up to ``target`` without running them.
+
+    Moving up records ``success`` rows; moving down records ``rolled_back`` rows; each row
+    carries the reason ``stamped``.
+    """
+    from .runner import StepResult
+
+    graph = _graph(settings)
+    async with _database(settings) as db, db.locked() as (latest, interrupted):
+        applied = applied_revisions(latest)
+        steps = graph.plan_upgrade(target, applied)
+        if not steps:
+            steps = graph.plan_downgrade(target, applied) if target != "heads" else []
+        conn = await db.conn()
+        info = run_info(settings)
+        results = []
+        async with conn.begin():
+            for step in steps:
+                status = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
+                prior = latest.get(step.revision)
+                await db.tracker.start(
+                    conn,
+                    info,
+                    revision=step.revision,
+                    description=step.description,
+                    direction=step.direction,
+                    attempt=(prior.attempt if prior else 0) + 1,
+                    checksum=None,
+                    status=status,
+                    reason="stamped",
+                )
+                results.append(StepResult(step.revision, step.direction, status, 0, step.description))
+        return RunResult(target, _planned(steps), results, interrupted)
+
+
+# -- commands that read the database -------------------------------------------------------
+
+
+async def current(settings: Settings) -> CurrentResult:
+    """Show the applied heads, as recorded in the tracker."""
+    graph = _graph(settings)
+    async with _database(settings) as db:
+        latest = await db.read_latest()
+    heads = graph.applied_heads(applied_revisions(latest))
+    return CurrentResult(list(heads), list(graph.heads))
+
+
+async def status(settings: Settings) -> list[RevisionStatus]:
+    """Show every revision with its latest attempt, oldest revision first."""
+    graph = _graph(settings)
+    async with _database(settings) as db:
+        latest = await db.read_latest()
+    heads = set(graph.heads)
+    rows = [_revision_status(s.revision, describe(s), latest.get(s.revision), s.revision in heads) for s in graph.walk()]
+    for revision, attempt in latest.items():
+        if not graph.known(revision):
+            row = _revision_status(revision, attempt.description or "", attempt, False)
+            rows.append(_replace_missing(row))
+    return rows
+
+
+def _revision_status(
+    revision: str, description: str, attempt: Attempt | None, is_head: bool
+) -> RevisionStatus:
+    if attempt is None:
+        return RevisionStatus(
+            revision, description, None, None, False, 0, None, None, None, None, None, None, None, is_head
+        )
+    return RevisionStatus(
+        revision=revision,
+        description=description,
+        status=attempt.status.value,
+        direction=attempt.direction,
+        applied=attempt.is_applied,
+        attempts=attempt.attempts,
+        started_at=attempt.started_at,
+        finished_at=attempt.finished_at,
+        duration_ms=attempt.duration_ms,
+        run_by=attempt.run_by,
+        pod_name=attempt.pod_name,
+        error=attempt.error_message,
+        reason=attempt.reason,
+        is_head=is_head,
+    )
+
+
+def _replace_missing(row: RevisionStatus) -> RevisionStatus:
+    from dataclasses import replace
+
+    return replace(row, missing_file=True)
+
+
+async def check(settings: Settings) -> CheckResult:
+    """Check that every revision is applied and none failed or is running."""
+    graph = _graph(settings)
+    async with _database(settings) as db:
+        latest = await db.read_latest()
+    running = sorted(r for r, a in latest.items() if a.status is Status.PENDING)
+    failed = sorted(r for r, a in latest.items() if a.status is Status.FAILED)
+    missing = sorted(r for r, a in latest.items() if a.is_applied and not graph.known(r))
+    skip = set(running) | set(failed)
+    pending = [
+        s.revision for s in graph.plan_upgrade("heads", applied_revisions(latest)) if s.revision not in skip
+    ]
+    return CheckResult(pending, failed, running, missing)
+
+
+# -- commands on the revision files only -----------------------------------------------------
+
+
+def heads(settings: Settings) -> list[RevisionInfo]:
+    """Show the head revisions of the graph."""
+    graph = _graph(settings)
+    return [RevisionInfo.from_script(graph.script(rev)) for rev in graph.heads]
+
+
+def branches(settings: Settings) -> list[RevisionInfo]:
+    """Show the revisions where the graph branches."""
+    graph = _graph(settings)
+    return [RevisionInfo.from_script(s) for s in graph.walk() if s.is_branch_point]
+
+
+def history(settings: Settings, rev_range: str | None = None) -> list[RevisionInfo]:
+    """Show revisions newest first, optionally limited to ``start:end``."""
+    graph = _graph(settings)
+    base, head = "base", "heads"
+    if rev_range:
+        if ":" not in rev_range:
+            raise UsageError(f"history range {rev_range!r} must look like START:END")
+        start, end = rev_range.split(":", 1)
+        base, head = start or "base", end or "heads"
+    try:
+        scripts = list(graph.script_dir.walk_revisions(base=base, head=head))
+    except Exception as exc:
+        raise UnknownTarget(f"history range {rev_range!r}: {' '.join(str(exc).split())}") from None
+    return [RevisionInfo.from_script(s) for s in scripts]
+
+
+def show(settings: Settings, revision: str) -> list[RevisionInfo]:
+    """Show the revision(s) a target names."""
+    graph = _graph(settings)
+    found = graph.resolve(revision)
+    if not found:
+        raise UnknownTarget(f"no revision matches {revision!r}")
+    return [RevisionInfo.from_script(s) for s in found]
+
+
+def revision(
+    settings: Settings,
+    message: str,
+    *,
+    head: str = "head",
+    branch_label: str | None = None,
+    depends_on: Sequence[str] = (),
+    rev_id: str | None = None,
+    splice: bool = False,
+) -> RevisionInfo:
+    """Create a revision file from the project's template."""
+    from alembic import command as alembic_command
+
+    config = _quiet(settings.alembic_config())
+    Graph.from_config(config)  # refuse to add to a broken graph
+    try:
+        script = alembic_command.revision(
+            config,
+            message=message,
+            head=head,
+            splice=splice,
+            branch_label=branch_label,
+            depends_on=list(depends_on) or None,
+            rev_id=rev_id,
+        )
+    except Exception as exc:
+        raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
+    if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
+        raise UsageError("cannot create revision: Alembic returned no single script")
+    return RevisionInfo.from_script(script)
+
+
+def merge(
+    settings: Settings,
+    revisions: Sequence[str],
+    message: str | None = None,
+    *,
+    branch_label: str | None = None,
+    rev_id: str | None = None,
+) -> RevisionInfo:
+    """Create a revision that merges ``revisions`` (default: every head)."""
+    from alembic import command as alembic_command
+
+    config = _quiet(settings.alembic_config())
+    Graph.from_config(config)
+    try:
+        script = alembic_command.merge(
+            config,
+            list(revisions) or ["heads"],
+            message=message,
+            branch_label=branch_label,
+            rev_id=rev_id,
+        )
+    except Exception as exc:
+        raise UsageError(f"cannot merge: {' '.join(str(exc).split())}") from None
+    if script is None:
+        raise UsageError("cannot merge: Alembic returned no script")
+    return RevisionInfo.from_script(script)
+
+
+def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
+    """Create ``alembic.ini`` (or add dm's section to it) and ``data_migrations/``."""
+    from .templates import render_section
+    from .templates import write_script_directory
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    scripts = directory / "data_migrations"
+    if (scripts / "env.py").exists():
+        raise UsageError(f"{display_path(scripts)} already exists; refusing to overwrite it")
+    config_file = directory / "alembic.ini"
+    appended = config_file.exists()
+    section_text = render_section(section)
+    if appended:
+        existing = config_file.read_text(encoding="utf-8")
+        if f"[{section}]" in existing:
+            raise UsageError(f"{display_path(config_file)} already has a [{section}] section")
+    write_script_directory(scripts)
+    if appended:
+        separator = "" if existing.endswith("\n\n") else ("\n" if existing.endswith("\n") else "\n\n")
+        config_file.write_text(existing + separator + section_text, encoding="utf-8")
+    else:
+        config_file.write_text(section_text, encoding="utf-8")
+    return InitResult(display_path(config_file), display_path(scripts), appended)
+
+
+def _quiet(config: Config) -> Config:
+    import argparse
+
+    config.cmd_opts = argparse.Namespace(quiet=True, x=None)
+    return config
+
+
+def _as_list(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+__all__ = [
+    "CheckResult",
+    "ConfigError",
+    "CurrentResult",
+    "InitResult",
+    "PlannedStep",
+    "RevisionInfo",
+    "RevisionStatus",
+    "RunResult",
+    "branches",
+    "check",
+    "current",
+    "downgrade",
+    "heads",
+    "history",
+    "init",
+    "merge",
+    "revision",
+    "run_info",
+    "show",
+    "stamp",
+    "status",
+    "upgrade",
+]

@@ -1,0 +1,75 @@
+"""Errors raised by dm, each carrying the exit code the CLI uses.
+
+::
+
+    DmError (1)
+    ├── UsageError (2)              bad input that dm refused before changing anything
+    │   ├── ConfigError            a setting, URL or config file is wrong
+    │   ├── RevisionFileError      a revision file cannot be used
+    │   ├── UnknownTarget          a target/revision does not resolve
+    │   ├── IrreversiblePlan       a downgrade path holds a revision without downgrade()
+    │   └── DatabaseUnavailable    the database cannot be reached or refused the login
+    ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
+    ├── LockTimeout (3)            another dm run held the lock for too long
+    └── Interrupted (130 / 143)    SIGINT / SIGTERM stopped the run
+
+Messages name the file, revision or setting at fault and never contain a password.
+"""
+
+from __future__ import annotations
+
+
+class DmError(Exception):
+    """Base class of every error dm reports to the user."""
+
+    exit_code = 1
+
+
+class UsageError(DmError):
+    """The request was refused before anything changed."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A setting, database URL or configuration file is invalid."""
+
+
+class RevisionFileError(UsageError):
+    """A revision file cannot be loaded or breaks the revision contract."""
+
+
+class UnknownTarget(UsageError):
+    """A target given to a command does not name a revision."""
+
+
+class IrreversiblePlan(UsageError):
+    """A downgrade would pass through a revision that has no ``downgrade()``."""
+
+
+class DatabaseUnavailable(UsageError):
+    """The database cannot be reached, does not exist or refused the login."""
+
+
+class RevisionFailed(DmError):
+    """A revision raised, or its ``verify()`` returned False; its work was rolled back."""
+
+    exit_code = 1
+
+    def __init__(self, revision: str, message: str) -> None:
+        super().__init__(f"revision {revision} failed: {message}")
+        self.revision = revision
+
+
+class LockTimeout(DmError):
+    """The migration lock was not acquired within the lock timeout."""
+
+    exit_code = 3
+
+
+class Interrupted(DmError):
+    """A signal stopped the run; the revision in progress was rolled back."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(f"interrupted by {signal_name}")
+        self.exit_code = exit_code

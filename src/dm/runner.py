@@ -1,0 +1,205 @@
+"""Execute a plan: one transaction per revision, every attempt recorded in the tracker.
+
+For each step the runner commits a ``pending`` row first (so an operator sees what is
+running), then runs the hook, ``verify()`` and the final status in one transaction. A
+failure rolls that transaction back and records ``failed`` in a transaction of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .errors import RevisionFailed
+from .graph import Step
+from .graph import checksum
+from .tracker import Attempt
+from .tracker import RunInfo
+from .tracker import Status
+from .tracker import Tracker
+
+log = logging.getLogger("dm.runner")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What happened to one step of a plan."""
+
+    revision: str
+    direction: str
+    status: Status
+    duration_ms: int
+    description: str
+
+
+class VerifyFailed(Exception):
+    """``verify()`` did not return True."""
+
+
+class Runner:
+    """Runs steps on one connection and records each attempt."""
+
+    def __init__(
+        self,
+        conn: AsyncConnection,
+        tracker: Tracker,
+        run: RunInfo,
+        latest: Mapping[str, Attempt],
+        *,
+        timeout: float | None = None,
+        pg_lock_timeout: float | None = None,
+    ) -> None:
+        self.conn = conn
+        self.tracker = tracker
+        self.run_info = run
+        self.latest = dict(latest)
+        self.timeout = timeout
+        self.pg_lock_timeout = pg_lock_timeout
+        self._postgres = conn.dialect.name == "postgresql"
+
+    async def run(self, steps: Sequence[Step]) -> list[StepResult]:
+        """Run ``steps`` in order; stop at the first failure.
+
+        :raises RevisionFailed: a hook raised or ``verify()`` failed; earlier steps stay.
+        """
+        return [await self.run_step(step) for step in steps]
+
+    async def run_step(self, step: Step) -> StepResult:
+        """Run one step in its own transaction and record the outcome."""
+        prior = self.latest.get(step.revision)
+        attempt_number = (prior.attempt if prior else 0) + 1
+        async with self.conn.begin():
+            attempt_id = await self.tracker.start(
+                self.conn,
+                self.run_info,
+                revision=step.revision,
+                description=step.description,
+                direction=step.direction,
+                attempt=attempt_number,
+                checksum=checksum(step.script),
+            )
+        label = f"{step.direction} {step.revision}"
+        if step.description:
+            label += f" ({step.description})"
+        log.info("%s: running", label)
+        started = time.perf_counter()
+        final = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
+        try:
+            async with self.conn.begin():
+                await self._execute(step)
+                await self.tracker.finish(
+                    self.conn, attempt_id, final, duration_ms=_elapsed_ms(started)
+                )
+        except BaseException as exc:
+            duration = _elapsed_ms(started)
+            message = self._describe(step, exc)
+            await self._record_failure(attempt_id, exc, message, duration)
+            log.error("%s: FAILED after %d ms: %s", label, duration, message)
+            if isinstance(exc, Exception):
+                raise RevisionFailed(step.revision, message) from exc
+            raise
+        duration = _elapsed_ms(started)
+        log.info("%s: %s in %d ms", label, final.value, duration)
+        self.latest[step.revision] = _finished(step, attempt_id, attempt_number, final, prior)
+        return StepResult(step.revision, step.direction, final, duration, step.description)
+
+    async def _execute(self, step: Step) -> None:
+        limit = _timeout_of(step, self.timeout)
+        if self._postgres:
+            await self._set_local_timeouts(limit)
+        session = AsyncSession(bind=self.conn, expire_on_commit=False)
+        try:
+            async with asyncio.timeout(limit):
+                hook = step.module.upgrade if step.is_upgrade else step.module.downgrade
+                await hook(session)
+                verify = getattr(step.module, "verify", None)
+                if step.is_upgrade and verify is not None:
+                    await session.flush()
+                    outcome = await verify(session)
+                    if outcome is not True:
+                        raise VerifyFailed(f"verify() returned {outcome!r}")
+            await session.flush()
+        finally:
+            await session.close()
+
+    async def _set_local_timeouts(self, limit: float | None) -> None:
+        if limit is not None:
+            ms = max(int(limit * 1000), 1)
+            await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
+        if self.pg_lock_timeout:
+            ms = max(int(self.pg_lock_timeout * 1000), 1)
+            await self.conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
+
+    def _describe(self, step: Step, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            limit = _timeout_of(step, self.timeout)
+            return f"timed out after {limit:g}s"
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            return "interrupted"
+        text = " ".join(str(exc).split())
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    async def _record_failure(
+        self, attempt_id: int, exc: BaseException, message: str, duration: int
+    ) -> None:
+        trace = "".join(traceback.format_exception(exc))
+        reason = "interrupted" if not isinstance(exc, Exception) else None
+        try:
+            # Shielded: a second signal must not stop the failure from being recorded.
+            await asyncio.shield(self._write_failure(attempt_id, message, trace, duration, reason))
+        except Exception as record_error:  # the next run marks the attempt interrupted
+            log.warning("could not record the failure: %s", record_error)
+
+    async def _write_failure(
+        self, attempt_id: int, message: str, trace: str, duration: int, reason: str | None
+    ) -> None:
+        if self.conn.in_transaction():
+            await self.conn.rollback()
+        async with self.conn.begin():
+            await self.tracker.finish(
+                self.conn,
+                attempt_id,
+                Status.FAILED,
+                duration_ms=duration,
+                error_message=message,
+                error_traceback=trace,
+                reason=reason,
+            )
+
+
+def _timeout_of(step: Step, default: float | None) -> float | None:
+    return step.timeout if step.timeout is not None else default
+
+
+def _elapsed_ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+def _finished(
+    step: Step, attempt_id: int, number: int, status: Status, prior: Attempt | None
+) -> Attempt:
+    return Attempt(
+        id=attempt_id,
+        revision=step.revision,
+        description=step.description,
+        direction=step.direction,
+        status=status,
+        attempt=number,
+        started_at=None,
+        finished_at=None,
+        duration_ms=None,
+        error_message=None,
+        reason=None,
+        run_by=None,
+        pod_name=None,
+        checksum=None,
+        attempts=(prior.attempts if prior else 0) + 1,
+    )

@@ -1,0 +1,216 @@
+"""Settings: where the project lives, which database to use, and how to run.
+
+Precedence, highest first: explicit values (command-line options or keyword arguments),
+``DM_*`` environment variables (``DATABASE_URL`` and ``ENVIRONMENT`` are accepted too), a
+``.env`` file, the ``dm.*`` keys and ``sqlalchemy.url`` of dm's section in ``alembic.ini``,
+and finally the defaults — among them the embedded SQLite file ``dm.sqlite3`` beside
+``alembic.ini``.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+from pydantic import AliasChoices
+from pydantic import Field
+from pydantic import SecretStr
+from pydantic import ValidationError
+from pydantic import field_validator
+from pydantic_settings import BaseSettings
+from pydantic_settings import InitSettingsSource
+from pydantic_settings import PydanticBaseSettingsSource
+from pydantic_settings import SettingsConfigDict
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from sqlalchemy.engine import URL
+
+DEFAULT_SECTION = "data_migrations"
+EMBEDDED_DATABASE = "dm.sqlite3"
+
+# ini key (in dm's section) -> settings field
+_INI_KEYS = {
+    "sqlalchemy.url": "database_url",
+    "dm.environment": "environment",
+    "dm.tracker_table": "tracker_table",
+    "dm.tracker_schema": "tracker_schema",
+    "dm.lock_timeout": "lock_timeout",
+    "dm.lock_database_url": "lock_database_url",
+    "dm.timeout": "timeout",
+    "dm.pg_lock_timeout": "pg_lock_timeout",
+}
+
+
+class Settings(BaseSettings):
+    """Everything dm needs to know to run, resolved from all configuration sources."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DM_",
+        env_file=".env",
+        extra="ignore",
+        hide_input_in_errors=True,
+        populate_by_name=True,
+    )
+
+    config_file: Path = Field(
+        Path("alembic.ini"), validation_alias=AliasChoices("config_file", "DM_CONFIG")
+    )
+    ini_section: str = Field(
+        DEFAULT_SECTION, validation_alias=AliasChoices("ini_section", "DM_INI_SECTION")
+    )
+    database_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("database_url", "DM_DATABASE_URL", "DATABASE_URL")
+    )
+    lock_database_url: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("lock_database_url", "DM_LOCK_DATABASE_URL")
+    )
+    environment: str = Field(
+        "production",
+        validation_alias=AliasChoices("environment", "DM_ENVIRONMENT", "ENVIRONMENT"),
+    )
+    tracker_table: str = "script_run_tracker"
+    tracker_schema: str | None = None
+    lock_timeout: float = Field(600.0, ge=0)
+    timeout: float | None = Field(None, gt=0)
+    pg_lock_timeout: float = Field(5.0, ge=0)
+    pod_name: str | None = Field(
+        None, validation_alias=AliasChoices("pod_name", "DM_POD_NAME", "POD_NAME")
+    )
+
+    @field_validator("tracker_table", "tracker_schema")
+    @classmethod
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and not value.replace("_", "").isalnum():
+            raise ValueError("must contain only letters, digits and underscores")
+        return value or None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Insert the ini file below the environment and above the defaults."""
+        ini = _IniSettingsSource(settings_cls, init_settings)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings, ini
+
+    @classmethod
+    def load(cls, **values: Any) -> Settings:
+        """Build settings, dropping ``None`` values and reporting errors in one line."""
+        given = {key: value for key, value in values.items() if value is not None}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            raise ConfigError(_describe_validation_error(exc)) from None
+
+    @property
+    def project_dir(self) -> Path:
+        """Return the directory holding the config file."""
+        return self.config_file.resolve().parent
+
+    def url(self) -> URL:
+        """Return the database URL, normalised for dm's async drivers."""
+        from .urls import embedded_url
+        from .urls import normalise_url
+
+        if self.database_url is None:
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                raise ConfigError(
+                    "no database configured (set DM_DATABASE_URL or DATABASE_URL): "
+                    "the embedded SQLite default is refused inside Kubernetes"
+                )
+            return embedded_url(self.project_dir / EMBEDDED_DATABASE)
+        return normalise_url(self.database_url.get_secret_value(), "database URL")
+
+    def lock_url(self) -> URL:
+        """Return the URL of the lock connection (defaults to the database URL)."""
+        from .urls import normalise_url
+
+        if self.lock_database_url is None:
+            return self.url()
+        return normalise_url(self.lock_database_url.get_secret_value(), "DM_LOCK_DATABASE_URL")
+
+    def redacted_url(self) -> str:
+        """Return the database URL with the password hidden."""
+        return self.url().render_as_string(hide_password=True)
+
+    def alembic_config(self) -> Config:
+        """Return the Alembic ``Config`` for dm's section of the config file."""
+        from alembic.config import Config
+
+        path = self.config_file
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (run 'dm init' or pass -c PATH)")
+        parser = _read_ini(path)
+        if not parser.has_section(self.ini_section):
+            raise ConfigError(f"{path}: no [{self.ini_section}] section (pass -n SECTION)")
+        if not parser.get(self.ini_section, "script_location", fallback=""):
+            raise ConfigError(f"{path}: [{self.ini_section}] has no script_location")
+        return Config(str(path), ini_section=self.ini_section)
+
+
+class _IniSettingsSource(PydanticBaseSettingsSource):
+    """Read ``sqlalchemy.url`` and the ``dm.*`` keys of dm's section in the config file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        explicit = init.init_kwargs if isinstance(init, InitSettingsSource) else {}
+        self._path = Path(explicit.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini")
+        self._section = str(
+            explicit.get("ini_section") or os.environ.get("DM_INI_SECTION") or DEFAULT_SECTION
+        )
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: values are read all at once in ``__call__``."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path.is_file():
+            return {}
+        parser = _read_ini(self._path)
+        if not parser.has_section(self._section):
+            return {}
+        values: dict[str, Any] = {}
+        for key, field in _INI_KEYS.items():
+            value = parser.get(self._section, key, fallback="").strip()
+            if value:
+                values[field] = value
+        return values
+
+
+def _read_ini(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser({"here": str(path.resolve().parent)})
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        first_line = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot parse config file: {first_line}") from None
+    return parser
+
+
+_ENV_NAMES = {
+    "database_url": "DM_DATABASE_URL",
+    "lock_database_url": "DM_LOCK_DATABASE_URL",
+    "environment": "DM_ENVIRONMENT",
+    "pod_name": "DM_POD_NAME",
+    "config_file": "DM_CONFIG",
+    "ini_section": "DM_INI_SECTION",
+}
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        name = _ENV_NAMES.get(field, f"DM_{field.upper()}")
+        parts.append(f"setting {name}: {error['msg']}")
+    return "; ".join(parts)
