@@ -1,0 +1,269 @@
+"""Shared fixtures: real databases (a SQLite file and a fresh PostgreSQL database per test),
+a real dm project made by ``dm init``, and helpers to write revisions and run dm."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from click.testing import Result
+
+from dm import command
+from dm.cli import main
+
+PG_HOST = os.environ.get("DM_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("DM_TEST_PG_PORT", "5432"))
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pg_user() -> str | None:
+    """Return a PostgreSQL superuser that can log in over TCP, or None when there is none."""
+    import asyncpg
+
+    async def probe(user: str) -> bool:
+        try:
+            conn = await asyncpg.connect(
+                host=PG_HOST, port=PG_PORT, user=user, database="postgres", timeout=5
+            )
+        except Exception:
+            return False
+        await conn.close()
+        return True
+
+    for user in filter(None, [os.environ.get("DM_TEST_PG_USER"), "postgres", "root"]):
+        if asyncio.run(probe(user)):
+            return user
+    return None
+
+
+_PG_USER: list[str | None] = []
+
+
+def pg_user() -> str:
+    """Return the PostgreSQL user; skip (or fail under CI=true) when the server is missing."""
+    if not _PG_USER:
+        _PG_USER.append(_pg_user())
+    user = _PG_USER[0]
+    if user is None:
+        message = f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT}"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: PostgreSQL tests must run)")
+        pytest.skip(message)
+    return user
+
+
+def _pg_admin(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(
+            host=PG_HOST, port=PG_PORT, user=pg_user(), database="postgres", timeout=10
+        )
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@dataclass
+class Database:
+    """A throwaway database: ``url`` for dm, ``sync_url`` for assertions."""
+
+    kind: str
+    url: str
+    sync_url: str
+
+    def query(self, sql: str, **params: Any) -> list[sa.Row[Any]]:
+        """Run ``sql`` on a short-lived synchronous-looking connection and return rows."""
+        from sqlalchemy.ext.asyncio import create_async_engine
+        from sqlalchemy.pool import NullPool
+
+        async def run() -> list[sa.Row[Any]]:
+            engine = create_async_engine(self.async_url, poolclass=NullPool)
+            try:
+                async with engine.connect() as conn:
+                    result = await conn.execute(sa.text(sql), params)
+                    rows = list(result.all()) if result.returns_rows else []
+                    await conn.commit()
+                    return rows
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+
+    @property
+    def async_url(self) -> str:
+        if self.kind == "postgresql":
+            return self.url.replace("postgresql://", "postgresql+asyncpg://", 1)
+        return self.url.replace("sqlite:///", "sqlite+aiosqlite:///", 1)
+
+    def tracker(self, table: str = "script_run_tracker") -> list[sa.Row[Any]]:
+        """Return every tracker row, oldest first."""
+        return self.query(f"SELECT * FROM {table} ORDER BY id")
+
+
+def make_sqlite(tmp_path: Path) -> Database:
+    path = tmp_path / "test.sqlite3"
+    return Database("sqlite", f"sqlite:///{path}", f"sqlite:///{path}")
+
+
+@pytest.fixture
+def postgres_db() -> Iterator[Database]:
+    """A fresh PostgreSQL database, dropped afterwards."""
+    user = pg_user()
+    name = f"dm_t_{uuid.uuid4().hex[:12]}"
+    _pg_admin(f'CREATE DATABASE "{name}"')
+    url = f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
+    try:
+        yield Database("postgresql", url, url)
+    finally:
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Database:
+    """A SQLite file in the test's temporary directory."""
+    return make_sqlite(tmp_path)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    """Each test using it runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        yield make_sqlite(tmp_path)
+    else:
+        yield request.getfixturevalue("postgres_db")
+
+
+@dataclass
+class Project:
+    """A dm project made by the real ``dm init``, bound to one test database."""
+
+    root: Path
+    db: Database
+
+    @property
+    def versions(self) -> Path:
+        return self.root / "data_migrations" / "versions"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "alembic.ini"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for dm: the project's config and database, nothing inherited."""
+        values = {"DM_CONFIG": str(self.config), "DM_DATABASE_URL": self.db.url}
+        values.update(extra)
+        return values
+
+    def write(
+        self,
+        rev: str,
+        down: str | tuple[str, ...] | None,
+        upgrade: str = "pass",
+        *,
+        downgrade: str | None = "pass",
+        verify: str | None = None,
+        doc: str | None = None,
+        extra: str = "",
+        branch_labels: str | tuple[str, ...] | None = None,
+        depends_on: str | tuple[str, ...] | None = None,
+    ) -> Path:
+        """Write revision ``rev`` with the given hook bodies (``session`` is in scope)."""
+        parts = [
+            f'"""{doc or f"Revision {rev}"}"""',
+            "import sqlalchemy as sa",
+            f"revision = {rev!r}",
+            f"down_revision = {down!r}",
+            f"branch_labels = {branch_labels!r}",
+            f"depends_on = {depends_on!r}",
+            textwrap.dedent(extra),
+            "async def upgrade(session):\n" + textwrap.indent(textwrap.dedent(upgrade), "    "),
+        ]
+        if downgrade is not None:
+            parts.append(
+                "async def downgrade(session):\n" + textwrap.indent(textwrap.dedent(downgrade), "    ")
+            )
+        if verify is not None:
+            parts.append(
+                "async def verify(session):\n" + textwrap.indent(textwrap.dedent(verify), "    ")
+            )
+        path = self.versions / f"{rev}_{rev}.py"
+        path.write_text("\n\n".join(parts) + "\n")
+        return path
+
+    def settings(self, **values: Any) -> Any:
+        from dm.settings import Settings
+
+        return Settings.load(config_file=self.config, database_url=self.db.url, **values)
+
+
+@pytest.fixture
+def project(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """An empty dm project (``dm init``) on each database, with the working directory in it."""
+    for name in ("DM_DATABASE_URL", "DATABASE_URL", "DM_CONFIG", "DM_ENVIRONMENT", "ENVIRONMENT"):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "proj"
+    command.init(root)
+    monkeypatch.chdir(root)
+    return Project(root, db)
+
+
+def invoke(project: Project, *args: str, **env: str) -> Result:
+    """Run ``dm ARGS`` in-process with CliRunner; stdout and stderr stay apart."""
+    runner = CliRunner()
+    return runner.invoke(main, list(args), env=project.env(**env), catch_exceptions=False)
+
+
+def run_dm(
+    project: Project, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m dm ARGS`` as a real process in the project directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "dm", *args],
+        cwd=project.root,
+        env={**os.environ, **project.env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def spawn_dm(project: Project, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m dm ARGS`` without waiting for it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dm", *args],
+        cwd=project.root,
+        env={**os.environ, **project.env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
