@@ -198,7 +198,8 @@ class Project:
         ]
         if downgrade is not None:
             parts.append(
-                "async def downgrade(session):\n" + textwrap.indent(textwrap.dedent(downgrade), "    ")
+                "async def downgrade(session):\n"
+                + textwrap.indent(textwrap.dedent(downgrade), "    ")
             )
         if verify is not None:
             parts.append(
@@ -245,7 +246,9 @@ def run_dm(
     )
 
 
-def spawn_dm(project: Project, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def spawn_dm(
+    project: Project, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """Start ``python -m dm ARGS`` without waiting for it."""
     return subprocess.Popen(
         [sys.executable, "-m", "dm", *args],

@@ -47,14 +47,15 @@ def upgrade_steps(
     script_dir: ScriptDirectory, target: str, heads: Iterable[str]
 ) -> list[RevisionStep]:
     """Return Alembic's upgrade steps from ``heads`` to ``target``, in execution order."""
-    return list(script_dir._upgrade_revs(target, tuple(heads)))
+    # Alembic annotates ``current_rev`` as a str; its commands pass a tuple of heads.
+    return list(script_dir._upgrade_revs(target, tuple(heads)))  # type: ignore[arg-type]
 
 
 def downgrade_steps(
     script_dir: ScriptDirectory, target: str | None, heads: Iterable[str]
 ) -> list[RevisionStep]:
     """Return Alembic's downgrade steps from ``heads`` to ``target``, in execution order."""
-    return list(script_dir._downgrade_revs(target, tuple(heads)))
+    return list(script_dir._downgrade_revs(target, tuple(heads)))  # type: ignore[arg-type]
 
 
 def all_down_revisions(revision: Revision) -> tuple[str, ...]:
@@ -64,4 +65,4 @@ def all_down_revisions(revision: Revision) -> tuple[str, ...]:
 
 def migrations_fn(context: MigrationContext) -> Any:
     """Return the plan function an ``alembic`` command handed to ``EnvironmentContext``."""
-    return context._migrations_fn  # type: ignore[attr-defined]
+    return context._migrations_fn

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -21,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
@@ -277,7 +277,7 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
     :param dry_run: only return the plan.
     """
     graph = _graph(settings)
-    return await _migrate(settings, graph, target, graph.plan_upgrade, dry_run)
+    return await _migrate(settings, target, graph.plan_upgrade, dry_run)
 
 
 async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
@@ -287,10 +287,15 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     :param dry_run: only return the plan.
     """
     graph = _graph(settings)
-    return await _migrate(settings, graph, target, graph.plan_downgrade, dry_run)
+    return await _migrate(settings, target, graph.plan_downgrade, dry_run)
 
 
-async def _migrate(settings, graph, target, plan, dry_run):  # type: ignore[no-untyped-def]
+async def _migrate(
+    settings: Settings,
+    target: str,
+    plan: Callable[[str, set[str]], list[Step]],
+    dry_run: bool,
+) -> RunResult:
     from .runner import Runner
 
     async with _database(settings) as db:
@@ -484,7 +489,7 @@ def revision(
             head=head,
             splice=splice,
             branch_label=branch_label,
-            depends_on=list(depends_on) or None,
+            depends_on=list(depends_on) or None,  # type: ignore[arg-type]  # takes a list
             rev_id=rev_id,
         )
     except Exception as exc:
@@ -565,7 +570,6 @@ def _as_list(value: str | Sequence[str] | None) -> tuple[str, ...]:
 
 __all__ = [
     "CheckResult",
-    "ConfigError",
     "CurrentResult",
     "InitResult",
     "PlannedStep",

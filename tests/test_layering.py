@@ -1,0 +1,111 @@
+"""The module layers stay as designed: each module imports only the dm modules allowed here."""
+
+from __future__ import annotations
+
+import ast
+
+import dm
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "dm"
+
+# module -> dm modules it may import (type-only imports included)
+ALLOWED: dict[str, set[str]] = {
+    "__init__": {"errors"},
+    "__main__": {"cli"},
+    "cli": {"__init__", "command", "settings", "errors", "log", "signals"},
+    "command": {
+        "__init__",
+        "graph",
+        "runner",
+        "tracker",
+        "lock",
+        "db",
+        "settings",
+        "errors",
+        "templates",
+    },
+    "alembic_env": {
+        "_alembic_compat",
+        "command",
+        "graph",
+        "runner",
+        "tracker",
+        "settings",
+        "errors",
+        "signals",
+        "log",
+    },
+    "runner": {"graph", "tracker", "errors"},
+    "graph": {"_alembic_compat", "errors"},
+    "_alembic_compat": set(),
+    "tracker": {"errors"},
+    "lock": {"db", "tracker", "errors"},
+    "db": {"errors"},
+    "settings": {"urls", "errors"},
+    "urls": {"errors"},
+    "signals": {"errors"},
+    "log": set(),
+    "errors": set(),
+    "templates": set(),
+}
+
+
+def _dm_imports(path: str) -> set[str]:
+    tree = ast.parse((PACKAGE / path).read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module is None:
+                found.update("__init__" if a.name == "__version__" else a.name for a in node.names)
+            elif node.level >= 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.module and node.module.split(".")[0] == "dm":
+                parts = node.module.split(".")
+                found.add(parts[1] if len(parts) > 1 else "__init__")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "dm":
+                    found.add(parts[1] if len(parts) > 1 else "__init__")
+    return found
+
+
+def _modules() -> dict[str, str]:
+    modules = {p.stem: p.name for p in PACKAGE.glob("*.py")}
+    modules["templates"] = "templates/__init__.py"
+    return modules
+
+
+def test_every_module_has_a_rule() -> None:
+    assert set(_modules()) == set(ALLOWED)
+
+
+def test_modules_import_only_their_allowed_layers() -> None:
+    forbidden = {
+        name: sorted(_dm_imports(path) - ALLOWED[name] - {name})
+        for name, path in _modules().items()
+    }
+    assert {k: v for k, v in forbidden.items() if v} == {}
+
+
+def test_only_the_cli_imports_click() -> None:
+    importers = []
+    for name, path in _modules().items():
+        tree = ast.parse((PACKAGE / path).read_text())
+        for node in ast.walk(tree):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n.split(".")[0] == "click" for n in names):
+                importers.append(name)
+    assert sorted(set(importers)) == ["cli"]
+
+
+def test_public_api_is_exactly_all() -> None:
+    assert sorted(dm.__all__) == ["DmError", "__version__"]
+    assert all(hasattr(dm, name) for name in dm.__all__)
