@@ -35,7 +35,9 @@ def run(context: EnvironmentContext) -> None:
     from . import log as dm_log
 
     if context.is_offline_mode():
-        raise CommandError("dm revisions are Python coroutines; offline --sql mode is not supported")
+        raise CommandError(
+            "dm revisions are Python coroutines; offline --sql mode is not supported"
+        )
     config = context.config
     dm_log.configure()
     try:

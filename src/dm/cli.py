@@ -32,7 +32,9 @@ T = TypeVar("T")
 
 EXIT_CHECK_FAILED = 4
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
+)
 
 
 @dataclasses.dataclass
@@ -386,7 +388,8 @@ def status(invocation: Invocation, as_json: bool) -> None:
                 row.started_at.strftime("%Y-%m-%d %H:%M:%S") if row.started_at else "-",
                 f"{row.duration_ms} ms" if row.duration_ms is not None else "-",
                 row.pod_name or row.run_by or "-",
-                row.description + (f"  [error: {row.error}]" if row.error and row.status == "failed" else ""),
+                row.description
+                + (f"  [error: {row.error}]" if row.error and row.status == "failed" else ""),
             )
         )
     _print_table(table)

@@ -248,7 +248,9 @@ class _Database:
             async with conn.begin():
                 interrupted = await self.tracker.fail_pending(conn, INTERRUPTED)
             for revision in interrupted:
-                log.warning("revision %s: an earlier run died while running it; marked failed", revision)
+                log.warning(
+                    "revision %s: an earlier run died while running it; marked failed", revision
+                )
             async with conn.begin():
                 latest = await self.tracker.latest(conn)
             yield latest, interrupted
@@ -351,7 +353,9 @@ async def stamp(settings: Settings, target: str) -> RunResult:
                     status=status,
                     reason="stamped",
                 )
-                results.append(StepResult(step.revision, step.direction, status, 0, step.description))
+                results.append(
+                    StepResult(step.revision, step.direction, status, 0, step.description)
+                )
         return RunResult(target, _planned(steps), results, interrupted)
 
 
@@ -373,7 +377,10 @@ async def status(settings: Settings) -> list[RevisionStatus]:
     async with _database(settings) as db:
         latest = await db.read_latest()
     heads = set(graph.heads)
-    rows = [_revision_status(s.revision, describe(s), latest.get(s.revision), s.revision in heads) for s in graph.walk()]
+    rows = [
+        _revision_status(s.revision, describe(s), latest.get(s.revision), s.revision in heads)
+        for s in graph.walk()
+    ]
     for revision, attempt in latest.items():
         if not graph.known(revision):
             row = _revision_status(revision, attempt.description or "", attempt, False)
@@ -386,7 +393,20 @@ def _revision_status(
 ) -> RevisionStatus:
     if attempt is None:
         return RevisionStatus(
-            revision, description, None, None, False, 0, None, None, None, None, None, None, None, is_head
+            revision,
+            description,
+            None,
+            None,
+            False,
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            is_head,
         )
     return RevisionStatus(
         revision=revision,
@@ -422,7 +442,9 @@ async def check(settings: Settings) -> CheckResult:
     missing = sorted(r for r, a in latest.items() if a.is_applied and not graph.known(r))
     skip = set(running) | set(failed)
     pending = [
-        s.revision for s in graph.plan_upgrade("heads", applied_revisions(latest)) if s.revision not in skip
+        s.revision
+        for s in graph.plan_upgrade("heads", applied_revisions(latest))
+        if s.revision not in skip
     ]
     return CheckResult(pending, failed, running, missing)
 
@@ -546,7 +568,9 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
             raise UsageError(f"{display_path(config_file)} already has a [{section}] section")
     write_script_directory(scripts)
     if appended:
-        separator = "" if existing.endswith("\n\n") else ("\n" if existing.endswith("\n") else "\n\n")
+        separator = (
+            "" if existing.endswith("\n\n") else ("\n" if existing.endswith("\n") else "\n\n")
+        )
         config_file.write_text(existing + separator + section_text, encoding="utf-8")
     else:
         config_file.write_text(section_text, encoding="utf-8")

@@ -236,9 +236,7 @@ def _check_contract(scripts: list[Script]) -> None:
         where = display_path(script.path)
         for parent in _as_tuple(script.down_revision):
             if parent not in seen:
-                raise RevisionFileError(
-                    f"{where}: down_revision {parent!r} names no revision file"
-                )
+                raise RevisionFileError(f"{where}: down_revision {parent!r} names no revision file")
         for dependency in _as_tuple(script.dependencies):
             if dependency not in seen and dependency not in labels:
                 raise RevisionFileError(

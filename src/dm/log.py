@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import UTC
 from datetime import datetime
-from datetime import timezone
 
 _HANDLER_NAME = "dm"
 
@@ -32,7 +32,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"
             ),
             "level": record.levelname.lower(),
@@ -48,10 +48,12 @@ class TextFormatter(logging.Formatter):
     """``2026-01-01T12:00:00Z INFO  message`` lines."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        return datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def configure(*, verbose: bool = False, json_lines: bool = False, secrets: list[str] | None = None) -> None:
+def configure(
+    *, verbose: bool = False, json_lines: bool = False, secrets: list[str] | None = None
+) -> None:
     """Send dm's log records to stderr; call once per invocation (handlers are replaced)."""
     logger = logging.getLogger("dm")
     for handler in list(logger.handlers):

@@ -164,7 +164,9 @@ class _IniSettingsSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         explicit = init.init_kwargs if isinstance(init, InitSettingsSource) else {}
-        self._path = Path(explicit.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini")
+        self._path = Path(
+            explicit.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini"
+        )
         self._section = str(
             explicit.get("ini_section") or os.environ.get("DM_INI_SECTION") or DEFAULT_SECTION
         )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC
 from datetime import datetime
-from datetime import timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,7 +26,7 @@ SCHEMA_VERSION = 2
 """
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Status of one attempt."""
 
     PENDING = "pending"  # running now, or the run died (a later run marks it failed)
@@ -90,14 +90,14 @@ def applied_revisions(latest: Mapping[str, Attempt]) -> set[str]:
 
 def utcnow() -> datetime:
     """Return the current time in UTC."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(value: datetime | None) -> datetime | None:
     """Return ``value`` as an aware UTC datetime (SQLite returns naive ones)."""
     if value is None or value.tzinfo is not None:
         return value
-    return value.replace(tzinfo=timezone.utc)
+    return value.replace(tzinfo=UTC)
 
 
 class Tracker:

@@ -32,7 +32,9 @@ def normalise_url(raw: str, setting: str) -> URL:
     try:
         url = make_url(raw.strip())
     except (ArgumentError, ValueError):
-        raise ConfigError(f"{setting} is not a valid URL (expected e.g. postgresql://user@host/db)") from None
+        raise ConfigError(
+            f"{setting} is not a valid URL (expected e.g. postgresql://user@host/db)"
+        ) from None
     scheme = url.drivername
     if scheme in _POSTGRES_SCHEMES:
         return _postgres(url, setting)
@@ -42,7 +44,9 @@ def normalise_url(raw: str, setting: str) -> URL:
                 f"{setting}: an in-memory SQLite database cannot hold the tracker; give a file path"
             )
         return url.set(drivername="sqlite+aiosqlite")
-    raise ConfigError(f"{setting}: unsupported database '{scheme}' (use postgresql:// or sqlite:///)")
+    raise ConfigError(
+        f"{setting}: unsupported database '{scheme}' (use postgresql:// or sqlite:///)"
+    )
 
 
 def embedded_url(path: Path) -> URL:
@@ -55,7 +59,9 @@ def _postgres(url: URL, setting: str) -> URL:
     sslmode = query.pop("sslmode", None)
     if sslmode is not None:
         if isinstance(sslmode, tuple) or sslmode not in _SSLMODES:
-            raise ConfigError(f"{setting}: unsupported sslmode (use one of {', '.join(sorted(_SSLMODES))})")
+            raise ConfigError(
+                f"{setting}: unsupported sslmode (use one of {', '.join(sorted(_SSLMODES))})"
+            )
         query.setdefault("ssl", sslmode)
     if not url.database:
         raise ConfigError(f"{setting}: no database name in the URL")
