@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
+import sys
 import traceback
 from collections.abc import Callable
 from collections.abc import Coroutine
@@ -75,6 +77,10 @@ class DmGroup(click.Group):
             _fail(ctx, "interrupted", 130, exc)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # stdout closed early, e.g. `dm history | head`
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(1)
         except Exception as exc:
             message = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
             _fail(ctx, message, 1, exc)

@@ -172,7 +172,10 @@ def _graph(settings: Settings) -> Graph:
 
 
 def _tracker(settings: Settings) -> Tracker:
-    return Tracker(settings.tracker_table, settings.tracker_schema)
+    from .db import is_sqlite
+
+    schema = None if is_sqlite(settings.url()) else settings.tracker_schema
+    return Tracker(settings.tracker_table, schema)
 
 
 def run_info(settings: Settings) -> RunInfo:

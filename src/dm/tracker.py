@@ -162,6 +162,8 @@ class Tracker:
             await conn.run_sync(self._ensure_sync)
 
     def _ensure_sync(self, sync: sa.Connection) -> None:
+        if self.schema and sync.dialect.name == "postgresql":
+            sync.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
         inspector = sa.inspect(sync)
         if not inspector.has_table(self.name, schema=self.schema):
             self.metadata.create_all(sync)
