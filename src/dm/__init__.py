@@ -1,9 +1,49 @@
-"""dm: data migrations and maintenance scripts, run the way Alembic runs schema revisions."""
+"""dm: data migrations and maintenance scripts, run the way Alembic runs schema revisions.
+
+The programmatic API (``dm.api``): ``upgrade``, ``downgrade``, ``current``, ``status``,
+``check``, ``run``, ``rollback`` and ``verify`` are coroutines; each has a blocking
+``*_sync`` twin. See ``dm.api`` for the details.
+"""
 
 from __future__ import annotations
 
+from .api import check
+from .api import check_sync
+from .api import current
+from .api import current_sync
+from .api import downgrade
+from .api import downgrade_sync
+from .api import rollback
+from .api import rollback_sync
+from .api import run
+from .api import run_sync
+from .api import status
+from .api import status_sync
+from .api import upgrade
+from .api import upgrade_sync
+from .api import verify
+from .api import verify_sync
 from .errors import DmError
 
 __version__ = "0.1.0"
 
-__all__ = ["DmError", "__version__"]
+__all__ = [
+    "DmError",
+    "__version__",
+    "check",
+    "check_sync",
+    "current",
+    "current_sync",
+    "downgrade",
+    "downgrade_sync",
+    "rollback",
+    "rollback_sync",
+    "run",
+    "run_sync",
+    "status",
+    "status_sync",
+    "upgrade",
+    "upgrade_sync",
+    "verify",
+    "verify_sync",
+]

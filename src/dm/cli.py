@@ -191,6 +191,9 @@ def init(invocation: Invocation, directory: Path) -> None:
 @click.option("--branch-label", help="Label the new revision's branch.")
 @click.option("--depends-on", multiple=True, help="Revision or label this one depends on.")
 @click.option("--rev-id", help="Use this revision id instead of a generated one.")
+@click.option(
+    "--allow-duplicate-slug", is_flag=True, help="Accept a message another revision has."
+)
 @json_option
 @pass_invocation
 def revision(
@@ -201,6 +204,7 @@ def revision(
     branch_label: str | None,
     depends_on: tuple[str, ...],
     rev_id: str | None,
+    allow_duplicate_slug: bool,
     as_json: bool,
 ) -> None:
     """Create a revision file with async upgrade/downgrade/verify stubs."""
@@ -214,6 +218,7 @@ def revision(
         branch_label=branch_label,
         depends_on=depends_on,
         rev_id=rev_id,
+        allow_duplicate_slug=allow_duplicate_slug,
     )
     if as_json:
         _emit_json(info)
@@ -340,12 +345,20 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
             click.echo(f"nothing to {verb}: already at {result.target}")
         for step in result.planned:
             reversible = "" if step.reversible else "  (irreversible)"
-            click.echo(f"{step.direction} {step.revision}  {step.description}{reversible}")
+            action = "" if step.action == "run" else f"  [{step.action}: {step.reason}]"
+            click.echo(
+                f"{step.direction} {step.revision}  {step.description}{reversible}{action}"
+            )
         return
     if result.nothing_to_do:
         click.echo(f"nothing to {verb}: already at {result.target}")
     else:
-        click.echo(f"{verb}: {len(result.steps)} revision(s) done, target {result.target}")
+        skipped = [s.revision for s in result.steps if s.status.value == "skipped"]
+        ran = len(result.steps) - len(skipped)
+        click.echo(f"{verb}: {ran} revision(s) done, target {result.target}")
+        reasons = {p.revision: p.reason for p in result.planned}
+        for revision in skipped:
+            click.echo(f"skipped {revision}: {reasons.get(revision)}")
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -386,6 +399,9 @@ def status(invocation: Invocation, as_json: bool) -> None:
             state = "failed (downgrade)"
         if row.missing_file:
             state += " (file missing)"
+        if row.modified:
+            state += " (modified)"
+        note = row.reason if row.status == "skipped" else None
         table.append(
             (
                 row.revision,
@@ -395,7 +411,8 @@ def status(invocation: Invocation, as_json: bool) -> None:
                 f"{row.duration_ms} ms" if row.duration_ms is not None else "-",
                 row.pod_name or row.run_by or "-",
                 row.description
-                + (f"  [error: {row.error}]" if row.error and row.status == "failed" else ""),
+                + (f"  [error: {row.error}]" if row.error and row.status == "failed" else "")
+                + (f"  [{note}]" if note else ""),
             )
         )
     _print_table(table)
@@ -409,13 +426,16 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 
 
 @main.command()
+@click.option(
+    "--allow-modified", is_flag=True, help="Pass although applied revision files changed."
+)
 @json_option
 @pass_invocation
-def check(invocation: Invocation, as_json: bool) -> None:
+def check(invocation: Invocation, allow_modified: bool, as_json: bool) -> None:
     """Exit 0 when every revision is applied; exit 4 when any is pending, failed or running."""
     from . import command
 
-    result = _run(command.check(invocation.settings()))
+    result = _run(command.check(invocation.settings(), allow_modified=allow_modified))
     if as_json:
         _emit_json(
             {
@@ -424,6 +444,7 @@ def check(invocation: Invocation, as_json: bool) -> None:
                 "failed": result.failed,
                 "running": result.running,
                 "missing": result.missing,
+                "modified": result.modified,
             }
         )
     else:
@@ -434,6 +455,7 @@ def check(invocation: Invocation, as_json: bool) -> None:
             ("failed", result.failed),
             ("running", result.running),
             ("applied but file missing", result.missing),
+            ("modified since applied", result.modified),
         ):
             if revisions:
                 click.echo(f"{label}: {', '.join(revisions)}")
@@ -519,6 +541,140 @@ def _render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) 
         for line in (info.doc or info.description).splitlines():
             click.echo(f"    {line}".rstrip())
         click.echo("")
+
+
+main.add_command(history, name="list")  # the old framework's name for it
+
+
+# -- one revision at a time ---------------------------------------------------------------------
+
+
+@main.command("run", **_TARGET_COMMAND)
+@click.argument("rev")
+@click.option("--force", is_flag=True, help="Run it again although it succeeded (a new attempt).")
+@_run_options
+@pass_invocation
+def run_revision(
+    invocation: Invocation,
+    rev: str,
+    force: bool,
+    lock_timeout: float | None,
+    timeout: float | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Run one revision's upgrade() and verify(); its ancestors must be applied."""
+    from . import operations
+
+    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    result = _run(operations.run(settings, rev, force=force, dry_run=dry_run))
+    if result.nothing_to_do and not as_json:
+        click.echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
+        return
+    _render_run(result, "run", as_json)
+
+
+@main.command("rollback", **_TARGET_COMMAND)
+@click.argument("rev")
+@_run_options
+@pass_invocation
+def rollback_revision(
+    invocation: Invocation,
+    rev: str,
+    lock_timeout: float | None,
+    timeout: float | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Run one revision's downgrade(); no applied revision may depend on it."""
+    from . import operations
+
+    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    result = _run(operations.rollback(settings, rev, dry_run=dry_run))
+    if result.nothing_to_do and not as_json:
+        click.echo(f"nothing to roll back: {result.target} is not applied")
+        return
+    _render_run(result, "rollback", as_json)
+
+
+@main.command()
+@click.argument("rev")
+@click.option(
+    "--as",
+    "as_status",
+    type=click.Choice(["success", "rolled_back"]),
+    required=True,
+    help="success: its upgrade is now in effect; rolled_back: it is not.",
+)
+@click.option("--reason", required=True, help="What was fixed by hand (recorded).")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@json_option
+@pass_invocation
+def resolve(
+    invocation: Invocation,
+    rev: str,
+    as_status: str,
+    reason: str,
+    lock_timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Record that a failed revision was fixed by hand (no hook runs)."""
+    from . import operations
+
+    settings = invocation.settings(lock_timeout=lock_timeout)
+    result = _run(operations.resolve(settings, rev, as_status=as_status, reason=reason))
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(
+            f"{result.revision}: recorded {result.status} (was {result.previous_status}) "
+            f"by {result.run_by}; {result.reason}"
+        )
+
+
+@main.command()
+@click.argument("revisions", nargs=-1)
+@json_option
+@pass_invocation
+def verify(invocation: Invocation, revisions: tuple[str, ...], as_json: bool) -> None:
+    """Re-run verify() of applied revisions (default: all) read-only; exit 1 if any fails."""
+    from . import operations
+
+    result = _run(operations.verify(invocation.settings(), revisions))
+    if as_json:
+        _emit_json({"ok": result.ok, "outcomes": result.outcomes})
+    else:
+        if not result.outcomes:
+            click.echo("nothing applied to verify")
+        for outcome in result.outcomes:
+            error = f": {outcome.error}" if outcome.error else ""
+            click.echo(f"{outcome.result:<12} {outcome.revision}  {outcome.description}{error}")
+    if not result.ok:
+        raise click.exceptions.Exit(1)
+
+
+@main.command()
+@json_option
+@pass_invocation
+def info(invocation: Invocation, as_json: bool) -> None:
+    """Show the environment, database (password hidden), project, tracker, lock and versions."""
+    from . import operations
+
+    result = _run(operations.info(invocation.settings()))
+    if as_json:
+        _emit_json(result)
+        return
+    lock = result.lock + (f" ({result.lock_holder})" if result.lock_holder else "")
+    for label, value in (
+        ("environment", result.environment),
+        ("database", result.database_url),
+        ("config", f"{result.config_file} [{result.ini_section}]"),
+        ("scripts", result.script_location),
+        ("tracker", result.tracker_table),
+        ("lock", lock),
+        ("versions", ", ".join(f"{k} {v}" for k, v in result.versions.items())),
+    ):
+        click.echo(f"{label + ':':<13}{value}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -22,10 +23,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .environments import Action
+from .environments import Decision
+from .environments import decide
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
 from .graph import Step
+from .graph import checksum
 from .graph import describe
 from .graph import display_path
 from .tracker import Attempt
@@ -40,6 +45,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .runner import Runner
     from .runner import StepResult
     from .settings import Settings
 
@@ -93,6 +99,10 @@ class PlannedStep:
     direction: str
     description: str
     reversible: bool
+    action: str = "run"
+    """``run``; ``skip`` (the environment guard); ``record`` (undo of a skipped upgrade)."""
+    reason: str | None = None
+    """Why the step is skipped or only recorded."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,8 @@ class RevisionStatus:
     reason: str | None
     is_head: bool
     missing_file: bool = False
+    modified: bool = False
+    """The file changed since the attempt that applied it (checksums differ)."""
 
 
 @dataclass(frozen=True)
@@ -148,11 +160,15 @@ class CheckResult:
     failed: list[str]
     running: list[str]
     missing: list[str]
+    modified: list[str] = field(default_factory=list)
+    allow_modified: bool = False
 
     @property
     def ok(self) -> bool:
-        """Return whether nothing is pending, failed, running or missing."""
-        return not (self.pending or self.failed or self.running or self.missing)
+        """Return whether nothing is pending, failed, running, missing or (unless allowed)
+        modified since it was applied."""
+        modified = self.modified and not self.allow_modified
+        return not (self.pending or self.failed or self.running or self.missing or modified)
 
 
 @dataclass(frozen=True)
@@ -268,8 +284,63 @@ async def _database(settings: Settings) -> AsyncIterator[_Database]:
         await db.close()
 
 
-def _planned(steps: Sequence[Step]) -> list[PlannedStep]:
-    return [PlannedStep(s.revision, s.direction, s.description, s.reversible) for s in steps]
+def _planned(
+    steps: Sequence[Step], environment: str, latest: Mapping[str, Attempt]
+) -> list[PlannedStep]:
+    planned = []
+    for step in steps:
+        decision = decide(step, environment, latest.get(step.revision))
+        planned.append(
+            PlannedStep(
+                step.revision,
+                step.direction,
+                step.description,
+                step.reversible,
+                decision.action.value,
+                decision.reason,
+            )
+        )
+    return planned
+
+
+async def _run_steps(
+    db: _Database, runner: Runner, steps: Sequence[Step], environment: str
+) -> list[StepResult]:
+    """Run ``steps`` in order, recording instead of running what the guard decides."""
+    results = []
+    for step in steps:
+        decision = decide(step, environment, runner.latest.get(step.revision))
+        if decision.action is Action.RUN:
+            results.append(await runner.run_step(step))
+        else:
+            results.append(await _record_unrun(db, runner, step, decision))
+    return results
+
+
+async def _record_unrun(
+    db: _Database, runner: Runner, step: Step, decision: Decision
+) -> StepResult:
+    """Record a step that does not run: ``skipped``, or the undo of a skipped upgrade."""
+    from .runner import StepResult
+
+    status = Status.SKIPPED if decision.action is Action.SKIP else Status.ROLLED_BACK
+    prior = runner.latest.get(step.revision)
+    conn = await db.conn()
+    async with conn.begin():
+        await db.tracker.start(
+            conn,
+            runner.run_info,
+            revision=step.revision,
+            description=step.description,
+            direction=step.direction,
+            attempt=(prior.attempt if prior else 0) + 1,
+            checksum=checksum(step.script),
+            status=status,
+            reason=decision.reason,
+        )
+        runner.latest.update(await db.tracker.latest(conn))
+    log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, decision.reason)
+    return StepResult(step.revision, step.direction, status, 0, step.description)
 
 
 # -- commands that write -----------------------------------------------------------------
@@ -281,8 +352,14 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
     :param target: ``heads``, ``head``, a revision, ``branch@head``, ``+N``...
     :param dry_run: only return the plan.
     """
+    from .environments import plan_upgrade
+
     graph = _graph(settings)
-    return await _migrate(settings, target, graph.plan_upgrade, dry_run)
+
+    def plan(target: str, latest: Mapping[str, Attempt]) -> list[Step]:
+        return plan_upgrade(graph, target, latest, settings.environment)
+
+    return await _migrate(settings, target, plan, dry_run)
 
 
 async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
@@ -292,26 +369,34 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     :param dry_run: only return the plan.
     """
     graph = _graph(settings)
-    return await _migrate(settings, target, graph.plan_downgrade, dry_run)
+
+    def plan(target: str, latest: Mapping[str, Attempt]) -> list[Step]:
+        return graph.plan_downgrade(target, applied_revisions(latest))
+
+    return await _migrate(settings, target, plan, dry_run)
 
 
 async def _migrate(
     settings: Settings,
     target: str,
-    plan: Callable[[str, set[str]], list[Step]],
+    plan: Callable[[str, Mapping[str, Attempt]], list[Step]],
     dry_run: bool,
 ) -> RunResult:
     from .runner import Runner
 
+    environment = settings.environment
     async with _database(settings) as db:
-        steps = plan(target, applied_revisions(await db.read_latest()))
+        latest = await db.read_latest()
+        steps = plan(target, latest)
+        planned = _planned(steps, environment, latest)
         if dry_run or not steps:
-            return RunResult(target, _planned(steps), dry_run=dry_run)
+            return RunResult(target, planned, dry_run=dry_run)
         async with db.locked() as (latest, interrupted):
-            steps = plan(target, applied_revisions(latest))
+            steps = plan(target, latest)
             if not steps:
                 log.info("another run finished this work while dm waited for the lock")
                 return RunResult(target, [], interrupted=interrupted)
+            planned = _planned(steps, environment, latest)
             runner = Runner(
                 await db.conn(),
                 db.tracker,
@@ -320,8 +405,8 @@ async def _migrate(
                 timeout=settings.timeout,
                 pg_lock_timeout=settings.pg_lock_timeout,
             )
-            results = await runner.run(steps)
-            return RunResult(target, _planned(steps), results, interrupted)
+            results = await _run_steps(db, runner, steps, environment)
+            return RunResult(target, planned, results, interrupted)
 
 
 async def stamp(settings: Settings, target: str) -> RunResult:
@@ -359,7 +444,11 @@ async def stamp(settings: Settings, target: str) -> RunResult:
                 results.append(
                     StepResult(step.revision, step.direction, status, 0, step.description)
                 )
-        return RunResult(target, _planned(steps), results, interrupted)
+        planned = [
+            PlannedStep(s.revision, s.direction, s.description, s.reversible, "record", "stamped")
+            for s in steps
+        ]
+        return RunResult(target, planned, results, interrupted)
 
 
 # -- commands that read the database -------------------------------------------------------
@@ -381,7 +470,13 @@ async def status(settings: Settings) -> list[RevisionStatus]:
         latest = await db.read_latest()
     heads = set(graph.heads)
     rows = [
-        _revision_status(s.revision, describe(s), latest.get(s.revision), s.revision in heads)
+        _revision_status(
+            s.revision,
+            describe(s),
+            latest.get(s.revision),
+            s.revision in heads,
+            _is_modified(s, latest.get(s.revision)),
+        )
         for s in graph.walk()
     ]
     for revision, attempt in latest.items():
@@ -391,8 +486,19 @@ async def status(settings: Settings) -> list[RevisionStatus]:
     return rows
 
 
+def _is_modified(script: Script, attempt: Attempt | None) -> bool:
+    """Return whether ``script``'s file changed since the attempt that applied it."""
+    if attempt is None or not attempt.is_applied or attempt.direction != "upgrade":
+        return False
+    return attempt.checksum is not None and attempt.checksum != checksum(script)
+
+
 def _revision_status(
-    revision: str, description: str, attempt: Attempt | None, is_head: bool
+    revision: str,
+    description: str,
+    attempt: Attempt | None,
+    is_head: bool,
+    modified: bool = False,
 ) -> RevisionStatus:
     if attempt is None:
         return RevisionStatus(
@@ -426,6 +532,7 @@ def _revision_status(
         error=attempt.error_message,
         reason=attempt.reason,
         is_head=is_head,
+        modified=modified,
     )
 
 
@@ -435,21 +542,29 @@ def _replace_missing(row: RevisionStatus) -> RevisionStatus:
     return replace(row, missing_file=True)
 
 
-async def check(settings: Settings) -> CheckResult:
-    """Check that every revision is applied and none failed or is running."""
+async def check(settings: Settings, *, allow_modified: bool = False) -> CheckResult:
+    """Check that every revision is applied and none failed or is running.
+
+    :param allow_modified: do not fail on revision files changed since they were applied.
+    """
+    from .environments import plan_upgrade
+
     graph = _graph(settings)
     async with _database(settings) as db:
         latest = await db.read_latest()
     running = sorted(r for r, a in latest.items() if a.status is Status.PENDING)
     failed = sorted(r for r, a in latest.items() if a.status is Status.FAILED)
     missing = sorted(r for r, a in latest.items() if a.is_applied and not graph.known(r))
+    modified = sorted(
+        r for r, a in latest.items() if graph.known(r) and _is_modified(graph.script(r), a)
+    )
     skip = set(running) | set(failed)
     pending = [
         s.revision
-        for s in graph.plan_upgrade("heads", applied_revisions(latest))
+        for s in plan_upgrade(graph, "heads", latest, settings.environment)
         if s.revision not in skip
     ]
-    return CheckResult(pending, failed, running, missing)
+    return CheckResult(pending, failed, running, missing, modified, allow_modified)
 
 
 # -- commands on the revision files only -----------------------------------------------------
@@ -501,12 +616,26 @@ def revision(
     depends_on: Sequence[str] = (),
     rev_id: str | None = None,
     splice: bool = False,
+    allow_duplicate_slug: bool = False,
 ) -> RevisionInfo:
-    """Create a revision file from the project's template."""
+    """Create a revision file from the project's template.
+
+    :param allow_duplicate_slug: accept a message whose slug an existing revision has.
+    :raises UsageError: the message's slug is unreadable, shorter than 3 characters, a
+        Python keyword, holds a path separator, or repeats an existing revision's slug.
+    """
     from alembic import command as alembic_command
 
+    from .slugs import check_message
+
     config = _quiet(settings.alembic_config())
-    Graph.from_config(config)  # refuse to add to a broken graph
+    graph = Graph.from_config(config)  # refuse to add to a broken graph
+    check_message(
+        message,
+        [describe(s) for s in graph.scripts],
+        limit=graph.script_dir.truncate_slug_length,
+        allow_duplicate=allow_duplicate_slug,
+    )
     try:
         script = alembic_command.revision(
             config,

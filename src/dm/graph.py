@@ -261,6 +261,19 @@ def _check_attributes(module: ModuleType, where: str) -> None:
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
     ):
         raise RevisionFileError(f"{where}: timeout must be a positive number of seconds")
+    environments = getattr(module, "environments", None)
+    if environments is not None and (
+        not isinstance(environments, tuple | list)
+        or not environments
+        or not all(isinstance(name, str) and name.strip() for name in environments)
+    ):
+        raise RevisionFileError(
+            f"{where}: environments must be a tuple of environment names, "
+            "e.g. ('development', 'staging'), or None for every environment"
+        )
+    transactional = getattr(module, "transactional", True)
+    if not isinstance(transactional, bool):
+        raise RevisionFileError(f"{where}: transactional must be True or False")
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ class Status(enum.StrEnum):
     SUCCESS = "success"  # upgrade (and verify) committed, or stamped as applied
     FAILED = "failed"  # rolled back; the error says why
     ROLLED_BACK = "rolled_back"  # downgrade committed, or stamped as not applied
+    SKIPPED = "skipped"  # not run: the revision's `environments` exclude this environment
 
 
 # The legal moves of one attempt row: it is born pending and ends once.
@@ -41,6 +42,7 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.SUCCESS: frozenset(),
     Status.FAILED: frozenset(),
     Status.ROLLED_BACK: frozenset(),
+    Status.SKIPPED: frozenset(),  # inserted directly (like stamps), never from pending
 }
 
 
@@ -71,6 +73,21 @@ class Attempt:
             return self.status is Status.SUCCESS
         return self.status in (Status.FAILED, Status.PENDING)
 
+    @property
+    def is_skipped(self) -> bool:
+        """Return whether the environment guard skipped the revision's upgrade."""
+        return self.direction == "upgrade" and self.status is Status.SKIPPED
+
+    @property
+    def counts_as_applied(self) -> bool:
+        """Return whether the graph treats the revision as passed when planning.
+
+        A skipped upgrade never ran, so it is not applied, but it must not block the
+        revisions after it: plans treat it as applied, and an upgrade in an environment
+        that allows it schedules it again.
+        """
+        return self.is_applied or self.is_skipped
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -84,8 +101,12 @@ class RunInfo:
 
 
 def applied_revisions(latest: Mapping[str, Attempt]) -> set[str]:
-    """Return the revisions whose upgrade is in effect, given each one's latest attempt."""
-    return {revision for revision, attempt in latest.items() if attempt.is_applied}
+    """Return the revisions plans treat as applied, given each one's latest attempt.
+
+    That is every revision whose upgrade is in effect, plus those the environment guard
+    skipped (see ``Attempt.counts_as_applied``).
+    """
+    return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,247 @@
+"""The programmatic API: the functions the CLI calls, for an application's start-up code.
+
+::
+
+    import dm
+
+    await dm.upgrade("heads", config="alembic.ini")       # inside a running event loop
+    dm.upgrade_sync("heads", config="alembic.ini")        # from synchronous code
+
+Each coroutine takes the project's config file (``config``) or a ready
+:class:`dm.settings.Settings` (``settings``); with neither, settings come from the
+environment and ``./alembic.ini`` as for the CLI. Writing functions take the migration
+lock and record every attempt, exactly like the CLI. They return the same result objects
+(``dm.command.RunResult`` ...) and raise :class:`dm.DmError` subclasses instead of exiting.
+No signal handler is installed: the application keeps its own.
+
+Each coroutine has a ``*_sync`` twin. It runs the coroutine with ``asyncio.run``; called
+from a thread whose event loop is running (a sync function called by async code), it runs
+the coroutine in a worker thread with its own loop and blocks until it is done. In async
+code prefer ``await dm.upgrade(...)``: the sync twin blocks the caller's loop meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import ParamSpec
+from typing import TypeVar
+
+if TYPE_CHECKING:
+    from .command import CheckResult
+    from .command import CurrentResult
+    from .command import RevisionStatus
+    from .command import RunResult
+    from .operations import VerifyResult
+    from .settings import Settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _settings(config: str | Path | None, settings: Settings | None) -> Settings:
+    from .errors import UsageError
+    from .settings import Settings
+
+    if settings is not None:
+        if config is not None:
+            raise UsageError("pass either config= or settings=, not both")
+        return settings
+    return Settings.load(config_file=Path(config) if config is not None else None)
+
+
+async def upgrade(
+    target: str = "heads",
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Upgrade to ``target`` (default: every head), as ``dm upgrade``."""
+    from . import command
+
+    return await command.upgrade(_settings(config, settings), target, dry_run=dry_run)
+
+
+async def downgrade(
+    target: str,
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Downgrade to ``target``, as ``dm downgrade``."""
+    from . import command
+
+    return await command.downgrade(_settings(config, settings), target, dry_run=dry_run)
+
+
+async def current(
+    *, config: str | Path | None = None, settings: Settings | None = None
+) -> CurrentResult:
+    """Return the applied heads, as ``dm current``."""
+    from . import command
+
+    return await command.current(_settings(config, settings))
+
+
+async def status(
+    *, config: str | Path | None = None, settings: Settings | None = None
+) -> list[RevisionStatus]:
+    """Return every revision's latest attempt, as ``dm status``."""
+    from . import command
+
+    return await command.status(_settings(config, settings))
+
+
+async def check(
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    allow_modified: bool = False,
+) -> CheckResult:
+    """Return what is pending, failed, running, missing or modified, as ``dm check``."""
+    from . import command
+
+    return await command.check(_settings(config, settings), allow_modified=allow_modified)
+
+
+async def run(
+    revision: str,
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> RunResult:
+    """Run one revision's upgrade, as ``dm run`` (the old ``script.run_script()``)."""
+    from . import operations
+
+    return await operations.run(_settings(config, settings), revision, force=force, dry_run=dry_run)
+
+
+async def rollback(
+    revision: str,
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Run one revision's downgrade, as ``dm rollback``."""
+    from . import operations
+
+    return await operations.rollback(_settings(config, settings), revision, dry_run=dry_run)
+
+
+async def verify(
+    revisions: Sequence[str] = (),
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> VerifyResult:
+    """Re-run ``verify()`` of applied revisions read-only, as ``dm verify``."""
+    from . import operations
+
+    return await operations.verify(_settings(config, settings), revisions)
+
+
+def _blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run the coroutine function ``fn`` to completion from synchronous code.
+
+    Uses ``asyncio.run``, or, when this thread's event loop is already running, a worker
+    thread with a loop of its own (``asyncio.run`` cannot nest).
+    """
+
+    async def call() -> T:
+        return await fn(*args, **kwargs)
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(call())
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dm") as pool:
+        return pool.submit(asyncio.run, call()).result()
+
+
+def upgrade_sync(
+    target: str = "heads",
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Blocking :func:`upgrade`."""
+    return _blocking(upgrade, target, config=config, settings=settings, dry_run=dry_run)
+
+
+def downgrade_sync(
+    target: str,
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Blocking :func:`downgrade`."""
+    return _blocking(downgrade, target, config=config, settings=settings, dry_run=dry_run)
+
+
+def current_sync(
+    *, config: str | Path | None = None, settings: Settings | None = None
+) -> CurrentResult:
+    """Blocking :func:`current`."""
+    return _blocking(current, config=config, settings=settings)
+
+
+def status_sync(
+    *, config: str | Path | None = None, settings: Settings | None = None
+) -> list[RevisionStatus]:
+    """Blocking :func:`status`."""
+    return _blocking(status, config=config, settings=settings)
+
+
+def check_sync(
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    allow_modified: bool = False,
+) -> CheckResult:
+    """Blocking :func:`check`."""
+    return _blocking(check, config=config, settings=settings, allow_modified=allow_modified)
+
+
+def run_sync(
+    revision: str,
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> RunResult:
+    """Blocking :func:`run`."""
+    return _blocking(run, revision, config=config, settings=settings, force=force, dry_run=dry_run)
+
+
+def rollback_sync(
+    revision: str,
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+    dry_run: bool = False,
+) -> RunResult:
+    """Blocking :func:`rollback`."""
+    return _blocking(rollback, revision, config=config, settings=settings, dry_run=dry_run)
+
+
+def verify_sync(
+    revisions: Sequence[str] = (),
+    *,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> VerifyResult:
+    """Blocking :func:`verify`."""
+    return _blocking(verify, revisions, config=config, settings=settings)

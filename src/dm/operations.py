@@ -1,0 +1,521 @@
+"""Operator commands on one revision at a time, and read-only inspection.
+
+``run`` and ``rollback`` act on a single revision (the old framework's ``run`` and
+``rollback``), ``resolve`` records a manual fix of a failed revision, ``verify`` re-runs
+``verify()`` hooks read-only, and ``info`` describes the configuration. Like
+``dm.command``, nothing here prints: each function returns a result object, and the CLI and
+the programmatic API call the same functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+
+from . import _alembic_compat as compat
+from .command import RunResult
+from .command import _database
+from .command import _graph
+from .command import _planned
+from .command import _run_steps
+from .command import _tracker
+from .command import run_info
+from .errors import DmError
+from .errors import RevisionFailed
+from .errors import UnknownTarget
+from .errors import UsageError
+from .graph import Graph
+from .graph import Step
+from .graph import checksum
+from .graph import describe
+from .graph import display_path
+from .graph import require_reversible
+from .tracker import Attempt
+from .tracker import Status
+from .tracker import applied_revisions
+from .tracker import utcnow
+
+if TYPE_CHECKING:
+    from alembic.script import Script
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from .settings import Settings
+    from .tracker import Tracker
+
+log = logging.getLogger("dm.operations")
+
+RESOLVABLE = (Status.SUCCESS, Status.ROLLED_BACK)
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolveResult:
+    """The row ``resolve`` recorded."""
+
+    revision: str
+    status: str
+    direction: str
+    previous_status: str
+    reason: str
+    run_by: str
+    resolved_at: datetime
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    """One revision's ``verify()`` result: ``passed``, ``failed`` or ``no verify()``."""
+
+    revision: str
+    description: str
+    result: str
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Return whether the hook raised or returned anything but True."""
+        return self.result == "failed"
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Every checked revision's outcome; ``ok`` when none failed."""
+
+    outcomes: list[VerifyOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Return whether no ``verify()`` failed."""
+        return not any(outcome.failed for outcome in self.outcomes)
+
+
+@dataclass(frozen=True)
+class InfoResult:
+    """What dm would run against, and with what."""
+
+    environment: str
+    database_url: str
+    config_file: str
+    ini_section: str
+    script_location: str
+    tracker_table: str
+    lock: str
+    """``free``, ``held`` or ``unknown`` (the database could not be asked)."""
+    lock_holder: str | None
+    versions: dict[str, str]
+
+
+# -- one revision at a time ----------------------------------------------------------------------
+
+
+async def run(
+    settings: Settings, revision: str, *, force: bool = False, dry_run: bool = False
+) -> RunResult:
+    """Run one revision's upgrade (and verify) when its ancestors are applied.
+
+    :param force: run it again, as a new attempt, even though it already succeeded.
+    :param dry_run: only return the plan.
+    :raises UsageError: an ancestor is not applied (each is named).
+    """
+    from .runner import Runner
+
+    graph = _graph(settings)
+    script = _one(graph, revision)
+    environment = settings.environment
+    async with _database(settings) as db:
+        latest = await db.read_latest()
+        steps = _plan_run(graph, script, latest, force)
+        planned = _planned(steps, environment, latest)
+        if dry_run or not steps:
+            return RunResult(script.revision, planned, dry_run=dry_run)
+        async with db.locked() as (latest, interrupted):
+            steps = _plan_run(graph, script, latest, force)
+            if not steps:
+                log.info("another run applied %s while dm waited for the lock", script.revision)
+                return RunResult(script.revision, [], interrupted=interrupted)
+            planned = _planned(steps, environment, latest)
+            runner = Runner(
+                await db.conn(),
+                db.tracker,
+                run_info(settings),
+                latest,
+                timeout=settings.timeout,
+                pg_lock_timeout=settings.pg_lock_timeout,
+            )
+            forced = force and _is_applied(latest, script.revision)
+            try:
+                results = await _run_steps(db, runner, steps, environment)
+            except RevisionFailed:
+                if forced:
+                    await _mark_forced(await db.conn(), db.tracker, script.revision)
+                raise
+            if forced:
+                await _mark_forced(await db.conn(), db.tracker, script.revision)
+            return RunResult(script.revision, planned, results, interrupted)
+
+
+async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
+    """Run one revision's downgrade when no applied revision depends on it.
+
+    :param dry_run: only return the plan.
+    :raises UsageError: applied revisions depend on it (each is named).
+    :raises IrreversiblePlan: the revision has no ``downgrade()``.
+    """
+    from .runner import Runner
+
+    graph = _graph(settings)
+    script = _one(graph, revision)
+    environment = settings.environment
+    async with _database(settings) as db:
+        latest = await db.read_latest()
+        steps = _plan_rollback(graph, script, latest)
+        planned = _planned(steps, environment, latest)
+        if dry_run or not steps:
+            return RunResult(script.revision, planned, dry_run=dry_run)
+        async with db.locked() as (latest, interrupted):
+            steps = _plan_rollback(graph, script, latest)
+            if not steps:
+                log.info("another run rolled back %s while dm waited", script.revision)
+                return RunResult(script.revision, [], interrupted=interrupted)
+            planned = _planned(steps, environment, latest)
+            runner = Runner(
+                await db.conn(),
+                db.tracker,
+                run_info(settings),
+                latest,
+                timeout=settings.timeout,
+                pg_lock_timeout=settings.pg_lock_timeout,
+            )
+            results = await _run_steps(db, runner, steps, environment)
+            return RunResult(script.revision, planned, results, interrupted)
+
+
+def _one(graph: Graph, revision: str) -> Script:
+    found = graph.resolve(revision)
+    if not found:
+        raise UnknownTarget(f"no revision matches {revision!r}")
+    if len(found) > 1:
+        names = ", ".join(s.revision for s in found)
+        raise UnknownTarget(f"{revision!r} names several revisions ({names}); name one")
+    return found[0]
+
+
+def _is_applied(latest: Mapping[str, Attempt], revision: str) -> bool:
+    attempt = latest.get(revision)
+    return attempt is not None and attempt.is_applied
+
+
+def _plan_run(
+    graph: Graph, script: Script, latest: Mapping[str, Attempt], force: bool
+) -> list[Step]:
+    applied = applied_revisions(latest)
+    missing = [rev for rev in _ancestors(graph, script.revision) if rev not in applied]
+    if missing:
+        raise UsageError(
+            f"cannot run {script.revision}: not applied yet: {', '.join(missing)} "
+            f"(apply them first, e.g. dm upgrade {script.revision})"
+        )
+    if _is_applied(latest, script.revision) and not force:
+        return []
+    return [Step(script, True)]
+
+
+def _plan_rollback(graph: Graph, script: Script, latest: Mapping[str, Attempt]) -> list[Step]:
+    attempt = latest.get(script.revision)
+    if attempt is None or not attempt.counts_as_applied:
+        return []
+    applied = applied_revisions(latest)
+    dependants = [rev for rev in _descendants(graph, script.revision) if rev in applied]
+    if dependants:
+        raise UsageError(
+            f"cannot roll back {script.revision}: applied revisions depend on it: "
+            f"{', '.join(dependants)} (roll them back first)"
+        )
+    step = Step(script, False)
+    if not attempt.is_skipped:
+        require_reversible([step], script.revision)
+    return [step]
+
+
+def _ancestors(graph: Graph, revision: str) -> list[str]:
+    """Return every ancestor of ``revision`` (``depends_on`` included), oldest first."""
+    found: set[str] = set()
+    todo = list(compat.all_down_revisions(graph.script(revision)))
+    while todo:
+        rev = todo.pop()
+        if rev not in found:
+            found.add(rev)
+            todo.extend(compat.all_down_revisions(graph.script(rev)))
+    return [s.revision for s in graph.walk() if s.revision in found]
+
+
+def _descendants(graph: Graph, revision: str) -> list[str]:
+    """Return every revision that has ``revision`` as an ancestor, newest first."""
+    found: set[str] = {revision}
+    ordered = graph.walk()
+    for script in ordered:  # parents come before children
+        if found.intersection(compat.all_down_revisions(script)):
+            found.add(script.revision)
+    found.discard(revision)
+    return [s.revision for s in reversed(ordered) if s.revision in found]
+
+
+async def _mark_forced(conn: AsyncConnection, tracker: Tracker, revision: str) -> None:
+    t = tracker.table
+    async with conn.begin():
+        last = sa.select(sa.func.max(t.c.id)).where(t.c.revision == revision).scalar_subquery()
+        await conn.execute(
+            t.update().where(t.c.id == last, t.c.reason.is_(None)).values(reason="forced")
+        )
+
+
+# -- manual resolution --------------------------------------------------------------------------
+
+
+async def resolve(
+    settings: Settings, revision: str, *, as_status: str, reason: str
+) -> ResolveResult:
+    """Record that an operator fixed a failed revision by hand.
+
+    ``success`` means its upgrade is now in effect; ``rolled_back`` means it is not. The
+    row records who, when and the reason; no hook runs.
+
+    :raises UsageError: the revision's latest attempt did not fail, the status is not
+        ``success`` or ``rolled_back``, or the reason is empty.
+    """
+    try:
+        status = Status(as_status)
+    except ValueError:
+        status = Status.PENDING
+    if status not in RESOLVABLE:
+        raise UsageError(f"--as must be success or rolled_back, not {as_status!r}")
+    if not reason.strip():
+        raise UsageError("resolve needs a --reason saying what was fixed by hand")
+    graph = _graph(settings)
+    script = _one(graph, revision)
+    async with _database(settings) as db, db.locked() as (latest, _interrupted):
+        attempt = latest.get(script.revision)
+        if attempt is None or attempt.status is not Status.FAILED:
+            state = "never run" if attempt is None else attempt.status.value
+            raise UsageError(
+                f"cannot resolve {script.revision}: its latest attempt is {state}, not "
+                "failed; only a failed revision can be resolved"
+            )
+        info = run_info(settings)
+        direction = "upgrade" if status is Status.SUCCESS else "downgrade"
+        text = f"resolved by hand: {reason.strip()}"
+        conn = await db.conn()
+        async with conn.begin():
+            await db.tracker.start(
+                conn,
+                info,
+                revision=script.revision,
+                description=describe(script),
+                direction=direction,
+                attempt=attempt.attempt + 1,
+                checksum=checksum(script),
+                status=status,
+                reason=text,
+            )
+        log.info("%s: resolved as %s by %s", script.revision, status.value, info.run_by)
+        return ResolveResult(
+            script.revision,
+            status.value,
+            direction,
+            attempt.status.value,
+            text,
+            info.run_by,
+            utcnow(),
+        )
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+
+async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyResult:
+    """Re-run the ``verify()`` hooks of applied revisions, read-only.
+
+    Each hook runs in its own transaction, which is rolled back (and is ``READ ONLY`` on
+    PostgreSQL). Useful after a restore.
+
+    :param revisions: the revisions to check (default: every applied revision).
+    :raises UsageError: a named revision is not applied.
+    """
+    graph = _graph(settings)
+    async with _database(settings) as db:
+        latest = await db.read_latest()
+        if revisions:
+            scripts = [script for rev in revisions for script in graph.resolve(rev)]
+            if not scripts:
+                raise UnknownTarget(f"no revision matches {' '.join(revisions)!r}")
+            not_applied = [s.revision for s in scripts if not _is_applied(latest, s.revision)]
+            if not_applied:
+                raise UsageError(f"not applied, nothing to verify: {', '.join(not_applied)}")
+        else:
+            scripts = [s for s in graph.walk() if _is_applied(latest, s.revision)]
+        outcomes = []
+        for script in scripts:
+            outcome = await _verify_one(await db.conn(), script, settings.timeout)
+            log.info("verify %s: %s", script.revision, outcome.result)
+            outcomes.append(outcome)
+        return VerifyResult(outcomes)
+
+
+async def _verify_one(
+    conn: AsyncConnection, script: Script, timeout: float | None
+) -> VerifyOutcome:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    description = describe(script)
+    hook = getattr(script.module, "verify", None)
+    if hook is None:
+        return VerifyOutcome(script.revision, description, "no verify()")
+    limit = Step(script, True).timeout or timeout
+    transaction = await conn.begin()
+    try:
+        if conn.dialect.name == "postgresql":
+            await conn.execute(sa.text("SET TRANSACTION READ ONLY"))
+        session = AsyncSession(bind=conn)
+        try:
+            async with asyncio.timeout(limit):
+                value = await hook(session)
+        finally:
+            await session.close()
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            error = f"timed out after {limit:g}s"
+        return VerifyOutcome(script.revision, description, "failed", error)
+    finally:
+        await transaction.rollback()
+    if value is not True:
+        return VerifyOutcome(script.revision, description, "failed", f"returned {value!r}")
+    return VerifyOutcome(script.revision, description, "passed")
+
+
+# -- info ---------------------------------------------------------------------------------------
+
+
+async def info(settings: Settings) -> InfoResult:
+    """Describe the environment, database (password hidden), project, tracker and lock."""
+    config = settings.alembic_config()
+    tracker = _tracker(settings)
+    try:
+        url = settings.redacted_url()
+    except DmError as exc:
+        url = f"(invalid: {exc})"
+    try:
+        lock, holder = await lock_state(settings, tracker)
+    except DmError as exc:
+        lock, holder = "unknown", str(exc)
+    location = config.get_main_option("script_location") or ""
+    return InfoResult(
+        environment=settings.environment,
+        database_url=url,
+        config_file=display_path(settings.config_file),
+        ini_section=settings.ini_section,
+        script_location=display_path(location) if location else "",
+        tracker_table=tracker.qualified_name,
+        lock=lock,
+        lock_holder=holder,
+        versions=versions(),
+    )
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of dm, Python, Alembic, SQLAlchemy and the database drivers."""
+    import platform
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version
+
+    from . import __version__
+
+    found = {"dm": __version__, "python": platform.python_version()}
+    for name in ("alembic", "sqlalchemy", "asyncpg", "aiosqlite"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+async def lock_state(settings: Settings, tracker: Tracker) -> tuple[str, str | None]:
+    """Return whether the migration lock is held now (``free``/``held``) and by whom.
+
+    Read-only: on PostgreSQL it looks the lock up in ``pg_locks``; on SQLite it tries a
+    non-blocking ``flock`` on the lock file and releases it at once.
+    """
+    from .db import connect
+    from .db import create_engine
+    from .lock import _file_holder
+    from .lock import _sqlite_lock_path
+    from .lock import lock_key
+
+    url = settings.lock_url()
+    if url.get_backend_name() != "postgresql":
+        path = _sqlite_lock_path(url, tracker)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return "free", None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "held", _file_holder(path)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return "free", None
+        finally:
+            os.close(fd)
+    key = lock_key(tracker)
+    engine = create_engine(url, application_name="dm:info", autocommit=True)
+    try:
+        async with connect(engine) as conn:
+            row = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT l.pid, a.application_name FROM pg_locks l "
+                        "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+                        "WHERE l.locktype = 'advisory' AND l.granted "
+                        "AND l.classid = CAST(:classid AS oid) "
+                        "AND l.objid = CAST(:objid AS oid) AND l.objsubid = 1 "
+                        "AND l.database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                    ),
+                    {"classid": (key >> 32) & 0xFFFFFFFF, "objid": key & 0xFFFFFFFF},
+                )
+            ).first()
+    finally:
+        with contextlib.suppress(Exception):
+            await engine.dispose()
+    if row is None:
+        return "free", None
+    return "held", f"pid {row.pid} ({row.application_name or 'no application_name'})"
+
+
+__all__ = [
+    "InfoResult",
+    "ResolveResult",
+    "VerifyOutcome",
+    "VerifyResult",
+    "info",
+    "lock_state",
+    "resolve",
+    "rollback",
+    "run",
+    "verify",
+    "versions",
+]

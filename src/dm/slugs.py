@@ -1,0 +1,65 @@
+"""Revision messages and their slugs, checked before ``dm revision`` writes a file.
+
+A revision file is named ``<date>_<rev>_<slug>.py``, the slug being the message in
+snake_case (Alembic's rule: the message's words joined by ``_``, truncated). dm refuses a
+message whose slug is unreadable, too short, a Python keyword, contains a path separator,
+or repeats an existing revision's slug (unless explicitly allowed).
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from collections.abc import Iterable
+
+from .errors import UsageError
+
+MIN_LENGTH = 3
+_WORD = re.compile(r"\w+")
+_SNAKE_CASE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*_?")
+
+
+def slugify(message: str, limit: int = 40) -> str:
+    """Return the slug Alembic puts in the file name for ``message``."""
+    slug = "_".join(_WORD.findall(message)).lower()
+    if len(slug) > limit:
+        slug = slug[:limit].rsplit("_", 1)[0] + "_"
+    return slug
+
+
+def check_message(
+    message: str,
+    existing: Iterable[str] = (),
+    *,
+    limit: int = 40,
+    allow_duplicate: bool = False,
+) -> str:
+    """Return the slug of ``message``, or refuse it.
+
+    :param existing: the messages (descriptions) of the revisions already there.
+    :raises UsageError: naming the rule the message breaks.
+    """
+    if "/" in message or "\\" in message:
+        raise UsageError(f"revision message {message!r} must not contain a path separator")
+    slug = slugify(message, limit)
+    if not slug or not _SNAKE_CASE.fullmatch(slug):
+        raise UsageError(
+            f"revision message {message!r} gives the slug {slug!r}: use words of ASCII "
+            "letters and digits, starting with a letter, e.g. 'backfill display names'"
+        )
+    if len(slug.rstrip("_")) < MIN_LENGTH:
+        raise UsageError(
+            f"revision message {message!r} is too short: its slug {slug!r} needs at least "
+            f"{MIN_LENGTH} characters"
+        )
+    if keyword.iskeyword(slug.rstrip("_")):
+        raise UsageError(f"revision message {message!r}: {slug!r} is a Python keyword")
+    if not allow_duplicate:
+        for other in existing:
+            if slugify(other, limit) == slug:
+                raise UsageError(
+                    f"revision message {message!r}: an existing revision ({other!r}) has "
+                    f"the same slug {slug!r}; describe the difference, or pass "
+                    "--allow-duplicate-slug"
+                )
+    return slug
