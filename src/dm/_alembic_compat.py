@@ -21,7 +21,7 @@ from alembic.script.revision import RevisionMap
 _REQUIRED = (
     (ScriptDirectory, "_load_revisions"),
     (ScriptDirectory, "_upgrade_revs"),
-    (ScriptDirectory, "_downgrade_revs"),
+    (ScriptDirectory, "_catch_revision_errors"),
     (Revision, "_all_down_revisions"),
 )
 for _owner, _name in _REQUIRED:
@@ -53,9 +53,20 @@ def upgrade_steps(
 
 def downgrade_steps(
     script_dir: ScriptDirectory, target: str | None, heads: Iterable[str]
-) -> list[RevisionStep]:
-    """Return Alembic's downgrade steps from ``heads`` to ``target``, in execution order."""
-    return list(script_dir._downgrade_revs(target, tuple(heads)))  # type: ignore[arg-type]
+) -> list[Script]:
+    """Return the scripts to downgrade from ``heads`` to ``target``, in execution order.
+
+    The walk of ``_downgrade_revs``, without its ``RevisionStep`` objects: those read
+    ``module.downgrade`` at once and fail on a revision without one, before dm can
+    refuse the plan naming it.
+    """
+    with script_dir._catch_revision_errors(
+        ancestor="Destination %(end)s is not a valid downgrade target from current head(s)",
+        end=target,
+    ):
+        return list(
+            script_dir.iterate_revisions(tuple(heads), target, select_for_downgrade=True)
+        )
 
 
 def all_down_revisions(revision: Revision) -> tuple[str, ...]:

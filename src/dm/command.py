@@ -249,7 +249,7 @@ class _Database:
         async with conn.begin():
             if not await self.tracker.exists(conn):
                 return {}
-            return await self.tracker.latest(conn)
+            return await self.tracker.read_latest(conn)
 
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[tuple[dict[str, Attempt], list[str]]]:
@@ -418,6 +418,10 @@ async def stamp(settings: Settings, target: str) -> RunResult:
     from .runner import StepResult
 
     graph = _graph(settings)
+    async with _database(settings) as probe:  # refuse a bad target before creating anything
+        applied = applied_revisions(await probe.read_latest())
+        if not graph.plan_upgrade(target, applied) and target != "heads":
+            graph.plan_downgrade(target, applied)
     async with _database(settings) as db, db.locked() as (latest, interrupted):
         applied = applied_revisions(latest)
         steps = graph.plan_upgrade(target, applied)

@@ -172,10 +172,10 @@ class Graph:
         """
         heads = self.applied_heads(applied)
         try:
-            alembic_steps = compat.downgrade_steps(self.script_dir, target, heads)
+            scripts = compat.downgrade_steps(self.script_dir, target, heads)
         except Exception as exc:
             raise UnknownTarget(f"cannot downgrade to {target!r}: {_one_line(exc)}") from None
-        steps = [Step(step.revision, False) for step in alembic_steps]
+        steps = [Step(script, False) for script in scripts]
         require_reversible(steps, target)
         return steps
 

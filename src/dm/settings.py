@@ -59,20 +59,20 @@ class Settings(BaseSettings):
     )
 
     config_file: Path = Field(
-        Path("alembic.ini"), validation_alias=AliasChoices("config_file", "DM_CONFIG")
+        Path("alembic.ini"), validation_alias="DM_CONFIG"
     )
     ini_section: str = Field(
-        DEFAULT_SECTION, validation_alias=AliasChoices("ini_section", "DM_INI_SECTION")
+        DEFAULT_SECTION, validation_alias="DM_INI_SECTION"
     )
     database_url: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("database_url", "DM_DATABASE_URL", "DATABASE_URL")
+        None, validation_alias=AliasChoices("DM_DATABASE_URL", "DATABASE_URL", "database_url")
     )
     lock_database_url: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("lock_database_url", "DM_LOCK_DATABASE_URL")
+        None, validation_alias="DM_LOCK_DATABASE_URL"
     )
     environment: str = Field(
         "production",
-        validation_alias=AliasChoices("environment", "DM_ENVIRONMENT", "ENVIRONMENT"),
+        validation_alias=AliasChoices("DM_ENVIRONMENT", "ENVIRONMENT", "environment"),
     )
     tracker_table: str = "script_run_tracker"
     tracker_schema: str | None = None
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     timeout: float | None = Field(None, gt=0)
     pg_lock_timeout: float = Field(5.0, ge=0)
     pod_name: str | None = Field(
-        None, validation_alias=AliasChoices("pod_name", "DM_POD_NAME", "POD_NAME")
+        None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )
 
     @field_validator("tracker_table", "tracker_schema")
@@ -164,12 +164,11 @@ class _IniSettingsSource(PydanticBaseSettingsSource):
     def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource):
         super().__init__(settings_cls)
         explicit = init.init_kwargs if isinstance(init, InitSettingsSource) else {}
-        self._path = Path(
-            explicit.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini"
-        )
-        self._section = str(
-            explicit.get("ini_section") or os.environ.get("DM_INI_SECTION") or DEFAULT_SECTION
-        )
+        # Explicit values arrive under the field name or, normalised, under the alias.
+        path = explicit.get("DM_CONFIG") or explicit.get("config_file")
+        section = explicit.get("DM_INI_SECTION") or explicit.get("ini_section")
+        self._path = Path(path or os.environ.get("DM_CONFIG") or "alembic.ini")
+        self._section = str(section or os.environ.get("DM_INI_SECTION") or DEFAULT_SECTION)
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         """Unused: values are read all at once in ``__call__``."""

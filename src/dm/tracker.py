@@ -302,6 +302,56 @@ class Tracker:
             for row in rows
         }
 
+    async def read_latest(self, conn: AsyncConnection) -> dict[str, Attempt]:
+        """Like ``latest``, but also read a tracker still in layout 1 (read-only).
+
+        ``ensure`` upgrades the layout only under the migration lock; reads made before
+        it (planning, ``status``, ``current``, ``check``) must understand the old layout.
+        """
+        legacy = await conn.run_sync(
+            lambda sync: not sa.inspect(sync).has_table(self.meta.name, schema=self.schema)
+        )
+        if not legacy:
+            return await self.latest(conn)
+        v1 = sa.table(
+            self.name,
+            sa.column("id"),
+            sa.column("revision"),
+            sa.column("status"),
+            sa.column("started_at", sa.DateTime(timezone=True)),
+            sa.column("finished_at", sa.DateTime(timezone=True)),
+            sa.column("error"),
+            schema=self.schema,
+        )
+        per_revision = (
+            sa.select(sa.func.max(v1.c.id).label("last_id"), sa.func.count().label("attempts"))
+            .group_by(v1.c.revision)
+            .subquery()
+        )
+        query = sa.select(v1, per_revision.c.attempts).join(
+            per_revision, v1.c.id == per_revision.c.last_id
+        )
+        return {
+            row.revision: Attempt(
+                id=row.id,
+                revision=row.revision,
+                description=None,
+                direction="upgrade",
+                status=Status(row.status),
+                attempt=row.attempts,
+                started_at=as_utc(row.started_at),
+                finished_at=as_utc(row.finished_at),
+                duration_ms=None,
+                error_message=row.error,
+                reason=None,
+                run_by=None,
+                pod_name=None,
+                checksum=None,
+                attempts=row.attempts,
+            )
+            for row in (await conn.execute(query)).all()
+        }
+
     async def history(self, conn: AsyncConnection, revision: str) -> list[sa.Row[Any]]:
         """Return every attempt of ``revision``, oldest first."""
         t = self.table
