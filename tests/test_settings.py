@@ -1,0 +1,295 @@
+"""Settings: where each value comes from, URL normalisation, and errors that keep secrets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_sqlite
+from dm import command
+from dm.cli import main
+from dm.errors import ConfigError
+from dm.settings import Settings
+from dm.urls import normalise_url
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No dm setting leaks in from the outer environment or a ``.env`` file."""
+    for name in list(os.environ):
+        if name.startswith("DM_"):
+            monkeypatch.delenv(name)
+    for name in ("DATABASE_URL", "ENVIRONMENT", "POD_NAME", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def ini(tmp_path: Path) -> Path:
+    """A ``dm init`` project; returns its alembic.ini."""
+    command.init(tmp_path / "proj")
+    return tmp_path / "proj" / "alembic.ini"
+
+
+def set_ini_url(ini: Path, url: str) -> None:
+    text = ini.read_text()
+    assert "\nsqlalchemy.url =\n" in text
+    ini.write_text(text.replace("\nsqlalchemy.url =\n", f"\nsqlalchemy.url = {url}\n"))
+
+
+def database(settings: Settings) -> str:
+    """The file name of the SQLite database the settings point at."""
+    url = settings.url()
+    assert url.drivername == "sqlite+aiosqlite"
+    return Path(url.database or "").name
+
+
+# -- precedence, one test per neighbouring pair ------------------------------------------------
+
+
+def test_option_beats_dm_database_url(ini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DM_DATABASE_URL", "sqlite:///from_dm_env.db")
+    settings = Settings.load(config_file=ini, database_url="sqlite:///from_option.db")
+    assert database(settings) == "from_option.db"
+
+
+def test_dm_database_url_beats_database_url(ini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///from_plain_env.db")
+    monkeypatch.setenv("DM_DATABASE_URL", "sqlite:///from_dm_env.db")
+    assert database(Settings.load(config_file=ini)) == "from_dm_env.db"
+
+
+def test_database_url_beats_ini(ini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_ini_url(ini, "sqlite:///from_ini.db")
+    monkeypatch.setenv("DATABASE_URL", "sqlite:///from_plain_env.db")
+    assert database(Settings.load(config_file=ini)) == "from_plain_env.db"
+
+
+def test_ini_beats_embedded_default(ini: Path) -> None:
+    set_ini_url(ini, "sqlite:///from_ini.db")
+    assert database(Settings.load(config_file=ini)) == "from_ini.db"
+
+
+def test_embedded_default_lives_next_to_alembic_ini(
+    ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory does not matter
+    url = Settings.load(config_file=ini).url()
+    assert url.drivername == "sqlite+aiosqlite"
+    assert Path(url.database or "") == ini.resolve().parent / "dm.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("field", "prefixed", "plain"),
+    [("environment", "DM_ENVIRONMENT", "ENVIRONMENT"), ("pod_name", "DM_POD_NAME", "POD_NAME")],
+)
+def test_dm_prefixed_variables_beat_plain_ones(
+    ini: Path, monkeypatch: pytest.MonkeyPatch, field: str, prefixed: str, plain: str
+) -> None:
+    monkeypatch.setenv(plain, "from-plain")
+    assert getattr(Settings.load(config_file=ini), field) == "from-plain"
+    monkeypatch.setenv(prefixed, "from-prefixed")
+    assert getattr(Settings.load(config_file=ini), field) == "from-prefixed"
+    assert getattr(Settings.load(config_file=ini, **{field: "explicit"}), field) == "explicit"
+
+
+def test_unprefixed_field_names_are_not_read_from_the_environment(
+    ini: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generic names such as CONFIG_FILE belong to other programs in the same container."""
+    monkeypatch.chdir(ini.parent)
+    monkeypatch.setenv("CONFIG_FILE", "/etc/app/app.ini")
+    monkeypatch.setenv("INI_SECTION", "app")
+    monkeypatch.setenv("LOCK_DATABASE_URL", "postgresql://u@elsewhere/app")
+    settings = Settings.load()
+    assert settings.config_file == Path("alembic.ini")
+    assert settings.ini_section == "data_migrations"
+    assert settings.lock_database_url is None
+    settings.alembic_config()  # the project's own file and section
+
+
+def test_dm_config_env_selects_the_ini(ini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    set_ini_url(ini, "sqlite:///from_ini.db")
+    monkeypatch.setenv("DM_CONFIG", str(ini))
+    settings = Settings.load()
+    assert settings.config_file == ini
+    assert database(settings) == "from_ini.db"
+
+
+def test_dotenv_sits_between_environment_and_ini(
+    ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_ini_url(ini, "sqlite:///from_ini.db")
+    (tmp_path / ".env").write_text("DM_DATABASE_URL=sqlite:///from_dotenv.db\n")
+    assert database(Settings.load(config_file=ini)) == "from_dotenv.db"
+    monkeypatch.setenv("DM_DATABASE_URL", "sqlite:///from_dm_env.db")
+    assert database(Settings.load(config_file=ini)) == "from_dm_env.db"
+
+
+def test_ini_dm_keys_and_environment_override(ini: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = ini.read_text().replace("# dm.lock_timeout = 600", "dm.lock_timeout = 42")
+    ini.write_text(text.replace("# dm.timeout =", "dm.timeout = 7.5"))
+    settings = Settings.load(config_file=ini)
+    assert (settings.lock_timeout, settings.timeout) == (42.0, 7.5)
+    monkeypatch.setenv("DM_LOCK_TIMEOUT", "3")
+    assert Settings.load(config_file=ini).lock_timeout == 3.0
+    assert Settings.load(config_file=ini, lock_timeout=1).lock_timeout == 1.0
+
+
+def test_cli_option_wins_end_to_end(ini: Path, tmp_path: Path) -> None:
+    """``--database-url`` decides where ``dm upgrade`` writes, over DM_DATABASE_URL."""
+    (ini.parent / "data_migrations" / "versions" / "r1.py").write_text(
+        "revision = 'r1'\ndown_revision = None\nasync def upgrade(session):\n    pass\n"
+    )
+    chosen, ignored = make_sqlite(tmp_path / "a"), make_sqlite(tmp_path / "b")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    result = CliRunner().invoke(
+        main,
+        ["--database-url", chosen.url, "upgrade"],
+        env={"DM_CONFIG": str(ini), "DM_DATABASE_URL": ignored.url},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.stderr
+    assert [r.revision for r in chosen.tracker()] == ["r1"]
+    assert not (tmp_path / "b" / "test.sqlite3").exists()
+    assert not (ini.parent / "dm.sqlite3").exists()
+
+
+# -- URL normalisation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "postgres://u:pw@db.example:5433/app",
+        "postgresql://u:pw@db.example:5433/app",
+        "postgresql+psycopg://u:pw@db.example:5433/app",
+        "postgresql+psycopg2://u:pw@db.example:5433/app",
+        "postgresql+asyncpg://u:pw@db.example:5433/app",
+    ],
+)
+def test_postgres_urls_use_asyncpg(raw: str) -> None:
+    url = normalise_url(raw, "database URL")
+    assert url.drivername == "postgresql+asyncpg"
+    assert (url.username, url.password, url.host, url.port, url.database) == (
+        "u",
+        "pw",
+        "db.example",
+        5433,
+        "app",
+    )
+
+
+def test_sslmode_becomes_asyncpg_ssl() -> None:
+    url = normalise_url("postgresql://u@db.example/app?sslmode=require&foo=bar", "database URL")
+    assert dict(url.query) == {"ssl": "require", "foo": "bar"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "database"),
+    [
+        ("sqlite:///relative.db", "relative.db"),
+        ("sqlite:////abs/path/x.sqlite3", "/abs/path/x.sqlite3"),
+        ("sqlite+pysqlite:///y.db", "y.db"),
+        ("sqlite+aiosqlite:///z.db", "z.db"),
+    ],
+)
+def test_sqlite_urls_use_aiosqlite(raw: str, database: str) -> None:
+    url = normalise_url(raw, "database URL")
+    assert url.drivername == "sqlite+aiosqlite"
+    assert url.database == database
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ("mysql://u:s3cretpw@h/x", "unsupported database 'mysql'"),
+        ("notaurl://", "unsupported database 'notaurl'"),
+        ("::s3cretpw::", "not a valid URL"),
+        ("sqlite://", "in-memory"),
+        ("sqlite:///:memory:", "in-memory"),
+        ("postgresql://u:s3cretpw@h", "no database name"),
+        ("postgresql://u:s3cretpw@h/x?sslmode=maybe", "unsupported sslmode"),
+    ],
+)
+def test_bad_urls_are_config_errors_without_the_password(raw: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        normalise_url(raw, "DM_DATABASE_URL")
+    message = str(caught.value)
+    assert needle in message
+    assert "DM_DATABASE_URL" in message
+    assert "s3cretpw" not in message
+    assert "\n" not in message
+
+
+# -- refusals and secrets ------------------------------------------------------------------------
+
+
+def test_kubernetes_without_url_refuses_embedded_default(
+    ini: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    with pytest.raises(ConfigError, match="DM_DATABASE_URL"):
+        Settings.load(config_file=ini).url()
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db/app")
+    assert Settings.load(config_file=ini).url().drivername == "postgresql+asyncpg"
+
+
+@pytest.mark.parametrize("value", ["forever123", "-5", "nan-ish77"])
+def test_invalid_lock_timeout_is_one_line_without_the_value(
+    ini: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("DM_LOCK_TIMEOUT", value)
+    with pytest.raises(ConfigError) as caught:
+        Settings.load(config_file=ini)
+    message = str(caught.value)
+    assert message.startswith("setting DM_LOCK_TIMEOUT: ")
+    assert "\n" not in message
+    assert value not in message
+    assert caught.value.exit_code == 2
+
+
+def test_invalid_values_from_the_ini_name_the_setting(ini: Path) -> None:
+    ini.write_text(ini.read_text().replace("# dm.timeout =", "dm.timeout = 0"))
+    with pytest.raises(ConfigError, match="DM_TIMEOUT"):
+        Settings.load(config_file=ini)
+
+
+def test_tracker_table_must_be_an_identifier(ini: Path) -> None:
+    with pytest.raises(ConfigError, match="DM_TRACKER_TABLE"):
+        Settings.load(config_file=ini, tracker_table="runs; DROP TABLE users")
+
+
+def test_password_is_hidden(ini: Path) -> None:
+    url = "postgresql://app:s3cretpw@db.example:5432/app"
+    settings = Settings.load(config_file=ini, database_url=url)
+    assert "s3cretpw" not in repr(settings)
+    assert "s3cretpw" not in str(settings)
+    assert "s3cretpw" not in repr(settings.database_url)
+    assert "s3cretpw" not in settings.redacted_url()
+    assert "***" in settings.redacted_url()
+    assert settings.url().password == "s3cretpw"  # still usable to connect
+
+
+def test_missing_config_file_and_section(ini: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.ini: config file not found"):
+        Settings.load(config_file=tmp_path / "nope.ini").alembic_config()
+    with pytest.raises(ConfigError, match=r"no \[other\] section"):
+        Settings.load(config_file=ini, ini_section="other").alembic_config()
+    ini.write_text("[data_migrations]\nsqlalchemy.url =\n")
+    with pytest.raises(ConfigError, match="no script_location"):
+        Settings.load(config_file=ini).alembic_config()
+
+
+def test_unparsable_config_file(ini: Path) -> None:
+    ini.write_text("this is not an ini file\n")
+    with pytest.raises(ConfigError) as caught:
+        Settings.load(config_file=ini).alembic_config()
+    assert "cannot parse config file" in str(caught.value)
+    assert "\n" not in str(caught.value)
