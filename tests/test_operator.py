@@ -390,3 +390,19 @@ def test_new_commands_have_help(project: Project) -> None:
     for name in ("run", "rollback", "resolve", "verify", "info", "list"):
         result = ok(invoke(project, name, "--help"))
         assert "Usage:" in result.stdout
+
+
+def test_downgrade_past_a_skipped_irreversible_revision_needs_no_downgrade(
+    project: Project,
+) -> None:
+    project.write("a1", None)
+    project.write("b2", "a1", downgrade=None, extra=DEV_ONLY)
+    ok(invoke(project, "upgrade"))
+    ok(invoke(project, "downgrade", "base"))
+    assert [r[:3] for r in rows(project)[-2:]] == [
+        ("b2", "downgrade", "rolled_back"),
+        ("a1", "downgrade", "rolled_back"),
+    ]
+    ok(invoke(project, "upgrade", DM_ENVIRONMENT="development"))
+    line = one_error_line(invoke(project, "downgrade", "base", DM_ENVIRONMENT="development"), 2)
+    assert "no downgrade() in b2" in line

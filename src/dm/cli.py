@@ -355,7 +355,8 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
     else:
         skipped = [s.revision for s in result.steps if s.status.value == "skipped"]
         ran = len(result.steps) - len(skipped)
-        click.echo(f"{verb}: {ran} revision(s) done, target {result.target}")
+        also = f", {len(skipped)} skipped" if skipped else ""
+        click.echo(f"{verb}: {ran} revision(s) done{also}, target {result.target}")
         reasons = {p.revision: p.reason for p in result.planned}
         for revision in skipped:
             click.echo(f"skipped {revision}: {reasons.get(revision)}")

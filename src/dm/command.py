@@ -371,7 +371,8 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     graph = _graph(settings)
 
     def plan(target: str, latest: Mapping[str, Attempt]) -> list[Step]:
-        return graph.plan_downgrade(target, applied_revisions(latest))
+        skipped = {rev for rev, attempt in latest.items() if attempt.is_skipped}
+        return graph.plan_downgrade(target, applied_revisions(latest), never_ran=skipped)
 
     return await _migrate(settings, target, plan, dry_run)
 

@@ -165,9 +165,13 @@ class Graph:
             raise UnknownTarget(f"cannot upgrade to {target!r}: {_one_line(exc)}") from None
         return [Step(step.revision, True) for step in alembic_steps]
 
-    def plan_downgrade(self, target: str, applied: Iterable[str]) -> list[Step]:
+    def plan_downgrade(
+        self, target: str, applied: Iterable[str], *, never_ran: Iterable[str] = ()
+    ) -> list[Step]:
         """Return the steps that take the applied set down to ``target``.
 
+        :param never_ran: revisions whose upgrade never ran (skipped by the environment
+            guard): undoing them runs nothing, so they need no ``downgrade()``.
         :raises IrreversiblePlan: a revision on the way has no ``downgrade()``.
         """
         heads = self.applied_heads(applied)
@@ -176,7 +180,8 @@ class Graph:
         except Exception as exc:
             raise UnknownTarget(f"cannot downgrade to {target!r}: {_one_line(exc)}") from None
         steps = [Step(script, False) for script in scripts]
-        require_reversible(steps, target)
+        exempt = set(never_ran)
+        require_reversible([s for s in steps if s.revision not in exempt], target)
         return steps
 
 

@@ -1,0 +1,122 @@
+"""The example project's scripts (ported from the old framework), on SQLite and PostgreSQL:
+the environment-guarded test-user cleanup, the plan catalogue sync and its rollback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+
+import dm
+from conftest import REPO
+from conftest import Database
+from conftest import Project
+from conftest import invoke
+from dm.errors import IrreversiblePlan
+from dm.tracker import Status
+
+SYNC, USERS, CLEANUP = "4e8d2a6c1f93", "7a1c5e9b3d20", "9f3b7d2e5a61"
+GUARD = "environment 'production' not in ('development', 'staging')"
+
+
+@pytest.fixture
+def example(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """A copy of the repository's example project, on each database."""
+    for name in ("DM_DATABASE_URL", "DATABASE_URL", "DM_CONFIG", "DM_ENVIRONMENT", "ENVIRONMENT"):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "example"
+    root.mkdir()
+    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    shutil.copytree(
+        REPO / "data_migrations",
+        root / "data_migrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    monkeypatch.chdir(root)
+    return Project(root, db)
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, result.stdout + result.stderr
+    return result
+
+
+def users(project: Project) -> list[str]:
+    return [r.email for r in project.db.query("SELECT email FROM users ORDER BY id")]
+
+
+def plans(project: Project) -> dict[str, tuple[int, bool]]:
+    rows = project.db.query("SELECT code, monthly_price_cents, active FROM plans")
+    return {r.code: (r.monthly_price_cents, bool(r.active)) for r in rows}
+
+
+def test_production_upgrade_syncs_plans_and_skips_the_test_user_cleanup(example: Project) -> None:
+    result = ok(invoke(example, "upgrade"))
+    assert f"skipped {CLEANUP}: {GUARD}" in result.stdout
+    last = example.db.tracker()[-1]
+    assert (last.revision, last.status, last.reason) == (CLEANUP, "skipped", GUARD)
+    assert len(users(example)) == 4  # nothing deleted in production
+    assert plans(example) == {
+        "free": (0, True),
+        "pro": (1900, True),
+        "team": (4900, False),  # no longer offered by the provider: kept, inactive
+        "business": (9900, True),
+    }
+    verify = json.loads(ok(invoke(example, "verify", "--json")).stdout)
+    assert verify["ok"] and len(verify["outcomes"]) == 5
+    ok(invoke(example, "check"))
+    history = ok(invoke(example, "list")).stdout
+    assert f"{USERS} -> {CLEANUP} (head), Delete test users (development and staging only)" in (
+        history
+    )
+
+
+def test_the_cleanup_runs_when_the_database_is_used_in_staging(example: Project) -> None:
+    ok(invoke(example, "upgrade"))
+    result = ok(invoke(example, "upgrade", DM_ENVIRONMENT="staging"))
+    assert "upgrade: 1 revision(s) done" in result.stdout
+    assert users(example) == ["alice@example.com", "bob@example.com"]
+    assert [
+        (o["revision"], o["result"])
+        for o in json.loads(ok(invoke(example, "verify", CLEANUP, "--json")).stdout)["outcomes"]
+    ] == [(CLEANUP, "passed")]
+    # irreversible: in staging, going below it is refused and names the file
+    refused = invoke(example, "downgrade", USERS, DM_ENVIRONMENT="staging")
+    assert refused.exit_code == 2 and "no downgrade() in 9f3b7d2e5a61" in refused.stderr
+
+
+def test_plan_sync_rolls_back_to_the_previous_catalogue(
+    example: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok(invoke(example, "upgrade"))
+    monkeypatch.setenv("DM_DATABASE_URL", example.db.url)
+    refused = invoke(example, "rollback", SYNC)
+    assert refused.exit_code == 2
+    assert f"applied revisions depend on it: {CLEANUP}, {USERS}" in refused.stderr
+    # The skipped cleanup needs no downgrade(): nothing ran, nothing to undo.
+    result = dm.downgrade_sync("d27b95f3e6a4", config=example.config)
+    assert [(s.revision, s.status) for s in result.steps] == [
+        (CLEANUP, Status.ROLLED_BACK),
+        (USERS, Status.ROLLED_BACK),
+        (SYNC, Status.ROLLED_BACK),
+    ]
+    assert plans(example) == {"free": (0, True), "pro": (1900, True), "team": (4900, True)}
+    assert json.loads(invoke(example, "check", "--json").stdout)["pending"] == [
+        SYNC,
+        USERS,
+        CLEANUP,
+    ]
+
+
+def test_examples_through_the_api(example: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DM_DATABASE_URL", example.db.url)
+    monkeypatch.setenv("DM_ENVIRONMENT", "development")
+    result = dm.upgrade_sync(config="alembic.ini")
+    assert [s.status for s in result.steps] == [Status.SUCCESS] * 6
+    assert users(example) == ["alice@example.com", "bob@example.com"]
+    assert dm.verify_sync(config="alembic.ini").ok
+    with pytest.raises(IrreversiblePlan, match="no downgrade"):
+        dm.rollback_sync(CLEANUP, config="alembic.ini")
