@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 from click.testing import Result
@@ -406,3 +410,22 @@ def test_downgrade_past_a_skipped_irreversible_revision_needs_no_downgrade(
     ok(invoke(project, "upgrade", DM_ENVIRONMENT="development"))
     line = one_error_line(invoke(project, "downgrade", "base", DM_ENVIRONMENT="development"), 2)
     assert "no downgrade() in b2" in line
+
+
+def test_alembic_command_line_honours_the_environment_guard(project: Project) -> None:
+    guarded_chain(project)
+    alembic = Path(sys.executable).parent / "alembic"
+    result = subprocess.run(
+        [str(alembic), "-c", "alembic.ini", "-n", "data_migrations", "upgrade", "heads"],
+        cwd=project.root,
+        env={**os.environ, **project.env(), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [r[:3] for r in rows(project)] == [
+        ("a1", "upgrade", "success"),
+        ("b2", "upgrade", "skipped"),
+        ("c3", "upgrade", "success"),
+    ]

@@ -68,7 +68,8 @@ async def _run(context: EnvironmentContext, settings: Settings) -> None:
                 timeout=settings.timeout,
                 pg_lock_timeout=settings.pg_lock_timeout,
             )
-            await runner.run(steps)
+            # The environment guard applies here as in `dm upgrade`.
+            await command._run_steps(db, runner, steps, settings.environment)
 
 
 async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any) -> list[Step]:
