@@ -19,7 +19,6 @@ from . import _alembic_compat as compat
 from .errors import DmError
 from .graph import Graph
 from .graph import Step
-from .graph import require_reversible
 from .settings import Settings
 from .signals import run_until_signal
 from .tracker import applied_revisions
@@ -83,16 +82,22 @@ async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any)
         migration_context.get_current_heads = lambda: heads  # type: ignore[method-assign]
         return list(compat.migrations_fn(migration_context)(heads, migration_context))
 
-    async with conn.begin():
-        alembic_steps = await conn.run_sync(plan)
+    try:
+        async with conn.begin():
+            alembic_steps = await conn.run_sync(plan)
+    except AttributeError:
+        # Alembic binds each step's hook while planning, so a revision without
+        # downgrade() fails there; dm's own plan of the same target names it.
+        target = context.get_revision_argument()
+        try:
+            graph.plan_downgrade(str(target or "base"), applied_revisions(latest))
+        except DmError as exc:
+            raise CommandError(str(exc)) from None
+        raise
     steps = []
     for step in alembic_steps:
         if not isinstance(step, RevisionStep):
             raise CommandError("use 'dm stamp' to stamp revisions in dm's tracker")
         script = graph.script(step.revision.revision)
         steps.append(Step(script, step.is_upgrade))
-    try:
-        require_reversible(steps, "the requested revision")
-    except DmError as exc:
-        raise CommandError(str(exc)) from None
     return steps

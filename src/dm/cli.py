@@ -315,7 +315,7 @@ def downgrade(
     _render_run(result, "downgrade", as_json)
 
 
-@main.command()
+@main.command(**_TARGET_COMMAND)
 @click.argument("target")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
 @json_option

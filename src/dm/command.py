@@ -410,6 +410,20 @@ async def _migrate(
             return RunResult(target, planned, results, interrupted)
 
 
+def _stamp_steps(graph: Graph, target: str, applied: set[str]) -> list[Step]:
+    """Plan a stamp: up to ``target`` if it lies ahead, else down to it (no hooks run)."""
+    try:
+        steps = graph.plan_upgrade(target, applied)
+    except UnknownTarget as upward_error:
+        try:
+            return graph.plan_downgrade(target, applied, run_hooks=False)
+        except UnknownTarget:
+            raise upward_error from None
+    if steps or target == "heads":
+        return steps
+    return graph.plan_downgrade(target, applied, run_hooks=False)
+
+
 async def stamp(settings: Settings, target: str) -> RunResult:
     """Record revisions as applied (or not) up to ``target`` without running them.
 
@@ -420,14 +434,9 @@ async def stamp(settings: Settings, target: str) -> RunResult:
 
     graph = _graph(settings)
     async with _database(settings) as probe:  # refuse a bad target before creating anything
-        applied = applied_revisions(await probe.read_latest())
-        if not graph.plan_upgrade(target, applied) and target != "heads":
-            graph.plan_downgrade(target, applied)
+        _stamp_steps(graph, target, applied_revisions(await probe.read_latest()))
     async with _database(settings) as db, db.locked() as (latest, interrupted):
-        applied = applied_revisions(latest)
-        steps = graph.plan_upgrade(target, applied)
-        if not steps:
-            steps = graph.plan_downgrade(target, applied) if target != "heads" else []
+        steps = _stamp_steps(graph, target, applied_revisions(latest))
         conn = await db.conn()
         info = run_info(settings)
         results = []

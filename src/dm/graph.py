@@ -166,12 +166,19 @@ class Graph:
         return [Step(step.revision, True) for step in alembic_steps]
 
     def plan_downgrade(
-        self, target: str, applied: Iterable[str], *, never_ran: Iterable[str] = ()
+        self,
+        target: str,
+        applied: Iterable[str],
+        *,
+        never_ran: Iterable[str] = (),
+        run_hooks: bool = True,
     ) -> list[Step]:
         """Return the steps that take the applied set down to ``target``.
 
         :param never_ran: revisions whose upgrade never ran (skipped by the environment
             guard): undoing them runs nothing, so they need no ``downgrade()``.
+        :param run_hooks: False when the plan is only recorded (stamp), so irreversible
+            revisions are allowed.
         :raises IrreversiblePlan: a revision on the way has no ``downgrade()``.
         """
         heads = self.applied_heads(applied)
@@ -180,8 +187,9 @@ class Graph:
         except Exception as exc:
             raise UnknownTarget(f"cannot downgrade to {target!r}: {_one_line(exc)}") from None
         steps = [Step(script, False) for script in scripts]
-        exempt = set(never_ran)
-        require_reversible([s for s in steps if s.revision not in exempt], target)
+        if run_hooks:
+            exempt = set(never_ran)
+            require_reversible([s for s in steps if s.revision not in exempt], target)
         return steps
 
 
