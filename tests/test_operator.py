@@ -92,6 +92,9 @@ def test_skipped_revision_runs_later_in_an_allowed_environment(project: Project)
     assert json.loads(pending.stdout)["pending"] == ["b2"]
     dry = as_json(invoke(project, "upgrade", "--dry-run", "--json", DM_ENVIRONMENT="staging"))
     assert [(p["revision"], p["action"]) for p in dry["planned"]] == [("b2", "run")]
+    text = ok(invoke(project, "upgrade", "--dry-run", DM_ENVIRONMENT="staging")).stdout
+    allowed = "environment 'staging' in ('development', 'staging')"
+    assert text == f"upgrade b2  Delete test users  [run: {allowed}]\n"
     ok(invoke(project, "upgrade", DM_ENVIRONMENT="staging"))
     assert rows(project)[-1] == ("b2", "upgrade", "success", None)
     assert project.db.tracker()[-1].attempt == 2

@@ -345,7 +345,7 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
             click.echo(f"nothing to {verb}: already at {result.target}")
         for step in result.planned:
             reversible = "" if step.reversible else "  (irreversible)"
-            action = "" if step.action == "run" else f"  [{step.action}: {step.reason}]"
+            action = "" if step.reason is None else f"  [{step.action}: {step.reason}]"
             click.echo(
                 f"{step.direction} {step.revision}  {step.description}{reversible}{action}"
             )

@@ -102,7 +102,8 @@ class PlannedStep:
     action: str = "run"
     """``run``; ``skip`` (the environment guard); ``record`` (undo of a skipped upgrade)."""
     reason: str | None = None
-    """Why the step is skipped or only recorded."""
+    """Why: the environment guard's verdict on a guarded revision, or why a step is only
+    recorded (None for an unguarded revision that runs)."""
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,10 @@ def decide(step: Step, environment: str, latest: Attempt | None) -> Decision:
         return Decision(Action.RECORD, SKIPPED_NOTHING_TO_UNDO)
     reason = guard_reason(step.script, environment)
     if reason is None:
-        return Decision(Action.RUN)
+        allowed = allowed_environments(step.script)
+        if allowed is None:
+            return Decision(Action.RUN)
+        return Decision(Action.RUN, f"environment {environment!r} in {allowed!r}")
     if step.is_upgrade:
         return Decision(Action.SKIP, reason)
     raise UsageError(
