@@ -178,3 +178,62 @@ def test_importing_dm_is_light() -> None:
     code = f"import sys, dm; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_dry_runs_change_nothing(env_project: Project) -> None:
+    project = env_project
+    project.write("a1", None, CREATE_T)
+    project.write("b2", "a1", INSERT_T, extra=DEV_ONLY)
+    dm.upgrade_sync("a1", config=project.config)
+    run = dm.run_sync("b2", config=project.config, dry_run=True)
+    assert [(p.revision, p.direction, p.action) for p in run.planned] == [("b2", "upgrade", "skip")]
+    rollback = dm.rollback_sync("a1", config=project.config, dry_run=True)
+    assert [(p.revision, p.direction, p.action) for p in rollback.planned] == [
+        ("a1", "downgrade", "run")
+    ]
+    down = dm.downgrade_sync("base", config=project.config, dry_run=True)
+    assert [p.revision for p in down.planned] == ["a1"] and down.steps == []
+    assert statuses(project) == [("a1", "success")]
+
+
+def test_drift_verify_resolve_and_info(env_project: Project) -> None:
+    project = env_project
+    path = project.write(
+        "a1", None, CREATE_T, verify="return (await session.scalar(sa.text('SELECT 1'))) == 1"
+    )
+    project.write("b2", "a1", "raise RuntimeError('needs a manual fix')")
+    with pytest.raises(RevisionFailed):
+        dm.upgrade_sync(config=project.config)
+    path.write_text(path.read_text() + "\n# edited\n")
+    modified = {r.revision: r.modified for r in dm.status_sync(config=project.config)}
+    assert modified == {"a1": True, "b2": False}
+    check = dm.check_sync(config=project.config)
+    assert (check.ok, check.modified, check.failed) == (False, ["a1"], ["b2"])
+    resolved = dm.resolve_sync(
+        "b2", as_status="success", reason="fixed in psql", config=project.config
+    )
+    assert (resolved.status, resolved.previous_status) == ("success", "failed")
+    assert dm.check_sync(config=project.config, allow_modified=True).ok
+    verified = dm.verify_sync(["a1"], config=project.config)
+    assert [(o.revision, o.result) for o in verified.outcomes] == [("a1", "passed")]
+    info = dm.info_sync(config=project.config)
+    assert (info.environment, info.lock, info.tracker_table) == (
+        "production",
+        "free",
+        "script_run_tracker",
+    )
+    with pytest.raises(UsageError, match="latest attempt is success"):
+        dm.resolve_sync("b2", as_status="rolled_back", reason="x", config=project.config)
+
+
+def test_generator_validation_is_the_same_function(project: Project) -> None:
+    from dm import command
+
+    settings = project.settings()
+    with pytest.raises(UsageError, match="too short"):
+        command.revision(settings, "x1")
+    info = command.revision(settings, "Delete test users")
+    assert info.description == "Delete test users"
+    with pytest.raises(UsageError, match="same slug 'delete_test_users'"):
+        command.revision(settings, "delete  TEST users!")
+    assert command.revision(settings, "delete test users", allow_duplicate_slug=True).revision

@@ -125,7 +125,10 @@ def test_only_the_cli_imports_click() -> None:
 
 
 def test_public_api_is_exactly_all() -> None:
-    coroutines = ["check", "current", "downgrade", "rollback", "run", "status", "upgrade", "verify"]
+    coroutines = [
+        *("check", "current", "downgrade", "info", "resolve", "rollback", "run", "status"),
+        *("upgrade", "verify"),
+    ]
     expected = ["DmError", "__version__", *coroutines, *(f"{name}_sync" for name in coroutines)]
     assert sorted(dm.__all__) == sorted(expected)
     public = {

@@ -1,8 +1,8 @@
 """dm: data migrations and maintenance scripts, run the way Alembic runs schema revisions.
 
 The programmatic API (``dm.api``): ``upgrade``, ``downgrade``, ``current``, ``status``,
-``check``, ``run``, ``rollback`` and ``verify`` are coroutines; each has a blocking
-``*_sync`` twin. See ``dm.api`` for the details.
+``check``, ``run``, ``rollback``, ``resolve``, ``verify`` and ``info`` are coroutines; each
+has a blocking ``*_sync`` twin. See ``dm.api`` for the details.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from .api import current
 from .api import current_sync
 from .api import downgrade
 from .api import downgrade_sync
+from .api import info
+from .api import info_sync
+from .api import resolve
+from .api import resolve_sync
 from .api import rollback
 from .api import rollback_sync
 from .api import run
@@ -36,6 +40,10 @@ __all__ = [
     "current_sync",
     "downgrade",
     "downgrade_sync",
+    "info",
+    "info_sync",
+    "resolve",
+    "resolve_sync",
     "rollback",
     "rollback_sync",
     "run",

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from .command import CurrentResult
     from .command import RevisionStatus
     from .command import RunResult
+    from .operations import InfoResult
+    from .operations import ResolveResult
     from .operations import VerifyResult
     from .settings import Settings
 
@@ -150,6 +152,29 @@ async def verify(
     return await operations.verify(_settings(config, settings), revisions)
 
 
+async def resolve(
+    revision: str,
+    *,
+    as_status: str,
+    reason: str,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> ResolveResult:
+    """Record that a failed revision was fixed by hand, as ``dm resolve``."""
+    from . import operations
+
+    return await operations.resolve(
+        _settings(config, settings), revision, as_status=as_status, reason=reason
+    )
+
+
+async def info(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
+    """Describe the environment, database, project, tracker and lock, as ``dm info``."""
+    from . import operations
+
+    return await operations.info(_settings(config, settings))
+
+
 def _blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run the coroutine function ``fn`` to completion from synchronous code.
 
@@ -245,3 +270,22 @@ def verify_sync(
 ) -> VerifyResult:
     """Blocking :func:`verify`."""
     return _blocking(verify, revisions, config=config, settings=settings)
+
+
+def resolve_sync(
+    revision: str,
+    *,
+    as_status: str,
+    reason: str,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> ResolveResult:
+    """Blocking :func:`resolve`."""
+    return _blocking(
+        resolve, revision, as_status=as_status, reason=reason, config=config, settings=settings
+    )
+
+
+def info_sync(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
+    """Blocking :func:`info`."""
+    return _blocking(info, config=config, settings=settings)
