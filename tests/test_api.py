@@ -105,7 +105,7 @@ def test_run_and_rollback_one_revision(env_project: Project) -> None:
         await dm.run("a1", config=project.config)
         await dm.run("b2", config=project.config)
         assert (await dm.run("b2", config=project.config)).nothing_to_do
-        forced = await dm.run("b2", config=project.config, force=True)
+        forced = await dm.run("b2", config=project.config, force=True, reason="re-sync")
         assert [s.status for s in forced.steps] == [Status.SUCCESS]
         with pytest.raises(UsageError, match="depend on it: b2"):
             await dm.rollback("a1", config=project.config)
@@ -118,7 +118,7 @@ def test_run_and_rollback_one_revision(env_project: Project) -> None:
         ("b2", "success"),
         ("b2", "rolled_back"),
     ]
-    assert project.db.tracker()[2].reason == "forced"
+    assert project.db.tracker()[2].reason == "forced: re-sync"
     assert project.db.query("SELECT count(*) AS n FROM t")[0].n == 0
     assert dm.rollback_sync("a1", config=project.config).steps[0].status is Status.ROLLED_BACK
 

@@ -196,6 +196,11 @@ def test_run_force_reruns_a_succeeded_revision_as_a_new_attempt(project: Project
     last = project.db.tracker()[-1]
     assert (last.revision, last.status, last.attempt, last.reason) == ("b2", "success", 2, "forced")
     assert project.db.query("SELECT count(*) AS n FROM t")[0].n == 2
+    ok(invoke(project, "run", "b2", "--force", "--reason", "restore lost the row"))
+    assert project.db.tracker()[-1].reason == "forced: restore lost the row"
+    assert "--reason goes with --force" in one_error_line(
+        invoke(project, "run", "b2", "--reason", "x"), 2
+    )
 
 
 def test_run_of_a_guarded_revision_is_skipped_even_with_force(project: Project) -> None:

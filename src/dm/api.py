@@ -119,12 +119,15 @@ async def run(
     config: str | Path | None = None,
     settings: Settings | None = None,
     force: bool = False,
+    reason: str | None = None,
     dry_run: bool = False,
 ) -> RunResult:
     """Run one revision's upgrade, as ``dm run`` (the old ``script.run_script()``)."""
     from . import operations
 
-    return await operations.run(_settings(config, settings), revision, force=force, dry_run=dry_run)
+    return await operations.run(
+        _settings(config, settings), revision, force=force, reason=reason, dry_run=dry_run
+    )
 
 
 async def rollback(
@@ -245,10 +248,19 @@ def run_sync(
     config: str | Path | None = None,
     settings: Settings | None = None,
     force: bool = False,
+    reason: str | None = None,
     dry_run: bool = False,
 ) -> RunResult:
     """Blocking :func:`run`."""
-    return _blocking(run, revision, config=config, settings=settings, force=force, dry_run=dry_run)
+    return _blocking(
+        run,
+        revision,
+        config=config,
+        settings=settings,
+        force=force,
+        reason=reason,
+        dry_run=dry_run,
+    )
 
 
 def rollback_sync(

@@ -553,12 +553,14 @@ main.add_command(history, name="list")  # the old framework's name for it
 @main.command("run", **_TARGET_COMMAND)
 @click.argument("rev")
 @click.option("--force", is_flag=True, help="Run it again although it succeeded (a new attempt).")
+@click.option("--reason", help="Why it is forced (recorded with the attempt).")
 @_run_options
 @pass_invocation
 def run_revision(
     invocation: Invocation,
     rev: str,
     force: bool,
+    reason: str | None,
     lock_timeout: float | None,
     timeout: float | None,
     dry_run: bool,
@@ -568,7 +570,7 @@ def run_revision(
     from . import operations
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
-    result = _run(operations.run(settings, rev, force=force, dry_run=dry_run))
+    result = _run(operations.run(settings, rev, force=force, reason=reason, dry_run=dry_run))
     if result.nothing_to_do and not as_json:
         click.echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
         return

@@ -121,16 +121,26 @@ class InfoResult:
 
 
 async def run(
-    settings: Settings, revision: str, *, force: bool = False, dry_run: bool = False
+    settings: Settings,
+    revision: str,
+    *,
+    force: bool = False,
+    reason: str | None = None,
+    dry_run: bool = False,
 ) -> RunResult:
     """Run one revision's upgrade (and verify) when its ancestors are applied.
 
-    :param force: run it again, as a new attempt, even though it already succeeded.
+    :param force: run it again, as a new attempt, even though it already succeeded; the
+        attempt's reason is ``forced`` (``forced: <reason>`` when a reason is given).
     :param dry_run: only return the plan.
-    :raises UsageError: an ancestor is not applied (each is named).
+    :raises UsageError: an ancestor is not applied (each is named), or a reason was given
+        without ``force``.
     """
     from .runner import Runner
 
+    if reason is not None and not force:
+        raise UsageError("--reason goes with --force")
+    forced_reason = f"forced: {reason.strip()}" if reason and reason.strip() else "forced"
     graph = _graph(settings)
     script = _one(graph, revision)
     environment = settings.environment
@@ -159,10 +169,10 @@ async def run(
                 results = await _run_steps(db, runner, steps, environment)
             except RevisionFailed:
                 if forced:
-                    await _mark_forced(await db.conn(), db.tracker, script.revision)
+                    await _mark_forced(await db.conn(), db.tracker, script.revision, forced_reason)
                 raise
             if forced:
-                await _mark_forced(await db.conn(), db.tracker, script.revision)
+                await _mark_forced(await db.conn(), db.tracker, script.revision, forced_reason)
             return RunResult(script.revision, planned, results, interrupted)
 
 
@@ -272,12 +282,12 @@ def _descendants(graph: Graph, revision: str) -> list[str]:
     return [s.revision for s in reversed(ordered) if s.revision in found]
 
 
-async def _mark_forced(conn: AsyncConnection, tracker: Tracker, revision: str) -> None:
+async def _mark_forced(conn: AsyncConnection, tracker: Tracker, revision: str, reason: str) -> None:
     t = tracker.table
     async with conn.begin():
         last = sa.select(sa.func.max(t.c.id)).where(t.c.revision == revision).scalar_subquery()
         await conn.execute(
-            t.update().where(t.c.id == last, t.c.reason.is_(None)).values(reason="forced")
+            t.update().where(t.c.id == last, t.c.reason.is_(None)).values(reason=reason)
         )
 
 
