@@ -375,11 +375,12 @@ def test_revision_validates_the_message_slug(project: Project) -> None:
         ("class", "Python keyword"),
         ("users/cleanup", "path separator"),
         ("Überprüfung der Daten", "ASCII"),
-        ("2fa backfill", "starting with a letter"),
+        ("2026 01", "at least one letter"),
     ):
         line = one_error_line(invoke(project, "revision", "-m", message), 2)
         assert expected in line, (message, line)
     assert list(project.versions.glob("*.py")) == []
+    ok(invoke(project, "revision", "-m", "2fa backfill"))
     first = as_json(invoke(project, "revision", "-m", "Backfill display names", "--json"))
     text = (project.root / first["path"]).read_text()
     assert "environments: Sequence[str] | None = None" in text
@@ -437,3 +438,18 @@ def test_alembic_command_line_honours_the_environment_guard(project: Project) ->
         ("b2", "upgrade", "skipped"),
         ("c3", "upgrade", "success"),
     ]
+
+
+def test_info_reports_an_unreachable_lock_database(project: Project) -> None:
+    info = as_json(
+        invoke(
+            project,
+            "info",
+            "--json",
+            DM_DATABASE_URL="postgresql://dm:hunter2@127.0.0.1:1/nowhere",
+        )
+    )
+    assert info["lock"] == "unknown"
+    assert "cannot connect to PostgreSQL at 127.0.0.1:1/nowhere" in info["lock_holder"]
+    assert "hunter2" not in json.dumps(info)
+    assert info["database_url"] == "postgresql+asyncpg://dm:***@127.0.0.1:1/nowhere"

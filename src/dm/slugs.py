@@ -16,7 +16,8 @@ from .errors import UsageError
 
 MIN_LENGTH = 3
 _WORD = re.compile(r"\w+")
-_SNAKE_CASE = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*_?")
+_SNAKE_CASE = re.compile(r"[a-z0-9]+(_[a-z0-9]+)*_?")
+_LETTER = re.compile(r"[a-z]")
 
 
 def slugify(message: str, limit: int = 40) -> str:
@@ -42,10 +43,10 @@ def check_message(
     if "/" in message or "\\" in message:
         raise UsageError(f"revision message {message!r} must not contain a path separator")
     slug = slugify(message, limit)
-    if not slug or not _SNAKE_CASE.fullmatch(slug):
+    if not slug or not _SNAKE_CASE.fullmatch(slug) or not _LETTER.search(slug):
         raise UsageError(
             f"revision message {message!r} gives the slug {slug!r}: use words of ASCII "
-            "letters and digits, starting with a letter, e.g. 'backfill display names'"
+            "letters and digits, with at least one letter, e.g. 'backfill display names'"
         )
     if len(slug.rstrip("_")) < MIN_LENGTH:
         raise UsageError(
