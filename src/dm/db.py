@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -32,7 +33,27 @@ def create_engine(
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
     if autocommit:
         options["isolation_level"] = "AUTOCOMMIT"
-    return create_async_engine(url, poolclass=NullPool, connect_args=connect_args, **options)
+    engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args, **options)
+    if is_sqlite(url) and not autocommit:
+        _emit_sqlite_begin(engine)
+    return engine
+
+
+def _emit_sqlite_begin(engine: AsyncEngine) -> None:
+    """Make SQLAlchemy emit BEGIN itself (SQLAlchemy's documented SQLite recipe).
+
+    The sqlite3 driver's legacy mode begins a transaction only before INSERT/UPDATE/
+    DELETE, so DDL such as CREATE TABLE at the start of a revision was committed at once
+    and survived the revision's rollback.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
 
 
 def is_sqlite(url: URL) -> bool:
