@@ -3,18 +3,30 @@
 For each step the runner commits a ``pending`` row first (so an operator sees what is
 running), then runs the hook, ``verify()`` and the final status in one transaction. A
 failure rolls that transaction back and records ``failed`` in a transaction of its own.
+
+Cancellation (a signal, or the revision's time limit) interrupts whatever the hook awaits,
+including a running PostgreSQL statement: asyncpg sends a cancel request, the transaction
+is rolled back and the failure is recorded before the cancellation goes on. If the process
+dies instead, the row stays ``pending`` and the next run marks it failed (interrupted);
+``client_connection_check_interval`` makes PostgreSQL abort a statement whose client died
+within about a second, so the orphaned transaction cannot hold row locks for long.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import traceback
+from collections.abc import Awaitable
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +39,11 @@ from .tracker import Status
 from .tracker import Tracker
 
 log = logging.getLogger("dm.runner")
+
+# After a cancellation, how often and how long to interrupt SQLite's running statement
+# before the hook's task is cancelled outright.
+_INTERRUPT_ATTEMPTS = 5
+_INTERRUPT_PAUSE = 0.05
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,14 @@ class StepResult:
 
 class VerifyFailed(Exception):
     """``verify()`` did not return True."""
+
+
+class RevisionTimedOut(Exception):
+    """The revision ran longer than its time limit."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"timed out after {limit:g}s")
+        self.limit = limit
 
 
 class Runner:
@@ -115,22 +140,50 @@ class Runner:
         limit = _timeout_of(step, self.timeout)
         if self._postgres:
             await self._set_local_timeouts(limit)
+        interrupt = None if self._postgres else await self._sqlite_interrupt()
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
-                hook = step.module.upgrade if step.is_upgrade else step.module.downgrade
-                await hook(session)
-                verify = getattr(step.module, "verify", None)
-                if step.is_upgrade and verify is not None:
-                    await session.flush()
-                    outcome = await verify(session)
-                    if outcome is not True:
-                        raise VerifyFailed(f"verify() returned {outcome!r}")
+            async with deadline:
+                if interrupt is None:
+                    await self._hooks(step, session)
+                else:
+                    await _interruptible(self._hooks(step, session), interrupt)
             await session.flush()
+        except TimeoutError as exc:
+            if limit is not None and deadline.expired():
+                raise RevisionTimedOut(limit) from exc
+            raise
+        except DBAPIError as exc:
+            if limit is not None and _is_statement_timeout(exc):
+                raise RevisionTimedOut(limit) from exc
+            raise
         finally:
             await session.close()
 
+    async def _hooks(self, step: Step, session: AsyncSession) -> None:
+        hook = step.module.upgrade if step.is_upgrade else step.module.downgrade
+        await hook(session)
+        verify = getattr(step.module, "verify", None)
+        if step.is_upgrade and verify is not None:
+            await session.flush()
+            outcome = await verify(session)
+            if outcome is not True:
+                raise VerifyFailed(f"verify() returned {outcome!r}")
+
+    async def _sqlite_interrupt(self) -> Callable[[], Awaitable[None]] | None:
+        """Return aiosqlite's ``interrupt()`` of the working connection, if it has one."""
+        raw = await self.conn.get_raw_connection()
+        interrupt = getattr(raw.driver_connection, "interrupt", None)
+        return interrupt if callable(interrupt) else None
+
     async def _set_local_timeouts(self, limit: float | None) -> None:
+        # SET LOCAL: the values end with the revision's transaction.
+        version = self.conn.dialect.server_version_info or (0,)
+        if version >= (14,):
+            # A statement whose client died (SIGKILL) is aborted within about a second,
+            # instead of running on and holding its locks against the next run.
+            await self.conn.execute(sa.text("SET LOCAL client_connection_check_interval = 1000"))
         if limit is not None:
             ms = max(int(limit * 1000), 1)
             await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
@@ -139,9 +192,8 @@ class Runner:
             await self.conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
 
     def _describe(self, step: Step, exc: BaseException) -> str:
-        if isinstance(exc, TimeoutError):
-            limit = _timeout_of(step, self.timeout)
-            return f"timed out after {limit:g}s"
+        if isinstance(exc, RevisionTimedOut):
+            return str(exc)
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return "interrupted"
         text = " ".join(str(exc).split())
@@ -153,8 +205,11 @@ class Runner:
         trace = "".join(traceback.format_exception(exc))
         reason = "interrupted" if not isinstance(exc, Exception) else None
         try:
-            # Shielded: a second signal must not stop the failure from being recorded.
-            await asyncio.shield(self._write_failure(attempt_id, message, trace, duration, reason))
+            # A further cancellation must not stop the failure from being recorded, nor
+            # let the caller close the connection while the record is being written.
+            await _finish_despite_cancel(
+                self._write_failure(attempt_id, message, trace, duration, reason)
+            )
         except Exception as record_error:  # the next run marks the attempt interrupted
             log.warning("could not record the failure: %s", record_error)
 
@@ -173,6 +228,59 @@ class Runner:
                 error_traceback=trace,
                 reason=reason,
             )
+
+
+async def _interruptible(work: Awaitable[None], interrupt: Callable[[], Awaitable[None]]) -> None:
+    """Await ``work``; if cancelled, interrupt SQLite's running statement before unwinding.
+
+    aiosqlite runs each statement in a thread that a cancellation does not stop, so the
+    rollback would queue behind a long statement. Worse, a cancellation that reaches
+    SQLAlchemy mid-statement invalidates the connection, and SQLite keeps the closed
+    connection's write lock until the interrupted statement is garbage-collected, so the
+    failure could not be recorded. ``interrupt()`` acts at once: the statement fails with
+    "interrupted", the hook unwinds normally, and only a hook still running after that
+    (awaiting something else) is cancelled.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        for _ in range(_INTERRUPT_ATTEMPTS):
+            with contextlib.suppress(Exception):
+                await interrupt()
+            await asyncio.wait({task}, timeout=_INTERRUPT_PAUSE)
+            if task.done():
+                break
+        task.cancel()
+        await asyncio.wait({task})
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what gets reported
+        raise
+    task.result()
+
+
+async def _finish_despite_cancel(work: Awaitable[None]) -> None:
+    """Await ``work`` to its end even if this task is cancelled meanwhile, then re-cancel."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            cancelled = True
+            if task.done():
+                break
+    if cancelled:
+        raise asyncio.CancelledError
+    task.result()
+
+
+def _is_statement_timeout(exc: DBAPIError) -> bool:
+    """Return whether PostgreSQL cancelled a statement because of ``statement_timeout``."""
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return code == "57014" and "statement timeout" in str(orig)
 
 
 def _timeout_of(step: Step, default: float | None) -> float | None:
