@@ -11,6 +11,7 @@
     │   └── DatabaseUnavailable    the database cannot be reached or refused the login
     ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
     ├── LockTimeout (3)            another dm run held the lock for too long
+    ├── LockLost (3)               the lock's connection died mid-run; the run stopped
     └── Interrupted (130 / 143)    SIGINT / SIGTERM stopped the run
 
 Messages name the file, revision or setting at fault and never contain a password.
@@ -63,6 +64,12 @@ class RevisionFailed(DmError):
 
 class LockTimeout(DmError):
     """The migration lock was not acquired within the lock timeout."""
+
+    exit_code = 3
+
+
+class LockLost(DmError):
+    """The migration lock's connection died during the run, which was then stopped."""
 
     exit_code = 3
 

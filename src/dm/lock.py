@@ -2,8 +2,15 @@
 
 PostgreSQL: a session advisory lock, polled with ``pg_try_advisory_lock`` on a dedicated
 autocommit connection, so no backend ever waits inside a lock queue and a killed client
-frees it within seconds. SQLite: an exclusive ``flock`` on ``<database>.lock``, which the
-kernel releases when the process dies.
+frees it at once (the lock connection is idle while the run works). That connection sets
+``application_name`` (shown as the holder to waiting runs), ``client_connection_check_
+interval`` and TCP keepalives (a dead node frees the lock within about half a minute) and
+turns ``idle_session_timeout`` off. While the lock is held a watchdog pings the connection;
+if it dies the lock is gone, so the run is stopped (``LockLost``) rather than go on
+unprotected.
+
+SQLite: an exclusive ``flock`` on ``<database>.<table>.lock``, which the kernel releases
+when the process dies; the file names the holder.
 """
 
 from __future__ import annotations
@@ -18,22 +25,46 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from .errors import LockLost
 from .errors import LockTimeout
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from .tracker import Tracker
 
 log = logging.getLogger("dm.lock")
 
 POLL_SECONDS = 1.0
+"""Upper bound of the (jittered) pause between two attempts on PostgreSQL."""
 REPORT_SECONDS = 5.0
+"""How often a waiting run logs who holds the lock."""
+HEARTBEAT_SECONDS = 5.0
+"""How often the lock connection is pinged while the lock is held."""
+HEARTBEAT_TIMEOUT = 30.0
+"""A ping slower than this counts as a dead lock connection."""
+
+# Session settings of the lock connection, each applied on its own (older servers may
+# lack some); all are user-settable, so no privilege is needed.
+_PG_LOCK_SETTINGS = (
+    # A client that died mid-statement is noticed within a second (PostgreSQL 14+).
+    "SET client_connection_check_interval = 1000",
+    # A dead node (no FIN/RST) is noticed within about 10 + 5 * 3 seconds.
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 5",
+    "SET tcp_keepalives_count = 3",
+    # The lock connection is idle for the whole run; it must not be closed for that.
+    "SET idle_session_timeout = 0",
+)
 
 
 def lock_key(tracker: Tracker) -> int:
@@ -50,6 +81,8 @@ async def migration_lock(
 
     :param timeout: seconds to wait for another run to finish (0 = try once).
     :raises LockTimeout: the lock was still held by another run after ``timeout``.
+    :raises LockLost: the lock's PostgreSQL connection died while the block ran; the
+        block was cancelled.
     """
     if url.get_backend_name() == "postgresql":
         async with _advisory_lock(url, lock_key(tracker), timeout, application_name):
@@ -64,6 +97,9 @@ def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
     return database.with_name(f"{database.name}.{tracker.name}.lock")
 
 
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
 @contextlib.asynccontextmanager
 async def _advisory_lock(
     url: URL, key: int, timeout: float, application_name: str
@@ -74,46 +110,85 @@ async def _advisory_lock(
     try:
         async with connect(engine) as conn:
             await _pg_settings(conn)
-            deadline = time.monotonic() + timeout
-            next_report = time.monotonic()
-            while not (
-                await conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
-            ).scalar_one():
-                now = time.monotonic()
-                holder = None
-                if now >= next_report or now >= deadline:
-                    holder = await _pg_holder(conn, key)
-                if now >= deadline:
-                    raise LockTimeout(
-                        f"migration lock not acquired within {timeout:g}s; held by {holder}"
-                    )
-                if holder is not None:
-                    log.info("waiting for the migration lock, held by %s", holder)
-                    next_report = now + REPORT_SECONDS
-                await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+            await _pg_acquire(conn, key, timeout)
             log.debug("migration lock %s acquired", key)
+            owner = asyncio.current_task()
+            assert owner is not None
+            lost: list[BaseException] = []
+            watchdog = asyncio.create_task(_watch(conn, owner, lost), name="dm-lock-watchdog")
             try:
                 yield
+            except asyncio.CancelledError:
+                if lost and owner.uncancel() == 0:
+                    raise LockLost(
+                        f"lost the migration lock: its connection died ({_reason(lost[0])}); "
+                        "the revision in progress was rolled back"
+                    ) from None
+                raise
             finally:
-                with contextlib.suppress(Exception):
-                    await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+                if not lost:
+                    with contextlib.suppress(Exception):
+                        await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     finally:
         await engine.dispose()
 
 
-def _lock_engine(url: URL, application_name: str) -> sa.ext.asyncio.AsyncEngine:
+async def _pg_acquire(conn: AsyncConnection, key: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    next_report = time.monotonic()
+    while not (
+        await conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
+    ).scalar_one():
+        now = time.monotonic()
+        holder = None
+        if now >= next_report or now >= deadline:
+            holder = await _pg_holder(conn, key)
+        if now >= deadline:
+            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; held by {holder}")
+        if holder is not None:
+            log.info("waiting for the migration lock, held by %s", holder)
+            next_report = now + REPORT_SECONDS
+        await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+
+
+async def _watch(
+    conn: AsyncConnection, owner: asyncio.Task[object], lost: list[BaseException]
+) -> None:
+    """Ping the lock connection; if it fails, record why and cancel ``owner``."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        try:
+            async with asyncio.timeout(HEARTBEAT_TIMEOUT):
+                await conn.execute(sa.text("SELECT 1"))
+        except Exception as exc:
+            log.error("the migration lock's connection failed: %s; stopping", _reason(exc))
+            lost.append(exc)
+            owner.cancel()
+            return
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
+
+
+def _lock_engine(url: URL, application_name: str) -> AsyncEngine:
     from .db import create_engine
 
     return create_engine(url, application_name=application_name, autocommit=True)
 
 
-async def _pg_settings(conn: sa.ext.asyncio.AsyncConnection) -> None:
-    # Frees the lock within seconds when the client dies mid-statement (PostgreSQL 14+).
-    with contextlib.suppress(Exception):
-        await conn.execute(sa.text("SET client_connection_check_interval = '1s'"))
+async def _pg_settings(conn: AsyncConnection) -> None:
+    for statement in _PG_LOCK_SETTINGS:
+        with contextlib.suppress(Exception):
+            await conn.execute(sa.text(statement))
 
 
-async def _pg_holder(conn: sa.ext.asyncio.AsyncConnection, key: int) -> str:
+async def _pg_holder(conn: AsyncConnection, key: int) -> str:
     classid, objid = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
     row = (
         await conn.execute(
@@ -132,7 +207,11 @@ async def _pg_holder(conn: sa.ext.asyncio.AsyncConnection, key: int) -> str:
         return "an unknown session"
     since = row.backend_start.isoformat(timespec="seconds") if row.backend_start else "?"
     client = f", client {row.client_addr}" if row.client_addr else ""
-    return f"pid {row.pid} ({row.application_name or 'no application_name'}{client}, since {since})"
+    name = row.application_name or "no application_name"
+    return f"pid {row.pid} ({name}{client}, since {since})"
+
+
+# -- SQLite ----------------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -156,8 +235,9 @@ async def _file_lock(path: Path, timeout: float) -> AsyncIterator[None]:
                     log.info("waiting for the migration lock, held by %s", _file_holder(path))
                     next_report = now + REPORT_SECONDS
                 await asyncio.sleep(min(_jittered() / 4, max(deadline - now, 0.02)))
+        since = datetime.now(UTC).isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
         try:
             yield
         finally:
