@@ -2,8 +2,13 @@
 
 On the first signal the running task is cancelled: the revision in progress is rolled
 back and recorded as failed (interrupted), the lock is released, and ``Interrupted``
-carries exit code 143 (SIGTERM) or 130 (SIGINT). Used by the CLI and Alembic's ``env.py``,
+carries exit code 143 (SIGTERM) or 130 (SIGINT). Further signals are logged and ignored,
+so a second Ctrl-C cannot cut the rollback short. Used by the CLI and Alembic's ``env.py``,
 never by the programmatic API (an application keeps its own signal handling).
+
+dm installs real handlers rather than relying on the default action because, as PID 1 of
+a container (no tini), a process *ignores* SIGTERM unless it handles it. Outside the event
+loop (while it starts and stops) a plain handler raises ``Interrupted`` directly.
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+from collections.abc import Callable
 from collections.abc import Coroutine
+from types import FrameType
 from typing import Any
 from typing import TypeVar
 
@@ -22,10 +30,30 @@ log = logging.getLogger("dm")
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
 
 def run_until_signal(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` in a new event loop with dm's signal handling."""
-    return asyncio.run(_guarded(coro))
+    """Run ``coro`` in a new event loop with dm's signal handling.
+
+    :raises Interrupted: SIGTERM or SIGINT arrived; exit code ``128 + signal number``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return asyncio.run(coro)  # signal handlers can only be set in the main thread
+    previous: dict[signal.Signals, _Handler] = {s: signal.getsignal(s) for s in _SIGNALS}
+    try:
+        for signum in _SIGNALS:
+            signal.signal(signum, _raise_interrupted)
+        return asyncio.run(_guarded(coro))
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    raise Interrupted(name, 128 + signum)
 
 
 async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
@@ -38,6 +66,8 @@ async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
         if not received:
             log.warning("%s received: rolling back the current revision and stopping", signum.name)
             task.cancel()
+        else:
+            log.warning("%s received: already stopping, please wait", signum.name)
         received.append(signum)
 
     for signum in _SIGNALS:
@@ -46,8 +76,19 @@ async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
         return await coro
     except asyncio.CancelledError:
         if received:
-            raise Interrupted(received[0].name, 128 + received[0].value) from None
+            raise _interrupted(received[0]) from None
+        raise
+    except Exception as exc:
+        # An error caused by the cancellation (or met while stopping) is still a stop
+        # on request: report the signal, so a Job does not count it as a failure.
+        if received:
+            raise _interrupted(received[0]) from exc
         raise
     finally:
         for signum in _SIGNALS:
             loop.remove_signal_handler(signum)
+            signal.signal(signum, _raise_interrupted)
+
+
+def _interrupted(signum: signal.Signals) -> Interrupted:
+    return Interrupted(signum.name, 128 + signum.value)
