@@ -636,7 +636,7 @@ def revision(
     """Create a revision file from the project's template.
 
     :param allow_duplicate_slug: accept a message whose slug an existing revision has.
-    :raises UsageError: the message's slug is unreadable, shorter than 3 characters, a
+    :raises UsageError: the message's slug is unreadable, shorter than 3 letters or digits, a
         Python keyword, holds a path separator, or repeats an existing revision's slug.
     """
     from alembic import command as alembic_command

@@ -48,10 +48,10 @@ def check_message(
             f"revision message {message!r} gives the slug {slug!r}: use words of ASCII "
             "letters and digits, with at least one letter, e.g. 'backfill display names'"
         )
-    if len(slug.rstrip("_")) < MIN_LENGTH:
+    if len(slug.replace("_", "")) < MIN_LENGTH:
         raise UsageError(
             f"revision message {message!r} is too short: its slug {slug!r} needs at least "
-            f"{MIN_LENGTH} characters"
+            f"{MIN_LENGTH} letters or digits"
         )
     if keyword.iskeyword(slug.rstrip("_")):
         raise UsageError(f"revision message {message!r}: {slug!r} is a Python keyword")
