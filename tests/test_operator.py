@@ -84,6 +84,14 @@ def test_guarded_revision_is_skipped_recorded_and_does_not_block(project: Projec
     assert len(project.db.tracker()) == 3
 
 
+def test_current_marks_a_skipped_head(project: Project) -> None:
+    project.write("a1", None)
+    project.write("b2", "a1", extra=DEV_ONLY)
+    ok(invoke(project, "upgrade"))
+    assert ok(invoke(project, "current")).stdout == "b2 (head) (skipped)\n"
+    assert as_json(invoke(project, "current", "--json")) == {"heads": ["b2"]}
+
+
 def test_skipped_revision_runs_later_in_an_allowed_environment(project: Project) -> None:
     guarded_chain(project)
     ok(invoke(project, "upgrade"))

@@ -379,7 +379,8 @@ def current(invocation: Invocation, as_json: bool) -> None:
     if not result.heads:
         click.echo("(nothing applied)", err=True)
     for rev in result.heads:
-        click.echo(f"{rev} (head)" if rev in result.graph_heads else rev)
+        line = f"{rev} (head)" if rev in result.graph_heads else rev
+        click.echo(f"{line} (skipped)" if rev in result.skipped else line)
 
 
 @main.command()

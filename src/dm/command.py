@@ -128,6 +128,8 @@ class CurrentResult:
 
     heads: list[str]
     graph_heads: list[str]
+    skipped: list[str] = field(default_factory=list)
+    """Those of ``heads`` the environment guard skipped (they never ran here)."""
 
 
 @dataclass(frozen=True)
@@ -475,7 +477,8 @@ async def current(settings: Settings) -> CurrentResult:
     async with _database(settings) as db:
         latest = await db.read_latest()
     heads = graph.applied_heads(applied_revisions(latest))
-    return CurrentResult(list(heads), list(graph.heads))
+    skipped = [rev for rev in heads if latest[rev].is_skipped]
+    return CurrentResult(list(heads), list(graph.heads), skipped)
 
 
 async def status(settings: Settings) -> list[RevisionStatus]:
