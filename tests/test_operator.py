@@ -16,6 +16,8 @@ from click.testing import Result
 
 from conftest import Project
 from conftest import invoke
+from conftest import spawn_dm
+from conftest import wait_for
 from dm import operations
 from dm.command import _tracker
 from dm.lock import migration_lock
@@ -461,3 +463,38 @@ def test_info_reports_an_unreachable_lock_database(project: Project) -> None:
     assert "cannot connect to PostgreSQL at 127.0.0.1:1/nowhere" in info["lock_holder"]
     assert "hunter2" not in json.dumps(info)
     assert info["database_url"] == "postgresql+asyncpg://dm:***@127.0.0.1:1/nowhere"
+
+
+def test_concurrent_runs_of_one_revision_apply_it_once(project: Project, tmp_path: Path) -> None:
+    flag = tmp_path / "release"
+    project.write(
+        "a1",
+        None,
+        f"""
+        import asyncio, pathlib
+        await session.execute(sa.text('CREATE TABLE t (x INTEGER)'))
+        while not pathlib.Path({str(flag)!r}).exists():
+            await asyncio.sleep(0.02)
+        """,
+    )
+    first = spawn_dm(project, "run", "a1")
+    try:
+
+        def pending() -> bool:
+            try:
+                return any(r.status == "pending" for r in project.db.tracker())
+            except Exception:  # the tracker table does not exist yet
+                return False
+
+        wait_for(pending, timeout=60)
+        second = spawn_dm(project, "run", "a1")
+        flag.touch()
+        out1, err1 = first.communicate(timeout=60)
+        out2, err2 = second.communicate(timeout=60)
+    finally:
+        flag.touch()
+        first.kill()
+    assert first.returncode == 0, err1
+    assert second.returncode == 0, err2
+    assert rows(project) == [("a1", "upgrade", "success", None)]
+    assert "nothing to run: a1 already succeeded" in out2
