@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -429,6 +430,8 @@ def test_signal_handling_in_process_restores_the_previous_handlers() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(30)
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed in the main thread")
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     started = time.monotonic()
     with pytest.raises(Interrupted) as excinfo:

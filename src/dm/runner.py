@@ -239,7 +239,8 @@ async def _interruptible(work: Awaitable[None], interrupt: Callable[[], Awaitabl
     connection's write lock until the interrupted statement is garbage-collected, so the
     failure could not be recorded. ``interrupt()`` acts at once: the statement fails with
     "interrupted", the hook unwinds normally, and only a hook still running after that
-    (awaiting something else) is cancelled.
+    (awaiting something else) is cancelled. The hook runs in a task of its own (on SQLite
+    only), so a cancellation of the caller does not reach it before ``interrupt()``.
     """
     task = asyncio.ensure_future(work)
     try:
