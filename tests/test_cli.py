@@ -301,11 +301,6 @@ def test_verify_failure_rolls_back(project: Project, verify: str, why: str) -> N
     assert current_lines(project) == [A]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.Runner._describe: when verify() raises, error_message is only "
-    "'<ExceptionType>: <text>' and does not say the failure came from verify()",
-)
 def test_error_message_names_verify_when_it_raises(project: Project) -> None:
     project.write(A, None, verify="raise ValueError('rows are missing')")
     assert invoke(project, "upgrade", "heads").exit_code == 1

@@ -167,7 +167,13 @@ class Runner:
         verify = getattr(step.module, "verify", None)
         if step.is_upgrade and verify is not None:
             await session.flush()
-            outcome = await verify(session)
+            try:
+                outcome = await verify(session)
+            except (DBAPIError, TimeoutError):  # timeouts are reported as such
+                raise
+            except Exception as exc:
+                text = " ".join(str(exc).split())
+                raise VerifyFailed(f"verify() raised {type(exc).__name__}: {text}") from exc
             if outcome is not True:
                 raise VerifyFailed(f"verify() returned {outcome!r}")
 
