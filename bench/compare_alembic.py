@@ -1,0 +1,595 @@
+"""Compare dm's command-line latency with plain Alembic's on linear chains of no-op revisions.
+
+For each N in ``--sizes`` (default 10, 100, 1000, 5000) the script builds, in a temporary
+directory:
+
+* a dm project (``dm init``) with N linear revisions whose ``async def upgrade(session)``
+  and ``async def downgrade(session)`` do nothing, run against PostgreSQL through
+  ``DM_DATABASE_URL=postgresql://...``;
+* the equivalent plain Alembic project (``alembic init -t async``) with N sync no-op
+  revisions, ``sqlalchemy.url = postgresql+asyncpg://...``.
+
+Each tool gets its own fresh PostgreSQL database per N, dropped and re-created before every
+repetition so that ``upgrade heads`` always starts from base. It measures whole-process
+wall time (``subprocess`` + ``time.perf_counter``, interpreter start-up and imports
+included) of ``upgrade heads`` from base, ``upgrade heads`` again at head (a no-op),
+``current`` and ``history``, running the tools alternately (the order is swapped every
+repetition), and prints medians, the dm/alembic ratio, the per-revision cost of upgrading
+((t_upgrade - t_noop) / N), time/N across sizes, the import floor of each tool, and
+PASS/FAIL for dm's performance targets:
+
+* ``dm current`` <= alembic at the smallest N, <= 0.2x alembic at the largest N;
+* dm's per-revision upgrade cost <= 1.5x Alembic's (N >= 100);
+* ``dm upgrade heads`` at head (no-op) <= alembic's, at every N;
+* dm's marginal cost per revision does not grow with N (roughly linear): the slope
+  between the two largest sizes is at most twice the slope from the smallest size to the
+  second largest.
+
+Run it with the project's virtualenv (it needs asyncpg and the ``dm`` and ``alembic``
+executables next to the interpreter)::
+
+    .venv/bin/python bench/compare_alembic.py                    # full run, several minutes
+    .venv/bin/python bench/compare_alembic.py --sizes 10,100 --reps 2   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+DEFAULT_SIZES = (10, 100, 1000, 5000)
+TOOLS = ("alembic", "dm")
+OPERATIONS = ("current", "upgrade_base", "upgrade_noop", "history")
+IMPORT_ALEMBIC = 'python -c "import alembic.config"'
+DM_VERSION = "dm --version"
+LABELS = {
+    "current": "current (at head)",
+    "upgrade_base": "upgrade heads (from base)",
+    "upgrade_noop": "upgrade heads (at head, no-op)",
+    "history": "history",
+}
+
+DM_REVISION = '''"""no-op revision {i}
+
+Revision ID: {rev}
+Revises: {down}
+"""
+
+revision = {rev!r}
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+async def upgrade(session):
+    pass
+
+
+async def downgrade(session):
+    pass
+'''
+
+ALEMBIC_REVISION = '''"""no-op revision {i}
+
+Revision ID: {rev}
+Revises: {down}
+"""
+
+revision = {rev!r}
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    pass
+
+
+def downgrade():
+    pass
+'''
+
+
+class BenchError(RuntimeError):
+    """A command failed or printed something unexpected."""
+
+
+@dataclass(frozen=True)
+class Postgres:
+    """Where the throwaway databases live."""
+
+    host: str
+    port: int
+    user: str
+
+    def url(self, database: str, driver: str = "postgresql") -> str:
+        """Return the URL of ``database``."""
+        return f"{driver}://{self.user}@{self.host}:{self.port}/{database}"
+
+    def admin(self, *statements: str) -> None:
+        """Run ``statements`` on the ``postgres`` maintenance database."""
+        import asyncpg
+
+        async def run() -> None:
+            conn = await asyncpg.connect(
+                host=self.host, port=self.port, user=self.user, database="postgres", timeout=10
+            )
+            try:
+                for statement in statements:
+                    await conn.execute(statement)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
+
+    def recreate(self, *databases: str) -> None:
+        """Drop (forcibly) and create each of ``databases``."""
+        sql: list[str] = []
+        for name in databases:
+            sql += [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"']
+        self.admin(*sql)
+
+    def drop(self, *databases: str) -> None:
+        """Drop each of ``databases`` if it exists."""
+        self.admin(*(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in databases))
+
+
+@dataclass
+class Project:
+    """One tool's project for one N: how to run its commands."""
+
+    tool: str
+    directory: Path
+    database: str
+    argv0: list[str]
+    env: dict[str, str]
+    head: str
+    n: int
+
+    def run(self, *args: str) -> tuple[float, str]:
+        """Run the tool with ``args``; return wall seconds and stdout+stderr."""
+        return timed([*self.argv0, *args], self.directory, self.env)
+
+
+@dataclass
+class Timings:
+    """Samples in seconds: ``samples[n][tool][operation]``."""
+
+    samples: dict[int, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+
+    def add(self, n: int, tool: str, operation: str, seconds: float) -> None:
+        """Record one sample."""
+        per_tool = self.samples.setdefault(n, {t: {} for t in TOOLS})
+        per_tool[tool].setdefault(operation, []).append(seconds)
+
+    def median(self, n: int, tool: str, operation: str) -> float:
+        """Return the median of the samples, in seconds."""
+        return statistics.median(self.samples[n][tool][operation])
+
+    def per_revision(self, n: int, tool: str) -> float:
+        """Return (t_upgrade_from_base - t_noop_upgrade) / N, in seconds."""
+        return (self.median(n, tool, "upgrade_base") - self.median(n, tool, "upgrade_noop")) / n
+
+
+def timed(argv: Sequence[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
+    """Run ``argv`` to completion; return wall seconds and its combined output."""
+    started = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} (in {cwd}) exited {proc.returncode}:\n{output}")
+    return elapsed, output
+
+
+def base_env() -> dict[str, str]:
+    """Return the environment without anything that would redirect either tool."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("DM_")
+        and key not in {"DATABASE_URL", "ENVIRONMENT", "POD_NAME", "PYTHONDONTWRITEBYTECODE"}
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def revision_ids(n: int) -> list[str]:
+    """Return N deterministic 12-hex-digit revision ids."""
+    return [hashlib.sha1(f"bench-{i}".encode()).hexdigest()[:12] for i in range(n)]
+
+
+def write_revisions(versions: Path, template: str, n: int) -> str:
+    """Write a linear chain of N revision files; return the head id."""
+    ids = revision_ids(n)
+    down: str | None = None
+    for i, rev in enumerate(ids):
+        text = template.format(i=i, rev=rev, down=down)
+        (versions / f"{i:05d}_{rev}_noop_revision_{i}.py").write_text(text, encoding="utf-8")
+        down = rev
+    return ids[-1]
+
+
+def make_dm_project(root: Path, bin_dir: Path, pg: Postgres, n: int, database: str) -> Project:
+    """``dm init`` a project under ``root`` and write N no-op revisions."""
+    directory = root / f"dm_{n}"
+    env = base_env()
+    timed([str(bin_dir / "dm"), "init", str(directory)], root, env)
+    head = write_revisions(directory / "data_migrations" / "versions", DM_REVISION, n)
+    env["DM_DATABASE_URL"] = pg.url(database)
+    return Project("dm", directory, database, [str(bin_dir / "dm")], env, head, n)
+
+
+def make_alembic_project(root: Path, bin_dir: Path, pg: Postgres, n: int, database: str) -> Project:
+    """``alembic init -t async`` a project under ``root`` and write N no-op revisions."""
+    directory = root / f"alembic_{n}"
+    directory.mkdir()
+    env = base_env()
+    timed([str(bin_dir / "alembic"), "init", "-t", "async", "migrations"], directory, env)
+    ini = directory / "alembic.ini"
+    text, count = re.subn(
+        r"(?m)^sqlalchemy\.url\s*=.*$",
+        lambda _m: f"sqlalchemy.url = {pg.url(database, 'postgresql+asyncpg')}",
+        ini.read_text(encoding="utf-8"),
+    )
+    if count != 1:
+        raise BenchError(f"{ini}: expected one sqlalchemy.url line, found {count}")
+    ini.write_text(text, encoding="utf-8")
+    head = write_revisions(directory / "migrations" / "versions", ALEMBIC_REVISION, n)
+    return Project("alembic", directory, database, [str(bin_dir / "alembic")], env, head, n)
+
+
+def check_output(project: Project, operation: str, output: str) -> None:
+    """Fail loudly if a command did not do what it is being timed for."""
+    if operation == "upgrade_base":
+        ran = output.count("Running upgrade") if project.tool == "alembic" else _dm_done(output)
+        if ran != project.n:
+            raise BenchError(f"{project.tool} upgrade ran {ran} revisions, expected {project.n}")
+    elif operation == "upgrade_noop":
+        ran = output.count("Running upgrade") if project.tool == "alembic" else _dm_done(output)
+        if ran:
+            raise BenchError(f"{project.tool} no-op upgrade ran {ran} revisions:\n{output}")
+    elif operation == "current" and project.head not in output:
+        raise BenchError(f"{project.tool} current does not show head {project.head}:\n{output}")
+    elif operation == "history" and project.head not in output:
+        raise BenchError(f"{project.tool} history does not show head {project.head}")
+
+
+def _dm_done(output: str) -> int:
+    match = re.search(r"upgrade: (\d+) revision\(s\) done", output)
+    return int(match.group(1)) if match else 0
+
+
+def command_for(operation: str) -> tuple[str, ...]:
+    """Return the CLI arguments of ``operation``."""
+    if operation in ("upgrade_base", "upgrade_noop"):
+        return ("upgrade", "heads")
+    return (operation,)
+
+
+def bench_size(
+    root: Path, bin_dir: Path, pg: Postgres, n: int, reps: int, timings: Timings, tag: str
+) -> None:
+    """Build both projects for N and time every operation ``reps`` times."""
+    dm_db, alembic_db = f"bench_dm_{tag}_{n}", f"bench_alembic_{tag}_{n}"
+    projects = {
+        "alembic": make_alembic_project(root, bin_dir, pg, n, alembic_db),
+        "dm": make_dm_project(root, bin_dir, pg, n, dm_db),
+    }
+    try:
+        # Untimed warm-up: compiles every revision file to __pycache__ and warms the OS cache.
+        for project in projects.values():
+            project.run("history")
+        for rep in range(reps):
+            pg.recreate(dm_db, alembic_db)
+            order = TOOLS if rep % 2 == 0 else TOOLS[::-1]
+            # upgrade_base must come first (fresh databases); the rest run at head.
+            for operation in ("upgrade_base", "upgrade_noop", "current", "history"):
+                for tool in order:
+                    project = projects[tool]
+                    seconds, output = project.run(*command_for(operation))
+                    check_output(project, operation, output)
+                    timings.add(n, tool, operation, seconds)
+            print(f"  N={n}: repetition {rep + 1}/{reps} done", file=sys.stderr, flush=True)
+    finally:
+        pg.drop(dm_db, alembic_db)
+
+
+def import_floor(bin_dir: Path, reps: int) -> dict[str, float]:
+    """Return median start-up seconds of bare Python, Alembic's and dm's import paths."""
+    python = str(bin_dir / "python")
+    commands = {
+        "python -c pass": [python, "-c", "pass"],
+        IMPORT_ALEMBIC: [python, "-c", "import alembic.config"],
+        "alembic --version": [str(bin_dir / "alembic"), "--version"],
+        DM_VERSION: [str(bin_dir / "dm"), "--version"],
+        'python -c "import dm.cli"': [python, "-c", "import dm.cli"],
+    }
+    env = base_env()
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(reps):
+        for name, argv in commands.items():
+            samples[name].append(timed(argv, Path.cwd(), env)[0])
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    """Format seconds as milliseconds."""
+    return f"{seconds * 1000:.1f} ms"
+
+
+def us(seconds: float) -> str:
+    """Format seconds as microseconds."""
+    return f"{seconds * 1e6:.0f} us"
+
+
+def ratio(a: float, b: float) -> str:
+    """Format a / b."""
+    return f"{a / b:.2f}x" if b > 0 and a >= 0 else "n/a"
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print ``rows`` as an aligned table, first column left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        print("  ".join(cells).rstrip())
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def print_size(timings: Timings, n: int, reps: int) -> None:
+    """Print the table of one N."""
+    print(f"\n== N = {n} revisions (median of {reps}) ==")
+    rows = [("operation", "alembic median", "dm median", "dm/alembic")]
+    for operation in OPERATIONS:
+        a, d = timings.median(n, "alembic", operation), timings.median(n, "dm", operation)
+        rows.append((LABELS[operation], ms(a), ms(d), ratio(d, a)))
+    a, d = timings.per_revision(n, "alembic"), timings.per_revision(n, "dm")
+    rows.append(("per-revision upgrade cost", us(a) + "/rev", us(d) + "/rev", ratio(d, a)))
+    print_table(rows)
+
+
+def print_scaling(timings: Timings, sizes: Sequence[int]) -> None:
+    """Print time/N for every operation across sizes, and the marginal cost per revision."""
+    print("\n== Scaling: median time / N (us per revision) ==")
+    rows = [("operation", *(f"N={n}" for n in sizes))]
+    for operation in OPERATIONS:
+        for tool in TOOLS:
+            per_n = (us(timings.median(n, tool, operation) / n) for n in sizes)
+            rows.append((f"{tool} {LABELS[operation]}", *per_n))
+    print_table(rows)
+    if len(sizes) < 2:
+        return
+    print("\n== Scaling: marginal cost between sizes, (t(N2) - t(N1)) / (N2 - N1) ==")
+    pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
+    rows = [("operation", *(f"{a}->{b}" for a, b in pairs))]
+    for operation in OPERATIONS:
+        for tool in TOOLS:
+            rows.append(
+                (
+                    f"{tool} {LABELS[operation]}",
+                    *(us(marginal(timings, tool, operation, a, b)) for a, b in pairs),
+                )
+            )
+    print_table(rows)
+
+
+def marginal(timings: Timings, tool: str, operation: str, a: int, b: int) -> float:
+    """Return the marginal seconds per revision of ``operation`` between sizes a and b."""
+    return (timings.median(b, tool, operation) - timings.median(a, tool, operation)) / (b - a)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target's outcome."""
+
+    target: str
+    passed: bool
+    detail: str
+
+
+def evaluate(timings: Timings, sizes: Sequence[int]) -> list[Verdict]:
+    """Check dm's targets against the measured medians."""
+    verdicts: list[Verdict] = []
+    small, large = sizes[0], sizes[-1]
+    a, d = timings.median(small, "alembic", "current"), timings.median(small, "dm", "current")
+    verdicts.append(
+        Verdict(
+            f"dm current <= alembic current at N={small}",
+            d <= a,
+            f"dm {ms(d)} vs alembic {ms(a)} ({ratio(d, a)})",
+        )
+    )
+    a, d = timings.median(large, "alembic", "current"), timings.median(large, "dm", "current")
+    verdicts.append(
+        Verdict(
+            f"dm current <= 0.2x alembic current at N={large}",
+            d <= 0.2 * a,
+            f"dm {ms(d)} vs alembic {ms(a)} ({ratio(d, a)})",
+        )
+    )
+    upgrade_sizes = [n for n in sizes if n >= 100] or [large]
+    for n in upgrade_sizes:
+        a, d = timings.per_revision(n, "alembic"), timings.per_revision(n, "dm")
+        verdicts.append(
+            Verdict(
+                f"dm per-revision upgrade cost <= 1.5x alembic at N={n}",
+                d <= 1.5 * a,
+                f"dm {us(d)}/rev vs alembic {us(a)}/rev ({ratio(d, a)})",
+            )
+        )
+    for n in sizes:
+        a = timings.median(n, "alembic", "upgrade_noop")
+        d = timings.median(n, "dm", "upgrade_noop")
+        verdicts.append(
+            Verdict(
+                f"dm no-op upgrade at head <= alembic at N={n}",
+                d <= a,
+                f"dm {ms(d)} vs alembic {ms(a)} ({ratio(d, a)})",
+            )
+        )
+    # Linear: the marginal cost per revision between the two largest sizes, compared with
+    # the marginal cost from the smallest size to the second largest. Both spans are wide,
+    # so the fixed start-up cost cancels out and its noise is divided by many revisions; a
+    # linear command gives a ratio near 1, an O(N^2) one a ratio well above 2.
+    if len(sizes) < 3:
+        verdicts.append(Verdict("dm roughly linear in N", True, "skipped: needs 3 sizes"))
+        return verdicts
+    first, last = (sizes[0], sizes[-2]), (sizes[-2], sizes[-1])
+    for operation in OPERATIONS:
+        slopes = {
+            tool: (
+                marginal(timings, tool, operation, *first),
+                marginal(timings, tool, operation, *last),
+            )
+            for tool in TOOLS
+        }
+        early, late = slopes["dm"]
+        a_early, a_late = slopes["alembic"]
+        verdicts.append(
+            Verdict(
+                f"dm {LABELS[operation]} roughly linear in N (late/early slope <= 2)",
+                early > 0 and late <= 2 * early,
+                f"{us(early)}/rev over {first[0]}->{first[1]}, "
+                f"{us(late)}/rev over {last[0]}->{last[1]} ({ratio(late, early)}; "
+                f"alembic {us(a_early)} -> {us(a_late)}, {ratio(a_late, a_early)})",
+            )
+        )
+    return verdicts
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages, or "n/a"."""
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Parse ``10,100,1000``."""
+    sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError("sizes must be positive integers, e.g. 10,100,1000")
+    return sizes
+
+
+def default_bin_dir() -> Path:
+    """Return the directory holding ``python``, ``dm`` and ``alembic``."""
+    here = Path(sys.executable).parent
+    if (here / "dm").exists():
+        return here
+    return Path(__file__).resolve().parent.parent / ".venv" / "bin"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison and print the report; return the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=list(DEFAULT_SIZES),
+        help="comma-separated revision counts (default: 10,100,1000,5000)",
+    )
+    parser.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="repetitions per size (default: 5, or 3 for N >= 5000)",
+    )
+    parser.add_argument("--pg-host", default=os.environ.get("PGHOST", "127.0.0.1"))
+    parser.add_argument("--pg-port", type=int, default=int(os.environ.get("PGPORT", "5432")))
+    parser.add_argument("--pg-user", default=os.environ.get("PGUSER", "postgres"))
+    parser.add_argument(
+        "--bin-dir",
+        type=Path,
+        default=default_bin_dir(),
+        help="directory with python, dm and alembic (default: this venv)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the generated projects (their path is printed)"
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    args = parser.parse_args(argv)
+
+    reps_for: Callable[[int], int] = (
+        (lambda n: args.reps) if args.reps else (lambda n: 3 if n >= 5000 else 5)
+    )
+    if args.reps is not None and args.reps < 1:
+        parser.error("--reps must be at least 1")
+    pg = Postgres(args.pg_host, args.pg_port, args.pg_user)
+    bin_dir: Path = args.bin_dir
+    for name in ("python", "dm", "alembic"):
+        if not (bin_dir / name).exists():
+            parser.error(f"{bin_dir / name} not found (pass --bin-dir)")
+
+    versions = subprocess.run(
+        [
+            str(bin_dir / "python"),
+            "-c",
+            "import sys, alembic, sqlalchemy, dm; "
+            "print(f'python {sys.version.split()[0]}, alembic {alembic.__version__}, "
+            "sqlalchemy {sqlalchemy.__version__}, dm {dm.__version__}')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    print(f"{versions}; PostgreSQL at {pg.host}:{pg.port}; sizes {args.sizes}")
+    print(f"{os.cpu_count()} CPUs; load average at start {load_average()}")
+
+    root = Path(tempfile.mkdtemp(prefix="dm-bench-"))
+    tag = f"{os.getpid()}"
+    timings = Timings()
+    try:
+        floor = import_floor(bin_dir, reps_for(args.sizes[0]))
+        for n in args.sizes:
+            bench_size(root, bin_dir, pg, n, reps_for(n), timings, tag)
+    finally:
+        if args.keep:
+            print(f"projects kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+    print("\n== Import floor (median wall time of the whole process) ==")
+    print_table([("command", "median"), *((name, ms(t)) for name, t in floor.items())])
+    print(f"{DM_VERSION} / {IMPORT_ALEMBIC}: {ratio(floor[DM_VERSION], floor[IMPORT_ALEMBIC])}")
+    for n in args.sizes:
+        print_size(timings, n, reps_for(n))
+    print_scaling(timings, args.sizes)
+
+    verdicts = evaluate(timings, args.sizes)
+    print("\n== Targets ==")
+    for verdict in verdicts:
+        print(f"{'PASS' if verdict.passed else 'FAIL'}  {verdict.target}: {verdict.detail}")
+    failed = sum(not v.passed for v in verdicts)
+    print(f"\n{len(verdicts) - failed} passed, {failed} failed")
+    print(f"load average at end {load_average()} (other work on the machine adds noise)")
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
