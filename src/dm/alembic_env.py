@@ -50,7 +50,6 @@ def run(context: EnvironmentContext) -> None:
 
 async def _run(context: EnvironmentContext, settings: Settings) -> None:
     from . import command
-    from .runner import Runner
 
     graph = Graph.from_config(settings.alembic_config())
     async with command._database(settings) as db:
@@ -59,14 +58,7 @@ async def _run(context: EnvironmentContext, settings: Settings) -> None:
             return
         async with db.locked() as (latest, _interrupted):
             steps = await _plan(context, graph, db, latest)
-            runner = Runner(
-                await db.conn(),
-                db.tracker,
-                command.run_info(settings),
-                latest,
-                timeout=settings.timeout,
-                pg_lock_timeout=settings.pg_lock_timeout,
-            )
+            runner = await db.runner(latest)
             # The environment guard applies here as in `dm upgrade`.
             await command._run_steps(db, runner, steps, settings.environment)
 

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 from .environments import Action
 from .environments import Decision
 from .environments import decide
+from .errors import RevisionFailed
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
@@ -232,6 +234,19 @@ class _Database:
         await self._exit.aclose()
         await self.engine.dispose()
 
+    async def runner(self, latest: Mapping[str, Attempt]) -> Runner:
+        """Return a runner on the working connection; call it while holding the lock."""
+        from .runner import Runner
+
+        return Runner(
+            await self.conn(),
+            self.tracker,
+            run_info(self.settings),
+            latest,
+            timeout=self.settings.timeout,
+            pg_lock_timeout=self.settings.pg_lock_timeout,
+        )
+
     async def conn(self) -> AsyncConnection:
         if self._conn is None:
             from .db import connect
@@ -359,10 +374,10 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
 
     graph = _graph(settings)
 
-    def plan(target: str, latest: Mapping[str, Attempt]) -> list[Step]:
+    def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         return plan_upgrade(graph, target, latest, settings.environment)
 
-    return await _migrate(settings, target, plan, dry_run)
+    return await execute_plan(settings, target, plan, dry_run=dry_run)
 
 
 async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
@@ -373,44 +388,53 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     """
     graph = _graph(settings)
 
-    def plan(target: str, latest: Mapping[str, Attempt]) -> list[Step]:
+    def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         skipped = {rev for rev, attempt in latest.items() if attempt.is_skipped}
         return graph.plan_downgrade(target, applied_revisions(latest), never_ran=skipped)
 
-    return await _migrate(settings, target, plan, dry_run)
+    return await execute_plan(settings, target, plan, dry_run=dry_run)
 
 
-async def _migrate(
+async def execute_plan(
     settings: Settings,
-    target: str,
-    plan: Callable[[str, Mapping[str, Attempt]], list[Step]],
-    dry_run: bool,
+    label: str,
+    plan: Callable[[Mapping[str, Attempt]], list[Step]],
+    *,
+    dry_run: bool = False,
+    after_run: Callable[[_Database, Mapping[str, Attempt]], Awaitable[None]] | None = None,
 ) -> RunResult:
-    from .runner import Runner
+    """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
 
+    The first plan, outside the lock, answers dry runs and "nothing to do" without
+    blocking; the plan that runs is made again under the lock, from a fresh read.
+
+    :param label: the target as the user gave it, for the result.
+    :param plan: the steps to run, given each revision's latest attempt.
+    :param after_run: called under the lock after the steps ran, also when one failed.
+    """
     environment = settings.environment
     async with _database(settings) as db:
         latest = await db.read_latest()
-        steps = plan(target, latest)
-        planned = _planned(steps, environment, latest)
+        steps = plan(latest)
+        planned = _planned(steps, environment, latest)  # refuses what the guard forbids
         if dry_run or not steps:
-            return RunResult(target, planned, dry_run=dry_run)
+            return RunResult(label, planned, dry_run=dry_run)
         async with db.locked() as (latest, interrupted):
-            steps = plan(target, latest)
+            steps = plan(latest)
             if not steps:
                 log.info("another run finished this work while dm waited for the lock")
-                return RunResult(target, [], interrupted=interrupted)
+                return RunResult(label, [], interrupted=interrupted)
             planned = _planned(steps, environment, latest)
-            runner = Runner(
-                await db.conn(),
-                db.tracker,
-                run_info(settings),
-                latest,
-                timeout=settings.timeout,
-                pg_lock_timeout=settings.pg_lock_timeout,
-            )
-            results = await _run_steps(db, runner, steps, environment)
-            return RunResult(target, planned, results, interrupted)
+            runner = await db.runner(latest)
+            try:
+                results = await _run_steps(db, runner, steps, environment)
+            except RevisionFailed:
+                if after_run is not None:
+                    await after_run(db, latest)
+                raise
+            if after_run is not None:
+                await after_run(db, latest)
+            return RunResult(label, planned, results, interrupted)
 
 
 def _stamp_steps(graph: Graph, target: str, applied: set[str]) -> list[Step]:

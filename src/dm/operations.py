@@ -25,14 +25,13 @@ import sqlalchemy as sa
 
 from . import _alembic_compat as compat
 from .command import RunResult
+from .command import _Database
 from .command import _database
 from .command import _graph
-from .command import _planned
-from .command import _run_steps
 from .command import _tracker
+from .command import execute_plan
 from .command import run_info
 from .errors import DmError
-from .errors import RevisionFailed
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
@@ -136,44 +135,23 @@ async def run(
     :raises UsageError: an ancestor is not applied (each is named), or a reason was given
         without ``force``.
     """
-    from .runner import Runner
 
     if reason is not None and not force:
         raise UsageError("--reason goes with --force")
     forced_reason = f"forced: {reason.strip()}" if reason and reason.strip() else "forced"
     graph = _graph(settings)
     script = _one(graph, revision)
-    environment = settings.environment
-    async with _database(settings) as db:
-        latest = await db.read_latest()
-        steps = _plan_run(graph, script, latest, force)
-        planned = _planned(steps, environment, latest)
-        if dry_run or not steps:
-            return RunResult(script.revision, planned, dry_run=dry_run)
-        async with db.locked() as (latest, interrupted):
-            steps = _plan_run(graph, script, latest, force)
-            if not steps:
-                log.info("another run applied %s while dm waited for the lock", script.revision)
-                return RunResult(script.revision, [], interrupted=interrupted)
-            planned = _planned(steps, environment, latest)
-            runner = Runner(
-                await db.conn(),
-                db.tracker,
-                run_info(settings),
-                latest,
-                timeout=settings.timeout,
-                pg_lock_timeout=settings.pg_lock_timeout,
-            )
-            forced = force and _is_applied(latest, script.revision)
-            try:
-                results = await _run_steps(db, runner, steps, environment)
-            except RevisionFailed:
-                if forced:
-                    await _mark_forced(await db.conn(), db.tracker, script.revision, forced_reason)
-                raise
-            if forced:
-                await _mark_forced(await db.conn(), db.tracker, script.revision, forced_reason)
-            return RunResult(script.revision, planned, results, interrupted)
+
+    def plan(latest: Mapping[str, Attempt]) -> list[Step]:
+        return _plan_run(graph, script, latest, force)
+
+    async def mark_forced(db: _Database, latest: Mapping[str, Attempt]) -> None:
+        if force and _is_applied(latest, script.revision):
+            await _mark_forced(await db.conn(), db.tracker, script.revision, forced_reason)
+
+    return await execute_plan(
+        settings, script.revision, plan, dry_run=dry_run, after_run=mark_forced
+    )
 
 
 async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
@@ -183,33 +161,14 @@ async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) 
     :raises UsageError: applied revisions depend on it (each is named).
     :raises IrreversiblePlan: the revision has no ``downgrade()``.
     """
-    from .runner import Runner
 
     graph = _graph(settings)
     script = _one(graph, revision)
-    environment = settings.environment
-    async with _database(settings) as db:
-        latest = await db.read_latest()
-        steps = _plan_rollback(graph, script, latest)
-        planned = _planned(steps, environment, latest)
-        if dry_run or not steps:
-            return RunResult(script.revision, planned, dry_run=dry_run)
-        async with db.locked() as (latest, interrupted):
-            steps = _plan_rollback(graph, script, latest)
-            if not steps:
-                log.info("another run rolled back %s while dm waited", script.revision)
-                return RunResult(script.revision, [], interrupted=interrupted)
-            planned = _planned(steps, environment, latest)
-            runner = Runner(
-                await db.conn(),
-                db.tracker,
-                run_info(settings),
-                latest,
-                timeout=settings.timeout,
-                pg_lock_timeout=settings.pg_lock_timeout,
-            )
-            results = await _run_steps(db, runner, steps, environment)
-            return RunResult(script.revision, planned, results, interrupted)
+
+    def plan(latest: Mapping[str, Attempt]) -> list[Step]:
+        return _plan_rollback(graph, script, latest)
+
+    return await execute_plan(settings, script.revision, plan, dry_run=dry_run)
 
 
 def _one(graph: Graph, revision: str) -> Script:
