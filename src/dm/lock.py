@@ -92,6 +92,24 @@ async def migration_lock(
             yield
 
 
+async def current_holder(url: URL, tracker: Tracker) -> str | None:
+    """Return who holds ``tracker``'s migration lock right now, or None when it is free.
+
+    Read-only and never waits: PostgreSQL is asked through ``pg_locks``; on SQLite the lock
+    file is tried without blocking and released at once.
+    """
+    if url.get_backend_name() != "postgresql":
+        return _file_probe(_sqlite_lock_path(url, tracker))
+    from .db import connect
+
+    engine = _lock_engine(url, "dm:info")
+    try:
+        async with connect(engine) as conn:
+            return await _pg_holder(conn, lock_key(tracker))
+    finally:
+        await engine.dispose()
+
+
 def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
     database = Path(url.database or "dm.sqlite3").resolve()
     return database.with_name(f"{database.name}.{tracker.name}.lock")
@@ -145,7 +163,7 @@ async def _pg_acquire(conn: AsyncConnection, key: int, timeout: float) -> None:
         now = time.monotonic()
         holder = None
         if now >= next_report or now >= deadline:
-            holder = await _pg_holder(conn, key)
+            holder = await _pg_holder(conn, key) or "a session that just released it"
         if now >= deadline:
             raise LockTimeout(f"migration lock not acquired within {timeout:g}s; held by {holder}")
         if holder is not None:
@@ -188,7 +206,7 @@ async def _pg_settings(conn: AsyncConnection) -> None:
             await conn.execute(sa.text(statement))
 
 
-async def _pg_holder(conn: AsyncConnection, key: int) -> str:
+async def _pg_holder(conn: AsyncConnection, key: int) -> str | None:
     classid, objid = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
     row = (
         await conn.execute(
@@ -204,7 +222,7 @@ async def _pg_holder(conn: AsyncConnection, key: int) -> str:
         )
     ).first()
     if row is None:
-        return "an unknown session"
+        return None
     since = row.backend_start.isoformat(timespec="seconds") if row.backend_start else "?"
     client = f", client {row.client_addr}" if row.client_addr else ""
     name = row.application_name or "no application_name"
@@ -245,6 +263,20 @@ async def _file_lock(path: Path, timeout: float) -> AsyncIterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _file_probe(path: Path) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _file_holder(path)
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock just taken
+    return None
 
 
 def _file_holder(path: Path) -> str:

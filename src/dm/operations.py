@@ -10,10 +10,7 @@ the programmatic API call the same functions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
-import os
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -422,57 +419,11 @@ def versions() -> dict[str, str]:
 
 
 async def lock_state(settings: Settings, tracker: Tracker) -> tuple[str, str | None]:
-    """Return whether the migration lock is held now (``free``/``held``) and by whom.
+    """Return whether the migration lock is held now (``free``/``held``) and by whom."""
+    from .lock import current_holder
 
-    Read-only: on PostgreSQL it looks the lock up in ``pg_locks``; on SQLite it tries a
-    non-blocking ``flock`` on the lock file and releases it at once.
-    """
-    from .db import connect
-    from .db import create_engine
-    from .lock import _file_holder
-    from .lock import _sqlite_lock_path
-    from .lock import lock_key
-
-    url = settings.lock_url()
-    if url.get_backend_name() != "postgresql":
-        path = _sqlite_lock_path(url, tracker)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return "free", None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return "held", _file_holder(path)
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return "free", None
-        finally:
-            os.close(fd)
-    key = lock_key(tracker)
-    engine = create_engine(url, application_name="dm:info", autocommit=True)
-    try:
-        async with connect(engine) as conn:
-            row = (
-                await conn.execute(
-                    sa.text(
-                        "SELECT l.pid, a.application_name FROM pg_locks l "
-                        "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
-                        "WHERE l.locktype = 'advisory' AND l.granted "
-                        "AND l.classid = CAST(:classid AS oid) "
-                        "AND l.objid = CAST(:objid AS oid) AND l.objsubid = 1 "
-                        "AND l.database = "
-                        "(SELECT oid FROM pg_database WHERE datname = current_database())"
-                    ),
-                    {"classid": (key >> 32) & 0xFFFFFFFF, "objid": key & 0xFFFFFFFF},
-                )
-            ).first()
-    finally:
-        with contextlib.suppress(Exception):
-            await engine.dispose()
-    if row is None:
-        return "free", None
-    return "held", f"pid {row.pid} ({row.application_name or 'no application_name'})"
+    holder = await current_holder(settings.lock_url(), tracker)
+    return ("free", None) if holder is None else ("held", holder)
 
 
 __all__ = [
