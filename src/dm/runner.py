@@ -89,6 +89,7 @@ class Runner:
         self.timeout = timeout
         self.pg_lock_timeout = pg_lock_timeout
         self._postgres = conn.dialect.name == "postgresql"
+        self._session_ready = False
 
     async def run(self, steps: Sequence[Step]) -> list[StepResult]:
         """Run ``steps`` in order; stop at the first failure.
@@ -101,7 +102,13 @@ class Runner:
         """Run one step in its own transaction and record the outcome."""
         prior = self.latest.get(step.revision)
         attempt_number = (prior.attempt if prior else 0) + 1
+        if self._postgres and not self._session_ready:
+            await self._prepare_session()
         async with self.conn.begin():
+            if self._postgres:
+                # No need to wait for this commit to reach disk: the revision's own
+                # (synchronous) commit right after flushes the WAL past it.
+                await self.conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
             attempt_id = await self.tracker.start(
                 self.conn,
                 self.run_info,
@@ -183,19 +190,25 @@ class Runner:
         interrupt = getattr(raw.driver_connection, "interrupt", None)
         return interrupt if callable(interrupt) else None
 
-    async def _set_local_timeouts(self, limit: float | None) -> None:
-        # SET LOCAL: the values end with the revision's transaction.
+    async def _prepare_session(self) -> None:
+        """Apply the settings every revision on this connection runs with, once."""
         version = self.conn.dialect.server_version_info or (0,)
         if version >= (14,):
             # A statement whose client died (SIGKILL) is aborted within about a second,
             # instead of running on and holding its locks against the next run.
-            await self.conn.execute(sa.text("SET LOCAL client_connection_check_interval = 1000"))
+            await self.conn.execute(sa.text("SET client_connection_check_interval = 1000"))
+        if self.pg_lock_timeout:
+            # A data migration never queues behind live traffic's locks for long.
+            ms = max(int(self.pg_lock_timeout * 1000), 1)
+            await self.conn.execute(sa.text(f"SET lock_timeout = {ms}"))
+        await self.conn.commit()
+        self._session_ready = True
+
+    async def _set_local_timeouts(self, limit: float | None) -> None:
+        # SET LOCAL: the value ends with the revision's transaction.
         if limit is not None:
             ms = max(int(limit * 1000), 1)
             await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
-        if self.pg_lock_timeout:
-            ms = max(int(self.pg_lock_timeout * 1000), 1)
-            await self.conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
 
     def _describe(self, step: Step, exc: BaseException) -> str:
         if isinstance(exc, RevisionTimedOut):

@@ -154,6 +154,13 @@ class Tracker:
             sa.Index(f"ix_{table}_revision_id", "revision", "id"),
             sa.Index(f"ix_{table}_status", "status"),
         )
+        # Built once: the runner writes two rows per revision, so statement construction
+        # and compilation must not be paid each time (the compiled form is cached).
+        self._insert_attempt = self.table.insert().returning(self.table.c.id)
+        self._finish_attempt = self.table.update().where(
+            self.table.c.id == sa.bindparam("attempt_id"),
+            self.table.c.status == Status.PENDING.value,
+        )
         self.meta = sa.Table(
             f"{table}_meta",
             self.metadata,
@@ -377,25 +384,24 @@ class Tracker:
         now = utcnow()
         finished = None if status is Status.PENDING else now
         result = await conn.execute(
-            self.table.insert()
-            .values(
-                run_id=run.run_id,
-                revision=revision,
-                description=description,
-                direction=direction,
-                status=status.value,
-                attempt=attempt,
-                started_at=now,
-                finished_at=finished,
-                duration_ms=None if finished is None else 0,
-                reason=reason,
-                run_by=run.run_by,
-                pod_name=run.pod_name,
-                dm_version=run.dm_version,
-                environment=run.environment,
-                checksum=checksum,
-            )
-            .returning(self.table.c.id)
+            self._insert_attempt,
+            {
+                "run_id": run.run_id,
+                "revision": revision,
+                "description": description,
+                "direction": direction,
+                "status": status.value,
+                "attempt": attempt,
+                "started_at": now,
+                "finished_at": finished,
+                "duration_ms": None if finished is None else 0,
+                "reason": reason,
+                "run_by": run.run_by,
+                "pod_name": run.pod_name,
+                "dm_version": run.dm_version,
+                "environment": run.environment,
+                "checksum": checksum,
+            },
         )
         return int(result.scalar_one())
 
@@ -413,8 +419,8 @@ class Tracker:
         """Move a pending attempt to its final ``status``."""
         if status not in TRANSITIONS[Status.PENDING]:  # pragma: no cover - programming error
             raise ValueError(f"a pending attempt cannot become {status.value}")
-        t = self.table
         values: dict[str, Any] = {
+            "attempt_id": attempt_id,
             "status": status.value,
             "finished_at": utcnow(),
             "duration_ms": duration_ms,
@@ -423,11 +429,7 @@ class Tracker:
             values.update(error_message=error_message, error_traceback=error_traceback)
         if reason is not None:
             values["reason"] = reason
-        await conn.execute(
-            t.update()
-            .where(t.c.id == attempt_id, t.c.status == Status.PENDING.value)
-            .values(**values)
-        )
+        await conn.execute(self._finish_attempt, values)
 
     async def fail_pending(self, conn: AsyncConnection, reason: str) -> list[str]:
         """Mark every pending attempt failed with ``reason``; return their revisions."""
