@@ -12,6 +12,7 @@ import os
 import traceback
 import warnings
 from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -231,62 +232,68 @@ def _failing_file(exc: BaseException, version_dirs: list[Path]) -> str | None:
     return None
 
 
+class _Problem(Exception):
+    """A revision file breaks the contract; the caller adds the file's path."""
+
+
 def _check_contract(scripts: list[Script]) -> None:
     seen: dict[str, Script] = {}
     labels: set[str] = set()
     for script in scripts:
-        where = display_path(script.path)
-        if script.revision in seen:
-            first = display_path(seen[script.revision].path)
-            raise RevisionFileError(
-                f"{where}: duplicate revision id {script.revision!r} (also in {first})"
-            )
-        seen[script.revision] = script
-        labels.update(script.branch_labels)
-        _check_hooks(script.module, where)
-        _check_attributes(script.module, where)
+        try:
+            if script.revision in seen:
+                first = display_path(seen[script.revision].path)
+                raise _Problem(f"duplicate revision id {script.revision!r} (also in {first})")
+            seen[script.revision] = script
+            labels.update(script.branch_labels)
+            _check_hooks(script.module)
+            _check_attributes(script.module)
+        except _Problem as problem:
+            raise RevisionFileError(f"{display_path(script.path)}: {problem}") from None
     for script in scripts:
-        where = display_path(script.path)
-        for parent in _as_tuple(script.down_revision):
-            if parent not in seen:
-                raise RevisionFileError(f"{where}: down_revision {parent!r} names no revision file")
-        for dependency in _as_tuple(script.dependencies):
-            if dependency not in seen and dependency not in labels:
-                raise RevisionFileError(
-                    f"{where}: depends_on {dependency!r} names no revision or branch label"
-                )
+        try:
+            _check_references(script, seen, labels)
+        except _Problem as problem:
+            raise RevisionFileError(f"{display_path(script.path)}: {problem}") from None
 
 
-def _check_hooks(module: ModuleType, where: str) -> None:
+def _check_references(script: Script, revisions: Mapping[str, Script], labels: set[str]) -> None:
+    for parent in _as_tuple(script.down_revision):
+        if parent not in revisions:
+            raise _Problem(f"down_revision {parent!r} names no revision file")
+    for dependency in _as_tuple(script.dependencies):
+        if dependency not in revisions and dependency not in labels:
+            raise _Problem(f"depends_on {dependency!r} names no revision or branch label")
+
+
+def _check_hooks(module: ModuleType) -> None:
     if not hasattr(module, "upgrade"):
-        raise RevisionFileError(f"{where}: missing 'async def upgrade(session)'")
+        raise _Problem("missing 'async def upgrade(session)'")
     for name in HOOKS:
         hook = getattr(module, name, None)
         if hook is not None and not inspect.iscoroutinefunction(hook):
-            raise RevisionFileError(
-                f"{where}: {name}() must be a coroutine function: 'async def {name}(session)'"
-            )
+            raise _Problem(f"{name}() must be a coroutine function: 'async def {name}(session)'")
 
 
-def _check_attributes(module: ModuleType, where: str) -> None:
+def _check_attributes(module: ModuleType) -> None:
     timeout = getattr(module, "timeout", None)
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
     ):
-        raise RevisionFileError(f"{where}: timeout must be a positive number of seconds")
+        raise _Problem("timeout must be a positive number of seconds")
     environments = getattr(module, "environments", None)
     if environments is not None and (
         not isinstance(environments, tuple | list)
         or not environments
         or not all(isinstance(name, str) and name.strip() for name in environments)
     ):
-        raise RevisionFileError(
-            f"{where}: environments must be a tuple of environment names, "
+        raise _Problem(
+            "environments must be a tuple of environment names, "
             "e.g. ('development', 'staging'), or None for every environment"
         )
     transactional = getattr(module, "transactional", True)
     if not isinstance(transactional, bool):
-        raise RevisionFileError(f"{where}: transactional must be True or False")
+        raise _Problem("transactional must be True or False")
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:
