@@ -19,6 +19,7 @@ import contextlib
 import logging
 import time
 import traceback
+from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -90,6 +91,9 @@ class Runner:
         self.pg_lock_timeout = pg_lock_timeout
         self._postgres = conn.dialect.name == "postgresql"
         self._session_ready = False
+        self._isolation_level = (
+            conn.sync_connection.default_isolation_level if conn.sync_connection else None
+        )
 
     async def run(self, steps: Sequence[Step]) -> list[StepResult]:
         """Run ``steps`` in order; stop at the first failure.
@@ -104,11 +108,7 @@ class Runner:
         attempt_number = (prior.attempt if prior else 0) + 1
         if self._postgres and not self._session_ready:
             await self._prepare_session()
-        async with self.conn.begin():
-            if self._postgres:
-                # No need to wait for this commit to reach disk: the revision's own
-                # (synchronous) commit right after flushes the WAL past it.
-                await self.conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+        async with self._pending_row_transaction():
             attempt_id = await self.tracker.start(
                 self.conn,
                 self.run_info,
@@ -189,6 +189,24 @@ class Runner:
         raw = await self.conn.get_raw_connection()
         interrupt = getattr(raw.driver_connection, "interrupt", None)
         return interrupt if callable(interrupt) else None
+
+    @contextlib.asynccontextmanager
+    async def _pending_row_transaction(self) -> AsyncIterator[None]:
+        """Commit the pending row on its own; on PostgreSQL in one round trip.
+
+        In autocommit mode the INSERT is its own transaction, so no BEGIN and COMMIT
+        round trips are paid for it on every revision.
+        """
+        if not self._postgres:
+            async with self.conn.begin():
+                yield
+            return
+        await self.conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            async with self.conn.begin():  # sends nothing in autocommit mode
+                yield
+        finally:
+            await self.conn.execution_options(isolation_level=self._isolation_level)
 
     async def _prepare_session(self) -> None:
         """Apply the settings every revision on this connection runs with, once."""
