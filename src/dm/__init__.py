@@ -7,27 +7,31 @@ has a blocking ``*_sync`` twin. See ``dm.api`` for the details.
 
 from __future__ import annotations
 
-from .api import check
-from .api import check_sync
-from .api import current
-from .api import current_sync
-from .api import downgrade
-from .api import downgrade_sync
-from .api import info
-from .api import info_sync
-from .api import resolve
-from .api import resolve_sync
-from .api import rollback
-from .api import rollback_sync
-from .api import run
-from .api import run_sync
-from .api import status
-from .api import status_sync
-from .api import upgrade
-from .api import upgrade_sync
-from .api import verify
-from .api import verify_sync
+import typing as _typing
+
 from .errors import DmError
+
+if _typing.TYPE_CHECKING:
+    from .api import check
+    from .api import check_sync
+    from .api import current
+    from .api import current_sync
+    from .api import downgrade
+    from .api import downgrade_sync
+    from .api import info
+    from .api import info_sync
+    from .api import resolve
+    from .api import resolve_sync
+    from .api import rollback
+    from .api import rollback_sync
+    from .api import run
+    from .api import run_sync
+    from .api import status
+    from .api import status_sync
+    from .api import upgrade
+    from .api import upgrade_sync
+    from .api import verify
+    from .api import verify_sync
 
 __version__ = "0.1.0"
 
@@ -55,3 +59,12 @@ __all__ = [
     "verify",
     "verify_sync",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    """Import the programmatic API on first use, so ``import dm`` stays light."""
+    if name in __all__ and name not in ("DmError", "__version__"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'dm' has no attribute {name!r}")
