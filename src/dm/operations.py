@@ -239,12 +239,8 @@ def _descendants(graph: Graph, revision: str) -> list[str]:
 
 
 async def _mark_forced(conn: AsyncConnection, tracker: Tracker, revision: str, reason: str) -> None:
-    t = tracker.table
     async with conn.begin():
-        last = sa.select(sa.func.max(t.c.id)).where(t.c.revision == revision).scalar_subquery()
-        await conn.execute(
-            t.update().where(t.c.id == last, t.c.reason.is_(None)).values(reason=reason)
-        )
+        await tracker.annotate_latest(conn, revision, reason)
 
 
 # -- manual resolution --------------------------------------------------------------------------

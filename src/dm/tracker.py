@@ -431,6 +431,14 @@ class Tracker:
             values["reason"] = reason
         await conn.execute(self._finish_attempt, values)
 
+    async def annotate_latest(self, conn: AsyncConnection, revision: str, reason: str) -> None:
+        """Set the reason of ``revision``'s latest attempt, unless it already has one."""
+        t = self.table
+        last = sa.select(sa.func.max(t.c.id)).where(t.c.revision == revision).scalar_subquery()
+        await conn.execute(
+            t.update().where(t.c.id == last, t.c.reason.is_(None)).values(reason=reason)
+        )
+
     async def fail_pending(self, conn: AsyncConnection, reason: str) -> list[str]:
         """Mark every pending attempt failed with ``reason``; return their revisions."""
         t = self.table
