@@ -140,18 +140,18 @@ class RevisionStatus:
 
     revision: str
     description: str
-    status: str | None
-    direction: str | None
-    applied: bool
-    attempts: int
-    started_at: datetime | None
-    finished_at: datetime | None
-    duration_ms: int | None
-    run_by: str | None
-    pod_name: str | None
-    error: str | None
-    reason: str | None
-    is_head: bool
+    status: str | None = None
+    direction: str | None = None
+    applied: bool = False
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_ms: int | None = None
+    run_by: str | None = None
+    pod_name: str | None = None
+    error: str | None = None
+    reason: str | None = None
+    is_head: bool = False
     missing_file: bool = False
     modified: bool = False
     """The file changed since the attempt that applied it (checksums differ)."""
@@ -543,22 +543,7 @@ def _revision_status(
     modified: bool = False,
 ) -> RevisionStatus:
     if attempt is None:
-        return RevisionStatus(
-            revision,
-            description,
-            None,
-            None,
-            False,
-            0,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            is_head,
-        )
+        return RevisionStatus(revision, description, is_head=is_head)
     return RevisionStatus(
         revision=revision,
         description=description,
