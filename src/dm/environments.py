@@ -89,6 +89,8 @@ def decide(step: Step, environment: str, latest: Attempt | None) -> Decision:
 
 def retry_skipped(graph: Graph, latest: Mapping[str, Attempt], environment: str) -> list[Step]:
     """Return upgrade steps for skipped revisions now allowed, parents before children."""
+    if not any(attempt.is_skipped for attempt in latest.values()):
+        return []  # the common case: no graph walk
     return [
         Step(script, True)
         for script in graph.walk()
