@@ -32,12 +32,14 @@ if _typing.TYPE_CHECKING:
     from .api import upgrade_sync
     from .api import verify
     from .api import verify_sync
+    from .batching import batched
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DmError",
     "__version__",
+    "batched",
     "check",
     "check_sync",
     "current",
@@ -63,6 +65,10 @@ __all__ = [
 
 def __getattr__(name: str) -> _typing.Any:
     """Import the programmatic API on first use, so ``import dm`` stays light."""
+    if name == "batched":
+        from .batching import batched
+
+        return batched
     if name in __all__ and name not in ("DmError", "__version__"):
         from . import api
 

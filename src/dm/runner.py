@@ -31,6 +31,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .batching import RunContext
+from .batching import run_context
 from .errors import RevisionFailed
 from .graph import Step
 from .graph import checksum
@@ -150,12 +152,15 @@ class Runner:
         interrupt = None if self._postgres else await self._sqlite_interrupt()
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
         deadline = asyncio.timeout(limit)
+        transactional = getattr(step.module, "transactional", True) is not False
+        context = run_context(RunContext(step.revision, transactional))
         try:
-            async with deadline:
-                if interrupt is None:
-                    await self._hooks(step, session)
-                else:
-                    await _interruptible(self._hooks(step, session), interrupt)
+            with context:
+                async with deadline:
+                    if interrupt is None:
+                        await self._hooks(step, session)
+                    else:
+                        await _interruptible(self._hooks(step, session), interrupt)
             await session.flush()
         except TimeoutError as exc:
             if limit is not None and deadline.expired():
