@@ -109,6 +109,15 @@ def applied_revisions(latest: Mapping[str, Attempt]) -> set[str]:
     return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
 
 
+def _per_revision(table: sa.TableClause) -> sa.Subquery:
+    """Each revision's latest attempt id (``last_id``) and number of attempts (``attempts``)."""
+    return (
+        sa.select(sa.func.max(table.c.id).label("last_id"), sa.func.count().label("attempts"))
+        .group_by(table.c.revision)
+        .subquery()
+    )
+
+
 def utcnow() -> datetime:
     """Return the current time in UTC."""
     return datetime.now(UTC)
@@ -262,14 +271,7 @@ class Tracker:
     async def latest(self, conn: AsyncConnection) -> dict[str, Attempt]:
         """Return the latest attempt of every revision the tracker knows (read-only)."""
         t = self.table
-        per_revision = (
-            sa.select(
-                sa.func.max(t.c.id).label("last_id"),
-                sa.func.count().label("attempts"),
-            )
-            .group_by(t.c.revision)
-            .subquery()
-        )
+        per_revision = _per_revision(t)
         query = sa.select(
             t.c.id,
             t.c.revision,
@@ -330,11 +332,7 @@ class Tracker:
             sa.column("error"),
             schema=self.schema,
         )
-        per_revision = (
-            sa.select(sa.func.max(v1.c.id).label("last_id"), sa.func.count().label("attempts"))
-            .group_by(v1.c.revision)
-            .subquery()
-        )
+        per_revision = _per_revision(v1)
         query = sa.select(v1, per_revision.c.attempts).join(
             per_revision, v1.c.id == per_revision.c.last_id
         )
