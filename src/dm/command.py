@@ -345,7 +345,7 @@ async def _record_unrun(
     prior = runner.latest.get(step.revision)
     conn = await db.conn()
     async with conn.begin():
-        await db.tracker.start(
+        attempt_id = await db.tracker.start(
             conn,
             runner.run_info,
             revision=step.revision,
@@ -356,7 +356,7 @@ async def _record_unrun(
             status=status,
             reason=decision.reason,
         )
-        runner.latest.update(await db.tracker.latest(conn))
+    runner.remember(step, attempt_id, status)
     log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, decision.reason)
     return StepResult(step.revision, step.direction, status, 0, step.description)
 

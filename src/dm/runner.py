@@ -142,8 +142,15 @@ class Runner:
             raise
         duration = _elapsed_ms(started)
         log.info("%s: %s in %d ms", label, final.value, duration)
-        self.latest[step.revision] = _finished(step, attempt_id, attempt_number, final, prior)
+        self.remember(step, attempt_id, final)
         return StepResult(step.revision, step.direction, final, duration, step.description)
+
+    def remember(self, step: Step, attempt_id: int, status: Status) -> None:
+        """Make ``status`` the revision's latest attempt for the rest of this run."""
+        prior = self.latest.get(step.revision)
+        self.latest[step.revision] = _finished(
+            step, attempt_id, (prior.attempt if prior else 0) + 1, status, prior
+        )
 
     async def _execute(self, step: Step) -> None:
         limit = _timeout_of(step, self.timeout)
