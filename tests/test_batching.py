@@ -1,8 +1,15 @@
-"""dm.batched: keyset-paginated batches inside a transactional revision, on both databases."""
+"""dm.batched on both databases: paging, per-batch checkpoints, resuming, progress."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
+from datetime import UTC
+from datetime import date
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -55,12 +62,226 @@ def test_batched_in_a_transactional_revision_rolls_back_on_failure(project: Proj
     assert rows[0].n == 0
 
 
-def test_batched_in_a_non_transactional_revision_is_refused_for_now(project: Project) -> None:
-    make_items(project, 3)
-    project.write(A, None, LOOP, extra=SETUP + "\ntransactional = False\n")
+# A non-transactional revision whose loop fails after DM_TEST_FAIL_AFTER batches (once
+# their writes are made but before the next batch is asked for).
+NON_TRANSACTIONAL = (
+    SETUP
+    + """
+import json
+import os
+transactional = False
+"""
+)
+
+FAILING_LOOP = """
+from dm import batched
+fail_after = int(os.environ.get("DM_TEST_FAIL_AFTER", "0"))
+query = sa.select(items.c.id).where(items.c.hits == 0)
+async for n, batch in aenumerate(batched(session, query, key=items.c.id, size=7)):
+    await session.execute(
+        items.update()
+        .where(items.c.id.between(batch.first_key, batch.last_key))
+        .values(hits=items.c.hits + 1)
+    )
+    if n + 1 == fail_after:
+        raise RuntimeError(f"failing after batch {n + 1}")
+"""
+
+AENUMERATE = """
+async def aenumerate(iterable):
+    n = 0
+    async for item in iterable:
+        yield n, item
+        n += 1
+"""
+
+
+def hits(project: Project) -> list[tuple[int, int]]:
+    rows = project.db.query("SELECT hits, count(*) AS n FROM items GROUP BY hits ORDER BY hits")
+    return [(r.hits, r.n) for r in rows]
+
+
+def attempts(project: Project) -> list[tuple[str, Any]]:
+    rows = project.db.tracker()
+    return [(r.status, _json(r.checkpoint)) for r in rows]
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def test_non_transactional_failure_keeps_committed_batches_and_resumes(project: Project) -> None:
+    make_items(project, 50)
+    project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
+
+    failed = invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="3")
+    assert failed.exit_code == 1
+    assert "failing after batch 3" in failed.stderr
+    # Batches 1 and 2 were committed with their checkpoint; batch 3 was rolled back.
+    assert hits(project) == [(0, 36), (1, 14)]
+    checkpoint = {"loop": 0, "last_key": 14, "rows_done": 14, "rows_total": None}
+    assert attempts(project) == [("failed", {**checkpoint, "finished": False})]
+
+    status = invoke(project, "status", "--json")
+    (row,) = json.loads(status.stdout)
+    assert row["status"] == "failed" and row["checkpoint"]["last_key"] == 14
+
+    resumed = invoke(project, "upgrade", "heads")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "resuming after key 14, 14 rows already done" in resumed.stderr
+    assert hits(project) == [(1, 50)]
+    final = attempts(project)[-1]
+    assert final[0] == "success"
+    assert final[1] == {
+        "loop": 0,
+        "last_key": 50,
+        "rows_done": 50,
+        "rows_total": None,
+        "finished": True,
+    }
+
+
+def test_a_finished_loop_is_not_run_again_by_the_next_attempt(project: Project) -> None:
+    make_items(project, 20)
+    body = """
+    from dm import batched
+    query = sa.select(items.c.id)
+    async for batch in batched(session, query, key=items.c.id, size=6):
+        await session.execute(
+            items.update()
+            .where(items.c.id.between(batch.first_key, batch.last_key))
+            .values(hits=items.c.hits + 1)
+        )
+    async for batch in batched(session, query, key=items.c.id, size=6):
+        await session.execute(
+            items.update()
+            .where(items.c.id.between(batch.first_key, batch.last_key))
+            .values(hits=items.c.hits + 10)
+        )
+        if os.environ.get("DM_TEST_FAIL_AFTER") and batch.last_key >= 12:
+            raise RuntimeError("second loop fails")
+    """
+    project.write(A, None, body, extra=NON_TRANSACTIONAL)
+    failed = invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="1")
+    assert failed.exit_code == 1
+    assert hits(project) == [(1, 14), (11, 6)]
+
+    resumed = invoke(project, "upgrade", "heads")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "finished by an earlier attempt; skipped" in resumed.stderr
+    assert hits(project) == [(11, 20)]
+
+
+def test_a_non_transactional_downgrade_resumes_its_own_checkpoint(project: Project) -> None:
+    make_items(project, 30)
+    loop = """
+    from dm import batched
+    query = sa.select(items.c.id).where(items.c.hits == {before})
+    async for batch in batched(session, query, key=items.c.id, size=4):
+        await session.execute(
+            items.update()
+            .where(items.c.id.between(batch.first_key, batch.last_key))
+            .values(hits={after})
+        )
+        if os.environ.get("DM_TEST_FAIL_AFTER") and batch.last_key >= 8:
+            raise RuntimeError("downgrade fails")
+    """
+    project.write(
+        A,
+        None,
+        loop.format(before=0, after=1),
+        downgrade=loop.format(before=1, after=0),
+        extra=NON_TRANSACTIONAL,
+    )
+    assert invoke(project, "upgrade", "heads").exit_code == 0
+    failed = invoke(project, "downgrade", "base", DM_TEST_FAIL_AFTER="1")
+    assert failed.exit_code == 1
+    assert hits(project) == [(0, 4), (1, 26)]
+    resumed = invoke(project, "downgrade", "base")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "resuming after key 4" in resumed.stderr
+    assert hits(project) == [(0, 30)]
+    assert [status for status, _ in attempts(project)] == ["success", "failed", "rolled_back"]
+
+
+def test_a_successful_attempt_is_not_resumed(project: Project) -> None:
+    make_items(project, 10)
+    project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
+    assert invoke(project, "upgrade", "heads").exit_code == 0
+    assert invoke(project, "downgrade", "base").exit_code == 0
+    project.db.query("UPDATE items SET hits = 0")
+    again = invoke(project, "upgrade", "heads")
+    assert again.exit_code == 0, again.stderr
+    assert "resuming" not in again.stderr
+    assert hits(project) == [(1, 10)]
+
+
+def test_verify_of_a_non_transactional_revision_sees_committed_work(project: Project) -> None:
+    make_items(project, 10)
+    verify = """
+    count = await session.scalar(sa.select(sa.func.count()).where(items.c.hits != 1))
+    return count == 0
+    """
+    project.write(A, None, FAILING_LOOP, verify=verify, extra=NON_TRANSACTIONAL + AENUMERATE)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 0, result.stderr
+    assert [status for status, _ in attempts(project)] == ["success"]
+
+
+def test_progress_is_logged_with_the_total_and_as_json(project: Project) -> None:
+    make_items(project, 30)
+    loop = LOOP.replace("size=7)", "size=7, count=True, throttle=0.01)")
+    project.write(A, None, loop, extra=SETUP)
+    text = invoke(project, "upgrade", "heads")
+    assert text.exit_code == 0, text.stderr
+    assert f"upgrade {A}: 30/30 rows (100%)" in text.stderr
+
+    assert invoke(project, "downgrade", "base").exit_code == 0
+    project.db.query("UPDATE items SET hits = 0")
+    as_json = invoke(project, "--log-format", "json", "upgrade", "heads")
+    assert as_json.exit_code == 0, as_json.stderr
+    entries = [json.loads(line) for line in as_json.stderr.splitlines()]
+    (progress,) = [e["progress"] for e in entries if "progress" in e]
+    assert progress["rows_done"] == 30 and progress["rows_total"] == 30
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        7,
+        "user-7",
+        uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        date(2026, 1, 2),
+        Decimal("12.50"),
+    ],
+)
+def test_checkpoint_keys_survive_json(value: Any) -> None:
+    from dm.batching import decode_key
+    from dm.batching import encode_key
+
+    stored = json.loads(json.dumps(encode_key(value, A)))
+    assert decode_key(stored) == value
+    assert type(decode_key(stored)) is type(value)
+
+
+def test_a_key_that_cannot_be_checkpointed_fails_before_any_write(project: Project) -> None:
+    project.db.query(
+        "CREATE TABLE blobs (id BLOB PRIMARY KEY)"
+        if project.db.url.startswith("sqlite")
+        else "CREATE TABLE blobs (id BYTEA PRIMARY KEY)"
+    )
+    project.db.query("INSERT INTO blobs (id) VALUES (:v)", v=b"\x01")
+    body = """
+    from dm import batched
+    blobs = sa.table("blobs", sa.column("id"))
+    async for batch in batched(session, sa.select(blobs.c.id), key=blobs.c.id):
+        raise AssertionError("never reached")
+    """
+    project.write(A, None, body, extra=NON_TRANSACTIONAL)
     result = invoke(project, "upgrade", "heads")
     assert result.exit_code == 1
-    assert "transactional = False is not supported yet" in result.stderr
+    assert "a key of type bytes cannot be stored in a checkpoint" in result.stderr
 
 
 def test_batched_needs_the_key_in_the_query(project: Project) -> None:

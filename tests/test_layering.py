@@ -13,10 +13,20 @@ PACKAGE = REPO / "src" / "dm"
 # module -> dm modules it may import (type-only imports included)
 ALLOWED: dict[str, set[str]] = {
     "__init__": {"api", "batching", "errors"},
-    "batching": {"tracker", "errors"},
+    "batching": {"progress"},
+    "progress": set(),
     "api": {"command", "operations", "settings", "errors"},
     "__main__": {"cli"},
-    "cli": {"__init__", "command", "operations", "settings", "errors", "log", "signals"},
+    "cli": {
+        "__init__",
+        "command",
+        "operations",
+        "settings",
+        "errors",
+        "log",
+        "progress",
+        "signals",
+    },
     "command": {
         "__init__",
         "graph",

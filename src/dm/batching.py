@@ -2,36 +2,67 @@
 
 The query is re-issued per batch with ``key > last_key`` (ascending on ``key``), so memory
 stays constant whatever the table size and rows changed by earlier batches are not
-revisited. The runner sets the run context that ``batched`` reads; used outside a dm run,
-``batched`` raises :class:`BatchingError`.
+revisited.
 
-Not done yet: revisions with ``transactional = False`` (one commit per batch, with a
-checkpoint in the attempt row, resumed by the next run), throttling and progress.
+In a revision with ``transactional = False`` each batch's writes are committed together
+with a checkpoint (the loop, the last key, the rows done) in the attempt's tracker row.
+When the attempt fails or is interrupted, the next run of the same revision and direction
+starts after that checkpoint, so every row is processed exactly once. A hook may run
+several ``batched`` loops one after the other; the checkpoint records which one was
+running, and the loops an earlier attempt finished are skipped.
+
+In a transactional revision ``batched`` only pages: the whole revision is one transaction
+and there is no checkpoint. The runner sets the run context ``batched`` reads; used outside
+a dm run, ``batched`` raises :class:`BatchingError`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import decimal
+import logging
+import uuid
 from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from .progress import Progress
+
+log = logging.getLogger("dm.batched")
+
+SaveCheckpoint = Callable[[AsyncSession, dict[str, Any]], Awaitable[None]]
+
 
 class BatchingError(RuntimeError):
-    """``batched`` was used wrongly: outside a dm run, or with an unsupported key."""
+    """``batched`` was used wrongly: outside a dm run, or with an unusable key or option."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class RunContext:
-    """What ``batched`` needs to know about the revision being run."""
+    """What ``batched`` needs to know about the hook being run.
+
+    ``resume`` is the checkpoint an earlier failed attempt left (non-transactional
+    revisions only); ``save_checkpoint`` writes a checkpoint in the session's transaction.
+    ``loops`` counts the ``batched`` loops the hook has started.
+    """
 
     revision: str
+    direction: str
     transactional: bool
+    resume: Mapping[str, Any] | None = None
+    save_checkpoint: SaveCheckpoint | None = None
+    loops: int = 0
 
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
@@ -64,35 +95,115 @@ async def batched(
     *,
     key: sa.ColumnElement[Any],
     size: int = 1000,
+    throttle: float = 0.0,
+    count: bool = False,
 ) -> AsyncIterator[Batch]:
-    """Yield the rows of ``query`` in batches of ``size``, ordered by ``key``.
+    """Yield the rows of ``query`` in batches of at most ``size``, ordered by ``key``.
 
-    ``key`` must be one of the query's selected columns, unique and not null. Bound each
-    batch's write by ``batch.first_key``/``batch.last_key`` (``key BETWEEN first AND
-    last``): on PostgreSQL a range is about 2.7 times faster than ``key IN (<ids>)``.
+    ``key`` must be one of the query's selected columns, unique and never null; the query
+    is re-issued per batch as ``query WHERE key > <last key> ORDER BY key LIMIT size``
+    (any ORDER BY of its own is replaced). Bound each batch's write by
+    ``key BETWEEN batch.first_key AND batch.last_key``: on PostgreSQL a range is about 2.7
+    times faster than ``key IN (<ids>)``.
+
+    :param throttle: seconds to sleep after each batch, so live traffic keeps its share.
+    :param count: run one ``COUNT(*)`` of the query first, for a total and an ETA.
     """
     context = _current.get()
     if context is None:
         raise BatchingError("dm.batched() can only be used inside a revision run by dm")
-    if context.transactional is False:
-        raise BatchingError(
-            f"revision {context.revision}: dm.batched() in a revision with "
-            "transactional = False is not supported yet"
-        )
+    revision = context.revision
     if size < 1:
-        raise BatchingError(f"revision {context.revision}: size must be at least 1")
-    position = _key_position(query, key, context.revision)
+        raise BatchingError(f"revision {revision}: batched() size must be at least 1")
+    if throttle < 0:
+        raise BatchingError(f"revision {revision}: batched() throttle must not be negative")
+    position = _key_position(query, key, revision)
+    loop = context.loops
+    context.loops += 1
+    save = None if context.transactional else context.save_checkpoint
+    label = f"{context.direction} {revision}" + (f" (loop {loop + 1})" if loop else "")
+
+    start = _Start.from_checkpoint(context.resume, loop, revision)
+    if start.skip:
+        log.info("%s: finished by an earlier attempt; skipped", label)
+        return
+    if start.done:
+        log.info("%s: resuming after key %r, %d rows already done", label, start.last, start.done)
+    last, done = start.last, start.done
+    page_query = query.order_by(None)
+    total = None
+    if count:  # the rows still to do, plus those an earlier attempt did
+        remaining = page_query if last is None else page_query.where(key > last)
+        total = done + await _count(session, remaining)
+    progress = Progress(label, total, done=done)
+    completed = False
+    try:
+        while True:
+            page = page_query if last is None else page_query.where(key > last)
+            rows = list((await session.execute(page.order_by(key).limit(size))).all())
+            finished = len(rows) < size
+            if rows:
+                first_key, last_key = rows[0][position], rows[-1][position]
+                if first_key is None or last_key is None:
+                    raise BatchingError(f"revision {revision}: the key column must not be null")
+                stored_key = encode_key(last_key, revision) if save else None
+                yield Batch(rows, first_key, last_key)
+                last, done = last_key, done + len(rows)
+                progress.advance(len(rows))
+            else:
+                stored_key = encode_key(last, revision) if save and last is not None else None
+            if save is not None:
+                checkpoint = {
+                    "loop": loop,
+                    "last_key": stored_key,
+                    "rows_done": done,
+                    "rows_total": total,
+                    "finished": finished,
+                }
+                await save(session, checkpoint)
+                await session.commit()
+            if finished:
+                break
+            if throttle:
+                await asyncio.sleep(throttle)
+        completed = True
+        progress.finish()
+    finally:
+        if not completed:
+            progress.close()
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where one loop starts: skipped, after a key, or from the beginning."""
+
+    skip: bool = False
     last: Any = None
-    while True:
-        page = query if last is None else query.where(key > last)
-        result = await session.execute(page.order_by(key).limit(size))
-        rows = list(result.all())
-        if not rows:
-            return
-        first, last = rows[0][position], rows[-1][position]
-        yield Batch(rows, first, last)
-        if len(rows) < size:
-            return
+    done: int = 0
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Mapping[str, Any] | None, loop: int, revision: str
+    ) -> _Start:
+        if not checkpoint:
+            return cls()
+        try:
+            at_loop = int(checkpoint["loop"])
+            if loop < at_loop or (loop == at_loop and checkpoint.get("finished")):
+                return cls(skip=True)
+            if loop > at_loop or checkpoint.get("last_key") is None:
+                return cls()
+            return cls(last=decode_key(checkpoint["last_key"]), done=int(checkpoint["rows_done"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BatchingError(
+                f"revision {revision}: the checkpoint of the earlier attempt is unreadable "
+                f"({checkpoint!r})"
+            ) from exc
+
+
+async def _count(session: AsyncSession, query: sa.Select[Any]) -> int:
+    counted = sa.select(sa.func.count()).select_from(query.subquery())
+    return int((await session.execute(counted)).scalar_one())
 
 
 def _key_position(query: sa.Select[Any], key: sa.ColumnElement[Any], revision: str) -> int:
@@ -100,3 +211,47 @@ def _key_position(query: sa.Select[Any], key: sa.ColumnElement[Any], revision: s
         if column is key or column.compare(key):
             return index
     raise BatchingError(f"revision {revision}: the key column must be selected by the query")
+
+
+# -- keys in checkpoints ---------------------------------------------------------------
+# Integers and strings are stored as they are; other key types as {"<type>": "<text>"}.
+
+_TAGGED: dict[str, Callable[[str], Any]] = {
+    "uuid": uuid.UUID,
+    "datetime": datetime.fromisoformat,
+    "date": date.fromisoformat,
+    "decimal": decimal.Decimal,
+}
+
+
+def encode_key(value: Any, revision: str) -> Any:
+    """Return ``value`` as it is stored in a checkpoint (JSON).
+
+    :raises BatchingError: the key's type cannot be stored.
+    """
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int | str):
+        return value
+    elif isinstance(value, uuid.UUID):
+        return {"uuid": str(value)}
+    elif isinstance(value, datetime):
+        return {"datetime": value.isoformat()}
+    elif isinstance(value, date):
+        return {"date": value.isoformat()}
+    elif isinstance(value, decimal.Decimal):
+        return {"decimal": str(value)}
+    raise BatchingError(
+        f"revision {revision}: a key of type {type(value).__name__} cannot be stored in a "
+        "checkpoint; use an integer, string, UUID, date, datetime or numeric key"
+    )
+
+
+def decode_key(stored: Any) -> Any:
+    """Return the key value ``encode_key`` stored as ``stored``."""
+    if isinstance(stored, dict):
+        ((tag, text),) = stored.items()
+        return _TAGGED[tag](text)
+    if isinstance(stored, int | str) and not isinstance(stored, bool):
+        return stored
+    raise ValueError(f"not a stored key: {stored!r}")

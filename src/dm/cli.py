@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from collections.abc import Coroutine
+from collections.abc import Mapping
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -138,10 +139,12 @@ def main(
 ) -> None:
     """Run data migrations and maintenance scripts the way Alembic runs schema revisions."""
     from . import log
+    from . import progress
 
     ctx.obj = Invocation(config_file, section, database_url, verbose, log_format)
     secrets = [database_url] if database_url else []
     log.configure(verbose=verbose, json_lines=log_format == "json", secrets=secrets)
+    progress.use_bar(log_format == "text" and sys.stderr.isatty())
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -404,6 +407,10 @@ def status(invocation: Invocation, as_json: bool) -> None:
         if row.modified:
             state += " (modified)"
         note = row.reason if row.status == "skipped" else None
+        if row.checkpoint and row.status in ("pending", "failed"):
+            note = "checkpoint: " + _describe_checkpoint(row.checkpoint)
+            if row.status == "failed":
+                note += f"; the next {row.direction} resumes there"
         table.append(
             (
                 row.revision,
@@ -418,6 +425,16 @@ def status(invocation: Invocation, as_json: bool) -> None:
             )
         )
     _print_table(table)
+
+
+def _describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
+    rows = f"{checkpoint.get('rows_done', 0):,}"
+    total = checkpoint.get("rows_total")
+    if total:
+        rows += f"/{total:,}"
+    loop = checkpoint.get("loop", 0)
+    where = f"loop {loop + 1}, " if loop else ""
+    return f"{where}{rows} rows done, last key {checkpoint.get('last_key')!r}"
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

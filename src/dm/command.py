@@ -23,6 +23,7 @@ from dataclasses import field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 
 from .environments import Action
 from .environments import Decision
@@ -155,6 +156,8 @@ class RevisionStatus:
     missing_file: bool = False
     modified: bool = False
     """The file changed since the attempt that applied it (checksums differ)."""
+    checkpoint: dict[str, Any] | None = None
+    """Where a non-transactional revision's batches stand (running or failed attempt)."""
 
 
 @dataclass(frozen=True)
@@ -560,6 +563,7 @@ def _revision_status(
         reason=attempt.reason,
         is_head=is_head,
         modified=modified,
+        checkpoint=attempt.checkpoint,
     )
 
 

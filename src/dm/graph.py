@@ -68,6 +68,11 @@ class Step:
         return None if value is None else float(value)
 
     @property
+    def transactional(self) -> bool:
+        """Return False when the revision commits per batch (``transactional = False``)."""
+        return getattr(self.module, "transactional", True) is not False
+
+    @property
     def reversible(self) -> bool:
         """Return whether the revision defines ``downgrade()``."""
         return getattr(self.module, "downgrade", None) is not None

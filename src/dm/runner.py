@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import traceback
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
@@ -105,9 +107,18 @@ class Runner:
         return [await self.run_step(step) for step in steps]
 
     async def run_step(self, step: Step) -> StepResult:
-        """Run one step in its own transaction and record the outcome."""
+        """Run one step and record the outcome.
+
+        A transactional step runs in one transaction with its final status. A step with
+        ``transactional = False`` lets ``dm.batched`` commit per batch (with a checkpoint
+        in this attempt's row) and resumes from the checkpoint of a failed attempt in the
+        same direction; its final status is committed after its work.
+        """
         prior = self.latest.get(step.revision)
         attempt_number = (prior.attempt if prior else 0) + 1
+        resume = None
+        if not step.transactional and prior and prior.direction == step.direction:
+            resume = prior.checkpoint if prior.can_resume else None
         if self._postgres and not self._session_ready:
             await self._prepare_session()
         async with self._pending_row_transaction():
@@ -119,19 +130,37 @@ class Runner:
                 direction=step.direction,
                 attempt=attempt_number,
                 checksum=checksum(step.script),
+                checkpoint=resume,
             )
         label = f"{step.direction} {step.revision}"
         if step.description:
             label += f" ({step.description})"
-        log.info("%s: running", label)
+        if resume:
+            log.info(
+                "%s: running, resuming from the checkpoint of attempt %d",
+                label,
+                prior.attempt if prior else 0,
+            )
+        else:
+            log.info("%s: running", label)
         started = time.perf_counter()
         final = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
+        context = RunContext(
+            step.revision,
+            step.direction,
+            step.transactional,
+            resume=resume,
+            save_checkpoint=functools.partial(self._save_checkpoint, attempt_id),
+        )
         try:
-            async with self.conn.begin():
-                await self._execute(step)
-                await self.tracker.finish(
-                    self.conn, attempt_id, final, duration_ms=_elapsed_ms(started)
-                )
+            if step.transactional:
+                async with self.conn.begin():
+                    await self._execute(step, context)
+                    await self._finish(attempt_id, final, started)
+            else:
+                await self._execute(step, context)  # commits its own work
+                async with self.conn.begin():
+                    await self._finish(attempt_id, final, started)
         except BaseException as exc:
             duration = _elapsed_ms(started)
             message = self._describe(step, exc)
@@ -145,6 +174,14 @@ class Runner:
         self.remember(step, attempt_id, final)
         return StepResult(step.revision, step.direction, final, duration, step.description)
 
+    async def _finish(self, attempt_id: int, status: Status, started: float) -> None:
+        await self.tracker.finish(self.conn, attempt_id, status, duration_ms=_elapsed_ms(started))
+
+    async def _save_checkpoint(
+        self, attempt_id: int, session: AsyncSession, checkpoint: dict[str, Any]
+    ) -> None:
+        await self.tracker.save_checkpoint(session, attempt_id, checkpoint)
+
     def remember(self, step: Step, attempt_id: int, status: Status) -> None:
         """Make ``status`` the revision's latest attempt for the rest of this run."""
         prior = self.latest.get(step.revision)
@@ -152,23 +189,24 @@ class Runner:
             step, attempt_id, (prior.attempt if prior else 0) + 1, status, prior
         )
 
-    async def _execute(self, step: Step) -> None:
+    async def _execute(self, step: Step, context: RunContext) -> None:
         limit = _timeout_of(step, self.timeout)
-        if self._postgres:
+        if self._postgres and step.transactional:
             await self._set_local_timeouts(limit)
         interrupt = None if self._postgres else await self._sqlite_interrupt()
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
         deadline = asyncio.timeout(limit)
-        transactional = getattr(step.module, "transactional", True) is not False
-        context = run_context(RunContext(step.revision, transactional))
         try:
-            with context:
+            with run_context(context):
                 async with deadline:
                     if interrupt is None:
                         await self._hooks(step, session)
                     else:
                         await _interruptible(self._hooks(step, session), interrupt)
-            await session.flush()
+            if step.transactional:
+                await session.flush()
+            else:
+                await session.commit()
         except TimeoutError as exc:
             if limit is not None and deadline.expired():
                 raise RevisionTimedOut(limit) from exc
@@ -185,7 +223,10 @@ class Runner:
         await hook(session)
         verify = getattr(step.module, "verify", None)
         if step.is_upgrade and verify is not None:
-            await session.flush()
+            if step.transactional:
+                await session.flush()
+            else:
+                await session.commit()  # verify() sees the committed work
             try:
                 outcome = await verify(session)
             except (DBAPIError, TimeoutError):  # timeouts are reported as such

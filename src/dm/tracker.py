@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncSession
 
 SCHEMA_VERSION = 2
 """Layout of the tracker written by this dm.
@@ -65,6 +66,13 @@ class Attempt:
     pod_name: str | None
     checksum: str | None
     attempts: int
+    checkpoint: dict[str, Any] | None = None
+    """Where a non-transactional revision's ``batched`` loop stands (see ``dm.batching``)."""
+
+    @property
+    def can_resume(self) -> bool:
+        """Return whether a new attempt in the same direction starts at ``checkpoint``."""
+        return self.status is Status.FAILED and bool(self.checkpoint)
 
     @property
     def is_applied(self) -> bool:
@@ -166,10 +174,11 @@ class Tracker:
         # Built once: the runner writes two rows per revision, so statement construction
         # and compilation must not be paid each time (the compiled form is cached).
         self._insert_attempt = self.table.insert().returning(self.table.c.id)
-        self._finish_attempt = self.table.update().where(
+        self._update_pending = self.table.update().where(
             self.table.c.id == sa.bindparam("attempt_id"),
             self.table.c.status == Status.PENDING.value,
         )
+
         self.meta = sa.Table(
             f"{table}_meta",
             self.metadata,
@@ -287,6 +296,7 @@ class Tracker:
             t.c.run_by,
             t.c.pod_name,
             t.c.checksum,
+            t.c.checkpoint,
             per_revision.c.attempts,
         ).join(per_revision, t.c.id == per_revision.c.last_id)
         rows = (await conn.execute(query)).all()
@@ -307,6 +317,7 @@ class Tracker:
                 pod_name=row.pod_name,
                 checksum=row.checksum,
                 attempts=row.attempts,
+                checkpoint=row.checkpoint,
             )
             for row in rows
         }
@@ -377,8 +388,9 @@ class Tracker:
         checksum: str | None,
         status: Status = Status.PENDING,
         reason: str | None = None,
+        checkpoint: Mapping[str, Any] | None = None,
     ) -> int:
-        """Insert an attempt row and return its id."""
+        """Insert an attempt row and return its id (``checkpoint``: where it resumes)."""
         now = utcnow()
         finished = None if status is Status.PENDING else now
         result = await conn.execute(
@@ -399,6 +411,7 @@ class Tracker:
                 "dm_version": run.dm_version,
                 "environment": run.environment,
                 "checksum": checksum,
+                "checkpoint": None if checkpoint is None else dict(checkpoint),
             },
         )
         return int(result.scalar_one())
@@ -427,7 +440,18 @@ class Tracker:
             values.update(error_message=error_message, error_traceback=error_traceback)
         if reason is not None:
             values["reason"] = reason
-        await conn.execute(self._finish_attempt, values)
+        await conn.execute(self._update_pending, values)
+
+    async def save_checkpoint(
+        self,
+        executor: AsyncConnection | AsyncSession,
+        attempt_id: int,
+        checkpoint: Mapping[str, Any],
+    ) -> None:
+        """Store ``checkpoint`` in a pending attempt, in the caller's transaction."""
+        await executor.execute(
+            self._update_pending, {"attempt_id": attempt_id, "checkpoint": dict(checkpoint)}
+        )
 
     async def annotate_latest(self, conn: AsyncConnection, revision: str, reason: str) -> None:
         """Set the reason of ``revision``'s latest attempt, unless it already has one."""
