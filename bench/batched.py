@@ -1,0 +1,519 @@
+"""Measure what ``dm.batched`` costs on a 1M-row backfill on PostgreSQL.
+
+The table is ``users(id bigint primary key, email text not null, display_name text)`` with
+``--rows`` (default 1,000,000) rows, ``display_name`` NULL and ``email`` like
+``user{i}@example.com``. The backfill sets ``display_name = split_part(email, '@', 1)``
+where it is NULL. Four variants run in one process, each on a freshly built table (built
+with ``CREATE TABLE ... AS`` over ``generate_series``, then a primary key, ``VACUUM
+ANALYZE`` and a ``CHECKPOINT``, all outside the timed section; autovacuum is off on the
+table so that it does not start in the middle of one variant and not another):
+
+(a) **one UPDATE**: ``UPDATE users SET display_name = ... WHERE display_name IS NULL``, the
+    physical limit;
+(b) **asyncpg loop**: a keyset loop on a raw asyncpg connection; per batch of ``--size``
+    (default 10,000) rows, in one transaction, ``SELECT id ... WHERE display_name IS NULL
+    AND id > $1 ORDER BY id LIMIT n``, then ``UPDATE ... WHERE id BETWEEN $first AND $last
+    AND display_name IS NULL``, commit;
+(c) **SQLAlchemy loop**: the same loop with SQLAlchemy 2 Core statements on ``sa.table()``
+    run by an ``AsyncSession`` (``postgresql+asyncpg``), ``session.commit()`` per batch;
+(d) **dm.batched**: a revision with ``transactional = False`` whose ``upgrade()`` runs the
+    same loop through ``dm.batched`` (a commit and a checkpoint per batch), in a temporary
+    ``dm init`` project. The timed section is one in-process ``await dm.upgrade("heads",
+    config=...)`` call, so it includes dm's planning, lock and tracker rows, but not
+    interpreter start-up or imports. Between repetitions the tracker rows are deleted so
+    that the revision runs again.
+
+Each timed section opens its own connection(s). Before the timed repetitions every variant
+runs once, untimed, on a small table (imports, caches, dm's tracker tables). A repetition
+runs every variant once, in an order rotated by one each repetition so that drift on the
+machine is shared; the report shows medians over ``--reps`` (default 3). After every run
+the table must have no NULL ``display_name`` and every row (and a sample checked in
+Python) must equal ``split_part(email, '@', 1)``; otherwise the script prints FAIL and
+exits 1.
+
+Targets (rows/s, medians):
+
+* (d) >= 0.9x (c): dm's bookkeeping costs at most 10% over the same loop written by hand;
+* (c) >= 0.85x (a) and (d) >= 0.85x (a): a batched backfill stays close to one UPDATE;
+* constant memory (``--memory``, the default): the peak RSS of a ``dm upgrade heads`` of
+  the (d) revision, each in a fresh process (``dm.upgrade_sync``), over ``--rows`` rows and
+  over a tenth of them, differ by at most 10%.
+
+Usage (PostgreSQL at 127.0.0.1:5432 as postgres by default; the database
+``dm_bench_batched`` is dropped and created by the script)::
+
+    .venv/bin/python bench/batched.py                     # 1M rows, 3 repetitions
+    .venv/bin/python bench/batched.py --reps 1 --no-memory
+    .venv/bin/python bench/batched.py --rows 200000 --size 5000
+
+Exit status: 0 when every correctness check passed (the targets are reported, not
+enforced), 1 when a variant left the table wrong or a run failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+DATABASE = "dm_bench_batched"
+DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432"
+TRACKER_TABLE = "script_run_tracker"
+VARIANTS = ("a", "b", "c", "d")
+LABELS = {
+    "a": "(a) one UPDATE",
+    "b": "(b) asyncpg keyset loop",
+    "c": "(c) SQLAlchemy AsyncSession loop",
+    "d": "(d) dm.batched, transactional = False",
+}
+MIN_KEY = -(2**63)
+
+REVISION = '''"""Backfill users.display_name from the local part of the e-mail address.
+
+Revision ID: {rev}
+Revises:
+"""
+
+import sqlalchemy as sa
+
+from dm import batched
+
+revision = {rev!r}
+down_revision = None
+branch_labels = None
+depends_on = None
+
+transactional = {transactional!r}
+
+
+async def upgrade(session):
+    users = sa.table("users", sa.column("id"), sa.column("email"), sa.column("display_name"))
+    query = sa.select(users.c.id).where(users.c.display_name.is_(None))
+    async for batch in batched(session, query, key=users.c.id, size={size}):
+        await session.execute(
+            users.update()
+            .where(users.c.id.between(batch.first_key, batch.last_key))
+            .where(users.c.display_name.is_(None))
+            .values(display_name=sa.func.split_part(users.c.email, "@", 1))
+        )
+'''
+REVISION_ID = "b4c4f111ed01"
+
+USERS = sa.table("users", sa.column("id"), sa.column("email"), sa.column("display_name"))
+
+
+class BenchError(RuntimeError):
+    """A variant failed or left the table wrong."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the benchmark database lives."""
+
+    server: str
+    database: str
+
+    @property
+    def url(self) -> str:
+        """Return the plain ``postgresql://`` URL of the benchmark database (dm's form)."""
+        return f"{self.server.rstrip('/')}/{self.database}"
+
+    @property
+    def async_url(self) -> str:
+        """Return the SQLAlchemy URL of the benchmark database."""
+        return self.url.replace("postgresql://", "postgresql+asyncpg://", 1)
+
+    async def connect(self, database: str | None = None) -> asyncpg.Connection:
+        """Open an asyncpg connection to ``database`` (default: the benchmark database)."""
+        url = sa.make_url(self.url)
+        return await asyncpg.connect(
+            host=url.host,
+            port=url.port or 5432,
+            user=url.username,
+            password=url.password,
+            database=database or url.database,
+            timeout=10,
+        )
+
+    async def recreate(self) -> None:
+        """Drop (forcibly) and create the benchmark database."""
+        conn = await self.connect("postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            await conn.close()
+
+    async def drop(self) -> None:
+        """Drop the benchmark database."""
+        conn = await self.connect("postgres")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+async def build_table(target: Target, rows: int) -> None:
+    """(Re)build ``users`` with ``rows`` rows, ready to be backfilled, and reset dm's tracker."""
+    conn = await target.connect()
+    try:
+        await conn.execute("DROP TABLE IF EXISTS users")
+        await conn.execute(
+            "CREATE TABLE users AS SELECT i::bigint AS id, 'user' || i || '@example.com' AS email,"
+            f" NULL::text AS display_name FROM generate_series(1, {int(rows)}) AS i"
+        )
+        await conn.execute("ALTER TABLE users ADD PRIMARY KEY (id)")
+        await conn.execute("ALTER TABLE users ALTER COLUMN email SET NOT NULL")
+        await conn.execute("ALTER TABLE users SET (autovacuum_enabled = false)")
+        if await conn.fetchval("SELECT to_regclass($1)", TRACKER_TABLE):
+            await conn.execute(f"DELETE FROM {TRACKER_TABLE}")
+        await conn.execute("VACUUM ANALYZE users")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+async def check_table(target: Target, rows: int) -> str | None:
+    """Return what is wrong with the backfilled table, or None when it is right."""
+    conn = await target.connect()
+    try:
+        total = await conn.fetchval("SELECT count(*) FROM users")
+        if total != rows:
+            return f"{total} rows instead of {rows}"
+        nulls = await conn.fetchval("SELECT count(*) FROM users WHERE display_name IS NULL")
+        if nulls:
+            return f"{nulls} rows still have display_name NULL"
+        wrong = await conn.fetchval(
+            "SELECT count(*) FROM users "
+            "WHERE display_name IS DISTINCT FROM split_part(email, '@', 1)"
+        )
+        if wrong:
+            return f"{wrong} rows have a display_name other than split_part(email, '@', 1)"
+        sample = sorted({1, rows, *random.sample(range(1, rows + 1), min(rows, 20))})
+        for row in await conn.fetch(
+            "SELECT id, email, display_name FROM users WHERE id = ANY($1::bigint[])", sample
+        ):
+            if row["display_name"] != row["email"].split("@", 1)[0]:
+                return f"row {row['id']}: display_name {row['display_name']!r} for {row['email']}"
+        return None
+    finally:
+        await conn.close()
+
+
+# -- the variants ------------------------------------------------------------------------------
+
+
+async def one_update(target: Target, size: int, project: Path) -> None:
+    """(a) One UPDATE statement over the whole table."""
+    conn = await target.connect()
+    try:
+        await conn.execute(
+            "UPDATE users SET display_name = split_part(email, '@', 1) WHERE display_name IS NULL"
+        )
+    finally:
+        await conn.close()
+
+
+async def asyncpg_loop(target: Target, size: int, project: Path) -> None:
+    """(b) A keyset loop on a raw asyncpg connection, one transaction per batch."""
+    select = "SELECT id FROM users WHERE display_name IS NULL AND id > $1 ORDER BY id LIMIT $2"
+    update = (
+        "UPDATE users SET display_name = split_part(email, '@', 1) "
+        "WHERE id BETWEEN $1 AND $2 AND display_name IS NULL"
+    )
+    conn = await target.connect()
+    try:
+        last = MIN_KEY
+        while True:
+            async with conn.transaction():
+                ids = await conn.fetch(select, last, size)
+                if ids:
+                    last = ids[-1][0]
+                    await conn.execute(update, ids[0][0], last)
+            if len(ids) < size:
+                break
+    finally:
+        await conn.close()
+
+
+async def sqlalchemy_loop(target: Target, size: int, project: Path) -> None:
+    """(c) The same loop with Core statements run by an AsyncSession, a commit per batch."""
+    engine = create_async_engine(target.async_url, poolclass=NullPool)
+    try:
+        async with AsyncSession(engine, expire_on_commit=False) as session:
+            last = MIN_KEY
+            while True:
+                query = (
+                    sa.select(USERS.c.id)
+                    .where(USERS.c.display_name.is_(None), USERS.c.id > last)
+                    .order_by(USERS.c.id)
+                    .limit(size)
+                )
+                ids = (await session.execute(query)).all()
+                if ids:
+                    first, last = ids[0][0], ids[-1][0]
+                    await session.execute(
+                        USERS.update()
+                        .where(USERS.c.id.between(first, last))
+                        .where(USERS.c.display_name.is_(None))
+                        .values(display_name=sa.func.split_part(USERS.c.email, "@", 1))
+                    )
+                await session.commit()
+                if len(ids) < size:
+                    break
+    finally:
+        await engine.dispose()
+
+
+async def dm_batched(target: Target, size: int, project: Path) -> None:
+    """(d) ``dm upgrade heads`` of the ``dm.batched`` revision, in process."""
+    import dm
+
+    result = await dm.upgrade("heads", config=project / "alembic.ini")
+    ran = [step.revision for step in result.steps]
+    if ran != [REVISION_ID]:
+        raise BenchError(f"dm upgrade heads ran {ran}, expected [{REVISION_ID!r}]")
+
+
+Variant = Callable[[Target, int, Path], Awaitable[None]]
+RUNNERS: dict[str, Variant] = {
+    "a": one_update,
+    "b": asyncpg_loop,
+    "c": sqlalchemy_loop,
+    "d": dm_batched,
+}
+
+
+def make_project(root: Path, size: int, transactional: bool) -> Path:
+    """``dm init`` a project under ``root`` holding the one backfill revision."""
+    from dm import command
+
+    directory = root / "project"
+    command.init(directory)
+    text = REVISION.format(rev=REVISION_ID, size=size, transactional=transactional)
+    versions = directory / "data_migrations" / "versions"
+    (versions / f"{REVISION_ID}_backfill_display_name.py").write_text(text, encoding="utf-8")
+    return directory
+
+
+async def run_variant(variant: str, target: Target, rows: int, size: int, project: Path) -> float:
+    """Build the table, run ``variant`` once and check the table; return timed seconds."""
+    await build_table(target, rows)
+    started = time.perf_counter()
+    await RUNNERS[variant](target, size, project)
+    elapsed = time.perf_counter() - started
+    problem = await check_table(target, rows)
+    if problem:
+        raise BenchError(f"{LABELS[variant]}: {problem}")
+    return elapsed
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def child_rss(project: Path) -> int:
+    """Run ``dm upgrade heads`` in this (fresh) process; return its peak RSS in KiB."""
+    import dm
+
+    result = dm.upgrade_sync("heads", config=project / "alembic.ini")
+    ran = [step.revision for step in result.steps]
+    if ran != [REVISION_ID]:
+        raise BenchError(f"dm upgrade heads ran {ran}, expected [{REVISION_ID!r}]")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def measure_rss(target: Target, rows: int, project: Path) -> int:
+    """Build ``rows`` rows and return the peak RSS (KiB) of a fresh process running (d)."""
+    asyncio.run(build_table(target, rows))
+    env = {**os.environ, "DM_DATABASE_URL": target.url, "DM_CONFIG": str(project / "alembic.ini")}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child-rss", str(project)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"the memory run over {rows} rows failed:\n{proc.stderr[-2000:]}")
+    problem = asyncio.run(check_table(target, rows))
+    if problem:
+        raise BenchError(f"the memory run over {rows} rows: {problem}")
+    return int(proc.stdout.split()[-1])
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print ``rows`` as an aligned table, first column left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for index, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        print("  ".join(cells).rstrip())
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def verdict(passed: bool, text: str) -> bool:
+    """Print one target's PASS/FAIL line; return ``passed``."""
+    print(f"{'PASS' if passed else 'FAIL'}  {text}")
+    return passed
+
+
+def report(samples: dict[str, list[float]], rows: int, reps: int) -> None:
+    """Print the table of medians and the throughput targets."""
+    seconds = {v: statistics.median(samples[v]) for v in VARIANTS}
+    rate = {v: rows / seconds[v] for v in VARIANTS}
+    print(f"\n== Backfill of {rows:,} rows (median of {reps}) ==")
+    table = [("variant", "seconds", "rows/s", "vs (a)", "vs (c)", "all runs (s)")]
+    for v in VARIANTS:
+        table.append(
+            (
+                LABELS[v],
+                f"{seconds[v]:.3f}",
+                f"{rate[v]:,.0f}",
+                f"{rate[v] / rate['a']:.3f}x",
+                f"{rate[v] / rate['c']:.3f}x" if v == "d" else "",
+                " ".join(f"{s:.2f}" for s in samples[v]),
+            )
+        )
+    print_table(table)
+    print("\n== Targets (rows/s ratios) ==")
+    verdict(
+        rate["d"] >= 0.9 * rate["c"],
+        f"(d) >= 0.9x (c): {rate['d'] / rate['c']:.3f}x",
+    )
+    verdict(
+        rate["c"] >= 0.85 * rate["a"],
+        f"(c) >= 0.85x (a): {rate['c'] / rate['a']:.3f}x",
+    )
+    verdict(
+        rate["d"] >= 0.85 * rate["a"],
+        f"(d) >= 0.85x (a): {rate['d'] / rate['a']:.3f}x",
+    )
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace, target: Target, project: Path) -> dict[str, list[float]]:
+    """Warm every variant up, then time ``--reps`` rotated rounds; return the samples."""
+    warm_rows = 2 * args.size + 1
+    for variant in VARIANTS:
+        await run_variant(variant, target, warm_rows, args.size, project)
+    samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for rep in range(args.reps):
+        order = VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]
+        for variant in order:
+            seconds = await run_variant(variant, target, args.rows, args.size, project)
+            samples[variant].append(seconds)
+            print(
+                f"  repetition {rep + 1}/{args.reps}: {LABELS[variant]}: {seconds:.3f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return samples
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages, or "n/a"."""
+    try:
+        return " ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark and print the report; return the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="table rows (1000000)")
+    parser.add_argument("--size", type=int, default=10_000, help="rows per batch (10000)")
+    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (3)")
+    parser.add_argument(
+        "--url", default=DEFAULT_URL, help=f"PostgreSQL server, without a database ({DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare the peak RSS of (d) over --rows and --rows/10 rows (default: on)",
+    )
+    parser.add_argument(
+        "--transactional",
+        action="store_true",
+        help="run (d) with transactional = True (one transaction, no checkpoints)",
+    )
+    parser.add_argument("--child-rss", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child_rss is not None:
+        print(child_rss(args.child_rss))
+        return 0
+    if args.rows < 10 or args.size < 1 or args.reps < 1:
+        parser.error("--rows must be at least 10, --size and --reps at least 1")
+
+    target = Target(args.url, DATABASE)
+    os.environ["DM_DATABASE_URL"] = target.url
+    versions = (
+        f"python {sys.version.split()[0]}, sqlalchemy {sa.__version__}, "
+        f"asyncpg {asyncpg.__version__}"
+    )
+    print(f"{versions}; database {target.url}; {os.cpu_count()} CPUs")
+    print(
+        f"{args.rows:,} rows, batches of {args.size:,}, {args.reps} repetition(s); "
+        f"load average at start {load_average()}"
+    )
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="dm-bench-batched-") as tmp:
+        project = make_project(Path(tmp), args.size, transactional=args.transactional)
+        os.environ["DM_CONFIG"] = str(project / "alembic.ini")
+        asyncio.run(target.recreate())
+        try:
+            samples = asyncio.run(bench(args, target, project))
+            report(samples, args.rows, args.reps)
+            if args.memory:
+                small_rows = max(args.rows // 10, 10)
+                small = measure_rss(target, small_rows, project)
+                large = measure_rss(target, args.rows, project)
+                print("\n== Memory: peak RSS of a fresh process running (d) ==")
+                print(f"{small_rows:>11,} rows: {small:,} KiB")
+                print(f"{args.rows:>11,} rows: {large:,} KiB")
+                verdict(
+                    abs(large - small) <= 0.1 * small,
+                    f"peak RSS over {args.rows:,} rows within 10% of {small_rows:,} rows: "
+                    f"{large / small:.3f}x",
+                )
+        except BenchError as exc:
+            print(f"FAIL  {exc}")
+            failed = True
+        finally:
+            asyncio.run(target.drop())
+    print(f"load average at end {load_average()}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
