@@ -9,10 +9,14 @@ must be exactly 1: no batch lost, none applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import random
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -110,8 +114,9 @@ def test_every_row_is_processed_exactly_once_across_kills(project: Project) -> N
         process = spawn_dm(project, "upgrade", "heads", "--lock-timeout", "30")
         try:
             wait_for(
-                lambda t=target, a=after, p=process: p.poll() is not None
-                or rows_done(project, a) >= t,
+                lambda t=target, a=after, p=process: (
+                    p.poll() is not None or rows_done(project, a) >= t
+                ),
                 timeout=60,
             )
             if process.poll() is not None:
@@ -162,3 +167,30 @@ def test_sigterm_during_the_throttle_pause_stops_at_once(project: Project) -> No
             process.communicate()
     assert process.returncode == 143, stderr
     assert counters(project) == {1: SIZE, 0: ROWS - SIZE}
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_a_terminal_gets_a_progress_bar(project: Project) -> None:
+    make_items(project)
+    project.write(
+        REV, None, BODY.replace(f"size={SIZE})", f"size={SIZE}, count=True)"), extra=EXTRA
+    )
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "dm", "upgrade", "heads"],
+        cwd=project.root,
+        env={**os.environ, **project.env()},
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+    ) as process:
+        os.close(follower)
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the process has closed the terminal
+            while chunk := os.read(leader, 4096):
+                seen += chunk
+        os.close(leader)
+    assert process.returncode == 0, seen
+    text = seen.decode()
+    assert f"\rupgrade {REV}: [{'#' * 24}] 200,000/200,000 rows (100%)" in text
+    assert "rows/s, done" in text
+    assert counters(project) == {1: ROWS}

@@ -204,6 +204,40 @@ def test_a_non_transactional_downgrade_resumes_its_own_checkpoint(project: Proje
     assert [status for status, _ in attempts(project)] == ["success", "failed", "rolled_back"]
 
 
+def test_status_names_the_checkpoint_a_failed_revision_resumes_from(project: Project) -> None:
+    make_items(project, 20)
+    project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
+    assert invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="2").exit_code == 1
+    status = invoke(project, "status")
+    assert status.exit_code == 0, status.stderr
+    expected = "[checkpoint: 7 rows done, last key 7; the next upgrade resumes there]"
+    assert expected in status.stdout
+
+
+def test_a_changed_file_resumes_with_a_warning(project: Project) -> None:
+    make_items(project, 20)
+    project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
+    assert invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="2").exit_code == 1
+    project.write(A, None, FAILING_LOOP + "# fixed", extra=NON_TRANSACTIONAL + AENUMERATE)
+    resumed = invoke(project, "upgrade", "heads")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "the file changed since attempt 1; resuming from its checkpoint" in resumed.stderr
+    assert hits(project) == [(1, 20)]
+
+
+def test_resolving_the_failed_attempt_starts_the_next_run_over(project: Project) -> None:
+    make_items(project, 20)
+    project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
+    assert invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="2").exit_code == 1
+    project.db.query("UPDATE items SET hits = 0")  # the operator undid the batches by hand
+    resolved = invoke(project, "resolve", A, "--as", "rolled_back", "--reason", "start over")
+    assert resolved.exit_code == 0, resolved.stderr
+    again = invoke(project, "upgrade", "heads")
+    assert again.exit_code == 0, again.stderr
+    assert "resuming" not in again.stderr
+    assert hits(project) == [(1, 20)]
+
+
 def test_a_successful_attempt_is_not_resumed(project: Project) -> None:
     make_items(project, 10)
     project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)

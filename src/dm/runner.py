@@ -116,6 +116,7 @@ class Runner:
         """
         prior = self.latest.get(step.revision)
         attempt_number = (prior.attempt if prior else 0) + 1
+        digest = checksum(step.script)
         resume = None
         if not step.transactional and prior and prior.direction == step.direction:
             resume = prior.checkpoint if prior.can_resume else None
@@ -129,18 +130,23 @@ class Runner:
                 description=step.description,
                 direction=step.direction,
                 attempt=attempt_number,
-                checksum=checksum(step.script),
+                checksum=digest,
                 checkpoint=resume,
             )
         label = f"{step.direction} {step.revision}"
         if step.description:
             label += f" ({step.description})"
-        if resume:
+        if resume and prior:
             log.info(
-                "%s: running, resuming from the checkpoint of attempt %d",
-                label,
-                prior.attempt if prior else 0,
+                "%s: running, resuming from the checkpoint of attempt %d", label, prior.attempt
             )
+            if prior.checksum and prior.checksum != digest:
+                log.warning(
+                    "%s: the file changed since attempt %d; resuming from its checkpoint "
+                    "anyway (dm resolve settles the failed attempt to start over)",
+                    label,
+                    prior.attempt,
+                )
         else:
             log.info("%s: running", label)
         started = time.perf_counter()
