@@ -238,6 +238,19 @@ def test_resolving_the_failed_attempt_starts_the_next_run_over(project: Project)
     assert hits(project) == [(1, 20)]
 
 
+def test_a_timed_out_non_transactional_revision_keeps_its_batches(project: Project) -> None:
+    make_items(project, 40)
+    loop = FAILING_LOOP.replace("size=7)", "size=4, throttle=0.2)")
+    project.write(A, None, loop, extra=NON_TRANSACTIONAL + AENUMERATE + "timeout = 0.5\n")
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1
+    assert "timed out after 0.5s" in result.stderr
+    ((status, checkpoint),) = attempts(project)
+    done = checkpoint["rows_done"]
+    assert status == "failed" and 0 < done < 40
+    assert hits(project) == [(0, 40 - done), (1, done)]
+
+
 def test_a_successful_attempt_is_not_resumed(project: Project) -> None:
     make_items(project, 10)
     project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
