@@ -75,6 +75,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from dm import DmError
+
 DATABASE = "dm_bench_batched"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432"
 TRACKER_TABLE = "script_run_tracker"
@@ -325,7 +327,11 @@ async def run_variant(variant: str, target: Target, rows: int, size: int, projec
     await build_table(target, rows)
     gc.collect()  # every variant starts with the same garbage collector state
     started = time.perf_counter()
-    await RUNNERS[variant](target, size, project)
+    try:
+        await RUNNERS[variant](target, size, project)
+    except (asyncpg.PostgresError, sa.exc.SQLAlchemyError, DmError) as exc:
+        text = " ".join(str(exc).split())
+        raise BenchError(f"{LABELS[variant]}: {type(exc).__name__}: {text}") from exc
     elapsed = time.perf_counter() - started
     problem = await check_table(target, rows)
     if problem:
