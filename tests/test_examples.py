@@ -1,5 +1,6 @@
 """The example project's scripts (ported from the old framework), on SQLite and PostgreSQL:
-the environment-guarded test-user cleanup, the plan catalogue sync and its rollback."""
+the environment-guarded test-user cleanup, the plan catalogue sync and its rollback, and the
+resumable batched backfill of display names."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dm.errors import IrreversiblePlan
 from dm.tracker import Status
 
 SYNC, USERS, CLEANUP = "4e8d2a6c1f93", "7a1c5e9b3d20", "9f3b7d2e5a61"
+BACKFILL = "94fea9b2a5d5"
 GUARD = "environment 'production' not in ('development', 'staging')"
 
 
@@ -48,6 +50,21 @@ def users(project: Project) -> list[str]:
     return [r.email for r in project.db.query("SELECT email FROM users ORDER BY id")]
 
 
+def display_names(project: Project) -> dict[str, str | None]:
+    rows = project.db.query("SELECT email, display_name FROM users ORDER BY id")
+    return {r.email: r.display_name for r in rows}
+
+
+def has_display_name_column(project: Project) -> bool:
+    if project.db.kind == "sqlite":
+        return any(r.name == "display_name" for r in project.db.query("PRAGMA table_info(users)"))
+    found = project.db.query(
+        "SELECT 1 FROM information_schema.columns"
+        " WHERE table_name = 'users' AND column_name = 'display_name'"
+    )
+    return bool(found)
+
+
 def plans(project: Project) -> dict[str, tuple[int, bool]]:
     rows = project.db.query("SELECT code, monthly_price_cents, active FROM plans")
     return {r.code: (r.monthly_price_cents, bool(r.active)) for r in rows}
@@ -56,9 +73,15 @@ def plans(project: Project) -> dict[str, tuple[int, bool]]:
 def test_production_upgrade_syncs_plans_and_skips_the_test_user_cleanup(example: Project) -> None:
     result = ok(invoke(example, "upgrade"))
     assert f"skipped {CLEANUP}: {GUARD}" in result.stdout
-    last = example.db.tracker()[-1]
-    assert (last.revision, last.status, last.reason) == (CLEANUP, "skipped", GUARD)
-    assert len(users(example)) == 4  # nothing deleted in production
+    cleanup, backfill = example.db.tracker()[-2:]
+    assert (cleanup.revision, cleanup.status, cleanup.reason) == (CLEANUP, "skipped", GUARD)
+    assert (backfill.revision, backfill.status) == (BACKFILL, "success")
+    assert display_names(example) == {  # nothing deleted in production; every name filled
+        "alice@example.com": "alice",
+        "bob@example.com": "bob",
+        "qa-1@test.example": "qa-1",
+        "qa-2@test.example": "qa-2",
+    }
     assert plans(example) == {
         "free": (0, True),
         "pro": (1900, True),
@@ -66,11 +89,13 @@ def test_production_upgrade_syncs_plans_and_skips_the_test_user_cleanup(example:
         "business": (9900, True),
     }
     verify = json.loads(ok(invoke(example, "verify", "--json")).stdout)
-    assert verify["ok"] and len(verify["outcomes"]) == 5
+    assert verify["ok"] and len(verify["outcomes"]) == 6
     ok(invoke(example, "check"))
     history = ok(invoke(example, "list")).stdout
-    assert f"{USERS} -> {CLEANUP} (head), Delete test users (development and staging only)" in (
-        history
+    assert f"{USERS} -> {CLEANUP}, Delete test users (development and staging only)" in history
+    assert (
+        f"{CLEANUP} -> {BACKFILL} (head), Backfill users' display names from their e-mail"
+        in history
     )
 
 
@@ -78,7 +103,7 @@ def test_the_cleanup_runs_when_the_database_is_used_in_staging(example: Project)
     ok(invoke(example, "upgrade"))
     result = ok(invoke(example, "upgrade", DM_ENVIRONMENT="staging"))
     assert "upgrade: 1 revision(s) done" in result.stdout
-    assert users(example) == ["alice@example.com", "bob@example.com"]
+    assert display_names(example) == {"alice@example.com": "alice", "bob@example.com": "bob"}
     assert [
         (o["revision"], o["result"])
         for o in json.loads(ok(invoke(example, "verify", CLEANUP, "--json")).stdout)["outcomes"]
@@ -95,10 +120,11 @@ def test_plan_sync_rolls_back_to_the_previous_catalogue(
     monkeypatch.setenv("DM_DATABASE_URL", example.db.url)
     refused = invoke(example, "rollback", SYNC)
     assert refused.exit_code == 2
-    assert f"applied revisions depend on it: {CLEANUP}, {USERS}" in refused.stderr
+    assert f"applied revisions depend on it: {BACKFILL}, {CLEANUP}, {USERS}" in refused.stderr
     # The skipped cleanup needs no downgrade(): nothing ran, nothing to undo.
     result = dm.downgrade_sync("d27b95f3e6a4", config=example.config)
     assert [(s.revision, s.status) for s in result.steps] == [
+        (BACKFILL, Status.ROLLED_BACK),
         (CLEANUP, Status.ROLLED_BACK),
         (USERS, Status.ROLLED_BACK),
         (SYNC, Status.ROLLED_BACK),
@@ -108,6 +134,7 @@ def test_plan_sync_rolls_back_to_the_previous_catalogue(
         SYNC,
         USERS,
         CLEANUP,
+        BACKFILL,
     ]
 
 
@@ -115,8 +142,42 @@ def test_examples_through_the_api(example: Project, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("DM_DATABASE_URL", example.db.url)
     monkeypatch.setenv("DM_ENVIRONMENT", "development")
     result = dm.upgrade_sync(config="alembic.ini")
-    assert [s.status for s in result.steps] == [Status.SUCCESS] * 6
-    assert users(example) == ["alice@example.com", "bob@example.com"]
+    assert [s.status for s in result.steps] == [Status.SUCCESS] * 7
+    assert display_names(example) == {"alice@example.com": "alice", "bob@example.com": "bob"}
     assert dm.verify_sync(config="alembic.ini").ok
+    rolled_back = dm.rollback_sync(BACKFILL, config="alembic.ini")
+    assert [(s.revision, s.status) for s in rolled_back.steps] == [(BACKFILL, Status.ROLLED_BACK)]
+    assert not has_display_name_column(example)
     with pytest.raises(IrreversiblePlan, match="no downgrade"):
         dm.rollback_sync(CLEANUP, config="alembic.ini")
+
+
+def test_the_display_name_backfill_is_undone_and_redone(example: Project) -> None:
+    ok(invoke(example, "upgrade"))
+    assert has_display_name_column(example)
+    assert display_names(example)["alice@example.com"] == "alice"
+    checkpoint = example.db.tracker()[-1].checkpoint
+    if isinstance(checkpoint, str):  # SQLite returns the JSON text
+        checkpoint = json.loads(checkpoint)
+    assert checkpoint["rows_done"] == 4 and checkpoint["finished"]  # committed per batch
+
+    result = ok(invoke(example, "downgrade", "-1"))
+    assert "downgrade: 1 revision(s) done" in result.stdout
+    assert not has_display_name_column(example)
+    assert len(users(example)) == 4  # only the column goes
+    last = example.db.tracker()[-1]
+    assert (last.revision, last.direction, last.status) == (BACKFILL, "downgrade", "rolled_back")
+    check = invoke(example, "check", "--json")
+    assert check.exit_code == 4 and json.loads(check.stdout)["pending"] == [BACKFILL]
+
+    ok(invoke(example, "upgrade"))
+    assert display_names(example) == {
+        "alice@example.com": "alice",
+        "bob@example.com": "bob",
+        "qa-1@test.example": "qa-1",
+        "qa-2@test.example": "qa-2",
+    }
+    last = example.db.tracker()[-1]
+    assert (last.revision, last.direction, last.status) == (BACKFILL, "upgrade", "success")
+    ok(invoke(example, "verify", BACKFILL))
+    ok(invoke(example, "check"))
