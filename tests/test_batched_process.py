@@ -40,7 +40,7 @@ async for batch in batched(session, query, key=items.c.id, size={SIZE}):
         .where(items.c.id.between(batch.first_key, batch.last_key))
         .values(hits=items.c.hits + 1)
     )
-    await asyncio.sleep(0.005)  # the batch's write is made but not committed yet
+    await asyncio.sleep(0.02)  # the batch's write is made but not committed yet
 """
 
 EXTRA = """
@@ -127,7 +127,7 @@ def test_every_row_is_processed_exactly_once_across_kills(project: Project) -> N
                 (row,) = json.loads(status.stdout)
                 assert row["status"] == "pending", context
                 assert row["checkpoint"]["rows_done"] >= target, context
-            time.sleep(rng.uniform(0, 0.01))  # lands anywhere in a batch; not a sync point
+            time.sleep(rng.uniform(0, 0.025))  # lands anywhere in a batch; not a sync point
             process.send_signal(kill)
             _, stderr = process.communicate(timeout=60)
         finally:
