@@ -3,6 +3,9 @@
 For each step the runner commits a ``pending`` row first (so an operator sees what is
 running), then runs the hook, ``verify()`` and the final status in one transaction. A
 failure rolls that transaction back and records ``failed`` in a transaction of its own.
+A revision with ``transactional = False`` is the exception: ``dm.batched`` commits each of
+its batches with a checkpoint in the pending row, the final status follows the work, and
+the next attempt resumes from the checkpoint of a failed one.
 
 Cancellation (a signal, or the revision's time limit) interrupts whatever the hook awaits,
 including a running PostgreSQL statement: asyncpg sends a cancel request, the transaction

@@ -64,7 +64,7 @@ async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
 
     def on_signal(signum: signal.Signals) -> None:
         if not received:
-            log.warning("%s received: rolling back the current revision and stopping", signum.name)
+            log.warning("%s received: rolling back the work in progress and stopping", signum.name)
             task.cancel()
         else:
             log.warning("%s received: already stopping, please wait", signum.name)
