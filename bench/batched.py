@@ -26,7 +26,9 @@ table so that it does not start in the middle of one variant and not another):
     process, as a Kubernetes Job runs it; the time is the revision's ``duration_ms`` in the
     tracker (start-up and imports excluded), the CPU seconds include the whole process. The
     CLI freezes the objects it loaded at start (``gc.freeze()``), so the collector's full
-    passes during the run do not rescan them; (c) and (d) run in this process without it.
+    passes during the run do not rescan them; (c) and (d) run in this process without it;
+(f) **the dm CLI, bounds only**: (e) with ``batched(..., rows=False)``, which fetches one
+    row per batch (first key, last key, row count) instead of the batch's keys.
 
 Each timed section opens its own connection(s). Before the timed repetitions every variant
 runs once, untimed, on a small table (imports, caches, dm's tracker tables). A repetition
@@ -41,7 +43,7 @@ Targets (rows/s, medians):
 
 * (d) >= 0.9x (c) and (e) >= 0.9x (c): dm's bookkeeping costs at most 10% over the same
   loop written by hand;
-* (c), (d) and (e) >= 0.85x (a): a batched backfill stays close to one UPDATE;
+* (c), (d), (e) and (f) >= 0.85x (a): a batched backfill stays close to one UPDATE;
 * constant memory (``--memory``, the default): the peak RSS of a ``dm upgrade heads`` of
   the (d) revision, each in a fresh process (``dm.upgrade_sync``), over ``--rows`` rows and
   over a tenth of them, differ by at most 10% (the peak with dm imported, before the run,
@@ -88,13 +90,14 @@ from dm import DmError
 DATABASE = "dm_bench_batched"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432"
 TRACKER_TABLE = "script_run_tracker"
-VARIANTS = ("a", "b", "c", "d", "e")
+VARIANTS = ("a", "b", "c", "d", "e", "f")
 LABELS = {
     "a": "(a) one UPDATE",
     "b": "(b) asyncpg keyset loop",
     "c": "(c) SQLAlchemy AsyncSession loop",
     "d": "(d) dm.batched, transactional = False",
     "e": "(e) the same, as the dm CLI process",
+    "f": "(f) (e) with batched(rows=False)",
 }
 MIN_KEY = -(2**63)
 
@@ -119,7 +122,7 @@ transactional = {transactional!r}
 async def upgrade(session):
     users = sa.table("users", sa.column("id"), sa.column("email"), sa.column("display_name"))
     query = sa.select(users.c.id).where(users.c.display_name.is_(None))
-    async for batch in batched(session, query, key=users.c.id, size={size}):
+    async for batch in batched(session, query, key=users.c.id, size={size}, rows={rows}):
         await session.execute(
             users.update()
             .where(users.c.id.between(batch.first_key, batch.last_key))
@@ -321,6 +324,7 @@ async def dm_cli(target: Target, size: int, project: Path) -> float:
         "heads",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DM_CONFIG": str(project / "alembic.ini")},
     )
     _, stderr = await proc.communicate()
     if proc.returncode != 0:
@@ -336,6 +340,12 @@ async def dm_cli(target: Target, size: int, project: Path) -> float:
     return int(duration_ms) / 1000
 
 
+async def dm_cli_bounds(target: Target, size: int, project: Path) -> float:
+    """(f) (e) with ``batched(..., rows=False)``: one row (first key, last key, count) per
+    batch comes back instead of the batch's keys."""
+    return await dm_cli(target, size, project.parent / "project-bounds")
+
+
 Variant = Callable[[Target, int, Path], Awaitable[float | None]]
 RUNNERS: dict[str, Variant] = {
     "a": one_update,
@@ -343,16 +353,17 @@ RUNNERS: dict[str, Variant] = {
     "c": sqlalchemy_loop,
     "d": dm_batched,
     "e": dm_cli,
+    "f": dm_cli_bounds,
 }
 
 
-def make_project(root: Path, size: int, transactional: bool) -> Path:
+def make_project(root: Path, size: int, transactional: bool, rows: bool = True) -> Path:
     """``dm init`` a project under ``root`` holding the one backfill revision."""
     from dm import command
 
-    directory = root / "project"
+    directory = root / ("project" if rows else "project-bounds")
     command.init(directory)
-    text = REVISION.format(rev=REVISION_ID, size=size, transactional=transactional)
+    text = REVISION.format(rev=REVISION_ID, size=size, transactional=transactional, rows=rows)
     versions = directory / "data_migrations" / "versions"
     (versions / f"{REVISION_ID}_backfill_display_name.py").write_text(text, encoding="utf-8")
     return directory
@@ -466,7 +477,7 @@ def report(samples: dict[str, list[Sample]], rows: int, reps: int) -> bool:
                 f"{seconds[v]:.3f}",
                 f"{rate[v]:,.0f}",
                 f"{rate[v] / rate['a']:.3f}x",
-                f"{rate[v] / rate['c']:.3f}x" if v in ("d", "e") else "",
+                f"{rate[v] / rate['c']:.3f}x" if v in ("d", "e", "f") else "",
                 f"{cpu[v]:.2f}",
                 " ".join(f"{s.seconds:.2f}" for s in samples[v]),
             )
@@ -485,6 +496,9 @@ def report(samples: dict[str, list[Sample]], rows: int, reps: int) -> bool:
             verdict(rate["e"] >= 0.9 * rate["c"], f"(e) >= 0.9x (c): {rate['e'] / rate['c']:.3f}x"),
             verdict(
                 rate["e"] >= 0.85 * rate["a"], f"(e) >= 0.85x (a): {rate['e'] / rate['a']:.3f}x"
+            ),
+            verdict(
+                rate["f"] >= 0.85 * rate["a"], f"(f) >= 0.85x (a): {rate['f'] / rate['a']:.3f}x"
             ),
         ]
     )
@@ -567,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passed = True
     with tempfile.TemporaryDirectory(prefix="dm-bench-batched-") as tmp:
         project = make_project(Path(tmp), args.size, transactional=args.transactional)
+        make_project(Path(tmp), args.size, transactional=args.transactional, rows=False)
         os.environ["DM_CONFIG"] = str(project / "alembic.ini")
         asyncio.run(target.recreate())
         try:

@@ -251,6 +251,31 @@ def test_a_timed_out_non_transactional_revision_keeps_its_batches(project: Proje
     assert hits(project) == [(0, 40 - done), (1, done)]
 
 
+def test_bounds_only_batches_cover_every_row_once_and_resume(project: Project) -> None:
+    make_items(project, 50)
+    project.db.query("UPDATE items SET hits = 5 WHERE id IN (3, 4, 30)")  # not selected
+    loop = FAILING_LOOP.replace("size=7)", "size=7, rows=False)").replace(
+        "    await session.execute(",
+        "    assert len(batch) == 0 and batch.row_count in (7, 5), batch.row_count\n"
+        "    await session.execute(",
+        1,
+    )
+    loop = loop.replace(
+        ".where(items.c.id.between(batch.first_key, batch.last_key))",
+        ".where(items.c.id.between(batch.first_key, batch.last_key))\n"
+        "        .where(items.c.hits == 0)",
+    )
+    project.write(A, None, loop, extra=NON_TRANSACTIONAL + AENUMERATE)
+    failed = invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="2")
+    assert failed.exit_code == 1
+    # The first page of 7 selected rows (ids 1-2 and 5-9) was committed; the second not.
+    assert hits(project) == [(0, 40), (1, 7), (5, 3)]
+    resumed = invoke(project, "upgrade", "heads")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "resuming after key 9, 7 rows already done" in resumed.stderr
+    assert hits(project) == [(1, 47), (5, 3)]
+
+
 def test_a_successful_attempt_is_not_resumed(project: Project) -> None:
     make_items(project, 10)
     project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)

@@ -81,12 +81,19 @@ def run_context(context: RunContext) -> Iterator[None]:
 
 
 class Batch(list[Any]):
-    """The rows of one batch, with the inclusive key bounds of the page."""
+    """The rows of one batch, with the inclusive key bounds of the page and its row count.
 
-    def __init__(self, rows: list[Any], first_key: Any, last_key: Any) -> None:
+    With ``batched(..., rows=False)`` the list is empty: only ``first_key``, ``last_key``
+    and ``row_count`` are fetched.
+    """
+
+    def __init__(
+        self, rows: list[Any], first_key: Any, last_key: Any, row_count: int | None = None
+    ) -> None:
         super().__init__(rows)
         self.first_key = first_key
         self.last_key = last_key
+        self.row_count = len(rows) if row_count is None else row_count
 
 
 async def batched(
@@ -97,6 +104,7 @@ async def batched(
     size: int = 1000,
     throttle: float = 0.0,
     count: bool = False,
+    rows: bool = True,
 ) -> AsyncIterator[Batch]:
     """Yield the rows of ``query`` in batches of at most ``size``, ordered by ``key``.
 
@@ -108,6 +116,9 @@ async def batched(
 
     :param throttle: seconds to sleep after each batch, so live traffic keeps its share.
     :param count: run one ``COUNT(*)`` of the query first, for a total and an ETA.
+    :param rows: False fetches only each page's first key, last key and row count (one
+        row per batch instead of ``size``): the batch is an empty list with ``first_key``,
+        ``last_key`` and ``row_count``. Faster when the write needs only the key range.
     """
     context = _current.get()
     if context is None:
@@ -131,6 +142,7 @@ async def batched(
         log.info("%s: resuming after key %r, %d rows already done", label, start.last, start.done)
     last, done = start.last, start.done
     page_query = query.order_by(None)
+    fetch = _fetch_rows if rows else _fetch_bounds
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
         remaining = page_query if last is None else page_query.where(key > last)
@@ -140,16 +152,15 @@ async def batched(
     try:
         while True:
             page = page_query if last is None else page_query.where(key > last)
-            rows = list((await session.execute(page.order_by(key).limit(size))).all())
-            finished = len(rows) < size
-            if rows:
-                first_key, last_key = rows[0][position], rows[-1][position]
-                if first_key is None or last_key is None:
+            batch = await fetch(session, page.order_by(key).limit(size), position)
+            finished = batch.row_count < size
+            if batch.row_count:
+                if batch.first_key is None or batch.last_key is None:
                     raise BatchingError(f"revision {revision}: the key column must not be null")
-                stored_key = encode_key(last_key, revision) if save else None
-                yield Batch(rows, first_key, last_key)
-                last, done = last_key, done + len(rows)
-                progress.advance(len(rows))
+                stored_key = encode_key(batch.last_key, revision) if save else None
+                yield batch
+                last, done = batch.last_key, done + batch.row_count
+                progress.advance(batch.row_count)
             else:
                 stored_key = encode_key(last, revision) if save and last is not None else None
             if save is not None:
@@ -199,6 +210,23 @@ class _Start:
                 f"revision {revision}: the checkpoint of the earlier attempt is unreadable "
                 f"({checkpoint!r})"
             ) from exc
+
+
+async def _fetch_rows(session: AsyncSession, page: sa.Select[Any], position: int) -> Batch:
+    found = list((await session.execute(page)).all())
+    if not found:
+        return Batch([], None, None)
+    return Batch(found, found[0][position], found[-1][position])
+
+
+async def _fetch_bounds(session: AsyncSession, page: sa.Select[Any], position: int) -> Batch:
+    """Fetch the page's first key, last key and row count: one row instead of the page."""
+    keys = page.with_only_columns(page.selected_columns[position], maintain_column_froms=True)
+    inner = keys.subquery()
+    key = next(iter(inner.c))
+    bounds = sa.select(sa.func.min(key), sa.func.max(key), sa.func.count())
+    first, last, found = (await session.execute(bounds)).one()
+    return Batch([], first, last, int(found))
 
 
 async def _count(session: AsyncSession, query: sa.Select[Any]) -> int:
