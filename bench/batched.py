@@ -82,6 +82,8 @@ from pathlib import Path
 
 import asyncpg
 import sqlalchemy as sa
+from reporting import load_average
+from reporting import print_table
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -445,18 +447,6 @@ def measure_rss(target: Target, rows: int, project: Path) -> tuple[int, int]:
 # -- reporting ---------------------------------------------------------------------------------
 
 
-def print_table(rows: Sequence[Sequence[str]]) -> None:
-    """Print ``rows`` as an aligned table, first column left-aligned, the rest right."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        print("  ".join(cells).rstrip())
-        if index == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def verdict(passed: bool, text: str) -> bool:
     """Print one target's PASS/FAIL line; return ``passed``."""
     print(f"{'PASS' if passed else 'FAIL'}  {text}")
@@ -524,14 +514,6 @@ async def bench(args: argparse.Namespace, target: Target, project: Path) -> dict
                 flush=True,
             )
     return samples
-
-
-def load_average() -> str:
-    """Return the 1, 5 and 15 minute load averages, or "n/a"."""
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,9 @@ from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 
+from reporting import load_average
+from reporting import print_table
+
 DEFAULT_SIZES = (10, 100, 1000, 5000)
 TOOLS = ("alembic", "dm")
 OPERATIONS = ("current", "upgrade_base", "upgrade_noop", "history")
@@ -345,18 +348,6 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 and a >= 0 else "n/a"
 
 
-def print_table(rows: Sequence[Sequence[str]]) -> None:
-    """Print ``rows`` as an aligned table, first column left-aligned, the rest right."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for index, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [
-            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
-        ]
-        print("  ".join(cells).rstrip())
-        if index == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def print_size(timings: Timings, n: int, reps: int) -> None:
     """Print the table of one N."""
     print(f"\n== N = {n} revisions (median of {reps}) ==")
@@ -479,14 +470,6 @@ def evaluate(timings: Timings, sizes: Sequence[int]) -> list[Verdict]:
 
 
 # -- main -----------------------------------------------------------------------------------
-
-
-def load_average() -> str:
-    """Return the 1, 5 and 15 minute load averages, or "n/a"."""
-    try:
-        return " ".join(f"{value:.2f}" for value in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def parse_sizes(text: str) -> list[int]:
