@@ -276,6 +276,63 @@ def test_bounds_only_batches_cover_every_row_once_and_resume(project: Project) -
     assert hits(project) == [(1, 47), (5, 3)]
 
 
+BIG = 3_000_000_000
+
+COMPOSITE = """
+import os
+transactional = False
+members = sa.table("members", sa.column("tenant"), sa.column("id"), sa.column("hits"))
+"""
+
+COMPOSITE_LOOP = """
+from dm import batched
+key = (members.c.tenant, members.c.id)
+query = sa.select(members.c.tenant, members.c.id)
+n = 0
+async for batch in batched(session, query, key=key, size=4):
+    assert batch.first_key == tuple(batch[0]) and batch.last_key == tuple(batch[-1])
+    await session.execute(
+        members.update()
+        .where(sa.tuple_(*key).between(batch.first_key, batch.last_key))
+        .values(hits=members.c.hits + 1)
+    )
+    n += 1
+    if os.environ.get("DM_TEST_FAIL_AFTER") and n == 3:
+        raise RuntimeError("third batch fails")
+"""
+
+
+def test_a_composite_key_pages_by_row_value_and_resumes(project: Project) -> None:
+    project.db.query(
+        "CREATE TABLE members (tenant BIGINT NOT NULL, id INTEGER NOT NULL,"
+        " hits INTEGER NOT NULL, PRIMARY KEY (tenant, id))"
+    )
+    tenants = (BIG + 1, BIG + 2, BIG + 3)  # beyond 32 bits: no INTEGER casts on the way
+    values = ", ".join(f"({t}, {i}, 0)" for t in tenants for i in range(1, 11))
+    project.db.query(f"INSERT INTO members (tenant, id, hits) VALUES {values}")
+    project.write(A, None, COMPOSITE_LOOP, extra=COMPOSITE)
+
+    failed = invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="1")
+    assert failed.exit_code == 1
+    ((_, checkpoint),) = attempts(project)
+    assert checkpoint["last_key"] == [BIG + 1, 8] and checkpoint["rows_done"] == 8
+
+    resumed = invoke(project, "upgrade", "heads")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert f"resuming after key ({BIG + 1}, 8), 8 rows already done" in resumed.stderr
+    rows = project.db.query("SELECT hits, count(*) AS n FROM members GROUP BY hits")
+    assert [(r.hits, r.n) for r in rows] == [(1, 30)]
+
+
+def test_bounds_only_batches_need_a_single_column_key(project: Project) -> None:
+    project.db.query("CREATE TABLE members (tenant INTEGER, id INTEGER, hits INTEGER)")
+    loop = COMPOSITE_LOOP.replace("size=4)", "size=4, rows=False)")
+    project.write(A, None, loop, extra=COMPOSITE)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1
+    assert "batched(rows=False) needs a single-column key" in result.stderr
+
+
 def test_a_successful_attempt_is_not_resumed(project: Project) -> None:
     make_items(project, 10)
     project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)

@@ -29,6 +29,7 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from datetime import datetime
@@ -100,7 +101,7 @@ async def batched(
     session: AsyncSession,
     query: sa.Select[Any],
     *,
-    key: sa.ColumnElement[Any],
+    key: sa.ColumnElement[Any] | Sequence[sa.ColumnElement[Any]],
     size: int = 1000,
     throttle: float = 0.0,
     count: bool = False,
@@ -112,13 +113,16 @@ async def batched(
     is re-issued per batch as ``query WHERE key > <last key> ORDER BY key LIMIT size``
     (any ORDER BY of its own is replaced). Bound each batch's write by
     ``key BETWEEN batch.first_key AND batch.last_key``: on PostgreSQL a range is about 2.7
-    times faster than ``key IN (<ids>)``.
+    times faster than ``key IN (<ids>)``. A composite key is a tuple of columns, unique
+    together (e.g. ``(t.c.tenant_id, t.c.id)``); its bounds are tuples, compared as row
+    values: ``sa.tuple_(*key).between(batch.first_key, batch.last_key)``.
 
     :param throttle: seconds to sleep after each batch, so live traffic keeps its share.
     :param count: run one ``COUNT(*)`` of the query first, for a total and an ETA.
     :param rows: False fetches only each page's first key, last key and row count (one
         row per batch instead of ``size``): the batch is an empty list with ``first_key``,
-        ``last_key`` and ``row_count``. Faster when the write needs only the key range.
+        ``last_key`` and ``row_count``. Faster when the write needs only the key range;
+        single-column keys only.
     """
     context = _current.get()
     if context is None:
@@ -128,13 +132,15 @@ async def batched(
         raise BatchingError(f"revision {revision}: batched() size must be at least 1")
     if throttle < 0:
         raise BatchingError(f"revision {revision}: batched() throttle must not be negative")
-    position = _key_position(query, key, revision)
+    keyset = _Keyset.of(query, key, revision)
+    if not rows and keyset.composite:
+        raise BatchingError(f"revision {revision}: batched(rows=False) needs a single-column key")
     loop = context.loops
     context.loops += 1
     save = None if context.transactional else context.save_checkpoint
     label = f"{context.direction} {revision}" + (f" (loop {loop + 1})" if loop else "")
 
-    start = _Start.from_checkpoint(context.resume, loop, revision)
+    start = _Start.from_checkpoint(context.resume, loop, keyset, revision)
     if start.skip:
         log.info("%s: finished by an earlier attempt; skipped", label)
         return
@@ -145,24 +151,24 @@ async def batched(
     fetch = _fetch_rows if rows else _fetch_bounds
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
-        remaining = page_query if last is None else page_query.where(key > last)
+        remaining = page_query if last is None else page_query.where(keyset.after(last))
         total = done + await _count(session, remaining)
     progress = Progress(label, total, done=done)
     completed = False
     try:
         while True:
-            page = page_query if last is None else page_query.where(key > last)
-            batch = await fetch(session, page.order_by(key).limit(size), position)
+            page = page_query if last is None else page_query.where(keyset.after(last))
+            batch = await fetch(session, page.order_by(*keyset.columns).limit(size), keyset)
             finished = batch.row_count < size
             if batch.row_count:
-                if batch.first_key is None or batch.last_key is None:
+                if keyset.has_null(batch.first_key) or keyset.has_null(batch.last_key):
                     raise BatchingError(f"revision {revision}: the key column must not be null")
-                stored_key = encode_key(batch.last_key, revision) if save else None
+                stored_key = keyset.encode(batch.last_key, revision) if save else None
                 yield batch
                 last, done = batch.last_key, done + batch.row_count
                 progress.advance(batch.row_count)
             else:
-                stored_key = encode_key(last, revision) if save and last is not None else None
+                stored_key = keyset.encode(last, revision) if save and last is not None else None
             if save is not None:
                 checkpoint = {
                     "loop": loop,
@@ -194,7 +200,7 @@ class _Start:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: Mapping[str, Any] | None, loop: int, revision: str
+        cls, checkpoint: Mapping[str, Any] | None, loop: int, keyset: _Keyset, revision: str
     ) -> _Start:
         if not checkpoint:
             return cls()
@@ -204,7 +210,8 @@ class _Start:
                 return cls(skip=True)
             if loop > at_loop or checkpoint.get("last_key") is None:
                 return cls()
-            return cls(last=decode_key(checkpoint["last_key"]), done=int(checkpoint["rows_done"]))
+            last = keyset.decode(checkpoint["last_key"])
+            return cls(last=last, done=int(checkpoint["rows_done"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise BatchingError(
                 f"revision {revision}: the checkpoint of the earlier attempt is unreadable "
@@ -212,15 +219,73 @@ class _Start:
             ) from exc
 
 
-async def _fetch_rows(session: AsyncSession, page: sa.Select[Any], position: int) -> Batch:
+@dataclass(frozen=True)
+class _Keyset:
+    """The key of one loop: one column, or several compared as a row value."""
+
+    columns: tuple[sa.ColumnElement[Any], ...]
+    positions: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls,
+        query: sa.Select[Any],
+        key: sa.ColumnElement[Any] | Sequence[sa.ColumnElement[Any]],
+        revision: str,
+    ) -> _Keyset:
+        columns = tuple(key) if isinstance(key, tuple | list) else (key,)
+        if not columns:
+            raise BatchingError(f"revision {revision}: batched() needs a key column")
+        return cls(columns, tuple(_key_position(query, column, revision) for column in columns))
+
+    @property
+    def composite(self) -> bool:
+        return len(self.columns) > 1
+
+    def after(self, last: Any) -> sa.ColumnElement[bool]:
+        """Return the condition ``key > last``."""
+        if not self.composite:
+            condition: sa.ColumnElement[bool] = self.columns[0] > last
+            return condition
+        # Bound with each column's type: inferred from the values, a large integer would be
+        # cast to INTEGER on PostgreSQL.
+        values = [
+            sa.bindparam(None, v, type_=c.type) for c, v in zip(self.columns, last, strict=True)
+        ]
+        return sa.tuple_(*self.columns) > sa.tuple_(*values)
+
+    def value(self, row: Any) -> Any:
+        """Return the key of ``row``: a value, or a tuple for a composite key."""
+        if not self.composite:
+            return row[self.positions[0]]
+        return tuple(row[position] for position in self.positions)
+
+    def has_null(self, value: Any) -> bool:
+        return any(v is None for v in value) if self.composite else value is None
+
+    def encode(self, value: Any, revision: str) -> Any:
+        if not self.composite:
+            return encode_key(value, revision)
+        return [encode_key(v, revision) for v in value]
+
+    def decode(self, stored: Any) -> Any:
+        if not self.composite:
+            return decode_key(stored)
+        if not isinstance(stored, list) or len(stored) != len(self.columns):
+            raise ValueError(f"not a key of {len(self.columns)} columns: {stored!r}")
+        return tuple(decode_key(v) for v in stored)
+
+
+async def _fetch_rows(session: AsyncSession, page: sa.Select[Any], keyset: _Keyset) -> Batch:
     found = list((await session.execute(page)).all())
     if not found:
         return Batch([], None, None)
-    return Batch(found, found[0][position], found[-1][position])
+    return Batch(found, keyset.value(found[0]), keyset.value(found[-1]))
 
 
-async def _fetch_bounds(session: AsyncSession, page: sa.Select[Any], position: int) -> Batch:
+async def _fetch_bounds(session: AsyncSession, page: sa.Select[Any], keyset: _Keyset) -> Batch:
     """Fetch the page's first key, last key and row count: one row instead of the page."""
+    position = keyset.positions[0]
     keys = page.with_only_columns(page.selected_columns[position], maintain_column_froms=True)
     inner = keys.subquery()
     key = next(iter(inner.c))
