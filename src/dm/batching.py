@@ -247,8 +247,8 @@ class _Keyset:
         if not self.composite:
             condition: sa.ColumnElement[bool] = self.columns[0] > last
             return condition
-        # Bound with each column's type: inferred from the values, a large integer would be
-        # cast to INTEGER on PostgreSQL.
+        # Bound with each column's own type, not one guessed from the Python value: on
+        # PostgreSQL each parameter of a row value is cast to the type it is bound with.
         values = [
             sa.bindparam(None, v, type_=c.type) for c, v in zip(self.columns, last, strict=True)
         ]
