@@ -147,18 +147,21 @@ async def batched(
     if start.done:
         log.info("%s: resuming after key %r, %d rows already done", label, start.last, start.done)
     last, done = start.last, start.done
-    page_query = query.order_by(None)
+    unordered = query.order_by(None)
+
+    def after(last: Any) -> sa.Select[Any]:
+        return unordered if last is None else unordered.where(keyset.after(last))
+
     fetch = _fetch_rows if rows else _fetch_bounds
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
-        remaining = page_query if last is None else page_query.where(keyset.after(last))
-        total = done + await _count(session, remaining)
+        total = done + await _count(session, after(last))
     progress = Progress(label, total, done=done)
     completed = False
     try:
         while True:
-            page = page_query if last is None else page_query.where(keyset.after(last))
-            batch = await fetch(session, page.order_by(*keyset.columns).limit(size), keyset)
+            page = after(last).order_by(*keyset.columns).limit(size)
+            batch = await fetch(session, page, keyset)
             finished = batch.row_count < size
             if batch.row_count:
                 if keyset.has_null(batch.first_key) or keyset.has_null(batch.last_key):

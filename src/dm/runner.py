@@ -212,10 +212,7 @@ class Runner:
                         await self._hooks(step, session)
                     else:
                         await _interruptible(self._hooks(step, session), interrupt)
-            if step.transactional:
-                await session.flush()
-            else:
-                await session.commit()
+            await _settle(step, session)
         except TimeoutError as exc:
             if limit is not None and deadline.expired():
                 raise RevisionTimedOut(limit) from exc
@@ -232,10 +229,7 @@ class Runner:
         await hook(session)
         verify = getattr(step.module, "verify", None)
         if step.is_upgrade and verify is not None:
-            if step.transactional:
-                await session.flush()
-            else:
-                await session.commit()  # verify() sees the committed work
+            await _settle(step, session)
             try:
                 outcome = await verify(session)
             except (DBAPIError, TimeoutError):  # timeouts are reported as such
@@ -327,6 +321,15 @@ class Runner:
                 error_traceback=trace,
                 reason=reason,
             )
+
+
+async def _settle(step: Step, session: AsyncSession) -> None:
+    """Send the hook's work to the database: flushed into the revision's transaction, or
+    committed when the revision commits its own work (``transactional = False``)."""
+    if step.transactional:
+        await session.flush()
+    else:
+        await session.commit()
 
 
 async def _interruptible(work: Awaitable[None], interrupt: Callable[[], Awaitable[None]]) -> None:
