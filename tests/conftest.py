@@ -4,6 +4,7 @@ a real dm project made by ``dm init``, and helpers to write revisions and run dm
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -230,6 +231,22 @@ def invoke(project: Project, *args: str, **env: str) -> Result:
     """Run ``dm ARGS`` in-process with CliRunner; stdout and stderr stay apart."""
     runner = CliRunner()
     return runner.invoke(main, list(args), env=project.env(**env), catch_exceptions=False)
+
+
+def ok(result: Result) -> Result:
+    """Assert that an in-process dm command exited 0; return its result."""
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    return result
+
+
+def as_json(result: Result) -> Any:
+    """Assert that an in-process dm command exited 0; return its stdout parsed as JSON."""
+    return json.loads(ok(result).stdout)
+
+
+def status_of(project: Project) -> dict[str, dict[str, Any]]:
+    """``dm status --json`` by revision."""
+    return {row["revision"]: row for row in as_json(invoke(project, "status", "--json"))}
 
 
 def run_dm(

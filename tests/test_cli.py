@@ -6,10 +6,14 @@ a revision), so every test can check exactly which hooks ran and which writes su
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +25,12 @@ from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import Database
 from conftest import Project
+from conftest import as_json
 from conftest import invoke
+from conftest import ok
 from conftest import pg_user
 from conftest import run_dm
+from conftest import status_of
 from dm.cli import main
 from test_graph import BAD_REVISION_FILES
 from test_graph import BadFiles
@@ -95,16 +102,6 @@ def table_exists(db: Database, name: str) -> bool:
     if db.kind == "postgresql":
         return db.query("SELECT to_regclass(:n) AS reg", n=name)[0].reg is not None
     return bool(db.query("SELECT name FROM sqlite_master WHERE name = :n", n=name))
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def as_json(result: Result) -> Any:
-    ok(result)
-    return json.loads(result.stdout)
 
 
 def error_line(result: Result, code: int = 2) -> str:
@@ -425,6 +422,30 @@ def _insert_pending(project: Project, rev: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def holding_the_lock(project: Project) -> Iterator[None]:
+    """Hold the project's migration lock (in a thread of its own) for the block."""
+    from dm.command import _tracker
+    from dm.lock import migration_lock
+
+    settings = project.settings()
+    taken, done = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        async with migration_lock(settings.lock_url(), _tracker(settings), 5, "dm-test:holder"):
+            taken.set()
+            await asyncio.to_thread(done.wait)
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    try:
+        assert taken.wait(10)
+        yield
+    finally:
+        done.set()
+        thread.join(10)
+
+
 CHECK_KEYS = ("ok", "pending", "failed", "running", "missing")
 
 
@@ -472,17 +493,34 @@ def test_check(project: Project) -> None:
         "missing": [],
     }
 
-    _insert_pending(project, "dddd4444")  # another run is working on it right now
-    running = invoke(project, "check", "--json")
-    assert running.exit_code == 4
-    assert check_shape(running) == {
+    # A pending attempt while no run holds the lock: its run died.
+    _insert_pending(project, "dddd4444")
+    died = invoke(project, "check", "--json")
+    assert died.exit_code == 4
+    assert check_shape(died) == {
         "ok": False,
         "pending": [],
         "failed": [],
-        "running": ["dddd4444"],
+        "running": [],
         "missing": [],
     }
-    assert "running: dddd4444" in invoke(project, "check").stdout
+    assert json.loads(died.stdout)["died"] == ["dddd4444"]
+    assert "run died (the next run retries): dddd4444" in invoke(project, "check").stdout
+    assert status_of(project)["dddd4444"]["state"] == "died"
+
+    with holding_the_lock(project):  # another run is working on it right now
+        running = invoke(project, "check", "--json")
+        assert running.exit_code == 4
+        assert check_shape(running) == {
+            "ok": False,
+            "pending": [],
+            "failed": [],
+            "running": ["dddd4444"],
+            "missing": [],
+        }
+        assert json.loads(running.stdout)["died"] == []
+        assert "running: dddd4444" in invoke(project, "check").stdout
+        assert status_of(project)["dddd4444"]["state"] == "running"
 
 
 def test_check_reports_applied_revision_whose_file_is_gone(project: Project) -> None:
@@ -505,7 +543,9 @@ def test_status_text_shows_state_attempts_and_error(project: Project) -> None:
     lines = ok(invoke(project, "status")).stdout.splitlines()
     assert lines[0].split() == [
         "REVISION",
-        "STATUS",
+        "STATE",
+        "LAST",
+        "ATTEMPT",
         "ATTEMPTS",
         "LAST",
         "RUN",
@@ -516,11 +556,11 @@ def test_status_text_shows_state_attempts_and_error(project: Project) -> None:
     ]
     by_rev = {line.split()[0]: line for line in lines[1:]}
     assert set(by_rev) == {A, B, C}
-    assert by_rev[A].split()[1:3] == ["success", "1"]
-    assert by_rev[B].split()[1:3] == ["failed", "2"]
+    assert by_rev[A].split()[1:4] == ["applied", "success", "1"]
+    assert by_rev[B].split()[1:4] == ["failed", "failed", "2"]
     assert "[error: RuntimeError: disk full]" in by_rev[B]
     assert " ms " in by_rev[B]
-    assert by_rev[C].split()[1:4] == ["not", "run", "0"]
+    assert by_rev[C].split()[1:4] == ["not_run", "-", "0"]
     assert by_rev[C].rstrip().endswith("Third step")
 
 
@@ -614,8 +654,11 @@ def test_bad_revision_file(project: Project, case: BadFiles) -> None:
         (("-n", "nosection", "upgrade"), {}, ("alembic.ini", "[nosection]")),
         (("upgrade",), {"DM_LOCK_TIMEOUT": "forever123"}, ("DM_LOCK_TIMEOUT",)),
         (("upgrade",), {"DM_LOCK_TIMEOUT": "-5"}, ("DM_LOCK_TIMEOUT",)),
-        (("upgrade",), {"DM_DATABASE_URL": None, "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
-         ("DM_DATABASE_URL", "Kubernetes")),
+        (
+            ("upgrade",),
+            {"DM_DATABASE_URL": None, "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+            ("DM_DATABASE_URL", "Kubernetes"),
+        ),
     ],
     ids=[
         "upgrade-unknown",

@@ -41,7 +41,25 @@ def _graph(tmp_path: Path, revisions: dict[str, tuple[str | None, str]]) -> Grap
 
 def _attempt(rev: str, status: Status, direction: str = "upgrade") -> Attempt:
     now = datetime.now(UTC)
-    return Attempt(1, rev, None, direction, status, 1, now, now, 0, None, None, None, None, None, 1)
+    in_effect = None if status is Status.FAILED else status  # a failed one rolled back whole
+    return Attempt(
+        1,
+        rev,
+        None,
+        direction,
+        status,
+        1,
+        now,
+        now,
+        0,
+        None,
+        None,
+        None,
+        None,
+        None,
+        1,
+        in_effect=in_effect,
+    )
 
 
 GUARDED = 'environments = ("development",)'
@@ -73,7 +91,7 @@ def test_decisions(tmp_path: Path) -> None:
 def test_skipped_counts_as_applied_for_planning_only() -> None:
     skipped = _attempt("b2", Status.SKIPPED)
     assert skipped.is_skipped and not skipped.is_applied and skipped.counts_as_applied
-    undone = _attempt("b2", Status.SKIPPED, direction="downgrade")
+    undone = _attempt("b2", Status.ROLLED_BACK, direction="downgrade")  # going down past it
     assert not undone.is_skipped and not undone.counts_as_applied
     assert applied_revisions({"b2": skipped, "c3": _attempt("c3", Status.FAILED)}) == {"b2"}
 

@@ -150,7 +150,18 @@ def test_run_stops_when_its_lock_connection_dies(project: Project, spawn: Spawn)
     last = project.db.tracker()[-1]
     assert (last.revision, last.status, last.reason) == ("r01", "failed", "interrupted")
     assert chain.rows() == Counter({"r00": 3})
-    assert_lock_free(project)
+
+    # A second run gets the lock at once, retries r01 and finishes: each revision's rows
+    # exist once, and r01's interrupted attempt stays on record before its success.
+    chain.release()
+    second = run_dm(project, "upgrade", "heads", "--lock-timeout", "0")
+    assert second.returncode == 0, second.stderr
+    assert chain.rows() == Counter(dict.fromkeys(chain.revisions, 3))
+    assert [(rev, status) for rev, status in chain.statuses() if rev == "r01"] == [
+        ("r01", "failed"),
+        ("r01", "success"),
+    ]
+    assert advisory_locks(project) == []
 
 
 @pytest.mark.postgres

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import Project
+from conftest import as_json
 from conftest import invoke
+from conftest import ok
+from conftest import run_dm
 from dm.tracker import SCHEMA_VERSION
 from dm.tracker import Tracker
-from test_cli import as_json
 from test_cli import current_lines
 from test_cli import error_line
 from test_cli import logged
 from test_cli import logged_rev
 from test_cli import make_log
-from test_cli import ok
 from test_cli import rows
 
 A, B, C = "aaaa1111", "bbbb2222", "cccc3333"
@@ -76,7 +79,9 @@ def test_fresh_tracker_has_current_layout(project: Project) -> None:
     ok(invoke(project, "upgrade", A))
     expected = {column.name for column in Tracker().table.columns}
     assert columns(project, "script_run_tracker") == expected
-    assert meta(project) == {"schema_version": str(SCHEMA_VERSION)}
+    # The fence names the run that last took the lock: the one that wrote the rows.
+    (run_id,) = {row.run_id for row in project.db.tracker()}
+    assert meta(project) == {"schema_version": str(SCHEMA_VERSION), "fence": run_id}
 
 
 def test_upgrade_from_layout_1(project: Project) -> None:
@@ -128,12 +133,12 @@ def test_upgrade_from_layout_1(project: Project) -> None:
     assert {column.name for column in Tracker().table.columns} <= columns(
         project, "script_run_tracker"
     )
-    assert meta(project) == {"schema_version": "2"}
+    assert meta(project)["schema_version"] == "2"
     assert current_lines(project) == [f"{C} (head)"]
 
     # The upgraded tracker keeps working: a second run changes nothing, then a downgrade.
     assert "nothing to upgrade" in ok(invoke(project, "upgrade", "heads")).stdout
-    assert meta(project) == {"schema_version": "2"}
+    assert meta(project)["schema_version"] == "2"
     ok(invoke(project, "downgrade", "-1"))
     assert logged(project) == []
     assert rows(project)[-1] == (C, "downgrade", "rolled_back", 2)
@@ -181,6 +186,77 @@ def test_custom_tracker_table(project: Project) -> None:
     assert [r.revision for r in project.db.tracker(table)] == [A, B, C]
     assert project.db.query(f"SELECT value FROM {table}_meta")[0].value == "2"
     assert current_lines(project) == []  # the default table was never created
-    assert as_json(invoke(project, "current", "--json", DM_TRACKER_TABLE=table)) == {
-        "heads": [C]
-    }
+    assert as_json(invoke(project, "current", "--json", DM_TRACKER_TABLE=table)) == {"heads": [C]}
+
+
+# -- a tracker changed by hand: explained, never half-repaired ---------------------------------
+
+DAMAGE = {
+    "tracker dropped": (
+        "DROP TABLE script_run_tracker",
+        "tracker table script_run_tracker is missing while script_run_tracker_meta exists",
+    ),
+    "meta dropped": (
+        "DROP TABLE script_run_tracker_meta",
+        "tracker table script_run_tracker_meta is missing while script_run_tracker has layout",
+    ),
+    "layout row deleted": (
+        "DELETE FROM script_run_tracker_meta WHERE key = 'schema_version'",
+        "has no valid schema_version row",
+    ),
+    "column dropped": (
+        "ALTER TABLE script_run_tracker DROP COLUMN checksum",
+        "lacks column(s) checksum of layout 2",
+    ),
+    "column renamed": (
+        "ALTER TABLE script_run_tracker RENAME COLUMN run_by TO who",
+        "lacks column(s) run_by of layout 2",
+    ),
+    "unknown status": (
+        "UPDATE script_run_tracker SET status = 'done'",
+        "unknown status 'done' in a row of revision",
+    ),
+}
+
+
+def tables(project: Project) -> set[str]:
+    if project.db.kind == "postgresql":
+        found = project.db.query(
+            "SELECT tablename AS name FROM pg_tables WHERE schemaname = 'public'"
+        )
+    else:
+        found = project.db.query("SELECT name FROM sqlite_master WHERE type = 'table'")
+    return {row.name for row in found}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_tracker_is_explained_and_left_as_it_is(project: Project, damage: str) -> None:
+    three_revisions(project)
+    ok(invoke(project, "upgrade", A))
+    sql, expected = DAMAGE[damage]
+    project.db.query(sql)
+    before = tables(project)
+
+    for args in (("upgrade", "heads"), ("status",), ("check",), ("current",)):
+        result = run_dm(project, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("dm: error: "), (args, result.stderr)
+        assert expected in lines[0]
+        assert "Traceback" not in result.stderr
+    assert tables(project) == before  # nothing created or repaired behind the user's back
+    assert logged(project) == [A]  # no revision ran
+
+
+def test_a_damaged_tracker_rebuilt_on_purpose_as_the_message_says(project: Project) -> None:
+    three_revisions(project)
+    ok(invoke(project, "upgrade", B))
+    project.db.query("DROP TABLE script_run_tracker")
+    message = run_dm(project, "status").stderr
+    assert "drop both tables (DROP TABLE script_run_tracker, script_run_tracker_meta)" in message
+    assert "dm stamp" in message
+
+    project.db.query("DROP TABLE script_run_tracker_meta")
+    ok(invoke(project, "stamp", B))
+    ok(invoke(project, "upgrade", "heads"))
+    assert logged(project) == [A, B, C]  # A and B ran before the rebuild, only C after it

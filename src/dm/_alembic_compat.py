@@ -64,9 +64,7 @@ def downgrade_steps(
         ancestor="Destination %(end)s is not a valid downgrade target from current head(s)",
         end=target,
     ):
-        return list(
-            script_dir.iterate_revisions(tuple(heads), target, select_for_downgrade=True)
-        )
+        return list(script_dir.iterate_revisions(tuple(heads), target, select_for_downgrade=True))
 
 
 def all_down_revisions(revision: Revision) -> tuple[str, ...]:

@@ -56,11 +56,10 @@ async def _run(context: EnvironmentContext, settings: Settings) -> None:
         steps = await _plan(context, graph, db, await db.read_latest())
         if not steps:
             return
-        async with db.locked() as (latest, _interrupted):
-            steps = await _plan(context, graph, db, latest)
-            runner = await db.runner(latest)
+        async with db.locked() as (recorder, _interrupted):
+            steps = await _plan(context, graph, db, recorder.latest)
             # The environment guard applies here as in `dm upgrade`.
-            await command._run_steps(db, runner, steps, settings.environment)
+            await command._run_steps(db.runner(recorder), steps, settings.environment)
 
 
 async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any) -> list[Step]:

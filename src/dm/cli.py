@@ -203,9 +203,7 @@ def init(invocation: Invocation, directory: Path) -> None:
 @click.option("--branch-label", help="Label the new revision's branch.")
 @click.option("--depends-on", multiple=True, help="Revision or label this one depends on.")
 @click.option("--rev-id", help="Use this revision id instead of a generated one.")
-@click.option(
-    "--allow-duplicate-slug", is_flag=True, help="Accept a message another revision has."
-)
+@click.option("--allow-duplicate-slug", is_flag=True, help="Accept a message another revision has.")
 @json_option
 @pass_invocation
 def revision(
@@ -358,9 +356,7 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
         for step in result.planned:
             reversible = "" if step.reversible else "  (irreversible)"
             action = "" if step.reason is None else f"  [{step.action}: {step.reason}]"
-            click.echo(
-                f"{step.direction} {step.revision}  {step.description}{reversible}{action}"
-            )
+            click.echo(f"{step.direction} {step.revision}  {step.description}{reversible}{action}")
         return
     if result.nothing_to_do:
         click.echo(f"nothing to {verb}: already at {result.target}")
@@ -406,17 +402,23 @@ def status(invocation: Invocation, as_json: bool) -> None:
     if as_json:
         _emit_json(rows)
         return
-    table = [("REVISION", "STATUS", "ATTEMPTS", "LAST RUN (UTC)", "DURATION", "BY", "DESCRIPTION")]
+    table = [
+        ("REVISION", "STATE", "LAST ATTEMPT", "ATTEMPTS", "LAST RUN (UTC)", "DURATION", "BY")
+        + ("DESCRIPTION",)
+    ]
     for row in rows:
-        state = row.status or "not run"
+        last = row.status or "-"
         if row.direction == "downgrade" and row.status == "failed":
-            state = "failed (downgrade)"
+            last = "failed (downgrade)"
+        state = row.state
         if row.missing_file:
             state += " (file missing)"
         if row.modified:
             state += " (modified)"
         note = row.reason if row.status == "skipped" else None
-        if row.checkpoint and row.status in ("pending", "failed"):
+        if row.state == "died":
+            note = "its run died; the next run marks it interrupted and retries it"
+        elif row.checkpoint and row.status in ("pending", "failed"):
             note = "checkpoint: " + _describe_checkpoint(row.checkpoint)
             if row.status == "failed":
                 note += f"; the next {row.direction} resumes there"
@@ -424,6 +426,7 @@ def status(invocation: Invocation, as_json: bool) -> None:
             (
                 row.revision,
                 state,
+                last,
                 str(row.attempts),
                 row.started_at.strftime("%Y-%m-%d %H:%M:%S") if row.started_at else "-",
                 f"{row.duration_ms} ms" if row.duration_ms is not None else "-",
@@ -471,6 +474,7 @@ def check(invocation: Invocation, allow_modified: bool, as_json: bool) -> None:
                 "pending": result.pending,
                 "failed": result.failed,
                 "running": result.running,
+                "died": result.died,
                 "missing": result.missing,
                 "modified": result.modified,
             }
@@ -482,6 +486,7 @@ def check(invocation: Invocation, allow_modified: bool, as_json: bool) -> None:
             ("pending", result.pending),
             ("failed", result.failed),
             ("running", result.running),
+            ("run died (the next run retries)", result.died),
             ("applied but file missing", result.missing),
             ("modified since applied", result.modified),
         ):

@@ -14,8 +14,8 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from collections.abc import Awaitable
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +28,6 @@ from typing import Any
 from .environments import Action
 from .environments import Decision
 from .environments import decide
-from .errors import RevisionFailed
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
@@ -36,6 +35,7 @@ from .graph import Step
 from .graph import checksum
 from .graph import describe
 from .graph import display_path
+from .state import State
 from .tracker import Attempt
 from .tracker import RunInfo
 from .tracker import Status
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .recording import Recorder
     from .runner import Runner
     from .runner import StepResult
     from .settings import Settings
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dm.command")
 
 INTERRUPTED = "interrupted: the run that made this attempt stopped before finishing it"
+DIED = "died"
+"""The state shown for a ``running`` attempt whose run died (no run holds the lock)."""
 
 
 # -- results ----------------------------------------------------------------------------
@@ -142,6 +145,9 @@ class RevisionStatus:
     revision: str
     description: str
     status: str | None = None
+    """The latest attempt's status (None when it never ran)."""
+    state: str = State.NOT_RUN.value
+    """What is in effect (``dm.state``); ``died`` is a ``running`` attempt whose run died."""
     direction: str | None = None
     applied: bool = False
     attempts: int = 0
@@ -166,17 +172,22 @@ class CheckResult:
 
     pending: list[str]
     failed: list[str]
+    """Revisions in state ``failed`` or ``partial``: the next run retries or resumes them."""
     running: list[str]
     missing: list[str]
     modified: list[str] = field(default_factory=list)
     allow_modified: bool = False
+    died: list[str] = field(default_factory=list)
+    """Revisions whose attempt is pending while no run holds the lock: the run died, and
+    the next run marks the attempt interrupted and retries it."""
 
     @property
     def ok(self) -> bool:
-        """Return whether nothing is pending, failed, running, missing or (unless allowed)
-        modified since it was applied."""
+        """Return whether nothing is pending, failed, running, died, missing or (unless
+        allowed) modified since it was applied."""
         modified = self.modified and not self.allow_modified
-        return not (self.pending or self.failed or self.running or self.missing or modified)
+        unsettled = self.pending or self.failed or self.running or self.died
+        return not (unsettled or self.missing or modified)
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,8 @@ class _Database:
         self.url = settings.url()
         self.application_name = f"dm:{settings.pod_name or socket.gethostname()}"
         self.engine: AsyncEngine = create_engine(self.url, application_name=self.application_name)
+        self.run = run_info(settings)
+        """Who runs, stamped on every attempt; its run id is the fence while locked."""
         self._conn: AsyncConnection | None = None
         self._exit = contextlib.AsyncExitStack()
 
@@ -237,15 +250,12 @@ class _Database:
         await self._exit.aclose()
         await self.engine.dispose()
 
-    async def runner(self, latest: Mapping[str, Attempt]) -> Runner:
-        """Return a runner on the working connection; call it while holding the lock."""
+    def runner(self, recorder: Recorder) -> Runner:
+        """Return a runner recording through ``recorder`` (from :meth:`locked`)."""
         from .runner import Runner
 
         return Runner(
-            await self.conn(),
-            self.tracker,
-            run_info(self.settings),
-            latest,
+            recorder,
             timeout=self.settings.timeout,
             pg_lock_timeout=self.settings.pg_lock_timeout,
         )
@@ -268,14 +278,24 @@ class _Database:
             return {}
         conn = await self.conn()
         async with conn.begin():
-            if not await self.tracker.exists(conn):
-                return {}
             return await self.tracker.read_latest(conn)
 
+    async def died(self, latest: Mapping[str, Attempt]) -> set[str]:
+        """Return the revisions whose attempt is pending while no run holds the lock."""
+        running = {rev for rev, attempt in latest.items() if attempt.state is State.RUNNING}
+        if not running:
+            return set()
+        from .lock import current_holder
+
+        holder = await current_holder(self.settings.lock_url(), self.tracker)
+        return running if holder is None else set()
+
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[tuple[dict[str, Attempt], list[str]]]:
-        """Hold the migration lock; yield fresh attempts and the runs found interrupted."""
+    async def locked(self) -> AsyncIterator[tuple[Recorder, list[str]]]:
+        """Hold the migration lock and claim the fence; yield the recorder of this run (with
+        the fresh latest attempts) and the revisions whose runs were found interrupted."""
         from .lock import migration_lock
+        from .recording import Recorder
 
         async with migration_lock(
             self.settings.lock_url(),
@@ -286,14 +306,15 @@ class _Database:
             conn = await self.conn()
             await self.tracker.ensure(conn)
             async with conn.begin():
-                interrupted = await self.tracker.fail_pending(conn, INTERRUPTED)
+                await self.tracker.claim(conn, self.run.run_id)
+                interrupted = await self.tracker.fail_pending(conn, self.run, INTERRUPTED)
             for revision in interrupted:
                 log.warning(
                     "revision %s: an earlier run died while running it; marked failed", revision
                 )
             async with conn.begin():
                 latest = await self.tracker.latest(conn)
-            yield latest, interrupted
+            yield Recorder(conn, self.tracker, self.run, latest), interrupted
 
 
 @contextlib.asynccontextmanager
@@ -324,42 +345,25 @@ def _planned(
     return planned
 
 
-async def _run_steps(
-    db: _Database, runner: Runner, steps: Sequence[Step], environment: str
-) -> list[StepResult]:
+async def _run_steps(runner: Runner, steps: Sequence[Step], environment: str) -> list[StepResult]:
     """Run ``steps`` in order, recording instead of running what the guard decides."""
     results = []
     for step in steps:
-        decision = decide(step, environment, runner.latest.get(step.revision))
+        decision = decide(step, environment, runner.recorder.latest.get(step.revision))
         if decision.action is Action.RUN:
             results.append(await runner.run_step(step))
         else:
-            results.append(await _record_unrun(db, runner, step, decision))
+            results.append(await _record_unrun(runner.recorder, step, decision))
     return results
 
 
-async def _record_unrun(
-    db: _Database, runner: Runner, step: Step, decision: Decision
-) -> StepResult:
+async def _record_unrun(recorder: Recorder, step: Step, decision: Decision) -> StepResult:
     """Record a step that does not run: ``skipped``, or the undo of a skipped upgrade."""
     from .runner import StepResult
 
     status = Status.SKIPPED if decision.action is Action.SKIP else Status.ROLLED_BACK
-    prior = runner.latest.get(step.revision)
-    conn = await db.conn()
-    async with conn.begin():
-        attempt_id = await db.tracker.start(
-            conn,
-            runner.run_info,
-            revision=step.revision,
-            description=step.description,
-            direction=step.direction,
-            attempt=(prior.attempt if prior else 0) + 1,
-            checksum=checksum(step.script),
-            status=status,
-            reason=decision.reason,
-        )
-    runner.remember(step, attempt_id, status)
+    async with recorder.conn.begin():
+        await recorder.record_step(step, status, reason=decision.reason)
     log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, decision.reason)
     return StepResult(step.revision, step.direction, status, 0, step.description)
 
@@ -404,7 +408,6 @@ async def execute_plan(
     plan: Callable[[Mapping[str, Attempt]], list[Step]],
     *,
     dry_run: bool = False,
-    after_run: Callable[[_Database, Mapping[str, Attempt]], Awaitable[None]] | None = None,
 ) -> RunResult:
     """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
 
@@ -413,7 +416,6 @@ async def execute_plan(
 
     :param label: the target as the user gave it, for the result.
     :param plan: the steps to run, given each revision's latest attempt.
-    :param after_run: called under the lock after the steps ran, also when one failed.
     """
     environment = settings.environment
     async with _database(settings) as db:
@@ -422,21 +424,13 @@ async def execute_plan(
         planned = _planned(steps, environment, latest)  # refuses what the guard forbids
         if dry_run or not steps:
             return RunResult(label, planned, dry_run=dry_run)
-        async with db.locked() as (latest, interrupted):
-            steps = plan(latest)
+        async with db.locked() as (recorder, interrupted):
+            steps = plan(recorder.latest)
             if not steps:
                 log.info("another run finished this work while dm waited for the lock")
                 return RunResult(label, [], interrupted=interrupted)
-            planned = _planned(steps, environment, latest)
-            runner = await db.runner(latest)
-            try:
-                results = await _run_steps(db, runner, steps, environment)
-            except RevisionFailed:
-                if after_run is not None:
-                    await after_run(db, latest)
-                raise
-            if after_run is not None:
-                await after_run(db, latest)
+            planned = _planned(steps, environment, recorder.latest)
+            results = await _run_steps(db.runner(recorder), steps, environment)
             return RunResult(label, planned, results, interrupted)
 
 
@@ -465,26 +459,13 @@ async def stamp(settings: Settings, target: str) -> RunResult:
     graph = _graph(settings)
     async with _database(settings) as probe:  # refuse a bad target before creating anything
         _stamp_steps(graph, target, applied_revisions(await probe.read_latest()))
-    async with _database(settings) as db, db.locked() as (latest, interrupted):
-        steps = _stamp_steps(graph, target, applied_revisions(latest))
-        conn = await db.conn()
-        info = run_info(settings)
+    async with _database(settings) as db, db.locked() as (recorder, interrupted):
+        steps = _stamp_steps(graph, target, applied_revisions(recorder.latest))
         results = []
-        async with conn.begin():
+        async with recorder.conn.begin():
             for step in steps:
                 status = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
-                prior = latest.get(step.revision)
-                await db.tracker.start(
-                    conn,
-                    info,
-                    revision=step.revision,
-                    description=step.description,
-                    direction=step.direction,
-                    attempt=(prior.attempt if prior else 0) + 1,
-                    checksum=None,
-                    status=status,
-                    reason="stamped",
-                )
+                await recorder.record_step(step, status, reason="stamped")
                 results.append(
                     StepResult(step.revision, step.direction, status, 0, step.description)
                 )
@@ -509,48 +490,58 @@ async def current(settings: Settings) -> CurrentResult:
 
 
 async def status(settings: Settings) -> list[RevisionStatus]:
-    """Show every revision with its latest attempt, oldest revision first."""
+    """Show every revision with its state and latest attempt, oldest revision first."""
     graph = _graph(settings)
     async with _database(settings) as db:
         latest = await db.read_latest()
+        died = await db.died(latest)
     heads = set(graph.heads)
     rows = [
         _revision_status(
             s.revision,
             describe(s),
             latest.get(s.revision),
-            s.revision in heads,
-            _is_modified(s, latest.get(s.revision)),
+            died,
+            is_head=s.revision in heads,
+            modified=_is_modified(s, latest.get(s.revision)),
         )
         for s in graph.walk()
     ]
     for revision, attempt in latest.items():
         if not graph.known(revision):
-            row = _revision_status(revision, attempt.description or "", attempt, False)
-            rows.append(_replace_missing(row))
+            rows.append(
+                _revision_status(
+                    revision, attempt.description or "", attempt, died, missing_file=True
+                )
+            )
     return rows
 
 
 def _is_modified(script: Script, attempt: Attempt | None) -> bool:
     """Return whether ``script``'s file changed since the attempt that applied it."""
-    if attempt is None or not attempt.is_applied or attempt.direction != "upgrade":
+    if attempt is None or attempt.state is not State.APPLIED:
         return False
-    return attempt.checksum is not None and attempt.checksum != checksum(script)
+    applied_from = attempt.in_effect_checksum
+    return applied_from is not None and applied_from != checksum(script)
 
 
 def _revision_status(
     revision: str,
     description: str,
     attempt: Attempt | None,
-    is_head: bool,
+    died: Collection[str],
+    *,
+    is_head: bool = False,
     modified: bool = False,
+    missing_file: bool = False,
 ) -> RevisionStatus:
     if attempt is None:
-        return RevisionStatus(revision, description, is_head=is_head)
+        return RevisionStatus(revision, description, is_head=is_head, missing_file=missing_file)
     return RevisionStatus(
         revision=revision,
         description=description,
         status=attempt.status.value,
+        state=DIED if revision in died else attempt.state.value,
         direction=attempt.direction,
         applied=attempt.is_applied,
         attempts=attempt.attempts,
@@ -562,15 +553,10 @@ def _revision_status(
         error=attempt.error_message,
         reason=attempt.reason,
         is_head=is_head,
+        missing_file=missing_file,
         modified=modified,
         checkpoint=attempt.checkpoint,
     )
-
-
-def _replace_missing(row: RevisionStatus) -> RevisionStatus:
-    from dataclasses import replace
-
-    return replace(row, missing_file=True)
 
 
 async def check(settings: Settings, *, allow_modified: bool = False) -> CheckResult:
@@ -583,19 +569,26 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
     graph = _graph(settings)
     async with _database(settings) as db:
         latest = await db.read_latest()
-    running = sorted(r for r, a in latest.items() if a.status is Status.PENDING)
-    failed = sorted(r for r, a in latest.items() if a.status is Status.FAILED)
+        died = await db.died(latest)
+
+    def having(*states: State) -> list[str]:
+        return sorted(r for r, a in latest.items() if a.state in states and r not in died)
+
+    running = having(State.RUNNING)
+    failed = having(State.FAILED, State.PARTIAL)
     missing = sorted(r for r, a in latest.items() if a.is_applied and not graph.known(r))
     modified = sorted(
         r for r, a in latest.items() if graph.known(r) and _is_modified(graph.script(r), a)
     )
-    skip = set(running) | set(failed)
+    skip = set(running) | set(failed) | set(died)
     pending = [
         s.revision
         for s in plan_upgrade(graph, "heads", latest, settings.environment)
         if s.revision not in skip
     ]
-    return CheckResult(pending, failed, running, missing, modified, allow_modified)
+    return CheckResult(
+        pending, failed, running, missing, modified, allow_modified, died=sorted(died)
+    )
 
 
 # -- commands on the revision files only -----------------------------------------------------

@@ -5,6 +5,7 @@
     DmError (1)
     ├── UsageError (2)              bad input that dm refused before changing anything
     │   ├── ConfigError            a setting, URL or config file is wrong
+    │   ├── TrackerDamaged         the tracker tables were changed by hand
     │   ├── RevisionFileError      a revision file cannot be used
     │   ├── UnknownTarget          a target/revision does not resolve
     │   ├── IrreversiblePlan       a downgrade path holds a revision without downgrade()
@@ -12,6 +13,7 @@
     ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
     ├── LockTimeout (3)            another dm run held the lock for too long
     ├── LockLost (3)               the lock's connection died mid-run; the run stopped
+    │   └── FenceLost              another run took the lock over; this run's write refused
     └── Interrupted (130 / 143)    SIGINT / SIGTERM stopped the run
 
 Messages name the file, revision or setting at fault and never contain a password.
@@ -34,6 +36,10 @@ class UsageError(DmError):
 
 class ConfigError(UsageError):
     """A setting, database URL or configuration file is invalid."""
+
+
+class TrackerDamaged(UsageError):
+    """The tracker tables were changed by hand; the message says how to repair them."""
 
 
 class RevisionFileError(UsageError):
@@ -72,6 +78,13 @@ class LockLost(DmError):
     """The migration lock's connection died during the run, which was then stopped."""
 
     exit_code = 3
+
+
+class FenceLost(LockLost):
+    """Another run took the migration lock over: this run's tracker write matched nothing.
+
+    Raised before the write's transaction commits, so the work in it is rolled back.
+    """
 
 
 class Interrupted(DmError):

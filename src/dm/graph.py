@@ -40,6 +40,8 @@ class Step:
 
     script: Script
     is_upgrade: bool
+    reason: str | None = None
+    """Why this step runs, recorded with its attempt (e.g. ``forced: <why>``)."""
 
     @property
     def revision(self) -> str:

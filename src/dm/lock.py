@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from .errors import FenceLost
 from .errors import LockLost
 from .errors import LockTimeout
 
@@ -52,6 +53,8 @@ HEARTBEAT_SECONDS = 5.0
 """How often the lock connection is pinged while the lock is held."""
 HEARTBEAT_TIMEOUT = 30.0
 """A ping slower than this counts as a dead lock connection."""
+UNLOCK_TIMEOUT = 5.0
+"""How long releasing the lock may take before its connection is dropped instead."""
 
 # Session settings of the lock connection, each applied on its own (older servers may
 # lack some); all are user-settable, so no privilege is needed.
@@ -140,18 +143,40 @@ async def _advisory_lock(
                 if lost and owner.uncancel() == 0:
                     raise LockLost(
                         f"lost the migration lock: its connection died ({_reason(lost[0])}); "
-                        "the revision in progress was rolled back"
+                        "the work in progress was rolled back (batches a non-transactional "
+                        "revision committed stay, and the next run resumes after them)"
                     ) from None
+                raise
+            except FenceLost as exc:
+                # Another run holds the lock now: this connection's lock is gone (or about
+                # to be), whatever it looks like from here.
+                lost.append(exc)
+                if owner.cancelling():  # the watchdog's cancel, if it fired meanwhile
+                    owner.uncancel()
                 raise
             finally:
                 watchdog.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog
-                if not lost:
-                    with contextlib.suppress(Exception):
-                        await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                await _release(conn, key, unlock=not lost)
     finally:
         await engine.dispose()
+
+
+async def _release(conn: AsyncConnection, key: int, *, unlock: bool) -> None:
+    """Unlock (bounded: the network may hang), or just drop a connection whose lock is gone.
+
+    Dropping the connection ends its session, which frees a session lock in any case.
+    """
+    if unlock:
+        try:
+            async with asyncio.timeout(UNLOCK_TIMEOUT):
+                await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            return
+        except Exception as exc:
+            log.warning("could not release the migration lock (%s); dropping its connection", exc)
+    with contextlib.suppress(Exception):
+        await conn.invalidate()
 
 
 async def _pg_acquire(conn: AsyncConnection, key: int, timeout: float) -> None:

@@ -22,18 +22,15 @@ import sqlalchemy as sa
 
 from . import _alembic_compat as compat
 from .command import RunResult
-from .command import _Database
 from .command import _database
 from .command import _graph
 from .command import _tracker
 from .command import execute_plan
-from .command import run_info
 from .errors import DmError
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
 from .graph import Step
-from .graph import checksum
 from .graph import describe
 from .graph import display_path
 from .graph import require_reversible
@@ -140,15 +137,9 @@ async def run(
     script = _one(graph, revision)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
-        return _plan_run(graph, script, latest, force)
+        return _plan_run(graph, script, latest, forced_reason if force else None)
 
-    async def mark_forced(db: _Database, latest: Mapping[str, Attempt]) -> None:
-        if force and _is_applied(latest, script.revision):
-            await _mark_forced(await db.conn(), db.tracker, script.revision, forced_reason)
-
-    return await execute_plan(
-        settings, script.revision, plan, dry_run=dry_run, after_run=mark_forced
-    )
+    return await execute_plan(settings, script.revision, plan, dry_run=dry_run)
 
 
 async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
@@ -184,8 +175,9 @@ def _is_applied(latest: Mapping[str, Attempt], revision: str) -> bool:
 
 
 def _plan_run(
-    graph: Graph, script: Script, latest: Mapping[str, Attempt], force: bool
+    graph: Graph, script: Script, latest: Mapping[str, Attempt], forced_reason: str | None
 ) -> list[Step]:
+    """Plan ``dm run``: nothing when applied, unless forced (then the step carries why)."""
     applied = applied_revisions(latest)
     missing = [rev for rev in _ancestors(graph, script.revision) if rev not in applied]
     if missing:
@@ -193,8 +185,8 @@ def _plan_run(
             f"cannot run {script.revision}: not applied yet: {', '.join(missing)} "
             f"(apply them first, e.g. dm upgrade {script.revision})"
         )
-    if _is_applied(latest, script.revision) and not force:
-        return []
+    if _is_applied(latest, script.revision):
+        return [] if forced_reason is None else [Step(script, True, reason=forced_reason)]
     return [Step(script, True)]
 
 
@@ -202,12 +194,15 @@ def _plan_rollback(graph: Graph, script: Script, latest: Mapping[str, Attempt]) 
     attempt = latest.get(script.revision)
     if attempt is None or not attempt.counts_as_applied:
         return []
-    applied = applied_revisions(latest)
-    dependants = [rev for rev in _descendants(graph, script.revision) if rev in applied]
-    if dependants:
+    later = [latest[rev] for rev in _descendants(graph, script.revision) if rev in latest]
+    applied = [a.revision for a in later if a.is_applied]
+    skipped = [a.revision for a in later if a.is_skipped]
+    if applied or skipped:
+        found = [f"applied revisions depend on it: {', '.join(applied)}"] if applied else []
+        if skipped:  # they never ran here, but plans pass them as if applied
+            found.append(f"skipped revisions come after it: {', '.join(skipped)}")
         raise UsageError(
-            f"cannot roll back {script.revision}: applied revisions depend on it: "
-            f"{', '.join(dependants)} (roll them back first)"
+            f"cannot roll back {script.revision}: {'; '.join(found)} (roll them back first)"
         )
     step = Step(script, False)
     if not attempt.is_skipped:
@@ -238,11 +233,6 @@ def _descendants(graph: Graph, revision: str) -> list[str]:
     return [s.revision for s in reversed(ordered) if s.revision in found]
 
 
-async def _mark_forced(conn: AsyncConnection, tracker: Tracker, revision: str, reason: str) -> None:
-    async with conn.begin():
-        await tracker.annotate_latest(conn, revision, reason)
-
-
 # -- manual resolution --------------------------------------------------------------------------
 
 
@@ -252,10 +242,12 @@ async def resolve(
     """Record that an operator fixed a failed revision by hand.
 
     ``success`` means its upgrade is now in effect; ``rolled_back`` means it is not. The
-    row records who, when and the reason; no hook runs.
+    row records who, when and the reason; no hook runs. A revision whose file was deleted
+    can be settled whatever its latest attempt (name its full id): ``rolled_back`` clears
+    it from ``dm check``.
 
-    :raises UsageError: the revision's latest attempt did not fail, the status is not
-        ``success`` or ``rolled_back``, or the reason is empty.
+    :raises UsageError: the revision's latest attempt did not fail (and its file exists),
+        the status is not ``success`` or ``rolled_back``, or the reason is empty.
     """
     try:
         status = Status(as_status)
@@ -266,40 +258,41 @@ async def resolve(
     if not reason.strip():
         raise UsageError("resolve needs a --reason saying what was fixed by hand")
     graph = _graph(settings)
-    script = _one(graph, revision)
-    async with _database(settings) as db, db.locked() as (latest, _interrupted):
-        attempt = latest.get(script.revision)
-        if attempt is None or attempt.status is not Status.FAILED:
+    try:
+        script: Script | None = _one(graph, revision)
+    except UnknownTarget:
+        script = None
+        async with _database(settings) as probe:  # a tracker row whose file is gone?
+            if revision not in await probe.read_latest():
+                raise
+    rev_id = script.revision if script is not None else revision
+    direction = "upgrade" if status is Status.SUCCESS else "downgrade"
+    text = f"resolved by hand: {reason.strip()}"
+    async with _database(settings) as db, db.locked() as (recorder, _interrupted):
+        attempt = recorder.latest.get(rev_id)
+        if attempt is None or (script is not None and attempt.status is not Status.FAILED):
             state = "never run" if attempt is None else attempt.status.value
             raise UsageError(
-                f"cannot resolve {script.revision}: its latest attempt is {state}, not "
-                "failed; only a failed revision can be resolved"
+                f"cannot resolve {rev_id}: its latest attempt is {state}, not failed; only a "
+                "failed revision (or one whose file was deleted) can be resolved"
             )
-        info = run_info(settings)
-        direction = "upgrade" if status is Status.SUCCESS else "downgrade"
-        text = f"resolved by hand: {reason.strip()}"
-        conn = await db.conn()
-        async with conn.begin():
-            await db.tracker.start(
-                conn,
-                info,
-                revision=script.revision,
-                description=describe(script),
-                direction=direction,
-                attempt=attempt.attempt + 1,
-                checksum=checksum(script),
-                status=status,
-                reason=text,
-            )
-        log.info("%s: resolved as %s by %s", script.revision, status.value, info.run_by)
+        async with recorder.conn.begin():
+            if script is not None:
+                step = Step(script, status is Status.SUCCESS)
+                await recorder.record_step(step, status, reason=text)
+            else:
+                await recorder.record(
+                    rev_id,
+                    description=attempt.description or "",
+                    direction=direction,
+                    status=status,
+                    checksum=None,
+                    reason=f"{text} (file missing)",
+                )
+        run_by = recorder.run.run_by
+        log.info("%s: resolved as %s by %s", rev_id, status.value, run_by)
         return ResolveResult(
-            script.revision,
-            status.value,
-            direction,
-            attempt.status.value,
-            text,
-            info.run_by,
-            utcnow(),
+            rev_id, status.value, direction, attempt.status.value, text, run_by, utcnow()
         )
 
 

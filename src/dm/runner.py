@@ -26,27 +26,28 @@ import traceback
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
-from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .batching import RunContext
 from .batching import run_context
+from .errors import FenceLost
 from .errors import RevisionFailed
 from .graph import Step
 from .graph import checksum
-from .tracker import Attempt
-from .tracker import RunInfo
+from .recording import Recorder
 from .tracker import Status
-from .tracker import Tracker
 
 log = logging.getLogger("dm.runner")
+
+# A savepoint set at the start of a transactional revision, released after its hooks: the
+# release fails when the revision's code ended the transaction (see TransactionEnded).
+_MARK = sa.text("SAVEPOINT dm_revision")
+_RELEASE = sa.text("RELEASE SAVEPOINT dm_revision")
 
 # After a cancellation, how often and how long to interrupt SQLite's running statement
 # before the hook's task is cancelled outright.
@@ -69,6 +70,10 @@ class VerifyFailed(Exception):
     """``verify()`` did not return True."""
 
 
+class TransactionEnded(Exception):
+    """A transactional revision's code committed or rolled back dm's transaction itself."""
+
+
 class RevisionTimedOut(Exception):
     """The revision ran longer than its time limit."""
 
@@ -78,29 +83,23 @@ class RevisionTimedOut(Exception):
 
 
 class Runner:
-    """Runs steps on one connection and records each attempt."""
+    """Runs steps on the recorder's connection and records each attempt through it."""
 
     def __init__(
         self,
-        conn: AsyncConnection,
-        tracker: Tracker,
-        run: RunInfo,
-        latest: Mapping[str, Attempt],
+        recorder: Recorder,
         *,
         timeout: float | None = None,
         pg_lock_timeout: float | None = None,
     ) -> None:
-        self.conn = conn
-        self.tracker = tracker
-        self.run_info = run
-        self.latest = dict(latest)
+        self.recorder = recorder
+        self.conn = recorder.conn
         self.timeout = timeout
         self.pg_lock_timeout = pg_lock_timeout
-        self._postgres = conn.dialect.name == "postgresql"
+        self._postgres = self.conn.dialect.name == "postgresql"
         self._session_ready = False
-        self._isolation_level = (
-            conn.sync_connection.default_isolation_level if conn.sync_connection else None
-        )
+        sync = self.conn.sync_connection
+        self._isolation_level = sync.default_isolation_level if sync else None
 
     async def run(self, steps: Sequence[Step]) -> list[StepResult]:
         """Run ``steps`` in order; stop at the first failure.
@@ -117,25 +116,14 @@ class Runner:
         in this attempt's row) and resumes from the checkpoint of a failed attempt in the
         same direction; its final status is committed after its work.
         """
-        prior = self.latest.get(step.revision)
-        attempt_number = (prior.attempt if prior else 0) + 1
-        digest = checksum(step.script)
+        prior = self.recorder.latest.get(step.revision)
         resume = None
         if not step.transactional and prior and prior.direction == step.direction:
             resume = prior.checkpoint if prior.can_resume else None
         if self._postgres and not self._session_ready:
             await self._prepare_session()
         async with self._pending_row_transaction():
-            attempt_id = await self.tracker.start(
-                self.conn,
-                self.run_info,
-                revision=step.revision,
-                description=step.description,
-                direction=step.direction,
-                attempt=attempt_number,
-                checksum=digest,
-                checkpoint=resume,
-            )
+            attempt_id = await self.recorder.record_step(step, Status.PENDING, checkpoint=resume)
         label = f"{step.direction} {step.revision}"
         if step.description:
             label += f" ({step.description})"
@@ -143,7 +131,7 @@ class Runner:
             log.info(
                 "%s: running, resuming from the checkpoint of attempt %d", label, prior.attempt
             )
-            if prior.checksum and prior.checksum != digest:
+            if prior.checksum and prior.checksum != checksum(step.script):
                 log.warning(
                     "%s: the file changed since attempt %d; resuming from its checkpoint "
                     "anyway (dm resolve settles the failed attempt to start over)",
@@ -159,7 +147,7 @@ class Runner:
             step.direction,
             step.transactional,
             resume=resume,
-            save_checkpoint=functools.partial(self._save_checkpoint, attempt_id),
+            save_checkpoint=functools.partial(self.recorder.save_checkpoint, attempt_id),
         )
         try:
             if step.transactional:
@@ -170,39 +158,40 @@ class Runner:
                 await self._execute(step, context)  # commits its own work
                 async with self.conn.begin():
                     await self._finish(attempt_id, final, started)
+        except FenceLost:
+            await self._rollback()
+            raise _taken_over(step, label) from None
         except BaseException as exc:
             duration = _elapsed_ms(started)
             message = self._describe(step, exc)
-            await self._record_failure(attempt_id, exc, message, duration)
+            try:
+                await self._record_failure(attempt_id, exc, message, duration)
+            except FenceLost:
+                raise _taken_over(step, label) from exc
             log.error("%s: FAILED after %d ms: %s", label, duration, message)
             if isinstance(exc, Exception):
                 raise RevisionFailed(step.revision, message) from exc
             raise
         duration = _elapsed_ms(started)
         log.info("%s: %s in %d ms", label, final.value, duration)
-        self.remember(step, attempt_id, final)
         return StepResult(step.revision, step.direction, final, duration, step.description)
 
     async def _finish(self, attempt_id: int, status: Status, started: float) -> None:
-        await self.tracker.finish(self.conn, attempt_id, status, duration_ms=_elapsed_ms(started))
+        await self.recorder.finish(attempt_id, status, duration_ms=_elapsed_ms(started))
 
-    async def _save_checkpoint(
-        self, attempt_id: int, session: AsyncSession, checkpoint: dict[str, Any]
-    ) -> None:
-        await self.tracker.save_checkpoint(session, attempt_id, checkpoint)
-
-    def remember(self, step: Step, attempt_id: int, status: Status) -> None:
-        """Make ``status`` the revision's latest attempt for the rest of this run."""
-        prior = self.latest.get(step.revision)
-        self.latest[step.revision] = _finished(
-            step, attempt_id, (prior.attempt if prior else 0) + 1, status, prior
-        )
+    async def _rollback(self) -> None:
+        """Roll back whatever this run's connection still has open (nothing is recorded)."""
+        if self.conn.in_transaction():
+            with contextlib.suppress(Exception):
+                await _finish_despite_cancel(self.conn.rollback())
 
     async def _execute(self, step: Step, context: RunContext) -> None:
         limit = _timeout_of(step, self.timeout)
         if self._postgres and step.transactional:
             await self._set_local_timeouts(limit)
         interrupt = None if self._postgres else await self._sqlite_interrupt()
+        if step.transactional:
+            await self.conn.execute(_MARK)
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
         deadline = asyncio.timeout(limit)
         try:
@@ -213,6 +202,8 @@ class Runner:
                     else:
                         await _interruptible(self._hooks(step, session), interrupt)
             await _settle(step, session)
+            if step.transactional:
+                await self._check_transaction_intact()
         except TimeoutError as exc:
             if limit is not None and deadline.expired():
                 raise RevisionTimedOut(limit) from exc
@@ -223,6 +214,21 @@ class Runner:
             raise
         finally:
             await session.close()
+
+    async def _check_transaction_intact(self) -> None:
+        """Raise if the revision's code ended dm's transaction (a raw COMMIT or ROLLBACK).
+
+        The savepoint set before the hook exists only while that transaction does.
+        """
+        try:
+            await self.conn.execute(_RELEASE)
+        except DBAPIError as exc:
+            raise TransactionEnded(
+                "the revision's code ended dm's transaction itself (a COMMIT or ROLLBACK "
+                "statement): what it did before that is committed, and everything after "
+                "ran outside any transaction, so the revision was not atomic; make it "
+                "transactional = False (and use dm.batched) to commit as it goes"
+            ) from exc
 
     async def _hooks(self, step: Step, session: AsyncSession) -> None:
         hook = step.module.upgrade if step.is_upgrade else step.module.downgrade
@@ -285,7 +291,7 @@ class Runner:
             await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
 
     def _describe(self, step: Step, exc: BaseException) -> str:
-        if isinstance(exc, RevisionTimedOut):
+        if isinstance(exc, RevisionTimedOut | TransactionEnded):
             return str(exc)
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return "interrupted"
@@ -295,6 +301,8 @@ class Runner:
     async def _record_failure(
         self, attempt_id: int, exc: BaseException, message: str, duration: int
     ) -> None:
+        """Record the attempt failed; a failure to record is logged (the next run marks the
+        attempt interrupted), except :class:`FenceLost`: the attempt is another run's now."""
         trace = "".join(traceback.format_exception(exc))
         reason = "interrupted" if not isinstance(exc, Exception) else None
         try:
@@ -303,7 +311,9 @@ class Runner:
             await _finish_despite_cancel(
                 self._write_failure(attempt_id, message, trace, duration, reason)
             )
-        except Exception as record_error:  # the next run marks the attempt interrupted
+        except FenceLost:
+            raise
+        except Exception as record_error:
             log.warning("could not record the failure: %s", record_error)
 
     async def _write_failure(
@@ -312,8 +322,7 @@ class Runner:
         if self.conn.in_transaction():
             await self.conn.rollback()
         async with self.conn.begin():
-            await self.tracker.finish(
-                self.conn,
+            await self.recorder.finish(
                 attempt_id,
                 Status.FAILED,
                 duration_ms=duration,
@@ -379,6 +388,21 @@ async def _finish_despite_cancel(work: Awaitable[None]) -> None:
     task.result()
 
 
+def _taken_over(step: Step, label: str) -> FenceLost:
+    """Return the error of a run whose step's attempt another run took over."""
+    kept = (
+        ""
+        if step.transactional
+        else "; the batches it committed before stay, and the run that took over resumes after them"
+    )
+    message = (
+        f"lost the migration lock: another run took it over while {label} ran; this run's "
+        f"work in progress was rolled back{kept}"
+    )
+    log.error("%s: stopped: %s", label, message)
+    return FenceLost(message)
+
+
 def _is_statement_timeout(exc: DBAPIError) -> bool:
     """Return whether PostgreSQL cancelled a statement because of ``statement_timeout``."""
     orig = exc.orig
@@ -392,25 +416,3 @@ def _timeout_of(step: Step, default: float | None) -> float | None:
 
 def _elapsed_ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
-
-
-def _finished(
-    step: Step, attempt_id: int, number: int, status: Status, prior: Attempt | None
-) -> Attempt:
-    return Attempt(
-        id=attempt_id,
-        revision=step.revision,
-        description=step.description,
-        direction=step.direction,
-        status=status,
-        attempt=number,
-        started_at=None,
-        finished_at=None,
-        duration_ms=None,
-        error_message=None,
-        reason=None,
-        run_by=None,
-        pod_name=None,
-        checksum=None,
-        attempts=(prior.attempts if prior else 0) + 1,
-    )

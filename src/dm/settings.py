@@ -58,18 +58,12 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    config_file: Path = Field(
-        Path("alembic.ini"), validation_alias="DM_CONFIG"
-    )
-    ini_section: str = Field(
-        DEFAULT_SECTION, validation_alias="DM_INI_SECTION"
-    )
+    config_file: Path = Field(Path("alembic.ini"), validation_alias="DM_CONFIG")
+    ini_section: str = Field(DEFAULT_SECTION, validation_alias="DM_INI_SECTION")
     database_url: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DM_DATABASE_URL", "DATABASE_URL", "database_url")
     )
-    lock_database_url: SecretStr | None = Field(
-        None, validation_alias="DM_LOCK_DATABASE_URL"
-    )
+    lock_database_url: SecretStr | None = Field(None, validation_alias="DM_LOCK_DATABASE_URL")
     environment: str = Field(
         "production",
         validation_alias=AliasChoices("DM_ENVIRONMENT", "ENVIRONMENT", "environment"),

@@ -1,22 +1,38 @@
 """``script_run_tracker``: the only state dm keeps, one row per attempt.
 
-A revision's current state is its latest row. The table's own layout is versioned in the
-companion ``<table>_meta`` table and upgraded in place (under the migration lock) when an
-older dm created it.
+What a revision's rows leave in effect is derived by the one rule in ``dm.state``. The
+table's own layout is versioned in the companion ``<table>_meta`` table and upgraded in
+place (under the migration lock) when an older dm created it.
+
+**Fencing.** The meta table also holds the ``fence``: the run id of the run that last took
+the migration lock. Every write a run makes to attempt rows carries the condition "the fence
+is still mine" (read ``FOR SHARE`` on PostgreSQL, so a takeover waits for a write in flight,
+and a write after a takeover matches nothing) and must match exactly one row; otherwise
+:class:`~dm.errors.FenceLost` is raised before the caller commits. A run that lost its lock
+without noticing (a dead or hung lock connection) therefore never commits again: its
+transaction rolls back, and the run that took over owns the revision.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from typing import Any
+from typing import overload
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from .errors import ConfigError
+from .errors import FenceLost
+from .errors import TrackerDamaged
+from .state import TRANSITIONS as TRANSITIONS
+from .state import State
+from .state import Status as Status
+from .state import derive
 
 SCHEMA_VERSION = 2
 """Layout of the tracker written by this dm.
@@ -27,24 +43,35 @@ SCHEMA_VERSION = 2
 """
 
 
-class Status(enum.StrEnum):
-    """Status of one attempt."""
+_REBUILD = (
+    "To start a new tracker on purpose instead (its history is lost), drop both tables "
+    "(DROP TABLE {name}, {meta}) and record what is applied with dm stamp"
+)
 
-    PENDING = "pending"  # running now, or the run died (a later run marks it failed)
-    SUCCESS = "success"  # upgrade (and verify) committed, or stamped as applied
-    FAILED = "failed"  # rolled back; the error says why
-    ROLLED_BACK = "rolled_back"  # downgrade committed, or stamped as not applied
-    SKIPPED = "skipped"  # not run: the revision's `environments` exclude this environment
+FENCE_KEY = "fence"
+"""The meta row naming the run id that holds the migration lock (see "Fencing" above)."""
 
+FENCE_LOST = "another run took the migration lock over; this run's write was refused"
 
-# The legal moves of one attempt row: it is born pending and ends once.
-TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    Status.PENDING: frozenset({Status.SUCCESS, Status.FAILED, Status.ROLLED_BACK}),
-    Status.SUCCESS: frozenset(),
-    Status.FAILED: frozenset(),
-    Status.ROLLED_BACK: frozenset(),
-    Status.SKIPPED: frozenset(),  # inserted directly (like stamps), never from pending
-}
+# The columns an attempt row is inserted with (``id`` is generated).
+_COLUMNS = (
+    "run_id",
+    "revision",
+    "description",
+    "direction",
+    "status",
+    "attempt",
+    "started_at",
+    "finished_at",
+    "duration_ms",
+    "reason",
+    "run_by",
+    "pod_name",
+    "dm_version",
+    "environment",
+    "checksum",
+    "checkpoint",
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,15 @@ class Attempt:
     attempts: int
     checkpoint: dict[str, Any] | None = None
     """Where a non-transactional revision's ``batched`` loop stands (see ``dm.batching``)."""
+    in_effect: Status | None = None
+    """The status of the revision's latest decisive attempt (see ``dm.state``)."""
+    in_effect_checksum: str | None = None
+    """The file checksum that attempt recorded: what is in effect came from that file."""
+
+    @property
+    def state(self) -> State:
+        """Return what the revision's attempts leave in effect (the rule in ``dm.state``)."""
+        return derive(self.status, self.in_effect)
 
     @property
     def can_resume(self) -> bool:
@@ -76,15 +112,20 @@ class Attempt:
 
     @property
     def is_applied(self) -> bool:
-        """Return whether the revision's upgrade is in effect after this attempt."""
-        if self.direction == "upgrade":
-            return self.status is Status.SUCCESS
-        return self.status in (Status.FAILED, Status.PENDING)
+        """Return whether plans treat the revision's upgrade as in effect.
+
+        That is the ``applied`` state, and a downgrade left unfinished (``partial`` or
+        ``running``): the next downgrade goes on with it, the next upgrade leaves it.
+        """
+        state = self.state
+        if state is State.APPLIED:
+            return True
+        return self.direction == "downgrade" and state in (State.PARTIAL, State.RUNNING)
 
     @property
     def is_skipped(self) -> bool:
         """Return whether the environment guard skipped the revision's upgrade."""
-        return self.direction == "upgrade" and self.status is Status.SKIPPED
+        return self.state is State.SKIPPED
 
     @property
     def counts_as_applied(self) -> bool:
@@ -117,13 +158,28 @@ def applied_revisions(latest: Mapping[str, Attempt]) -> set[str]:
     return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
 
 
-def _per_revision(table: sa.TableClause) -> sa.Subquery:
-    """Each revision's latest attempt id (``last_id``) and number of attempts (``attempts``)."""
+def _per_revision(
+    table: sa.TableClause, has_checkpoint: sa.ColumnElement[bool] | None = None
+) -> sa.Subquery:
+    """Each revision's latest attempt id (``last_id``), latest decisive attempt id
+    (``decisive_id``, see ``dm.state``) and number of attempts (``attempts``)."""
+    decisive = table.c.status != Status.FAILED.value
+    if has_checkpoint is not None:
+        decisive = sa.or_(decisive, has_checkpoint)
     return (
-        sa.select(sa.func.max(table.c.id).label("last_id"), sa.func.count().label("attempts"))
+        sa.select(
+            sa.func.max(table.c.id).label("last_id"),
+            sa.func.max(sa.case((decisive, table.c.id))).label("decisive_id"),
+            sa.func.count().label("attempts"),
+        )
         .group_by(table.c.revision)
         .subquery()
     )
+
+
+def _has_checkpoint(column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """Return whether a checkpoint is stored (a JSON ``null`` counts as none)."""
+    return sa.and_(column.is_not(None), sa.cast(column, sa.Text) != "null")
 
 
 def utcnow() -> datetime:
@@ -171,19 +227,30 @@ class Tracker:
             sa.Index(f"ix_{table}_revision_id", "revision", "id"),
             sa.Index(f"ix_{table}_status", "status"),
         )
-        # Built once: the runner writes two rows per revision, so statement construction
-        # and compilation must not be paid each time (the compiled form is cached).
-        self._insert_attempt = self.table.insert().returning(self.table.c.id)
-        self._update_pending = self.table.update().where(
-            self.table.c.id == sa.bindparam("attempt_id"),
-            self.table.c.status == Status.PENDING.value,
-        )
-
         self.meta = sa.Table(
             f"{table}_meta",
             self.metadata,
             sa.Column("key", sa.String(64), primary_key=True),
             sa.Column("value", sa.String(255), nullable=False),
+        )
+        held = (
+            sa.select(self.meta.c.key)
+            .where(self.meta.c.key == FENCE_KEY, self.meta.c.value == sa.bindparam("fence"))
+            .with_for_update(read=True)
+        )
+        self._fence_held = sa.exists(held)
+        # Built once, like the statements above: the checkpoint update runs once per batch.
+        values = [sa.bindparam(f"v_{name}", type_=self.table.c[name].type) for name in _COLUMNS]
+        self._insert_attempt = (
+            self.table.insert()
+            .from_select(list(_COLUMNS), sa.select(*values).where(self._fence_held))
+            .returning(self.table.c.id)
+        )
+        self._update_pending = self.table.update().where(
+            self.table.c.id == sa.bindparam("attempt_id"),
+            self.table.c.run_id == sa.bindparam("fence"),
+            self.table.c.status == Status.PENDING.value,
+            self._fence_held,
         )
 
     @property
@@ -193,16 +260,63 @@ class Tracker:
 
     # -- layout ---------------------------------------------------------------------
 
-    async def exists(self, conn: AsyncConnection) -> bool:
-        """Return whether the tracker table exists (read-only)."""
-        return await conn.run_sync(
-            lambda sync: sa.inspect(sync).has_table(self.name, schema=self.schema)
-        )
+    async def layout(self, conn: AsyncConnection) -> int | None:
+        """Return the tracker's layout version, None when there is no tracker (read-only).
+
+        :raises TrackerDamaged: the tables were changed by hand (one dropped, columns
+            missing, the layout row gone); the message says how to repair it.
+        """
+        return await conn.run_sync(self._layout)
+
+    def _layout(self, sync: sa.Connection) -> int | None:
+        inspector = sa.inspect(sync)
+        name, meta = self.qualified_name, f"{self.qualified_name}_meta"
+        has_table = inspector.has_table(self.name, schema=self.schema)
+        has_meta = inspector.has_table(self.meta.name, schema=self.schema)
+        if not has_table:
+            if has_meta:
+                raise TrackerDamaged(
+                    f"tracker table {name} is missing while {meta} exists: its history was "
+                    f"dropped. {_REBUILD.format(name=name, meta=meta)}"
+                )
+            return None
+        present = {col["name"] for col in inspector.get_columns(self.name, schema=self.schema)}
+        if not has_meta:
+            if "run_id" not in present:
+                return 1  # the pre-release layout, which had no meta table
+            raise TrackerDamaged(
+                f"tracker table {meta} is missing while {name} has layout "
+                f"{SCHEMA_VERSION}; recreate it: CREATE TABLE {meta} (key VARCHAR(64) PRIMARY "
+                f"KEY, value VARCHAR(255) NOT NULL); INSERT INTO {meta} VALUES "
+                f"('schema_version', '{SCHEMA_VERSION}')"
+            )
+        found = sync.execute(self._version_query()).scalar_one_or_none()
+        if found is None or not str(found).isdigit():
+            raise TrackerDamaged(
+                f"tracker table {meta} has no valid schema_version row ({found!r}); restore it: "
+                f"INSERT INTO {meta} VALUES ('schema_version', '{SCHEMA_VERSION}')"
+            )
+        version = int(found)
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"tracker {name} has layout {version}, newer than this dm understands "
+                f"({SCHEMA_VERSION}); upgrade dm"
+            )
+        missing = sorted({column.name for column in self.table.columns} - present)
+        if version == SCHEMA_VERSION and missing:
+            raise TrackerDamaged(
+                f"tracker table {name} lacks column(s) {', '.join(missing)} of layout "
+                f"{version}: it was altered by hand; restore them (renamed back, or added "
+                f"as in a fresh tracker). {_REBUILD.format(name=name, meta=meta)}"
+            )
+        return version
 
     async def ensure(self, conn: AsyncConnection) -> None:
         """Create the tracker, or bring an older layout up to date; commits.
 
         Call it while holding the migration lock, so concurrent runs never race on DDL.
+
+        :raises TrackerDamaged: see :meth:`layout`; nothing is created then.
         """
         async with conn.begin():
             await conn.run_sync(self._ensure_sync)
@@ -210,25 +324,14 @@ class Tracker:
     def _ensure_sync(self, sync: sa.Connection) -> None:
         if self.schema and sync.dialect.name == "postgresql":
             sync.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
-        inspector = sa.inspect(sync)
-        if not inspector.has_table(self.name, schema=self.schema):
+        version = self._layout(sync)
+        if version is None:
             self.metadata.create_all(sync)
             self._write_version(sync, SCHEMA_VERSION, insert=True)
-            return
-        has_meta = inspector.has_table(self.meta.name, schema=self.schema)
-        if not has_meta:
+        elif version < 2:
             self.meta.create(sync)
             self._write_version(sync, 1, insert=True)
-        version = int(sync.execute(self._version_query()).scalar_one())
-        if version > SCHEMA_VERSION:
-            from .errors import ConfigError
-
-            raise ConfigError(
-                f"tracker {self.qualified_name} has layout {version}, newer than this dm "
-                f"understands ({SCHEMA_VERSION}); upgrade dm"
-            )
-        if version < 2:
-            self._upgrade_1_to_2(sync, inspector)
+            self._upgrade_1_to_2(sync, sa.inspect(sync))
             self._write_version(sync, 2)
 
     def _version_query(self) -> sa.Select[tuple[Any]]:
@@ -280,7 +383,8 @@ class Tracker:
     async def latest(self, conn: AsyncConnection) -> dict[str, Attempt]:
         """Return the latest attempt of every revision the tracker knows (read-only)."""
         t = self.table
-        per_revision = _per_revision(t)
+        per_revision = _per_revision(t, _has_checkpoint(t.c.checkpoint))
+        decisive = t.alias("decisive")
         query = sa.select(
             t.c.id,
             t.c.revision,
@@ -298,7 +402,13 @@ class Tracker:
             t.c.checksum,
             t.c.checkpoint,
             per_revision.c.attempts,
-        ).join(per_revision, t.c.id == per_revision.c.last_id)
+            decisive.c.status.label("in_effect"),
+            decisive.c.checksum.label("in_effect_checksum"),
+        ).select_from(
+            t.join(per_revision, t.c.id == per_revision.c.last_id).outerjoin(
+                decisive, decisive.c.id == per_revision.c.decisive_id
+            )
+        )
         rows = (await conn.execute(query)).all()
         return {
             row.revision: Attempt(
@@ -306,7 +416,7 @@ class Tracker:
                 revision=row.revision,
                 description=row.description,
                 direction=row.direction,
-                status=Status(row.status),
+                status=self._status(row.status, row.revision),
                 attempt=row.attempt,
                 started_at=as_utc(row.started_at),
                 finished_at=as_utc(row.finished_at),
@@ -318,20 +428,25 @@ class Tracker:
                 checksum=row.checksum,
                 attempts=row.attempts,
                 checkpoint=row.checkpoint,
+                in_effect=self._status(row.in_effect, row.revision),
+                in_effect_checksum=row.in_effect_checksum,
             )
             for row in rows
         }
 
     async def read_latest(self, conn: AsyncConnection) -> dict[str, Attempt]:
-        """Like ``latest``, but also read a tracker still in layout 1 (read-only).
+        """Like ``latest``, but check the tables first, and also read a tracker still in
+        layout 1; no tracker reads as no attempts (read-only).
 
         ``ensure`` upgrades the layout only under the migration lock; reads made before
         it (planning, ``status``, ``current``, ``check``) must understand the old layout.
+
+        :raises TrackerDamaged: see :meth:`layout`.
         """
-        legacy = await conn.run_sync(
-            lambda sync: not sa.inspect(sync).has_table(self.meta.name, schema=self.schema)
-        )
-        if not legacy:
+        version = await self.layout(conn)
+        if version is None:
+            return {}
+        if version > 1:
             return await self.latest(conn)
         v1 = sa.table(
             self.name,
@@ -344,8 +459,13 @@ class Tracker:
             schema=self.schema,
         )
         per_revision = _per_revision(v1)
-        query = sa.select(v1, per_revision.c.attempts).join(
-            per_revision, v1.c.id == per_revision.c.last_id
+        decisive = v1.alias("decisive")
+        query = sa.select(
+            v1, per_revision.c.attempts, decisive.c.status.label("in_effect")
+        ).select_from(
+            v1.join(per_revision, v1.c.id == per_revision.c.last_id).outerjoin(
+                decisive, decisive.c.id == per_revision.c.decisive_id
+            )
         )
         return {
             row.revision: Attempt(
@@ -353,7 +473,7 @@ class Tracker:
                 revision=row.revision,
                 description=None,
                 direction="upgrade",
-                status=Status(row.status),
+                status=self._status(row.status, row.revision),
                 attempt=row.attempts,
                 started_at=as_utc(row.started_at),
                 finished_at=as_utc(row.finished_at),
@@ -364,9 +484,28 @@ class Tracker:
                 pod_name=None,
                 checksum=None,
                 attempts=row.attempts,
+                in_effect=self._status(row.in_effect, row.revision),
             )
             for row in (await conn.execute(query)).all()
         }
+
+    @overload
+    def _status(self, value: str, revision: str) -> Status: ...
+    @overload
+    def _status(self, value: str | None, revision: str) -> Status | None: ...
+
+    def _status(self, value: str | None, revision: str) -> Status | None:
+        """Return the status ``value`` read from one of ``revision``'s attempts."""
+        if value is None:
+            return None
+        try:
+            return Status(value)
+        except ValueError:
+            known = ", ".join(status.value for status in Status)
+            raise TrackerDamaged(
+                f"tracker table {self.qualified_name} has an unknown status {value!r} in a "
+                f"row of revision {revision}: it was changed by hand; set it to one of {known}"
+            ) from None
 
     async def history(self, conn: AsyncConnection, revision: str) -> list[sa.Row[Any]]:
         """Return every attempt of ``revision``, oldest first."""
@@ -375,6 +514,18 @@ class Tracker:
         return list((await conn.execute(query)).all())
 
     # -- writes (each call runs in the caller's transaction) --------------------------
+
+    async def claim(self, conn: AsyncConnection, run_id: str) -> None:
+        """Make ``run_id`` the fence: from now on only its writes match (call under the lock).
+
+        On PostgreSQL the update waits for a fenced write of the previous holder that is
+        still in flight, so that write either commits before the takeover or matches nothing.
+        """
+        updated = await conn.execute(
+            self.meta.update().where(self.meta.c.key == FENCE_KEY).values(value=run_id)
+        )
+        if updated.rowcount == 0:
+            await conn.execute(self.meta.insert().values(key=FENCE_KEY, value=run_id))
 
     async def start(
         self,
@@ -390,35 +541,41 @@ class Tracker:
         reason: str | None = None,
         checkpoint: Mapping[str, Any] | None = None,
     ) -> int:
-        """Insert an attempt row and return its id (``checkpoint``: where it resumes)."""
+        """Insert an attempt row and return its id (``checkpoint``: where it resumes).
+
+        :raises FenceLost: another run took the migration lock since ``run`` claimed it.
+        """
         now = utcnow()
         finished = None if status is Status.PENDING else now
-        result = await conn.execute(
-            self._insert_attempt,
-            {
-                "run_id": run.run_id,
-                "revision": revision,
-                "description": description,
-                "direction": direction,
-                "status": status.value,
-                "attempt": attempt,
-                "started_at": now,
-                "finished_at": finished,
-                "duration_ms": None if finished is None else 0,
-                "reason": reason,
-                "run_by": run.run_by,
-                "pod_name": run.pod_name,
-                "dm_version": run.dm_version,
-                "environment": run.environment,
-                "checksum": checksum,
-                "checkpoint": None if checkpoint is None else dict(checkpoint),
-            },
-        )
-        return int(result.scalar_one())
+        row = {
+            "run_id": run.run_id,
+            "revision": revision,
+            "description": description,
+            "direction": direction,
+            "status": status.value,
+            "attempt": attempt,
+            "started_at": now,
+            "finished_at": finished,
+            "duration_ms": None if finished is None else 0,
+            "reason": reason,
+            "run_by": run.run_by,
+            "pod_name": run.pod_name,
+            "dm_version": run.dm_version,
+            "environment": run.environment,
+            "checksum": checksum,
+            "checkpoint": None if checkpoint is None else dict(checkpoint),
+        }
+        params = {f"v_{name}": value for name, value in row.items()}
+        result = await conn.execute(self._insert_attempt, {**params, "fence": run.run_id})
+        attempt_id = result.scalar_one_or_none()
+        if attempt_id is None:
+            raise FenceLost(f"revision {revision}: {FENCE_LOST}")
+        return int(attempt_id)
 
     async def finish(
         self,
         conn: AsyncConnection,
+        run: RunInfo,
         attempt_id: int,
         status: Status,
         *,
@@ -427,11 +584,13 @@ class Tracker:
         error_traceback: str | None = None,
         reason: str | None = None,
     ) -> None:
-        """Move a pending attempt to its final ``status``."""
+        """Move this run's pending attempt to its final ``status``.
+
+        :raises FenceLost: the attempt is no longer this run's to finish.
+        """
         if status not in TRANSITIONS[Status.PENDING]:  # pragma: no cover - programming error
             raise ValueError(f"a pending attempt cannot become {status.value}")
         values: dict[str, Any] = {
-            "attempt_id": attempt_id,
             "status": status.value,
             "finished_at": utcnow(),
             "duration_ms": duration_ms,
@@ -440,29 +599,39 @@ class Tracker:
             values.update(error_message=error_message, error_traceback=error_traceback)
         if reason is not None:
             values["reason"] = reason
-        await conn.execute(self._update_pending, values)
+        await self._update_fenced(conn, run, attempt_id, values)
 
     async def save_checkpoint(
         self,
         executor: AsyncConnection | AsyncSession,
+        run: RunInfo,
         attempt_id: int,
         checkpoint: Mapping[str, Any],
     ) -> None:
-        """Store ``checkpoint`` in a pending attempt, in the caller's transaction."""
-        await executor.execute(
-            self._update_pending, {"attempt_id": attempt_id, "checkpoint": dict(checkpoint)}
-        )
+        """Store ``checkpoint`` in this run's pending attempt, in the caller's transaction.
 
-    async def annotate_latest(self, conn: AsyncConnection, revision: str, reason: str) -> None:
-        """Set the reason of ``revision``'s latest attempt, unless it already has one."""
-        t = self.table
-        last = sa.select(sa.func.max(t.c.id)).where(t.c.revision == revision).scalar_subquery()
-        await conn.execute(
-            t.update().where(t.c.id == last, t.c.reason.is_(None)).values(reason=reason)
-        )
+        :raises FenceLost: the attempt is no longer this run's; roll the batch back.
+        """
+        await self._update_fenced(executor, run, attempt_id, {"checkpoint": dict(checkpoint)})
 
-    async def fail_pending(self, conn: AsyncConnection, reason: str) -> list[str]:
-        """Mark every pending attempt failed with ``reason``; return their revisions."""
+    async def _update_fenced(
+        self,
+        executor: AsyncConnection | AsyncSession,
+        run: RunInfo,
+        attempt_id: int,
+        values: Mapping[str, Any],
+    ) -> None:
+        params = {**values, "attempt_id": attempt_id, "fence": run.run_id}
+        result = await executor.execute(self._update_pending, params)
+        if getattr(result, "rowcount", 0) != 1:
+            raise FenceLost(f"attempt {attempt_id}: {FENCE_LOST}")
+
+    async def fail_pending(self, conn: AsyncConnection, run: RunInfo, reason: str) -> list[str]:
+        """Mark every pending attempt failed with ``reason``; return their revisions.
+
+        Call it right after :meth:`claim`, in the same transaction: the attempts are those
+        of runs that died or lost the lock.
+        """
         t = self.table
         pending = (
             await conn.execute(
@@ -472,12 +641,17 @@ class Tracker:
         if pending:
             await conn.execute(
                 t.update()
-                .where(t.c.id.in_([row.id for row in pending]))
+                .where(
+                    t.c.id.in_([row.id for row in pending]),
+                    t.c.status == Status.PENDING.value,
+                    self._fence_held,
+                )
                 .values(
                     status=Status.FAILED.value,
                     finished_at=utcnow(),
                     error_message=reason,
                     reason="interrupted",
-                )
+                ),
+                {"fence": run.run_id},
             )
         return [row.revision for row in pending]
