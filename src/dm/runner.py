@@ -13,6 +13,11 @@ is rolled back and the failure is recorded before the cancellation goes on. If t
 dies instead, the row stays ``pending`` and the next run marks it failed (interrupted);
 ``client_connection_check_interval`` makes PostgreSQL abort a statement whose client died
 within about a second, so the orphaned transaction cannot hold row locks for long.
+
+A failure caused by a transient database error (``dm.transient``: a lost connection, a
+deadlock, a serialization failure, a lock wait timing out) is recorded ``failed`` with an
+error starting "transient" and raised as ``TransientRevisionFailure`` (exit 75). If the work
+connection itself died, the failure is recorded on a fresh connection, once.
 """
 
 from __future__ import annotations
@@ -39,14 +44,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from .batching import RunContext
 from .batching import run_context
 from .errors import RevisionFailed
+from .errors import TransientRevisionFailure
 from .graph import Step
 from .graph import checksum
 from .tracker import Attempt
 from .tracker import RunInfo
 from .tracker import Status
 from .tracker import Tracker
+from .transient import is_transient
 
 log = logging.getLogger("dm.runner")
+
+TRANSIENT_PREFIX = "transient (a retry may succeed): "
+"""Starts the recorded error of an attempt that failed on a transient database error."""
 
 # After a cancellation, how often and how long to interrupt SQLite's running statement
 # before the hook's task is cancelled outright.
@@ -173,8 +183,13 @@ class Runner:
         except BaseException as exc:
             duration = _elapsed_ms(started)
             message = self._describe(step, exc)
+            transient = isinstance(exc, Exception) and is_transient(exc)
+            if transient:
+                message = f"{TRANSIENT_PREFIX}{message}"
             await self._record_failure(attempt_id, exc, message, duration)
             log.error("%s: FAILED after %d ms: %s", label, duration, message)
+            if transient:
+                raise TransientRevisionFailure(step.revision, message) from exc
             if isinstance(exc, Exception):
                 raise RevisionFailed(step.revision, message) from exc
             raise
@@ -297,23 +312,49 @@ class Runner:
     ) -> None:
         trace = "".join(traceback.format_exception(exc))
         reason = "interrupted" if not isinstance(exc, Exception) else None
+        write = functools.partial(self._write_failure, attempt_id, message, trace, duration, reason)
         try:
             # A further cancellation must not stop the failure from being recorded, nor
             # let the caller close the connection while the record is being written.
-            await _finish_despite_cancel(
-                self._write_failure(attempt_id, message, trace, duration, reason)
+            await _finish_despite_cancel(write(self.conn))
+            return
+        except Exception as record_error:
+            if not is_transient(record_error):
+                log.warning("could not record the failure: %s", _one_line(record_error))
+                return  # the next run marks the attempt interrupted
+            log.warning(
+                "could not record the failure on the work connection (%s); trying a new one",
+                _one_line(record_error),
             )
-        except Exception as record_error:  # the next run marks the attempt interrupted
-            log.warning("could not record the failure: %s", record_error)
+        try:  # the work connection died: record the failure on a fresh one, once
+            await _finish_despite_cancel(self._on_fresh_connection(write))
+        except Exception as record_error:
+            log.warning(
+                "could not record the failure: %s; the attempt stays pending and the next "
+                "run marks it failed (interrupted)",
+                _one_line(record_error),
+            )
+
+    async def _on_fresh_connection(
+        self, write: Callable[[AsyncConnection], Awaitable[None]]
+    ) -> None:
+        async with self.conn.engine.connect() as fresh:
+            await write(fresh)
 
     async def _write_failure(
-        self, attempt_id: int, message: str, trace: str, duration: int, reason: str | None
+        self,
+        attempt_id: int,
+        message: str,
+        trace: str,
+        duration: int,
+        reason: str | None,
+        conn: AsyncConnection,
     ) -> None:
-        if self.conn.in_transaction():
-            await self.conn.rollback()
-        async with self.conn.begin():
+        if conn.in_transaction():
+            await conn.rollback()
+        async with conn.begin():
             await self.tracker.finish(
-                self.conn,
+                conn,
                 attempt_id,
                 Status.FAILED,
                 duration_ms=duration,
@@ -384,6 +425,12 @@ def _is_statement_timeout(exc: DBAPIError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code == "57014" and "statement timeout" in str(orig)
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _timeout_of(step: Step, default: float | None) -> float | None:
