@@ -163,6 +163,28 @@ def test_startup_retry_gives_up_with_exit_75(project: Project, proxy: Proxy) -> 
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
+def test_startup_retry_is_bounded_when_the_server_never_answers(project: Project) -> None:
+    """A port that accepts TCP but never answers (a hung server, a black hole): each attempt
+    is cut at the retry window's end, so dm gives up on time with 75."""
+    write_chain(project, 1)
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # never accept()ed
+        url = through(project, silent.getsockname()[1])
+        started = time.monotonic()
+        result = run_dm(
+            project,
+            "upgrade",
+            "heads",
+            env={"DM_DATABASE_URL": url, "DM_CONNECT_RETRY_SECONDS": "2"},
+        )
+        elapsed = time.monotonic() - started
+
+    assert result.returncode == 75, result.stderr
+    assert 2 <= elapsed < 10
+    assert "TimeoutError: timed out" in error_line(result.stderr)
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.postgres
 @pytest.mark.parametrize("fault", ["database", "role"])
 def test_login_refused_or_missing_database_fails_at_once_with_2(
     project: Project, fault: str

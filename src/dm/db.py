@@ -136,7 +136,9 @@ def _backoff(attempt: int) -> float:
 def describe_connect_error(url: URL, exc: BaseException) -> str:
     """Return one line naming the database (password hidden) and why it failed."""
     cause: BaseException = exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc
-    reason = " ".join(str(cause).split()) or type(cause).__name__
+    reason = " ".join(str(cause).split())
+    if not reason:
+        reason = "timed out" if isinstance(cause, TimeoutError) else type(cause).__name__
     if url.password:
         reason = reason.replace(str(url.password), "***")
     if url.get_backend_name() == "postgresql":
