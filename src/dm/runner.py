@@ -17,7 +17,7 @@ within about a second, so the orphaned transaction cannot hold row locks for lon
 A failure caused by a transient database error (``dm.transient``: a lost connection, a
 deadlock, a serialization failure, a lock wait timing out) is recorded ``failed`` with an
 error starting "transient" and raised as ``TransientRevisionFailure`` (exit 75). If the work
-connection itself died, the failure is recorded on a fresh connection, once.
+connection itself died, SQLAlchemy opens a fresh one to record the failure.
 """
 
 from __future__ import annotations
@@ -312,49 +312,29 @@ class Runner:
     ) -> None:
         trace = "".join(traceback.format_exception(exc))
         reason = "interrupted" if not isinstance(exc, Exception) else None
-        write = functools.partial(self._write_failure, attempt_id, message, trace, duration, reason)
         try:
             # A further cancellation must not stop the failure from being recorded, nor
             # let the caller close the connection while the record is being written.
-            await _finish_despite_cancel(write(self.conn))
-            return
-        except Exception as record_error:
-            if not is_transient(record_error):
-                log.warning("could not record the failure: %s", _one_line(record_error))
-                return  # the next run marks the attempt interrupted
-            log.warning(
-                "could not record the failure on the work connection (%s); trying a new one",
-                _one_line(record_error),
+            await _finish_despite_cancel(
+                self._write_failure(attempt_id, message, trace, duration, reason)
             )
-        try:  # the work connection died: record the failure on a fresh one, once
-            await _finish_despite_cancel(self._on_fresh_connection(write))
-        except Exception as record_error:
+        except Exception as record_error:  # the next run marks the attempt interrupted
             log.warning(
                 "could not record the failure: %s; the attempt stays pending and the next "
                 "run marks it failed (interrupted)",
                 _one_line(record_error),
             )
 
-    async def _on_fresh_connection(
-        self, write: Callable[[AsyncConnection], Awaitable[None]]
-    ) -> None:
-        async with self.conn.engine.connect() as fresh:
-            await write(fresh)
-
     async def _write_failure(
-        self,
-        attempt_id: int,
-        message: str,
-        trace: str,
-        duration: int,
-        reason: str | None,
-        conn: AsyncConnection,
+        self, attempt_id: int, message: str, trace: str, duration: int, reason: str | None
     ) -> None:
-        if conn.in_transaction():
-            await conn.rollback()
-        async with conn.begin():
+        # A connection that died was invalidated by SQLAlchemy: after the rollback, begin()
+        # opens a fresh one, so the failure is recorded even when the work connection died.
+        if self.conn.in_transaction():
+            await self.conn.rollback()
+        async with self.conn.begin():
             await self.tracker.finish(
-                conn,
+                self.conn,
                 attempt_id,
                 Status.FAILED,
                 duration_ms=duration,
