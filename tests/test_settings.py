@@ -293,3 +293,26 @@ def test_unparsable_config_file(ini: Path) -> None:
         Settings.load(config_file=ini).alembic_config()
     assert "cannot parse config file" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_connect_retry_seconds_from_ini_and_environment(
+    ini: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings.load(config_file=ini).connect_retry_seconds == 20.0
+    text = ini.read_text()
+    assert "# dm.connect_retry_seconds = 20" in text
+    ini.write_text(text.replace("# dm.connect_retry_seconds = 20", "dm.connect_retry_seconds = 5"))
+    assert Settings.load(config_file=ini).connect_retry_seconds == 5.0
+    monkeypatch.setenv("DM_CONNECT_RETRY_SECONDS", "0")
+    assert Settings.load(config_file=ini).connect_retry_seconds == 0.0
+
+
+@pytest.mark.parametrize("value", ["-1", "601", "soon"])
+def test_invalid_connect_retry_seconds_is_refused_up_front(
+    ini: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("DM_CONNECT_RETRY_SECONDS", value)
+    with pytest.raises(ConfigError) as caught:
+        Settings.load(config_file=ini)
+    assert str(caught.value).startswith("setting DM_CONNECT_RETRY_SECONDS: ")
+    assert caught.value.exit_code == 2

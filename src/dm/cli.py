@@ -26,6 +26,8 @@ import click
 
 from . import __version__
 from .errors import DmError
+from .errors import TransientFailure
+from .transient import is_transient
 
 if TYPE_CHECKING:
     from .command import RevisionInfo
@@ -84,8 +86,17 @@ class DmGroup(click.Group):
             os.dup2(devnull, sys.stdout.fileno())
             ctx.exit(1)
         except Exception as exc:
+            if is_transient(exc):  # e.g. the connection died between two revisions
+                failure = TransientFailure(f"transient database failure: {_one_line(exc)}")
+                _fail(ctx, f"{failure} (a retry may succeed)", failure.exit_code, exc)
             message = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
             _fail(ctx, message, 1, exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:

@@ -264,7 +264,10 @@ class _Database:
         if self._conn is None:
             from .db import connect
 
-            self._conn = await self._exit.enter_async_context(connect(self.engine))
+            retry = self.settings.connect_retry_seconds
+            self._conn = await self._exit.enter_async_context(
+                connect(self.engine, retry_seconds=retry)
+            )
         return self._conn
 
     def _file_missing(self) -> bool:
@@ -302,6 +305,7 @@ class _Database:
             self.tracker,
             self.settings.lock_timeout,
             self.application_name,
+            connect_retry=self.settings.connect_retry_seconds,
         ):
             conn = await self.conn()
             await self.tracker.ensure(conn)

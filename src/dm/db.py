@@ -1,8 +1,17 @@
-"""Engines and connections: asyncpg for PostgreSQL, aiosqlite for the embedded default."""
+"""Engines and connections: asyncpg for PostgreSQL, aiosqlite for the embedded default.
+
+A run's first connections retry a transient failure (refused, reset, timed out, DNS) with
+exponential backoff and jitter for up to ``DM_CONNECT_RETRY_SECONDS``, logging each retry;
+a login refused, a missing database or a bad URL fails at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,9 +24,17 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from .errors import DatabaseUnavailable
+from .errors import DatabaseUnreachable
+from .transient import is_transient
+
+log = logging.getLogger("dm.db")
 
 CONNECT_TIMEOUT = 15.0
 SQLITE_BUSY_TIMEOUT = 30.0
+RETRY_FIRST_PAUSE = 0.25
+"""Pause before the first retry of a connection (doubled each time, with jitter)."""
+RETRY_MAX_PAUSE = 4.0
+"""Longest pause between two connection attempts."""
 
 
 def create_engine(
@@ -62,22 +79,66 @@ def is_sqlite(url: URL) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def connect(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """Open a connection, reporting an unreachable database in one line."""
-    try:
-        conn = await engine.connect()
-    except Exception as exc:
-        raise DatabaseUnavailable(describe_connect_error(engine.url, exc)) from None
+async def connect(
+    engine: AsyncEngine, *, retry_seconds: float = 0.0
+) -> AsyncIterator[AsyncConnection]:
+    """Open a connection, retrying transient failures for ``retry_seconds``.
+
+    :raises DatabaseUnreachable: the failure was transient and outlasted the retries.
+    :raises DatabaseUnavailable: the login was refused, the database is missing, or the
+        URL cannot be used (not retried: a person must fix it).
+    """
+    conn = await _open(engine, retry_seconds)
     try:
         yield conn
     finally:
         await conn.close()
 
 
+async def _open(engine: AsyncEngine, retry_seconds: float) -> AsyncConnection:
+    deadline = time.monotonic() + retry_seconds
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            if retry_seconds <= 0:
+                return await engine.connect()
+            # Each attempt is bounded too, so the whole wait stays near retry_seconds.
+            remaining = deadline - time.monotonic()
+            async with asyncio.timeout(min(CONNECT_TIMEOUT, max(remaining, 1.0))):
+                return await engine.connect()
+        except Exception as exc:
+            message = describe_connect_error(engine.url, exc)
+            if not (is_transient(exc) or isinstance(exc, TimeoutError)):
+                raise DatabaseUnavailable(message) from None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if attempt > 1:
+                    message += f" (gave up after {attempt} attempts in {retry_seconds:g}s)"
+                raise DatabaseUnreachable(message) from None
+            pause = min(remaining, _backoff(attempt))
+            log.warning(
+                "%s; retry %d in %.1fs (for up to %gs: DM_CONNECT_RETRY_SECONDS)",
+                message,
+                attempt,
+                pause,
+                retry_seconds,
+            )
+            await asyncio.sleep(pause)
+
+
+def _backoff(attempt: int) -> float:
+    """Return the pause after failed attempt number ``attempt``: doubling, jittered."""
+    pause = min(RETRY_FIRST_PAUSE * 2.0 ** (attempt - 1), RETRY_MAX_PAUSE)
+    return pause * random.uniform(0.5, 1.0)
+
+
 def describe_connect_error(url: URL, exc: BaseException) -> str:
     """Return one line naming the database (password hidden) and why it failed."""
     cause: BaseException = exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc
-    reason = " ".join(str(cause).split()) or type(cause).__name__
+    reason = " ".join(str(cause).split())
+    if not reason:
+        reason = "timed out" if isinstance(cause, TimeoutError) else type(cause).__name__
     if url.password:
         reason = reason.replace(str(url.password), "***")
     if url.get_backend_name() == "postgresql":

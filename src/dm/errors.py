@@ -9,8 +9,12 @@
     │   ├── RevisionFileError      a revision file cannot be used
     │   ├── UnknownTarget          a target/revision does not resolve
     │   ├── IrreversiblePlan       a downgrade path holds a revision without downgrade()
-    │   └── DatabaseUnavailable    the database cannot be reached or refused the login
+    │   └── DatabaseUnavailable    the database refused the login or does not exist
     ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
+    │   └── TransientRevisionFailure (75)  it failed on a transient database error
+    ├── TransientFailure (75)      a retry of the same run may succeed (EX_TEMPFAIL)
+    │   ├── DatabaseUnreachable    connection refused, reset or timed out; DNS failure
+    │   └── TransientRevisionFailure       (also a RevisionFailed)
     ├── LockTimeout (3)            another dm run held the lock for too long
     ├── LockLost (3)               the lock's connection died mid-run; the run stopped
     │   └── FenceLost              another run took the lock over; this run's write refused
@@ -55,7 +59,7 @@ class IrreversiblePlan(UsageError):
 
 
 class DatabaseUnavailable(UsageError):
-    """The database cannot be reached, does not exist or refused the login."""
+    """The database refused the login, does not exist, or the URL cannot be used."""
 
 
 class RevisionFailed(DmError):
@@ -66,6 +70,26 @@ class RevisionFailed(DmError):
     def __init__(self, revision: str, message: str) -> None:
         super().__init__(f"revision {revision} failed: {message}")
         self.revision = revision
+
+
+class TransientFailure(DmError):
+    """The run failed for a reason a retry of the same run may cure (EX_TEMPFAIL).
+
+    A connection refused, reset or closed, a DNS failure, a deadlock, a serialization
+    failure, a lock wait that timed out, or a server shutting down or starting up.
+    """
+
+    exit_code = 75
+
+
+class DatabaseUnreachable(TransientFailure):
+    """The database could not be reached, even after the start-up retries."""
+
+
+class TransientRevisionFailure(RevisionFailed, TransientFailure):
+    """A revision failed because of a transient database failure; it was rolled back."""
+
+    exit_code = 75
 
 
 class LockTimeout(DmError):

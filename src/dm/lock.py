@@ -78,17 +78,24 @@ def lock_key(tracker: Tracker) -> int:
 
 @contextlib.asynccontextmanager
 async def migration_lock(
-    url: URL, tracker: Tracker, timeout: float, application_name: str
+    url: URL,
+    tracker: Tracker,
+    timeout: float,
+    application_name: str,
+    *,
+    connect_retry: float = 0.0,
 ) -> AsyncIterator[None]:
     """Hold the migration lock for ``tracker`` while the block runs.
 
     :param timeout: seconds to wait for another run to finish (0 = try once).
+    :param connect_retry: seconds to retry a transient failure to open the lock connection.
     :raises LockTimeout: the lock was still held by another run after ``timeout``.
     :raises LockLost: the lock's PostgreSQL connection died while the block ran; the
         block was cancelled.
     """
     if url.get_backend_name() == "postgresql":
-        async with _advisory_lock(url, lock_key(tracker), timeout, application_name):
+        key = lock_key(tracker)
+        async with _advisory_lock(url, key, timeout, application_name, connect_retry):
             yield
     else:
         async with _file_lock(_sqlite_lock_path(url, tracker), timeout):
@@ -123,13 +130,13 @@ def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
 
 @contextlib.asynccontextmanager
 async def _advisory_lock(
-    url: URL, key: int, timeout: float, application_name: str
+    url: URL, key: int, timeout: float, application_name: str, connect_retry: float
 ) -> AsyncIterator[None]:
     from .db import connect
 
     engine = _lock_engine(url, application_name)
     try:
-        async with connect(engine) as conn:
+        async with connect(engine, retry_seconds=connect_retry) as conn:
             await _pg_settings(conn)
             await _pg_acquire(conn, key, timeout)
             log.debug("migration lock %s acquired", key)

@@ -13,6 +13,11 @@ is rolled back and the failure is recorded before the cancellation goes on. If t
 dies instead, the row stays ``pending`` and the next run marks it failed (interrupted);
 ``client_connection_check_interval`` makes PostgreSQL abort a statement whose client died
 within about a second, so the orphaned transaction cannot hold row locks for long.
+
+A failure caused by a transient database error (``dm.transient``: a lost connection, a
+deadlock, a serialization failure, a lock wait timing out) is recorded ``failed`` with an
+error starting "transient" and raised as ``TransientRevisionFailure`` (exit 75). If the work
+connection itself died, SQLAlchemy opens a fresh one to record the failure.
 """
 
 from __future__ import annotations
@@ -37,12 +42,17 @@ from .batching import RunContext
 from .batching import run_context
 from .errors import FenceLost
 from .errors import RevisionFailed
+from .errors import TransientRevisionFailure
 from .graph import Step
 from .graph import checksum
 from .recording import Recorder
 from .tracker import Status
+from .transient import is_transient
 
 log = logging.getLogger("dm.runner")
+
+TRANSIENT_PREFIX = "transient (a retry may succeed): "
+"""Starts the recorded error of an attempt that failed on a transient database error."""
 
 # A savepoint set at the start of a transactional revision, released after its hooks: the
 # release fails when the revision's code ended the transaction (see TransactionEnded).
@@ -164,11 +174,16 @@ class Runner:
         except BaseException as exc:
             duration = _elapsed_ms(started)
             message = self._describe(step, exc)
+            transient = isinstance(exc, Exception) and is_transient(exc)
+            if transient:
+                message = f"{TRANSIENT_PREFIX}{message}"
             try:
                 await self._record_failure(attempt_id, exc, message, duration)
             except FenceLost:
                 raise _taken_over(step, label) from exc
             log.error("%s: FAILED after %d ms: %s", label, duration, message)
+            if transient:
+                raise TransientRevisionFailure(step.revision, message) from exc
             if isinstance(exc, Exception):
                 raise RevisionFailed(step.revision, message) from exc
             raise
@@ -313,12 +328,18 @@ class Runner:
             )
         except FenceLost:
             raise
-        except Exception as record_error:
-            log.warning("could not record the failure: %s", record_error)
+        except Exception as record_error:  # the next run marks the attempt interrupted
+            log.warning(
+                "could not record the failure: %s; the attempt stays pending and the next "
+                "run marks it failed (interrupted)",
+                _one_line(record_error),
+            )
 
     async def _write_failure(
         self, attempt_id: int, message: str, trace: str, duration: int, reason: str | None
     ) -> None:
+        # A connection that died was invalidated by SQLAlchemy: after the rollback, begin()
+        # opens a fresh one, so the failure is recorded even when the work connection died.
         if self.conn.in_transaction():
             await self.conn.rollback()
         async with self.conn.begin():
@@ -408,6 +429,12 @@ def _is_statement_timeout(exc: DBAPIError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code == "57014" and "statement timeout" in str(orig)
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _timeout_of(step: Step, default: float | None) -> float | None:

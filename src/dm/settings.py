@@ -44,6 +44,7 @@ _INI_KEYS = {
     "dm.lock_database_url": "lock_database_url",
     "dm.timeout": "timeout",
     "dm.pg_lock_timeout": "pg_lock_timeout",
+    "dm.connect_retry_seconds": "connect_retry_seconds",
 }
 
 
@@ -73,6 +74,8 @@ class Settings(BaseSettings):
     lock_timeout: float = Field(600.0, ge=0)
     timeout: float | None = Field(None, gt=0)
     pg_lock_timeout: float = Field(5.0, ge=0)
+    connect_retry_seconds: float = Field(20.0, ge=0, le=600)
+    """How long a run's first connections retry a transient failure (0 = no retry)."""
     pod_name: str | None = Field(
         None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )

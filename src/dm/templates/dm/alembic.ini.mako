@@ -18,5 +18,7 @@ dm.tracker_table = script_run_tracker
 # dm.tracker_schema =
 # Seconds to wait for another dm run holding the migration lock.
 # dm.lock_timeout = 600
+# Seconds a run's first connections retry a refused/reset/timed-out connection (0 = none).
+# dm.connect_retry_seconds = 20
 # Default per-revision time limit in seconds (a revision's own `timeout` wins).
 # dm.timeout =
