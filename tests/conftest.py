@@ -233,6 +233,29 @@ def invoke(project: Project, *args: str, **env: str) -> Result:
     return runner.invoke(main, list(args), env=project.env(**env), catch_exceptions=False)
 
 
+def attempt_of(rev: str, status: Any, direction: str = "upgrade") -> Any:
+    """A revision's latest tracker attempt, as ``Tracker.latest`` returns it, for planners."""
+    from datetime import UTC
+    from datetime import datetime
+
+    from dm.tracker import Attempt
+    from dm.tracker import Status
+
+    now = datetime.now(UTC)
+    in_effect = None if status is Status.FAILED else status  # a failed one rolled back whole
+    return Attempt(
+        *(1, rev, None, direction, status, 1, now, now, 0, None, None, None, None, None, 1),
+        in_effect=in_effect,
+    )
+
+
+def applied(*revisions: str) -> dict[str, Any]:
+    """Latest attempts in which each of ``revisions`` is applied."""
+    from dm.tracker import Status
+
+    return {rev: attempt_of(rev, Status.SUCCESS) for rev in revisions}
+
+
 def ok(result: Result) -> Result:
     """Assert that an in-process dm command exited 0; return its result."""
     assert result.exit_code == 0, (result.stdout, result.stderr)

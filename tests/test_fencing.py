@@ -3,12 +3,15 @@
 The first run's lock connection goes through a proxy that the test freezes (a hung network:
 the first run's watchdog sees nothing for its whole ping timeout), and its PostgreSQL
 session is terminated, which frees the advisory lock. A second run then takes the lock and
-the revision over while the first one is still working. The first run must commit nothing
-more: its next tracker write is refused, its transaction rolls back, and it exits 3.
+the revision over while the first one still holds uncommitted work. The first run must
+commit nothing more: its next tracker write is refused, its transaction rolls back, and it
+exits 3. Each revision waits at a known point (a file it touches) for the test's go-ahead,
+so the interleaving is the same on every run.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,9 +20,9 @@ import sqlalchemy as sa
 from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import Project
-from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
+from proxy import TcpProxy
 from proxy import tcp_proxy
 from test_process import advisory_locks
 
@@ -28,23 +31,35 @@ pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("db", ["postgresql"]
 ROWS = 60
 REV = "f3c1a0b2c4d5"
 
-BATCHED = """
+WAIT_FOR_GO = """
+Path(STARTED).touch()
+while not Path(GO).exists():
+    await asyncio.sleep(0.05)
+"""
+
+# Batches of 5; from the fourth batch on, each waits (its write made, not yet committed).
+BATCHED = (
+    """
 async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=5):
     await session.execute(
         items.update()
         .where(items.c.id.between(batch.first_key, batch.last_key))
         .values(n=items.c.n + 1)
     )
-    await asyncio.sleep(0.3)
+    if batch.first_key > 15:
 """
+    + "\n".join("        " + line for line in WAIT_FOR_GO.strip().splitlines())
+    + "\n"
+)
 
-# The whole table in one transaction, then wait (holding the row locks) for the go file.
-TRANSACTIONAL = """
-await session.execute(items.update().values(n=items.c.n + 1))
-Path(STARTED).touch()
-while not Path(GO).exists():
-    await asyncio.sleep(0.05)
-"""
+# The whole table in one transaction, then the wait (holding the row locks).
+TRANSACTIONAL = "await session.execute(items.update().values(n=items.c.n + 1))\n" + WAIT_FOR_GO
+
+KINDS = {
+    # kind: (body, transactional, what the first run's error says)
+    "batched": (BATCHED, False, "the batches it committed before stay"),
+    "transactional": (TRANSACTIONAL, True, "work in progress was rolled back"),
+}
 
 
 def make_items(project: Project) -> None:
@@ -78,80 +93,38 @@ def attempts(project: Project) -> list[tuple[str, str | None]]:
     return [(row.status, row.reason) for row in project.db.tracker() if row.revision == REV]
 
 
-def lock_url(project: Project, port: int) -> str:
-    url = sa.make_url(project.db.url).set(host="127.0.0.1", port=port)
-    return url.render_as_string(hide_password=False)
+def start_behind(proxy: TcpProxy, project: Project) -> subprocess.Popen[str]:
+    """Start ``dm upgrade heads`` whose lock connection goes through ``proxy``."""
+    url = sa.make_url(project.db.url).set(host="127.0.0.1", port=proxy.port)
+    env = {
+        "DM_LOCK_DATABASE_URL": url.render_as_string(hide_password=False),
+        "DM_POD_NAME": "pod-1",
+    }
+    return spawn_dm(project, "upgrade", "heads", env=env)
 
 
-def checkpoint_done(project: Project) -> int:
-    if project.db.query("SELECT to_regclass('script_run_tracker') AS found")[0].found is None:
-        return 0
-    rows = project.db.query(
-        "SELECT checkpoint FROM script_run_tracker WHERE status = 'pending' AND revision = :r",
-        r=REV,
-    )
-    if not rows or not rows[0].checkpoint:
-        return 0
-    return int(rows[0].checkpoint["rows_done"])
-
-
-def lose_the_lock(project: Project, proxy_freeze: object) -> None:
+def lose_the_lock(project: Project, proxy: TcpProxy) -> None:
     """Hang the first run's lock connection, then end its session: the lock is free."""
     (holder,) = advisory_locks(project)
-    proxy_freeze()  # type: ignore[operator]
+    proxy.freeze()
     project.db.query("SELECT pg_terminate_backend(:pid)", pid=holder)
     wait_for(lambda: not advisory_locks(project), timeout=10)
 
 
-def test_batches_of_a_run_that_lost_its_lock_are_never_committed(
-    project: Project, tmp_path: Path
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_run_that_lost_its_lock_commits_nothing_more(
+    project: Project, tmp_path: Path, kind: str
 ) -> None:
+    body, transactional, kept = KINDS[kind]
     make_items(project)
-    write_revision(project, BATCHED, transactional=False, files=tmp_path)
+    write_revision(project, body, transactional=transactional, files=tmp_path)
     with tcp_proxy((PG_HOST, PG_PORT)) as proxy:
-        first = spawn_dm(
-            project,
-            "upgrade",
-            "heads",
-            env={"DM_LOCK_DATABASE_URL": lock_url(project, proxy.port), "DM_POD_NAME": "pod-1"},
-        )
+        first = start_behind(proxy, project)
+        second = None
         try:
-            wait_for(lambda: checkpoint_done(project) >= 15, timeout=60)
-            lose_the_lock(project, proxy.freeze)
-
-            second = run_dm(project, "upgrade", "heads", env={"DM_POD_NAME": "pod-2"})
-            assert second.returncode == 0, second.stderr
-            assert "resuming after key" in second.stderr
-
-            _, stderr = first.communicate(timeout=30)
-        finally:
-            if first.poll() is None:
-                first.kill()
-                first.communicate()
-
-    assert first.returncode == 3, stderr
-    error = stderr.strip().splitlines()[-1]
-    assert error.startswith("dm: error: lost the migration lock: another run took it over")
-    assert "the batches it committed before stay" in error
-    assert counts(project) == {1: ROWS}  # every row exactly once
-    assert attempts(project) == [("failed", "interrupted"), ("success", None)]
-
-
-def test_transactional_revision_of_a_run_that_lost_its_lock_rolls_back(
-    project: Project, tmp_path: Path
-) -> None:
-    make_items(project)
-    write_revision(project, TRANSACTIONAL, transactional=True, files=tmp_path)
-    with tcp_proxy((PG_HOST, PG_PORT)) as proxy:
-        first = spawn_dm(
-            project,
-            "upgrade",
-            "heads",
-            env={"DM_LOCK_DATABASE_URL": lock_url(project, proxy.port), "DM_POD_NAME": "pod-1"},
-        )
-        try:
-            wait_for(lambda: (tmp_path / "started").exists(), timeout=60)
-            lose_the_lock(project, proxy.freeze)
+            wait_for(lambda: (tmp_path / "started").exists() or first.poll() is not None, 60)
+            assert first.poll() is None, first.communicate()
+            lose_the_lock(project, proxy)
 
             second = spawn_dm(project, "upgrade", "heads", env={"DM_POD_NAME": "pod-2"})
             # The second run took the revision over: the first one's attempt is failed and
@@ -164,15 +137,16 @@ def test_transactional_revision_of_a_run_that_lost_its_lock_rolls_back(
             _, stderr = first.communicate(timeout=30)
         finally:
             for proc in (first, second):
-                if proc.poll() is None:
+                if proc is not None and proc.poll() is None:
                     proc.kill()
                     proc.communicate()
 
     assert second.returncode == 0, second_stderr
+    if not transactional:
+        assert "resuming after key 15" in second_stderr
     assert first.returncode == 3, stderr
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("dm: error: lost the migration lock: another run took it over")
-    assert "work in progress was rolled back" in error
-    assert "batches" not in error
-    assert counts(project) == {1: ROWS}  # applied once, by the second run
+    assert kept in error
+    assert counts(project) == {1: ROWS}  # every row exactly once
     assert attempts(project) == [("failed", "interrupted"), ("success", None)]

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import Project
+from conftest import applied
 from conftest import make_sqlite
 from dm import command
+from dm import planning
 from dm.errors import IrreversiblePlan
 from dm.errors import RevisionFileError
 from dm.errors import UnknownTarget
@@ -37,6 +39,19 @@ _ASYNC_UPGRADE = "async def upgrade(session):\n    pass\n"
 
 # Each case is added to a project that already holds the valid revision ``base0001``.
 BAD_REVISION_FILES = [
+    BadFiles(
+        "down-revision-not-an-id",
+        {"int_down.py": "revision = 'bad10001'\ndown_revision = 5\n" + _ASYNC_UPGRADE},
+        ("int_down.py", "down_revision must be None, a revision id or a tuple of them, not 5"),
+    ),
+    BadFiles(
+        "depends-on-not-an-id",
+        {
+            "int_dep.py": "revision = 'bad10001'\ndown_revision = 'base0001'\ndepends_on = 7\n"
+            + _ASYNC_UPGRADE
+        },
+        ("int_dep.py", "depends_on must be None"),
+    ),
     BadFiles(
         "syntax-error",
         {"bad_syntax.py": _source("bad10001", "base0001", "async def upgrade(session)\n  pass\n")},
@@ -134,7 +149,7 @@ def load(project: Project) -> Graph:
 
 
 def revs(steps: list) -> list[str]:  # type: ignore[type-arg]
-    return [step.revision for step in steps]
+    return [getattr(step, "id", None) or step.revision for step in steps]
 
 
 @pytest.fixture
@@ -161,37 +176,37 @@ def test_walk_orders_parents_first_and_describes(chain: Project) -> None:
     assert [s.revision for s in graph.walk()] == ["aaaa1111", "bbbb2222", "cccc3333"]
     assert graph.heads == ("cccc3333",)
     assert graph.known("bbbb2222") and not graph.known("bbbb")
-    first = graph.script("aaaa1111")
-    assert command.RevisionInfo.from_script(first).description == "First revision"
-    assert len(checksum(first)) == 64
+    first = graph.revision("aaaa1111")
+    assert command.RevisionInfo.of(first).description == "First revision"
+    assert len(checksum(first.script)) == 64
 
 
 def test_plan_upgrade_from_nothing_and_from_the_middle(chain: Project) -> None:
     graph = load(chain)
-    assert revs(graph.plan_upgrade("heads", set())) == ["aaaa1111", "bbbb2222", "cccc3333"]
-    assert revs(graph.plan_upgrade("heads", {"aaaa1111"})) == ["bbbb2222", "cccc3333"]
-    assert revs(graph.plan_upgrade("heads", {"aaaa1111", "bbbb2222", "cccc3333"})) == []
-    steps = graph.plan_upgrade("bbbb", set())
+    assert revs(graph.upgrade_path("heads", set())) == ["aaaa1111", "bbbb2222", "cccc3333"]
+    assert revs(graph.upgrade_path("heads", {"aaaa1111"})) == ["bbbb2222", "cccc3333"]
+    assert revs(graph.upgrade_path("heads", {"aaaa1111", "bbbb2222", "cccc3333"})) == []
+    steps = planning.plan_upgrade(graph, "bbbb", {}, "production")
     assert revs(steps) == ["aaaa1111", "bbbb2222"]
     assert all(step.is_upgrade and step.direction == "upgrade" for step in steps)
-    assert revs(graph.plan_upgrade("+1", {"aaaa1111"})) == ["bbbb2222"]
-    assert revs(graph.plan_upgrade("+2", set())) == ["aaaa1111", "bbbb2222"]
+    assert revs(graph.upgrade_path("+1", {"aaaa1111"})) == ["bbbb2222"]
+    assert revs(graph.upgrade_path("+2", set())) == ["aaaa1111", "bbbb2222"]
 
 
 def test_plan_downgrade_runs_newest_first(chain: Project) -> None:
     graph = load(chain)
-    applied = {"aaaa1111", "bbbb2222", "cccc3333"}
-    steps = graph.plan_downgrade("-1", applied)
+    latest = applied("aaaa1111", "bbbb2222", "cccc3333")
+    steps = planning.plan_downgrade(graph, "-1", latest, "production")
     assert revs(steps) == ["cccc3333"]
     assert steps[0].direction == "downgrade"
-    assert revs(graph.plan_downgrade("bbbb2222", applied)) == ["cccc3333"]
+    assert revs(graph.downgrade_path("bbbb2222", set(latest))) == ["cccc3333"]
 
 
 def test_plan_downgrade_refuses_irreversible_revision(chain: Project) -> None:
     graph = load(chain)
-    applied = {"aaaa1111", "bbbb2222", "cccc3333"}
+    latest = applied("aaaa1111", "bbbb2222", "cccc3333")
     with pytest.raises(IrreversiblePlan) as caught:
-        graph.plan_downgrade("base", applied)
+        planning.plan_downgrade(graph, "base", latest, "production")
     message = str(caught.value)
     assert "bbbb2222" in message
     assert "bbbb2222_bbbb2222.py" in message
@@ -209,8 +224,8 @@ def test_branches_head_is_ambiguous_heads_is_not(forked: Project) -> None:
     graph = load(forked)
     assert sorted(graph.heads) == ["left0002", "righ0001"]
     with pytest.raises(UnknownTarget, match="(?i)multiple head"):
-        graph.plan_upgrade("head", set())
-    all_steps = revs(graph.plan_upgrade("heads", set()))
+        graph.upgrade_path("head", set())
+    all_steps = revs(graph.upgrade_path("heads", set()))
     assert sorted(all_steps) == ["left0001", "left0002", "righ0001", "root0001"]
     assert all_steps[0] == "root0001"
     assert all_steps.index("left0001") < all_steps.index("left0002")
@@ -218,11 +233,11 @@ def test_branches_head_is_ambiguous_heads_is_not(forked: Project) -> None:
 
 def test_branch_label_targets(forked: Project) -> None:
     graph = load(forked)
-    assert revs(graph.plan_upgrade("left@head", set())) == ["root0001", "left0001", "left0002"]
-    assert revs(graph.plan_upgrade("right@head", set())) == ["root0001", "righ0001"]
+    assert revs(graph.upgrade_path("left@head", set())) == ["root0001", "left0001", "left0002"]
+    assert revs(graph.upgrade_path("right@head", set())) == ["root0001", "righ0001"]
     assert [s.revision for s in graph.resolve("left")] == ["left0001"]
     applied = {"root0001", "left0001", "left0002", "righ0001"}
-    assert revs(graph.plan_downgrade("left@-1", applied)) == ["left0002"]
+    assert revs(graph.downgrade_path("left@-1", applied)) == ["left0002"]
 
 
 def test_depends_on_pulls_in_the_dependency(proj: Project) -> None:
@@ -230,12 +245,12 @@ def test_depends_on_pulls_in_the_dependency(proj: Project) -> None:
     proj.write("other001", None, branch_labels=("other",))
     proj.write("main0002", "main0001", depends_on="other001")
     graph = load(proj)
-    assert sorted(revs(graph.plan_upgrade("main0002", set()))) == [
+    assert sorted(revs(graph.upgrade_path("main0002", set()))) == [
         "main0001",
         "main0002",
         "other001",
     ]
-    assert revs(graph.plan_upgrade("main0002", {"main0001", "other001"})) == ["main0002"]
+    assert revs(graph.upgrade_path("main0002", {"main0001", "other001"})) == ["main0002"]
     assert graph.applied_heads({"main0001", "other001", "main0002"}) == ("main0002",)
 
 
@@ -244,7 +259,7 @@ def test_depends_on_a_branch_label_is_accepted(proj: Project) -> None:
     proj.write("other001", None, branch_labels=("other",))
     proj.write("main0002", "main0001", depends_on="other")
     graph = load(proj)
-    assert "other001" in revs(graph.plan_upgrade("main0002", set()))
+    assert "other001" in revs(graph.upgrade_path("main0002", set()))
 
 
 def test_merge_revision_joins_heads(forked: Project) -> None:
@@ -252,15 +267,15 @@ def test_merge_revision_joins_heads(forked: Project) -> None:
     graph = load(forked)
     assert graph.heads == ("merg0001",)
     applied = {"root0001", "left0001", "left0002", "righ0001"}
-    assert revs(graph.plan_upgrade("head", applied)) == ["merg0001"]
-    assert revs(graph.plan_upgrade("heads", {"root0001", "left0001"}))[-1] == "merg0001"
+    assert revs(graph.upgrade_path("head", applied)) == ["merg0001"]
+    assert revs(graph.upgrade_path("heads", {"root0001", "left0001"}))[-1] == "merg0001"
 
 
 @pytest.mark.parametrize("target", ["nosuch99", "zzzz", "left@nosuch"])
 def test_unknown_targets(forked: Project, target: str) -> None:
     graph = load(forked)
     with pytest.raises(UnknownTarget) as caught:
-        graph.plan_upgrade(target, set())
+        graph.upgrade_path(target, set())
     assert "\n" not in str(caught.value)
     with pytest.raises(UnknownTarget):
         graph.resolve(target)
@@ -279,7 +294,7 @@ def test_empty_project_has_no_heads(proj: Project) -> None:
     graph = load(proj)
     assert graph.heads == ()
     assert graph.walk() == []
-    assert graph.plan_upgrade("heads", set()) == []
+    assert graph.upgrade_path("heads", set()) == []
 
 
 @pytest.mark.parametrize("case", BAD_REVISION_FILES, ids=lambda case: case.id)

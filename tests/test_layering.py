@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
         "transient",
     },
     "command": {
+        "planning",
         "__init__",
         "graph",
         "recording",
@@ -44,8 +45,10 @@ ALLOWED: dict[str, set[str]] = {
         "slugs",
     },
     "environments": {"graph", "tracker", "errors"},
+    "planning": {"_alembic_compat", "environments", "errors", "graph", "tracker"},
     "slugs": {"errors"},
     "operations": {
+        "planning",
         "__init__",
         "_alembic_compat",
         "command",
@@ -58,6 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "tracker",
     },
     "alembic_env": {
+        "planning",
         "_alembic_compat",
         "command",
         "graph",
@@ -68,8 +72,8 @@ ALLOWED: dict[str, set[str]] = {
         "signals",
         "log",
     },
-    "runner": {"batching", "graph", "recording", "tracker", "errors", "transient"},
-    "recording": {"graph", "tracker"},
+    "runner": {"batching", "graph", "planning", "recording", "tracker", "errors", "transient"},
+    "recording": {"graph", "planning", "tracker"},
     "graph": {"_alembic_compat", "errors"},
     "_alembic_compat": set(),
     "tracker": {"errors", "state"},

@@ -281,7 +281,7 @@ def test_verify_reruns_verify_hooks_and_fails_when_data_drifted(project: Project
     project.db.query("DELETE FROM t")  # e.g. a restore lost the row
     failed = invoke(project, "verify")
     assert failed.exit_code == 1
-    assert "failed       b2  Revision b2: returned False" in failed.stdout
+    assert "failed       b2  Revision b2: verify() returned False" in failed.stdout
     only = json.loads(invoke(project, "verify", "a1", "--json").stdout)
     assert [o["revision"] for o in only["outcomes"]] == ["a1"]
     assert len(project.db.tracker()) == 3  # verify records nothing
@@ -498,3 +498,12 @@ def test_concurrent_runs_of_one_revision_apply_it_once(project: Project, tmp_pat
     assert second.returncode == 0, err2
     assert rows(project) == [("a1", "upgrade", "success", None)]
     assert "nothing to run: a1 already succeeded" in out2
+
+
+def test_info_shows_an_invalid_url_instead_of_failing(project: Project) -> None:
+    url = "postgresql://user:s3cret@db.example:notaport/app"
+    result = invoke(project, "info", "--json", DM_DATABASE_URL=url)
+    info = as_json(result)
+    assert info["database_url"].startswith("(invalid: database URL is not a valid URL")
+    assert (info["lock"], info["lock_holder"]) == ("unknown", "the database URL is invalid")
+    assert "s3cret" not in result.stdout + result.stderr

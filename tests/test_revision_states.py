@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import Project
 from conftest import as_json
 from conftest import invoke
@@ -151,13 +153,17 @@ def test_skipped_revision_blocks_rolling_back_its_parent_as_skipped_not_applied(
 RAW_COMMIT = """
 await session.execute(sa.text('INSERT INTO t VALUES (1)'))
 await session.execute(sa.text('COMMIT'))
+{after}
 await session.execute(sa.text('INSERT INTO t VALUES (2)'))
 """
 
 
-def test_raw_commit_in_a_transactional_revision_fails_it_and_says_so(project: Project) -> None:
+@pytest.mark.parametrize("after", ["", "await session.execute(sa.text('BEGIN'))"])
+def test_raw_commit_in_a_transactional_revision_fails_it_and_says_so(
+    project: Project, after: str
+) -> None:
     project.write("a1", None, CREATE_T)
-    project.write("b2", "a1", RAW_COMMIT)
+    project.write("b2", "a1", RAW_COMMIT.format(after=after))
     result = invoke(project, "upgrade", "heads")
 
     assert result.exit_code == 1
@@ -168,7 +174,9 @@ def test_raw_commit_in_a_transactional_revision_fails_it_and_says_so(project: Pr
     b2 = status_of(project)["b2"]
     assert (b2["state"], b2["status"]) == ("failed", "failed")
     assert "ended dm's transaction itself" in b2["error"]
-    assert rows_in_t(project) == 2  # the work is kept, as the message says
+    # The work before the COMMIT is kept, as the message says; after it, each statement
+    # committed on its own, or (after a raw BEGIN) dm's rollback undid it.
+    assert rows_in_t(project) == (1 if after else 2)
 
 
 def test_rows_of_a_deleted_revision_are_settled_with_resolve(project: Project) -> None:

@@ -16,12 +16,12 @@ from alembic.runtime.migration import RevisionStep
 from alembic.util import CommandError
 
 from . import _alembic_compat as compat
+from . import planning
 from .errors import DmError
 from .graph import Graph
-from .graph import Step
+from .planning import Step
 from .settings import Settings
 from .signals import run_until_signal
-from .tracker import applied_revisions
 
 if TYPE_CHECKING:
     from alembic.runtime.environment import EnvironmentContext
@@ -58,13 +58,14 @@ async def _run(context: EnvironmentContext, settings: Settings) -> None:
             return
         async with db.locked() as (recorder, _interrupted):
             steps = await _plan(context, graph, db, recorder.latest)
-            # The environment guard applies here as in `dm upgrade`.
-            await command._run_steps(db.runner(recorder), steps, settings.environment)
+            await command._run_steps(db.runner(recorder), steps)
 
 
 async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any) -> list[Step]:
-    """Ask the invoked Alembic command for its steps, given the tracker's heads."""
-    heads = graph.applied_heads(applied_revisions(latest))
+    """Ask the invoked Alembic command for its steps, given the tracker's heads; the
+    environment guard decides each as in ``dm upgrade``."""
+    environment = db.settings.environment
+    heads = graph.applied_heads(planning.applied_revisions(latest))
     conn = await db.conn()
 
     def plan(sync_conn: Any) -> list[Any]:
@@ -81,7 +82,7 @@ async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any)
         # downgrade() fails there; dm's own plan of the same target names it.
         target = context.get_revision_argument()
         try:
-            graph.plan_downgrade(str(target or "base"), applied_revisions(latest))
+            planning.plan_downgrade(graph, str(target or "base"), latest, environment)
         except DmError as exc:
             raise CommandError(str(exc)) from None
         raise
@@ -89,6 +90,5 @@ async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any)
     for step in alembic_steps:
         if not isinstance(step, RevisionStep):
             raise CommandError("use 'dm stamp' to stamp revisions in dm's tracker")
-        script = graph.script(step.revision.revision)
-        steps.append(Step(script, step.is_upgrade))
-    return steps
+        steps.append(Step(graph.revision(step.revision.revision), step.is_upgrade))
+    return planning.with_decisions(steps, environment, latest)

@@ -27,6 +27,7 @@ import click
 from . import __version__
 from .errors import DmError
 from .errors import TransientFailure
+from .errors import describe_error
 from .transient import is_transient
 
 if TYPE_CHECKING:
@@ -87,16 +88,13 @@ class DmGroup(click.Group):
             ctx.exit(1)
         except Exception as exc:
             if is_transient(exc):  # e.g. the connection died between two revisions
-                failure = TransientFailure(f"transient database failure: {_one_line(exc)}")
+                failure = TransientFailure(f"transient database failure: {describe_error(exc)}")
                 _fail(ctx, f"{failure} (a retry may succeed)", failure.exit_code, exc)
-            message = f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+            message = (
+                f"internal error: {describe_error(exc)}; this is a bug in dm, please report it "
+                "with the output of --verbose"
+            )
             _fail(ctx, message, 1, exc)
-
-
-def _one_line(exc: BaseException) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    text = " ".join(str(cause).split())
-    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:

@@ -25,22 +25,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+
+from . import planning
 from .environments import Action
-from .environments import Decision
-from .environments import decide
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
-from .graph import Step
+from .graph import Revision
 from .graph import checksum
-from .graph import describe
 from .graph import display_path
+from .planning import Step
 from .state import State
 from .tracker import Attempt
 from .tracker import RunInfo
 from .tracker import Status
 from .tracker import Tracker
-from .tracker import applied_revisions
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -80,20 +81,21 @@ class RevisionInfo:
     doc: str = ""
 
     @classmethod
-    def from_script(cls, script: Script) -> RevisionInfo:
-        """Describe ``script``."""
+    def of(cls, rev: Revision) -> RevisionInfo:
+        """Describe ``rev``."""
+        script = rev.script
         return cls(
             revision=script.revision,
             down_revisions=list(_as_list(script.down_revision)),
-            description=describe(script),
+            description=rev.description,
             branch_labels=sorted(script.branch_labels),
             depends_on=list(_as_list(script.dependencies)),
             path=display_path(script.path),
             is_head=script.is_head,
             is_branch_point=script.is_branch_point,
             is_merge_point=script.is_merge_point,
-            reversible=getattr(script.module, "downgrade", None) is not None,
-            doc=(script.module.__doc__ or "").strip(),
+            reversible=rev.reversible,
+            doc=rev.doc,
         )
 
 
@@ -330,46 +332,47 @@ async def _database(settings: Settings) -> AsyncIterator[_Database]:
         await db.close()
 
 
-def _planned(
-    steps: Sequence[Step], environment: str, latest: Mapping[str, Attempt]
-) -> list[PlannedStep]:
-    planned = []
-    for step in steps:
-        decision = decide(step, environment, latest.get(step.revision))
-        planned.append(
-            PlannedStep(
-                step.revision,
-                step.direction,
-                step.description,
-                step.reversible,
-                decision.action.value,
-                decision.reason,
-            )
+def _planned(steps: Sequence[Step]) -> list[PlannedStep]:
+    return [
+        PlannedStep(
+            step.revision,
+            step.direction,
+            step.description,
+            step.reversible,
+            step.decision.action.value,
+            step.decision.reason,
         )
-    return planned
+        for step in steps
+    ]
 
 
-async def _run_steps(runner: Runner, steps: Sequence[Step], environment: str) -> list[StepResult]:
-    """Run ``steps`` in order, recording instead of running what the guard decides."""
+async def _run_steps(runner: Runner, steps: Sequence[Step]) -> list[StepResult]:
+    """Run ``steps`` in order, recording instead of running what the plan decided."""
     results = []
     for step in steps:
-        decision = decide(step, environment, runner.recorder.latest.get(step.revision))
-        if decision.action is Action.RUN:
+        if step.runs:
             results.append(await runner.run_step(step))
         else:
-            results.append(await _record_unrun(runner.recorder, step, decision))
+            results.append(await _record_unrun(runner.recorder, step))
     return results
 
 
-async def _record_unrun(recorder: Recorder, step: Step, decision: Decision) -> StepResult:
+async def _record_unrun(recorder: Recorder, step: Step) -> StepResult:
     """Record a step that does not run: ``skipped``, or the undo of a skipped upgrade."""
     from .runner import StepResult
 
-    status = Status.SKIPPED if decision.action is Action.SKIP else Status.ROLLED_BACK
+    status = _recorded_status(step)
     async with recorder.conn.begin():
-        await recorder.record_step(step, status, reason=decision.reason)
-    log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, decision.reason)
+        await recorder.record_step(step, status, reason=step.decision.reason)
+    log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, step.decision.reason)
     return StepResult(step.revision, step.direction, status, 0, step.description)
+
+
+def _recorded_status(step: Step) -> Status:
+    """Return the status a step that does not run is recorded with."""
+    if step.decision.action is Action.SKIP:
+        return Status.SKIPPED
+    return Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
 
 
 # -- commands that write -----------------------------------------------------------------
@@ -381,12 +384,10 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
     :param target: ``heads``, ``head``, a revision, ``branch@head``, ``+N``...
     :param dry_run: only return the plan.
     """
-    from .environments import plan_upgrade
-
     graph = _graph(settings)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
-        return plan_upgrade(graph, target, latest, settings.environment)
+        return planning.plan_upgrade(graph, target, latest, settings.environment)
 
     return await execute_plan(settings, target, plan, dry_run=dry_run)
 
@@ -400,8 +401,7 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     graph = _graph(settings)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
-        skipped = {rev for rev, attempt in latest.items() if attempt.is_skipped}
-        return graph.plan_downgrade(target, applied_revisions(latest), never_ran=skipped)
+        return planning.plan_downgrade(graph, target, latest, settings.environment)
 
     return await execute_plan(settings, target, plan, dry_run=dry_run)
 
@@ -419,37 +419,20 @@ async def execute_plan(
     blocking; the plan that runs is made again under the lock, from a fresh read.
 
     :param label: the target as the user gave it, for the result.
-    :param plan: the steps to run, given each revision's latest attempt.
+    :param plan: the steps to run, given each revision's latest attempt (a ``dm.planning``
+        planner: it refuses what may not run).
     """
-    environment = settings.environment
     async with _database(settings) as db:
-        latest = await db.read_latest()
-        steps = plan(latest)
-        planned = _planned(steps, environment, latest)  # refuses what the guard forbids
+        steps = plan(await db.read_latest())
         if dry_run or not steps:
-            return RunResult(label, planned, dry_run=dry_run)
+            return RunResult(label, _planned(steps), dry_run=dry_run)
         async with db.locked() as (recorder, interrupted):
             steps = plan(recorder.latest)
             if not steps:
                 log.info("another run finished this work while dm waited for the lock")
                 return RunResult(label, [], interrupted=interrupted)
-            planned = _planned(steps, environment, recorder.latest)
-            results = await _run_steps(db.runner(recorder), steps, environment)
-            return RunResult(label, planned, results, interrupted)
-
-
-def _stamp_steps(graph: Graph, target: str, applied: set[str]) -> list[Step]:
-    """Plan a stamp: up to ``target`` if it lies ahead, else down to it (no hooks run)."""
-    try:
-        steps = graph.plan_upgrade(target, applied)
-    except UnknownTarget as upward_error:
-        try:
-            return graph.plan_downgrade(target, applied, run_hooks=False)
-        except UnknownTarget:
-            raise upward_error from None
-    if steps or target == "heads":
-        return steps
-    return graph.plan_downgrade(target, applied, run_hooks=False)
+            results = await _run_steps(db.runner(recorder), steps)
+            return RunResult(label, _planned(steps), results, interrupted)
 
 
 async def stamp(settings: Settings, target: str) -> RunResult:
@@ -462,22 +445,18 @@ async def stamp(settings: Settings, target: str) -> RunResult:
 
     graph = _graph(settings)
     async with _database(settings) as probe:  # refuse a bad target before creating anything
-        _stamp_steps(graph, target, applied_revisions(await probe.read_latest()))
+        planning.plan_stamp(graph, target, await probe.read_latest())
     async with _database(settings) as db, db.locked() as (recorder, interrupted):
-        steps = _stamp_steps(graph, target, applied_revisions(recorder.latest))
+        steps = planning.plan_stamp(graph, target, recorder.latest)
         results = []
-        async with recorder.conn.begin():
+        async with recorder.conn.begin():  # all or nothing
             for step in steps:
-                status = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
-                await recorder.record_step(step, status, reason="stamped")
+                status = _recorded_status(step)
+                await recorder.record_step(step, status)
                 results.append(
                     StepResult(step.revision, step.direction, status, 0, step.description)
                 )
-        planned = [
-            PlannedStep(s.revision, s.direction, s.description, s.reversible, "record", "stamped")
-            for s in steps
-        ]
-        return RunResult(target, planned, results, interrupted)
+        return RunResult(target, _planned(steps), results, interrupted)
 
 
 # -- commands that read the database -------------------------------------------------------
@@ -488,7 +467,7 @@ async def current(settings: Settings) -> CurrentResult:
     graph = _graph(settings)
     async with _database(settings) as db:
         latest = await db.read_latest()
-    heads = graph.applied_heads(applied_revisions(latest))
+    heads = graph.applied_heads(planning.applied_revisions(latest))
     skipped = [rev for rev in heads if latest[rev].is_skipped]
     return CurrentResult(list(heads), list(graph.heads), skipped)
 
@@ -503,7 +482,7 @@ async def status(settings: Settings) -> list[RevisionStatus]:
     rows = [
         _revision_status(
             s.revision,
-            describe(s),
+            graph.revision(s.revision).description,
             latest.get(s.revision),
             died,
             is_head=s.revision in heads,
@@ -568,8 +547,6 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
 
     :param allow_modified: do not fail on revision files changed since they were applied.
     """
-    from .environments import plan_upgrade
-
     graph = _graph(settings)
     async with _database(settings) as db:
         latest = await db.read_latest()
@@ -587,7 +564,7 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
     skip = set(running) | set(failed) | set(died)
     pending = [
         s.revision
-        for s in plan_upgrade(graph, "heads", latest, settings.environment)
+        for s in planning.plan_upgrade(graph, "heads", latest, settings.environment)
         if s.revision not in skip
     ]
     return CheckResult(
@@ -601,13 +578,13 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
 def heads(settings: Settings) -> list[RevisionInfo]:
     """Show the head revisions of the graph."""
     graph = _graph(settings)
-    return [RevisionInfo.from_script(graph.script(rev)) for rev in graph.heads]
+    return [RevisionInfo.of(graph.revision(rev)) for rev in graph.heads]
 
 
 def branches(settings: Settings) -> list[RevisionInfo]:
     """Show the revisions where the graph branches."""
     graph = _graph(settings)
-    return [RevisionInfo.from_script(s) for s in graph.walk() if s.is_branch_point]
+    return [RevisionInfo.of(graph.revision(s.revision)) for s in graph.walk() if s.is_branch_point]
 
 
 def history(settings: Settings, rev_range: str | None = None) -> list[RevisionInfo]:
@@ -621,9 +598,9 @@ def history(settings: Settings, rev_range: str | None = None) -> list[RevisionIn
         base, head = start or "base", end or "heads"
     try:
         scripts = list(graph.script_dir.walk_revisions(base=base, head=head))
-    except Exception as exc:
+    except (CommandError, RevisionError) as exc:
         raise UnknownTarget(f"history range {rev_range!r}: {' '.join(str(exc).split())}") from None
-    return [RevisionInfo.from_script(s) for s in scripts]
+    return [RevisionInfo.of(graph.revision(s.revision)) for s in scripts]
 
 
 def show(settings: Settings, revision: str) -> list[RevisionInfo]:
@@ -632,7 +609,7 @@ def show(settings: Settings, revision: str) -> list[RevisionInfo]:
     found = graph.resolve(revision)
     if not found:
         raise UnknownTarget(f"no revision matches {revision!r}")
-    return [RevisionInfo.from_script(s) for s in found]
+    return [RevisionInfo.of(graph.revision(s.revision)) for s in found]
 
 
 def revision(
@@ -660,7 +637,7 @@ def revision(
     graph = Graph.from_config(config)  # refuse to add to a broken graph
     check_message(
         message,
-        [describe(s) for s in graph.scripts],
+        [rev.description for rev in graph.revisions],
         limit=graph.script_dir.truncate_slug_length,
         allow_duplicate=allow_duplicate_slug,
     )
@@ -674,11 +651,11 @@ def revision(
             depends_on=list(depends_on) or None,  # type: ignore[arg-type]  # takes a list
             rev_id=rev_id,
         )
-    except Exception as exc:
+    except (CommandError, RevisionError) as exc:
         raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
     if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
         raise UsageError("cannot create revision: Alembic returned no single script")
-    return RevisionInfo.from_script(script)
+    return RevisionInfo.of(Revision.from_script(script))
 
 
 def merge(
@@ -702,11 +679,11 @@ def merge(
             branch_label=branch_label,
             rev_id=rev_id,
         )
-    except Exception as exc:
+    except (CommandError, RevisionError) as exc:
         raise UsageError(f"cannot merge: {' '.join(str(exc).split())}") from None
     if script is None:
         raise UsageError("cannot merge: Alembic returned no script")
-    return RevisionInfo.from_script(script)
+    return RevisionInfo.of(Revision.from_script(script))
 
 
 def init(directory: Path, *, section: str = "data_migrations") -> InitResult:

@@ -6,25 +6,21 @@ revisions after it, and an upgrade in an allowed environment runs it later. Ther
 override: the environment comes from ``DM_ENVIRONMENT``/``ENVIRONMENT`` only, and the
 default, ``production``, is the safe one.
 
-:func:`decide` is the one place the decision is made: plans, ``--dry-run`` output and the
-recorded rows all come from it. Pure: no database, no event loop.
+:func:`decide` is the one place the decision is made: ``dm.planning`` attaches it to each
+step, and ``--dry-run`` output and the recorded rows come from there. Pure: no database,
+no event loop.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import UsageError
-from .graph import Step
 
 if TYPE_CHECKING:
-    from alembic.script import Script
-
-    from .graph import Graph
+    from .graph import Revision
     from .tracker import Attempt
 
 
@@ -52,79 +48,26 @@ class Decision:
 SKIPPED_NOTHING_TO_UNDO = "its upgrade was skipped; nothing to undo"
 
 
-def allowed_environments(script: Script) -> tuple[str, ...] | None:
-    """Return the environments ``script`` may run in (None: every environment)."""
-    value = getattr(script.module, "environments", None)
-    return None if value is None else tuple(value)
-
-
-def guard_reason(script: Script, environment: str) -> str | None:
-    """Return why ``script`` may not run in ``environment`` (None when it may)."""
-    allowed = allowed_environments(script)
-    if allowed is None or environment in allowed:
+def guard_reason(rev: Revision, environment: str) -> str | None:
+    """Return why ``rev`` may not run in ``environment`` (None when it may)."""
+    if rev.environments is None or environment in rev.environments:
         return None
-    return f"environment {environment!r} not in {allowed!r}"
+    return f"environment {environment!r} not in {rev.environments!r}"
 
 
-def decide(step: Step, environment: str, latest: Attempt | None) -> Decision:
-    """Decide what to do with ``step`` in ``environment``, given the revision's latest row.
+def decide(rev: Revision, is_upgrade: bool, environment: str, latest: Attempt | None) -> Decision:
+    """Decide what to do with ``rev`` in ``environment``, given its latest attempt.
 
     :raises UsageError: a downgrade of a revision whose upgrade ran, in an environment
         where the revision may not run (no flag overrides the guard).
     """
-    if not step.is_upgrade and latest is not None and latest.is_skipped:
+    if not is_upgrade and latest is not None and latest.is_skipped:
         return Decision(Action.RECORD, SKIPPED_NOTHING_TO_UNDO)
-    reason = guard_reason(step.script, environment)
+    reason = guard_reason(rev, environment)
     if reason is None:
-        allowed = allowed_environments(step.script)
-        if allowed is None:
+        if rev.environments is None:
             return Decision(Action.RUN)
-        return Decision(Action.RUN, f"environment {environment!r} in {allowed!r}")
-    if step.is_upgrade:
+        return Decision(Action.RUN, f"environment {environment!r} in {rev.environments!r}")
+    if is_upgrade:
         return Decision(Action.SKIP, reason)
-    raise UsageError(
-        f"cannot downgrade {step.revision}: {reason}; it may only be undone where it may run"
-    )
-
-
-def retry_skipped(graph: Graph, latest: Mapping[str, Attempt], environment: str) -> list[Step]:
-    """Return upgrade steps for skipped revisions now allowed, parents before children."""
-    if not any(attempt.is_skipped for attempt in latest.values()):
-        return []  # the common case: no graph walk
-    return [
-        Step(script, True)
-        for script in graph.walk()
-        if (attempt := latest.get(script.revision)) is not None
-        and attempt.is_skipped
-        and guard_reason(script, environment) is None
-    ]
-
-
-def plan_upgrade(
-    graph: Graph, target: str, latest: Mapping[str, Attempt], environment: str
-) -> list[Step]:
-    """Plan an upgrade to ``target``: skipped revisions now allowed first, then the rest.
-
-    Retried skipped revisions are limited to those ``target`` includes (for ``heads``,
-    every one; for a relative target such as ``+1``, the ones below the revision it
-    reaches from base).
-    """
-    from .tracker import applied_revisions
-
-    steps = graph.plan_upgrade(target, applied_revisions(latest))
-    retries = retry_skipped(graph, latest, environment)
-    if retries:
-        try:
-            scope = {step.revision for step in graph.plan_upgrade(target, ())}
-        except UsageError:
-            scope = set()
-        retries = [step for step in retries if step.revision in scope]
-    planned = {step.revision for step in retries}
-    return retries + [step for step in steps if step.revision not in planned]
-
-
-def decisions(
-    steps: Sequence[Step], environment: str, latest: Mapping[str, Attempt]
-) -> list[Decision]:
-    """Return the decision for each of ``steps`` (see :func:`decide`)."""
-    return [decide(step, environment, latest.get(step.revision)) for step in steps]
+    raise UsageError(f"cannot downgrade {rev.id}: {reason}; it may only be undone where it may run")

@@ -117,3 +117,16 @@ class Interrupted(DmError):
     def __init__(self, signal_name: str, exit_code: int) -> None:
         super().__init__(f"interrupted by {signal_name}")
         self.exit_code = exit_code
+
+
+def one_line(exc: BaseException) -> str:
+    """Return ``exc``'s message on one line (its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def describe_error(exc: BaseException) -> str:
+    """Return ``Type: message`` on one line; for a wrapped driver error (SQLAlchemy's
+    ``DBAPIError``), the driver's own error, without the statement and its parameters."""
+    cause = getattr(exc, "orig", None) or exc
+    text = " ".join(str(cause).split())
+    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__

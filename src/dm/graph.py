@@ -1,7 +1,9 @@
-"""The revision graph: load and validate revision files, resolve targets, build plans.
+"""The revision graph: load revision files, validate each into a :class:`Revision`, resolve
+targets, and walk the paths between revisions (``dm.planning`` turns paths into plans).
 
-Everything here is pure: no database, no event loop. Alembic owns the graph walking;
-this module validates what Alembic only warns about and turns plans into ``Step``\\ s.
+Everything here is pure: no database, no event loop. Alembic owns the graph walking; this
+module validates what Alembic only warns about. A revision module's attributes are read
+here, once, when the graph loads, and nowhere else.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import inspect
 import os
 import traceback
 import warnings
+from collections.abc import Awaitable
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,15 +22,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 from alembic.script import Script
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 
 from . import _alembic_compat as compat
-from .errors import IrreversiblePlan
 from .errors import RevisionFileError
 from .errors import UnknownTarget
+from .errors import one_line
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -34,56 +40,71 @@ if TYPE_CHECKING:
 HOOKS = ("upgrade", "downgrade", "verify")
 
 
+Hook = Callable[[Any], Awaitable[Any]]
+
+
 @dataclass(frozen=True)
-class Step:
-    """One revision to run in one direction."""
+class Revision:
+    """A revision file as dm runs it: its hooks and settings, validated when the graph loads."""
 
     script: Script
-    is_upgrade: bool
-    reason: str | None = None
-    """Why this step runs, recorded with its attempt (e.g. ``forced: <why>``)."""
+    upgrade: Hook
+    downgrade: Hook | None
+    verify: Hook | None
+    environments: tuple[str, ...] | None
+    """Where it may run (None: everywhere); see ``dm.environments``."""
+    transactional: bool
+    """False: ``dm.batched`` commits per batch, and a failed attempt resumes."""
+    timeout: float | None
+    """Its own time limit in seconds, overriding ``--timeout``."""
+    description: str
+    """The first line of its docstring."""
+    doc: str
 
     @property
-    def revision(self) -> str:
+    def id(self) -> str:
         """Return the revision id."""
         return self.script.revision
 
     @property
-    def direction(self) -> str:
-        """Return ``"upgrade"`` or ``"downgrade"``."""
-        return "upgrade" if self.is_upgrade else "downgrade"
-
-    @property
-    def module(self) -> ModuleType:
-        """Return the imported revision module."""
-        return self.script.module
-
-    @property
-    def description(self) -> str:
-        """Return the first line of the revision's docstring."""
-        return describe(self.script)
-
-    @property
-    def timeout(self) -> float | None:
-        """Return the revision's own ``timeout`` in seconds, if it sets one."""
-        value = getattr(self.module, "timeout", None)
-        return None if value is None else float(value)
-
-    @property
-    def transactional(self) -> bool:
-        """Return False when the revision commits per batch (``transactional = False``)."""
-        return getattr(self.module, "transactional", True) is not False
+    def path(self) -> str:
+        """Return the revision file's path."""
+        return str(self.script.path)
 
     @property
     def reversible(self) -> bool:
         """Return whether the revision defines ``downgrade()``."""
-        return getattr(self.module, "downgrade", None) is not None
+        return self.downgrade is not None
 
+    @classmethod
+    def from_script(cls, script: Script) -> Revision:
+        """Validate ``script``'s module against dm's revision contract.
 
-def describe(script: Script) -> str:
-    """Return the first line of ``script``'s docstring (its description)."""
-    doc = (script.module.__doc__ or "").strip()
-    return doc.splitlines()[0].strip() if doc else ""
+        :raises RevisionFileError: naming the file and what is wrong.
+        """
+        try:
+            return cls._from_module(script, script.module)
+        except _Problem as problem:
+            raise RevisionFileError(f"{display_path(script.path)}: {problem}") from None
+
+    @classmethod
+    def _from_module(cls, script: Script, module: ModuleType) -> Revision:
+        hooks = [_hook(module, name) for name in HOOKS]
+        upgrade, downgrade, verify = hooks
+        if upgrade is None:
+            raise _Problem("missing 'async def upgrade(session)'")
+        doc = (module.__doc__ or "").strip()
+        return cls(
+            script=script,
+            upgrade=upgrade,
+            downgrade=downgrade,
+            verify=verify,
+            environments=_environments(module),
+            transactional=_transactional(module),
+            timeout=_timeout(module),
+            description=doc.splitlines()[0].strip() if doc else "",
+            doc=doc,
+        )
 
 
 def checksum(script: Script) -> str:
@@ -103,10 +124,11 @@ def display_path(path: str | os.PathLike[str]) -> str:
 class Graph:
     """The validated revision graph of one script directory."""
 
-    def __init__(self, script_dir: ScriptDirectory, scripts: list[Script]) -> None:
+    def __init__(self, script_dir: ScriptDirectory, revisions: list[Revision]) -> None:
         self.script_dir = script_dir
-        self.scripts = scripts
-        self._by_id = {script.revision: script for script in scripts}
+        self.revisions = revisions
+        self.scripts = [revision.script for revision in revisions]
+        self._by_id = {revision.id: revision for revision in revisions}
 
     @classmethod
     def from_config(cls, config: Config) -> Graph:
@@ -117,15 +139,15 @@ class Graph:
             raise RevisionFileError(f"{config.config_file_name}: {exc}") from None
         version_dirs = [Path(p).resolve() for p in script_dir._version_locations]
         scripts = _import_scripts(script_dir, version_dirs)
-        _check_contract(scripts)
+        revisions = _check_contract(scripts)
         compat.use_scripts(script_dir, scripts)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 script_dir.revision_map.heads  # noqa: B018 - builds and checks the map
-        except Exception as exc:  # cycles and other graph errors
+        except (RevisionError, CommandError, UserWarning) as exc:  # cycles, bad references
             raise RevisionFileError(f"{display_path(script_dir.versions)}: {exc}") from None
-        return cls(script_dir, scripts)
+        return cls(script_dir, revisions)
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -138,16 +160,18 @@ class Graph:
 
     def script(self, revision: str) -> Script:
         """Return the script with this id."""
+        return self._by_id[revision].script
+
+    def revision(self, revision: str) -> Revision:
+        """Return the validated revision with this id."""
         return self._by_id[revision]
 
     def resolve(self, target: str) -> tuple[Script, ...]:
         """Resolve a symbolic target, partial id or branch label to scripts."""
         try:
             found = self.script_dir.get_revisions(target)
-        except CommandError as exc:
-            raise UnknownTarget(_one_line(exc)) from None
-        except Exception as exc:  # RevisionError and friends
-            raise UnknownTarget(_one_line(exc)) from None
+        except (CommandError, RevisionError) as exc:
+            raise UnknownTarget(one_line(exc)) from None
         return tuple(s for s in found if isinstance(s, Script))
 
     def walk(self) -> list[Script]:
@@ -161,57 +185,32 @@ class Graph:
         known = {rev for rev in applied if rev in self._by_id}
         parents: set[str] = set()
         for rev in known:
-            parents.update(compat.all_down_revisions(self._by_id[rev]))
+            parents.update(compat.all_down_revisions(self._by_id[rev].script))
         return tuple(sorted(known - parents))
 
-    def plan_upgrade(self, target: str, applied: Iterable[str]) -> list[Step]:
-        """Return the steps that take the applied set up to ``target``."""
+    def upgrade_path(self, target: str, applied: Iterable[str]) -> list[Revision]:
+        """Return the revisions between the applied set and ``target``, oldest first.
+
+        :raises UnknownTarget: ``target`` does not resolve, or lies below the applied set.
+        """
         heads = self.applied_heads(applied)
         try:
-            alembic_steps = compat.upgrade_steps(self.script_dir, target, heads)
-        except Exception as exc:
-            raise UnknownTarget(f"cannot upgrade to {target!r}: {_one_line(exc)}") from None
-        return [Step(step.revision, True) for step in alembic_steps]
+            steps = compat.upgrade_steps(self.script_dir, target, heads)
+        except (CommandError, RevisionError) as exc:
+            raise UnknownTarget(f"cannot upgrade to {target!r}: {one_line(exc)}") from None
+        return [self._by_id[step.revision.revision] for step in steps]
 
-    def plan_downgrade(
-        self,
-        target: str,
-        applied: Iterable[str],
-        *,
-        never_ran: Iterable[str] = (),
-        run_hooks: bool = True,
-    ) -> list[Step]:
-        """Return the steps that take the applied set down to ``target``.
+    def downgrade_path(self, target: str, applied: Iterable[str]) -> list[Revision]:
+        """Return the applied revisions above ``target``, newest first.
 
-        :param never_ran: revisions whose upgrade never ran (skipped by the environment
-            guard): undoing them runs nothing, so they need no ``downgrade()``.
-        :param run_hooks: False when the plan is only recorded (stamp), so irreversible
-            revisions are allowed.
-        :raises IrreversiblePlan: a revision on the way has no ``downgrade()``.
+        :raises UnknownTarget: ``target`` does not resolve, or lies above the applied set.
         """
         heads = self.applied_heads(applied)
         try:
             scripts = compat.downgrade_steps(self.script_dir, target, heads)
-        except Exception as exc:
-            raise UnknownTarget(f"cannot downgrade to {target!r}: {_one_line(exc)}") from None
-        steps = [Step(script, False) for script in scripts]
-        if run_hooks:
-            exempt = set(never_ran)
-            require_reversible([s for s in steps if s.revision not in exempt], target)
-        return steps
-
-
-def require_reversible(steps: Iterable[Step], target: str) -> None:
-    """Refuse a plan whose downgrade steps include a revision without ``downgrade()``.
-
-    :raises IrreversiblePlan: naming every such revision and its file.
-    """
-    irreversible = [s for s in steps if not s.is_upgrade and not s.reversible]
-    if irreversible:
-        names = ", ".join(f"{s.revision} ({display_path(s.script.path)})" for s in irreversible)
-        raise IrreversiblePlan(
-            f"cannot downgrade to {target!r}: no downgrade() in {names}; nothing was run"
-        )
+        except (CommandError, RevisionError) as exc:
+            raise UnknownTarget(f"cannot downgrade to {target!r}: {one_line(exc)}") from None
+        return [self._by_id[script.revision] for script in scripts]
 
 
 def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> list[Script]:
@@ -223,11 +222,11 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
         where = display_path(exc.filename) if exc.filename else "revision file"
         raise RevisionFileError(f"{where}:{exc.lineno}: syntax error: {exc.msg}") from None
     except CommandError as exc:
-        raise RevisionFileError(_one_line(exc)) from None
+        raise RevisionFileError(one_line(exc)) from None
     except Exception as exc:
         where = _failing_file(exc, version_dirs) or display_path(script_dir.versions)
         raise RevisionFileError(
-            f"{where}: cannot import: {type(exc).__name__}: {_one_line(exc)}"
+            f"{where}: cannot import: {type(exc).__name__}: {one_line(exc)}"
         ) from None
 
 
@@ -243,28 +242,36 @@ class _Problem(Exception):
     """A revision file breaks the contract; the caller adds the file's path."""
 
 
-def _check_contract(scripts: list[Script]) -> None:
+def _check_contract(scripts: list[Script]) -> list[Revision]:
+    """Validate every script; return them as revisions, in the same order."""
     seen: dict[str, Script] = {}
     labels: set[str] = set()
+    revisions = []
     for script in scripts:
-        try:
-            if script.revision in seen:
-                first = display_path(seen[script.revision].path)
-                raise _Problem(f"duplicate revision id {script.revision!r} (also in {first})")
-            seen[script.revision] = script
-            labels.update(script.branch_labels)
-            _check_hooks(script.module)
-            _check_attributes(script.module)
-        except _Problem as problem:
-            raise RevisionFileError(f"{display_path(script.path)}: {problem}") from None
+        if script.revision in seen:
+            first = display_path(seen[script.revision].path)
+            raise RevisionFileError(
+                f"{display_path(script.path)}: duplicate revision id {script.revision!r} "
+                f"(also in {first})"
+            )
+        seen[script.revision] = script
+        labels.update(script.branch_labels)
+        revisions.append(Revision.from_script(script))
     for script in scripts:
         try:
             _check_references(script, seen, labels)
         except _Problem as problem:
             raise RevisionFileError(f"{display_path(script.path)}: {problem}") from None
+    return revisions
 
 
 def _check_references(script: Script, revisions: Mapping[str, Script], labels: set[str]) -> None:
+    for name, value in (
+        ("down_revision", script.down_revision),
+        ("depends_on", script.dependencies),
+    ):
+        if not _is_revision_list(value):
+            raise _Problem(f"{name} must be None, a revision id or a tuple of them, not {value!r}")
     for parent in _as_tuple(script.down_revision):
         if parent not in revisions:
             raise _Problem(f"down_revision {parent!r} names no revision file")
@@ -273,23 +280,32 @@ def _check_references(script: Script, revisions: Mapping[str, Script], labels: s
             raise _Problem(f"depends_on {dependency!r} names no revision or branch label")
 
 
-def _check_hooks(module: ModuleType) -> None:
-    if not hasattr(module, "upgrade"):
-        raise _Problem("missing 'async def upgrade(session)'")
-    for name in HOOKS:
-        hook = getattr(module, name, None)
-        if hook is not None and not inspect.iscoroutinefunction(hook):
-            raise _Problem(f"{name}() must be a coroutine function: 'async def {name}(session)'")
+# -- reading a revision module's attributes (only here) ------------------------------------
 
 
-def _check_attributes(module: ModuleType) -> None:
+def _hook(module: ModuleType, name: str) -> Hook | None:
+    hook = getattr(module, name, None)
+    if hook is None:
+        return None
+    if not inspect.iscoroutinefunction(hook):
+        raise _Problem(f"{name}() must be a coroutine function: 'async def {name}(session)'")
+    return cast(Hook, hook)
+
+
+def _timeout(module: ModuleType) -> float | None:
     timeout = getattr(module, "timeout", None)
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
         raise _Problem("timeout must be a positive number of seconds")
+    return float(timeout)
+
+
+def _environments(module: ModuleType) -> tuple[str, ...] | None:
     environments = getattr(module, "environments", None)
-    if environments is not None and (
+    if environments is None:
+        return None
+    if (
         not isinstance(environments, tuple | list)
         or not environments
         or not all(isinstance(name, str) and name.strip() for name in environments)
@@ -298,9 +314,20 @@ def _check_attributes(module: ModuleType) -> None:
             "environments must be a tuple of environment names, "
             "e.g. ('development', 'staging'), or None for every environment"
         )
+    return tuple(environments)
+
+
+def _transactional(module: ModuleType) -> bool:
     transactional = getattr(module, "transactional", True)
     if not isinstance(transactional, bool):
         raise _Problem("transactional must be True or False")
+    return transactional
+
+
+def _is_revision_list(value: object) -> bool:
+    if value is None or isinstance(value, str):
+        return True
+    return isinstance(value, tuple | list) and all(isinstance(item, str) for item in value)
 
 
 def _as_tuple(value: Any) -> tuple[str, ...]:
@@ -309,8 +336,3 @@ def _as_tuple(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     return tuple(value)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return " ".join(text.split())

@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from .errors import FenceLost
 from .errors import LockLost
 from .errors import LockTimeout
+from .errors import describe_error
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -149,9 +150,10 @@ async def _advisory_lock(
             except asyncio.CancelledError:
                 if lost and owner.uncancel() == 0:
                     raise LockLost(
-                        f"lost the migration lock: its connection died ({_reason(lost[0])}); "
-                        "the work in progress was rolled back (batches a non-transactional "
-                        "revision committed stay, and the next run resumes after them)"
+                        "lost the migration lock: its connection died "
+                        f"({describe_error(lost[0])}); the work in progress was rolled back "
+                        "(batches a non-transactional revision committed stay, and the next run "
+                        "resumes after them)"
                     ) from None
                 raise
             except FenceLost as exc:
@@ -214,16 +216,10 @@ async def _watch(
             async with asyncio.timeout(HEARTBEAT_TIMEOUT):
                 await conn.execute(sa.text("SELECT 1"))
         except Exception as exc:
-            log.error("the migration lock's connection failed: %s; stopping", _reason(exc))
+            log.error("the migration lock's connection failed: %s; stopping", describe_error(exc))
             lost.append(exc)
             owner.cancel()
             return
-
-
-def _reason(exc: BaseException) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    text = " ".join(str(cause).split())
-    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _lock_engine(url: URL, application_name: str) -> AsyncEngine:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from . import _alembic_compat as compat
+from . import planning
 from .command import RunResult
 from .command import _database
 from .command import _graph
@@ -29,18 +29,16 @@ from .command import execute_plan
 from .errors import DmError
 from .errors import UnknownTarget
 from .errors import UsageError
+from .errors import describe_error
 from .graph import Graph
-from .graph import Step
-from .graph import describe
+from .graph import Revision
 from .graph import display_path
-from .graph import require_reversible
+from .planning import Step
 from .tracker import Attempt
 from .tracker import Status
-from .tracker import applied_revisions
 from .tracker import utcnow
 
 if TYPE_CHECKING:
-    from alembic.script import Script
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from .settings import Settings
@@ -134,12 +132,13 @@ async def run(
         raise UsageError("--reason goes with --force")
     forced_reason = f"forced: {reason.strip()}" if reason and reason.strip() else "forced"
     graph = _graph(settings)
-    script = _one(graph, revision)
+    rev = _one(graph, revision)
+    why = forced_reason if force else None
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
-        return _plan_run(graph, script, latest, forced_reason if force else None)
+        return planning.plan_run(graph, rev, latest, settings.environment, why)
 
-    return await execute_plan(settings, script.revision, plan, dry_run=dry_run)
+    return await execute_plan(settings, rev.id, plan, dry_run=dry_run)
 
 
 async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
@@ -151,86 +150,27 @@ async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) 
     """
 
     graph = _graph(settings)
-    script = _one(graph, revision)
+    rev = _one(graph, revision)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
-        return _plan_rollback(graph, script, latest)
+        return planning.plan_rollback(graph, rev, latest, settings.environment)
 
-    return await execute_plan(settings, script.revision, plan, dry_run=dry_run)
+    return await execute_plan(settings, rev.id, plan, dry_run=dry_run)
 
 
-def _one(graph: Graph, revision: str) -> Script:
+def _one(graph: Graph, revision: str) -> Revision:
     found = graph.resolve(revision)
     if not found:
         raise UnknownTarget(f"no revision matches {revision!r}")
     if len(found) > 1:
         names = ", ".join(s.revision for s in found)
         raise UnknownTarget(f"{revision!r} names several revisions ({names}); name one")
-    return found[0]
+    return graph.revision(found[0].revision)
 
 
 def _is_applied(latest: Mapping[str, Attempt], revision: str) -> bool:
     attempt = latest.get(revision)
     return attempt is not None and attempt.is_applied
-
-
-def _plan_run(
-    graph: Graph, script: Script, latest: Mapping[str, Attempt], forced_reason: str | None
-) -> list[Step]:
-    """Plan ``dm run``: nothing when applied, unless forced (then the step carries why)."""
-    applied = applied_revisions(latest)
-    missing = [rev for rev in _ancestors(graph, script.revision) if rev not in applied]
-    if missing:
-        raise UsageError(
-            f"cannot run {script.revision}: not applied yet: {', '.join(missing)} "
-            f"(apply them first, e.g. dm upgrade {script.revision})"
-        )
-    if _is_applied(latest, script.revision):
-        return [] if forced_reason is None else [Step(script, True, reason=forced_reason)]
-    return [Step(script, True)]
-
-
-def _plan_rollback(graph: Graph, script: Script, latest: Mapping[str, Attempt]) -> list[Step]:
-    attempt = latest.get(script.revision)
-    if attempt is None or not attempt.counts_as_applied:
-        return []
-    later = [latest[rev] for rev in _descendants(graph, script.revision) if rev in latest]
-    applied = [a.revision for a in later if a.is_applied]
-    skipped = [a.revision for a in later if a.is_skipped]
-    if applied or skipped:
-        found = [f"applied revisions depend on it: {', '.join(applied)}"] if applied else []
-        if skipped:  # they never ran here, but plans pass them as if applied
-            found.append(f"skipped revisions come after it: {', '.join(skipped)}")
-        raise UsageError(
-            f"cannot roll back {script.revision}: {'; '.join(found)} (roll them back first)"
-        )
-    step = Step(script, False)
-    if not attempt.is_skipped:
-        require_reversible([step], script.revision)
-    return [step]
-
-
-def _ancestors(graph: Graph, revision: str) -> list[str]:
-    """Return every ancestor of ``revision`` (``depends_on`` included), oldest first."""
-    found: set[str] = set()
-    todo = list(compat.all_down_revisions(graph.script(revision)))
-    while todo:
-        rev = todo.pop()
-        if rev not in found:
-            found.add(rev)
-            todo.extend(compat.all_down_revisions(graph.script(rev)))
-    return [s.revision for s in graph.walk() if s.revision in found]
-
-
-def _descendants(graph: Graph, revision: str) -> list[str]:
-    """Return every revision that has ``revision`` as an ancestor, newest first."""
-    found: set[str] = {revision}
-    ordered = graph.walk()
-    for script in ordered:  # parents come before children
-        if found.intersection(compat.all_down_revisions(script)):
-            found.add(script.revision)
-    found.discard(revision)
-    return [s.revision for s in reversed(ordered) if s.revision in found]
 
 
 # -- manual resolution --------------------------------------------------------------------------
@@ -259,26 +199,26 @@ async def resolve(
         raise UsageError("resolve needs a --reason saying what was fixed by hand")
     graph = _graph(settings)
     try:
-        script: Script | None = _one(graph, revision)
+        rev: Revision | None = _one(graph, revision)
     except UnknownTarget:
-        script = None
+        rev = None
         async with _database(settings) as probe:  # a tracker row whose file is gone?
             if revision not in await probe.read_latest():
                 raise
-    rev_id = script.revision if script is not None else revision
+    rev_id = rev.id if rev is not None else revision
     direction = "upgrade" if status is Status.SUCCESS else "downgrade"
     text = f"resolved by hand: {reason.strip()}"
     async with _database(settings) as db, db.locked() as (recorder, _interrupted):
         attempt = recorder.latest.get(rev_id)
-        if attempt is None or (script is not None and attempt.status is not Status.FAILED):
+        if attempt is None or (rev is not None and attempt.status is not Status.FAILED):
             state = "never run" if attempt is None else attempt.status.value
             raise UsageError(
                 f"cannot resolve {rev_id}: its latest attempt is {state}, not failed; only a "
                 "failed revision (or one whose file was deleted) can be resolved"
             )
         async with recorder.conn.begin():
-            if script is not None:
-                step = Step(script, status is Status.SUCCESS)
+            if rev is not None:
+                step = Step(rev, status is Status.SUCCESS)
                 await recorder.record_step(step, status, reason=text)
             else:
                 await recorder.record(
@@ -322,22 +262,21 @@ async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyRes
             scripts = [s for s in graph.walk() if _is_applied(latest, s.revision)]
         outcomes = []
         for script in scripts:
-            outcome = await _verify_one(await db.conn(), script, settings.timeout)
+            rev = graph.revision(script.revision)
+            outcome = await _verify_one(await db.conn(), rev, settings.timeout)
             log.info("verify %s: %s", script.revision, outcome.result)
             outcomes.append(outcome)
         return VerifyResult(outcomes)
 
 
-async def _verify_one(
-    conn: AsyncConnection, script: Script, timeout: float | None
-) -> VerifyOutcome:
+async def _verify_one(conn: AsyncConnection, rev: Revision, timeout: float | None) -> VerifyOutcome:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    description = describe(script)
-    hook = getattr(script.module, "verify", None)
-    if hook is None:
-        return VerifyOutcome(script.revision, description, "no verify()")
-    limit = Step(script, True).timeout or timeout
+    from .runner import check_verify
+
+    if rev.verify is None:
+        return VerifyOutcome(rev.id, rev.description, "no verify()")
+    limit = rev.timeout or timeout
     transaction = await conn.begin()
     try:
         if conn.dialect.name == "postgresql":
@@ -345,20 +284,18 @@ async def _verify_one(
         session = AsyncSession(bind=conn)
         try:
             async with asyncio.timeout(limit):
-                value = await hook(session)
+                failure = await check_verify(rev, session)
         finally:
             await session.close()
-    except Exception as exc:
-        text = " ".join(str(exc).split())
-        error = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-        if isinstance(exc, TimeoutError):
-            error = f"timed out after {limit:g}s"
-        return VerifyOutcome(script.revision, description, "failed", error)
+    except TimeoutError:
+        failure = f"verify() timed out after {limit:g}s"
+    except Exception as exc:  # a database error (a hook's own error is check_verify's)
+        failure = f"verify() raised {describe_error(exc)}"
     finally:
         await transaction.rollback()
-    if value is not True:
-        return VerifyOutcome(script.revision, description, "failed", f"returned {value!r}")
-    return VerifyOutcome(script.revision, description, "passed")
+    if failure is not None:
+        return VerifyOutcome(rev.id, rev.description, "failed", failure)
+    return VerifyOutcome(rev.id, rev.description, "passed")
 
 
 # -- info ---------------------------------------------------------------------------------------
@@ -366,16 +303,22 @@ async def _verify_one(
 
 async def info(settings: Settings) -> InfoResult:
     """Describe the environment, database (password hidden), project, tracker and lock."""
+    from .tracker import Tracker
+
     config = settings.alembic_config()
-    tracker = _tracker(settings)
+    holder: str | None
     try:
         url = settings.redacted_url()
-    except DmError as exc:
+        tracker = _tracker(settings)
+    except DmError as exc:  # shown, not raised: info is where one looks at a bad setting
         url = f"(invalid: {exc})"
-    try:
-        lock, holder = await lock_state(settings, tracker)
-    except DmError as exc:
-        lock, holder = "unknown", str(exc)
+        tracker = Tracker(settings.tracker_table, settings.tracker_schema)
+        lock, holder = "unknown", "the database URL is invalid"
+    else:
+        try:
+            lock, holder = await lock_state(settings, tracker)
+        except DmError as exc:
+            lock, holder = "unknown", str(exc)
     location = config.get_main_option("script_location") or ""
     return InfoResult(
         environment=settings.environment,

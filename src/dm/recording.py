@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
-from .graph import Step
 from .graph import checksum
+from .planning import Step
 from .tracker import Attempt
 from .tracker import RunInfo
 from .tracker import Status

@@ -43,8 +43,10 @@ from .batching import run_context
 from .errors import FenceLost
 from .errors import RevisionFailed
 from .errors import TransientRevisionFailure
-from .graph import Step
+from .errors import describe_error
+from .graph import Revision
 from .graph import checksum
+from .planning import Step
 from .recording import Recorder
 from .tracker import Status
 from .transient import is_transient
@@ -54,10 +56,14 @@ log = logging.getLogger("dm.runner")
 TRANSIENT_PREFIX = "transient (a retry may succeed): "
 """Starts the recorded error of an attempt that failed on a transient database error."""
 
-# A savepoint set at the start of a transactional revision, released after its hooks: the
-# release fails when the revision's code ended the transaction (see TransactionEnded).
-_MARK = sa.text("SAVEPOINT dm_revision")
-_RELEASE = sa.text("RELEASE SAVEPOINT dm_revision")
+# Marks set at the start of a transactional revision and checked after its hooks: they
+# exist only as long as dm's transaction does (see TransactionEnded). On PostgreSQL a
+# transaction-local setting, which (unlike a query or a savepoint) still lets the revision
+# begin with SET TRANSACTION ISOLATION LEVEL; on SQLite a savepoint.
+_PG_MARK = sa.text("SET LOCAL dm.in_revision = 'on'")
+_PG_MARKED = sa.text("SELECT current_setting('dm.in_revision', true)")
+_SQLITE_MARK = sa.text("SAVEPOINT dm_revision")
+_SQLITE_RELEASE = sa.text("RELEASE SAVEPOINT dm_revision")
 
 # After a cancellation, how often and how long to interrupt SQLite's running statement
 # before the hook's task is cancelled outright.
@@ -206,7 +212,7 @@ class Runner:
             await self._set_local_timeouts(limit)
         interrupt = None if self._postgres else await self._sqlite_interrupt()
         if step.transactional:
-            await self.conn.execute(_MARK)
+            await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
         deadline = asyncio.timeout(limit)
         try:
@@ -231,35 +237,32 @@ class Runner:
             await session.close()
 
     async def _check_transaction_intact(self) -> None:
-        """Raise if the revision's code ended dm's transaction (a raw COMMIT or ROLLBACK).
-
-        The savepoint set before the hook exists only while that transaction does.
-        """
+        """Raise if the revision's code ended dm's transaction (a raw COMMIT or ROLLBACK)."""
         try:
-            await self.conn.execute(_RELEASE)
-        except DBAPIError as exc:
+            if self._postgres:
+                intact = (await self.conn.execute(_PG_MARKED)).scalar() == "on"
+            else:
+                await self.conn.execute(_SQLITE_RELEASE)  # fails once the savepoint is gone
+                intact = True
+        except DBAPIError:
+            intact = False
+        if not intact:
             raise TransactionEnded(
                 "the revision's code ended dm's transaction itself (a COMMIT or ROLLBACK "
-                "statement): what it did before that is committed, and everything after "
-                "ran outside any transaction, so the revision was not atomic; make it "
-                "transactional = False (and use dm.batched) to commit as it goes"
-            ) from exc
+                "statement): what it did before a COMMIT is committed, so the revision was "
+                "not atomic; make it transactional = False (and use dm.batched) to commit "
+                "as it goes"
+            )
 
     async def _hooks(self, step: Step, session: AsyncSession) -> None:
-        hook = step.module.upgrade if step.is_upgrade else step.module.downgrade
+        hook = step.rev.upgrade if step.is_upgrade else step.rev.downgrade
+        assert hook is not None  # planning refuses to run a missing downgrade()
         await hook(session)
-        verify = getattr(step.module, "verify", None)
-        if step.is_upgrade and verify is not None:
+        if step.is_upgrade and step.rev.verify is not None:
             await _settle(step, session)
-            try:
-                outcome = await verify(session)
-            except (DBAPIError, TimeoutError):  # timeouts are reported as such
-                raise
-            except Exception as exc:
-                text = " ".join(str(exc).split())
-                raise VerifyFailed(f"verify() raised {type(exc).__name__}: {text}") from exc
-            if outcome is not True:
-                raise VerifyFailed(f"verify() returned {outcome!r}")
+            failure = await check_verify(step.rev, session)
+            if failure is not None:
+                raise VerifyFailed(failure)
 
     async def _sqlite_interrupt(self) -> Callable[[], Awaitable[None]] | None:
         """Return aiosqlite's ``interrupt()`` of the working connection, if it has one."""
@@ -310,8 +313,7 @@ class Runner:
             return str(exc)
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return "interrupted"
-        text = " ".join(str(exc).split())
-        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return describe_error(exc)  # a driver error without its statement and parameters
 
     async def _record_failure(
         self, attempt_id: int, exc: BaseException, message: str, duration: int
@@ -332,7 +334,7 @@ class Runner:
             log.warning(
                 "could not record the failure: %s; the attempt stays pending and the next "
                 "run marks it failed (interrupted)",
-                _one_line(record_error),
+                describe_error(record_error),
             )
 
     async def _write_failure(
@@ -351,6 +353,22 @@ class Runner:
                 error_traceback=trace,
                 reason=reason,
             )
+
+
+async def check_verify(rev: Revision, session: AsyncSession) -> str | None:
+    """Run ``rev``'s ``verify()``: return why it failed, or None when it returned True.
+
+    The one executor of ``verify()``: after a revision's hook, and for ``dm verify``. A
+    database error or a timeout propagates (it is reported as such).
+    """
+    assert rev.verify is not None
+    try:
+        outcome = await rev.verify(session)
+    except (DBAPIError, TimeoutError):
+        raise
+    except Exception as exc:
+        return f"verify() raised {describe_error(exc)}"
+    return None if outcome is True else f"verify() returned {outcome!r}"
 
 
 async def _settle(step: Step, session: AsyncSession) -> None:
@@ -429,12 +447,6 @@ def _is_statement_timeout(exc: DBAPIError) -> bool:
     orig = exc.orig
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     return code == "57014" and "statement timeout" in str(orig)
-
-
-def _one_line(exc: BaseException) -> str:
-    cause = getattr(exc, "orig", None) or exc
-    text = " ".join(str(cause).split())
-    return f"{type(cause).__name__}: {text}" if text else type(cause).__name__
 
 
 def _timeout_of(step: Step, default: float | None) -> float | None:

@@ -149,15 +149,6 @@ class RunInfo:
     environment: str
 
 
-def applied_revisions(latest: Mapping[str, Attempt]) -> set[str]:
-    """Return the revisions plans treat as applied, given each one's latest attempt.
-
-    That is every revision whose upgrade is in effect, plus those the environment guard
-    skipped (see ``Attempt.counts_as_applied``).
-    """
-    return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
-
-
 def _per_revision(
     table: sa.TableClause, has_checkpoint: sa.ColumnElement[bool] | None = None
 ) -> sa.Subquery:

@@ -1,0 +1,263 @@
+"""Plans: which revisions a verb runs, in which direction and order, and what is done with
+each (run it, record it skipped, record an undo of a skipped upgrade).
+
+One planner per verb, each taking the graph, the revisions' latest attempts (their states,
+see ``dm.state``) and the environment, and returning :class:`Step`\\ s with the environment
+guard's decision attached. Refusals (an irreversible downgrade, a missing ancestor, an
+applied dependant, a guarded downgrade) are raised here, before anything runs. Pure: no
+database, no event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from . import _alembic_compat as compat
+from .environments import Action
+from .environments import Decision
+from .environments import decide
+from .environments import guard_reason
+from .errors import IrreversiblePlan
+from .errors import UnknownTarget
+from .errors import UsageError
+from .graph import Graph
+from .graph import Revision
+from .graph import display_path
+
+if TYPE_CHECKING:
+    from alembic.script import Script
+
+    from .tracker import Attempt
+
+Latest = Mapping[str, "Attempt"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One revision to run (or record) in one direction, with the guard's decision."""
+
+    rev: Revision
+    is_upgrade: bool
+    reason: str | None = None
+    """Why this step runs, recorded with its attempt (e.g. ``forced: <why>``)."""
+    decision: Decision = Decision(Action.RUN)
+
+    @property
+    def revision(self) -> str:
+        """Return the revision id."""
+        return self.rev.id
+
+    @property
+    def script(self) -> Script:
+        """Return Alembic's script of the revision."""
+        return self.rev.script
+
+    @property
+    def direction(self) -> str:
+        """Return ``"upgrade"`` or ``"downgrade"``."""
+        return "upgrade" if self.is_upgrade else "downgrade"
+
+    @property
+    def description(self) -> str:
+        """Return the first line of the revision's docstring."""
+        return self.rev.description
+
+    @property
+    def transactional(self) -> bool:
+        """Return False when the revision commits per batch (``transactional = False``)."""
+        return self.rev.transactional
+
+    @property
+    def timeout(self) -> float | None:
+        """Return the revision's own time limit in seconds, if it sets one."""
+        return self.rev.timeout
+
+    @property
+    def reversible(self) -> bool:
+        """Return whether the revision defines ``downgrade()``."""
+        return self.rev.reversible
+
+    @property
+    def runs(self) -> bool:
+        """Return whether the step runs a hook (else it is only recorded)."""
+        return self.decision.action is Action.RUN
+
+
+# -- one planner per verb -------------------------------------------------------------------
+
+
+def plan_upgrade(graph: Graph, target: str, latest: Latest, environment: str) -> list[Step]:
+    """Plan ``dm upgrade``: skipped revisions now allowed first, then the path to ``target``.
+
+    Retried skipped revisions are limited to those ``target`` includes (for ``heads``,
+    every one; for a relative target such as ``+1``, the ones below the revision it
+    reaches from base).
+    """
+    path = graph.upgrade_path(target, applied_revisions(latest))
+    retries = _allowed_again(graph, latest, environment)
+    if retries:
+        try:
+            scope = {rev.id for rev in graph.upgrade_path(target, ())}
+        except UsageError:
+            scope = set()
+        retries = [rev for rev in retries if rev.id in scope]
+    planned = {rev.id for rev in retries}
+    revisions = retries + [rev for rev in path if rev.id not in planned]
+    return with_decisions([Step(rev, True) for rev in revisions], environment, latest)
+
+
+def plan_downgrade(graph: Graph, target: str, latest: Latest, environment: str) -> list[Step]:
+    """Plan ``dm downgrade``: the applied revisions above ``target``, newest first.
+
+    :raises IrreversiblePlan: a revision on the way that ran has no ``downgrade()``.
+    """
+    path = graph.downgrade_path(target, applied_revisions(latest))
+    steps = with_decisions([Step(rev, False) for rev in path], environment, latest)
+    require_reversible(steps, target)
+    return steps
+
+
+def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
+    """Plan ``dm stamp``: up to ``target`` if it lies ahead, else down to it (recorded only,
+    so irreversible revisions may be passed and no guard applies)."""
+    applied = applied_revisions(latest)
+    try:
+        up = graph.upgrade_path(target, applied)
+    except UnknownTarget as upward_error:
+        try:
+            down = graph.downgrade_path(target, applied)
+        except UnknownTarget:
+            raise upward_error from None
+        return _recorded(down, False)
+    if up or target == "heads":
+        return _recorded(up, True)
+    return _recorded(graph.downgrade_path(target, applied), False)
+
+
+def plan_run(
+    graph: Graph, rev: Revision, latest: Latest, environment: str, forced_reason: str | None
+) -> list[Step]:
+    """Plan ``dm run REV``: its upgrade, once all its ancestors are applied.
+
+    Nothing when it is applied already, unless forced (then the step carries why).
+
+    :raises UsageError: an ancestor is not applied (each is named).
+    """
+    applied = applied_revisions(latest)
+    missing = [r for r in ancestors(graph, rev.id) if r not in applied]
+    if missing:
+        raise UsageError(
+            f"cannot run {rev.id}: not applied yet: {', '.join(missing)} "
+            f"(apply them first, e.g. dm upgrade {rev.id})"
+        )
+    attempt = latest.get(rev.id)
+    if attempt is not None and attempt.is_applied:
+        if forced_reason is None:
+            return []
+        return with_decisions([Step(rev, True, reason=forced_reason)], environment, latest)
+    return with_decisions([Step(rev, True)], environment, latest)
+
+
+def plan_rollback(graph: Graph, rev: Revision, latest: Latest, environment: str) -> list[Step]:
+    """Plan ``dm rollback REV``: its downgrade, when nothing after it is applied or skipped.
+
+    :raises UsageError: revisions after it are applied or skipped (each is named).
+    :raises IrreversiblePlan: it ran and has no ``downgrade()``.
+    """
+    attempt = latest.get(rev.id)
+    if attempt is None or not attempt.counts_as_applied:
+        return []
+    later = [latest[r] for r in descendants(graph, rev.id) if r in latest]
+    applied = [a.revision for a in later if a.is_applied]
+    skipped = [a.revision for a in later if a.is_skipped]
+    if applied or skipped:
+        found = [f"applied revisions depend on it: {', '.join(applied)}"] if applied else []
+        if skipped:  # they never ran here, but plans pass them as if applied
+            found.append(f"skipped revisions come after it: {', '.join(skipped)}")
+        raise UsageError(f"cannot roll back {rev.id}: {'; '.join(found)} (roll them back first)")
+    steps = with_decisions([Step(rev, False)], environment, latest)
+    require_reversible(steps, rev.id)
+    return steps
+
+
+# -- shared pieces --------------------------------------------------------------------------
+
+
+def applied_revisions(latest: Latest) -> set[str]:
+    """Return the revisions plans pass: every applied one, and those the environment guard
+    skipped (see ``Attempt.counts_as_applied``)."""
+    return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
+
+
+def require_reversible(steps: Iterable[Step], target: str) -> None:
+    """Refuse a plan whose downgrade steps run a revision without ``downgrade()``.
+
+    :raises IrreversiblePlan: naming every such revision and its file.
+    """
+    irreversible = [s for s in steps if not s.is_upgrade and s.runs and not s.reversible]
+    if irreversible:
+        names = ", ".join(f"{s.revision} ({display_path(s.rev.path)})" for s in irreversible)
+        raise IrreversiblePlan(
+            f"cannot downgrade to {target!r}: no downgrade() in {names}; nothing was run"
+        )
+
+
+def ancestors(graph: Graph, revision: str) -> list[str]:
+    """Return every ancestor of ``revision`` (``depends_on`` included), oldest first."""
+    found: set[str] = set()
+    todo = list(compat.all_down_revisions(graph.script(revision)))
+    while todo:
+        rev = todo.pop()
+        if rev not in found:
+            found.add(rev)
+            todo.extend(compat.all_down_revisions(graph.script(rev)))
+    return [s.revision for s in graph.walk() if s.revision in found]
+
+
+def descendants(graph: Graph, revision: str) -> list[str]:
+    """Return every revision that has ``revision`` as an ancestor, newest first."""
+    found: set[str] = {revision}
+    ordered = graph.walk()
+    for script in ordered:  # parents come before children
+        if found.intersection(compat.all_down_revisions(script)):
+            found.add(script.revision)
+    found.discard(revision)
+    return [s.revision for s in reversed(ordered) if s.revision in found]
+
+
+def with_decisions(steps: list[Step], environment: str, latest: Latest) -> list[Step]:
+    """Return ``steps`` with the environment guard's decision attached to each.
+
+    :raises UsageError: the guard forbids a step (a guarded downgrade).
+    """
+    return [
+        replace(
+            step,
+            decision=decide(step.rev, step.is_upgrade, environment, latest.get(step.revision)),
+        )
+        for step in steps
+    ]
+
+
+def _recorded(revisions: list[Revision], is_upgrade: bool) -> list[Step]:
+    return [
+        Step(rev, is_upgrade, reason="stamped", decision=Decision(Action.RECORD, "stamped"))
+        for rev in revisions
+    ]
+
+
+def _allowed_again(graph: Graph, latest: Latest, environment: str) -> list[Revision]:
+    """Return the skipped revisions this environment allows, parents before children."""
+    if not any(attempt.is_skipped for attempt in latest.values()):
+        return []  # the common case: no graph walk
+    return [
+        graph.revision(script.revision)
+        for script in graph.walk()
+        if (attempt := latest.get(script.revision)) is not None
+        and attempt.is_skipped
+        and guard_reason(graph.revision(script.revision), environment) is None
+    ]
