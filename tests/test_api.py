@@ -12,12 +12,12 @@ import pytest
 
 import dm
 from conftest import Project
-from dm.command import _tracker
 from dm.errors import LockTimeout
 from dm.errors import RevisionFailed
 from dm.errors import UnknownTarget
 from dm.errors import UsageError
 from dm.lock import migration_lock
+from dm.runtime import tracker_for
 from dm.tracker import Status
 
 CREATE_T = "await session.execute(sa.text('CREATE TABLE t (x INTEGER)'))"
@@ -162,7 +162,7 @@ def test_api_takes_the_migration_lock(project: Project) -> None:
     project.write("a1", None, CREATE_T)
     settings = project.settings(lock_timeout=0)
     dm.status_sync(settings=settings)  # creates nothing
-    tracker = _tracker(settings)
+    tracker = tracker_for(settings)
 
     async def upgrade_while_locked() -> None:
         async with migration_lock(settings.lock_url(), tracker, 5, "dm:other-pod"):

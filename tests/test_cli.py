@@ -425,14 +425,14 @@ def _insert_pending(project: Project, rev: str) -> None:
 @contextlib.contextmanager
 def holding_the_lock(project: Project) -> Iterator[None]:
     """Hold the project's migration lock (in a thread of its own) for the block."""
-    from dm.command import _tracker
     from dm.lock import migration_lock
+    from dm.runtime import tracker_for
 
     settings = project.settings()
     taken, done = threading.Event(), threading.Event()
 
     async def hold() -> None:
-        async with migration_lock(settings.lock_url(), _tracker(settings), 5, "dm-test:holder"):
+        async with migration_lock(settings.lock_url(), tracker_for(settings), 5, "dm-test:holder"):
             taken.set()
             await asyncio.to_thread(done.wait)
 

@@ -21,8 +21,8 @@ from conftest import spawn_dm
 from conftest import status_of
 from conftest import wait_for
 from dm import operations
-from dm.command import _tracker
 from dm.lock import migration_lock
+from dm.runtime import tracker_for
 
 DEV_ONLY = 'environments = ("development", "staging")\n'
 CREATE_T = "await session.execute(sa.text('CREATE TABLE t (x INTEGER)'))"
@@ -360,7 +360,7 @@ def test_info_reports_a_held_lock(project: Project) -> None:
     project.write("a1", None)
     ok(invoke(project, "upgrade"))  # creates the database (and SQLite lock file)
     settings = project.settings()
-    tracker = _tracker(settings)
+    tracker = tracker_for(settings)
 
     async def probe_while_locked() -> tuple[str, str | None]:
         async with migration_lock(settings.lock_url(), tracker, 5, "dm:test-holder"):

@@ -49,16 +49,16 @@ def run(context: EnvironmentContext) -> None:
 
 
 async def _run(context: EnvironmentContext, settings: Settings) -> None:
-    from . import command
+    from . import runtime
 
     graph = Graph.from_config(settings.alembic_config())
-    async with command._database(settings) as db:
+    async with runtime.open_database(settings) as db:
         steps = await _plan(context, graph, db, await db.read_latest())
         if not steps:
             return
         async with db.locked() as (recorder, _interrupted):
             steps = await _plan(context, graph, db, recorder.latest)
-            await command._run_steps(db.runner(recorder), steps)
+            await runtime.run_steps(db.runner(recorder), steps)
 
 
 async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any) -> list[Step]:

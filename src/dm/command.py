@@ -1,5 +1,7 @@
 """One function per dm command: settings and arguments in, a result object out.
 
+What the commands share (graph, tracker, database, lock, plan execution) is ``dm.runtime``.
+
 Nothing here prints or exits; ``dm.cli`` renders the results, and programs may call these
 functions directly. Database commands are coroutines; graph-only commands are plain
 functions.
@@ -7,14 +9,7 @@ functions.
 
 from __future__ import annotations
 
-import contextlib
-import getpass
 import logging
-import os
-import socket
-import uuid
-from collections.abc import AsyncIterator
-from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -29,7 +24,6 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 
 from . import planning
-from .environments import Action
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
@@ -37,28 +31,24 @@ from .graph import Revision
 from .graph import checksum
 from .graph import display_path
 from .planning import Step
+from .runtime import DIED
+from .runtime import PlannedStep as PlannedStep
+from .runtime import RunResult as RunResult
+from .runtime import execute_plan
+from .runtime import load_graph
+from .runtime import open_database
+from .runtime import planned
+from .runtime import recorded_status
 from .state import State
 from .tracker import Attempt
-from .tracker import RunInfo
-from .tracker import Status
-from .tracker import Tracker
 
 if TYPE_CHECKING:
     from alembic.config import Config
     from alembic.script import Script
-    from sqlalchemy.ext.asyncio import AsyncConnection
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from .recording import Recorder
-    from .runner import Runner
-    from .runner import StepResult
     from .settings import Settings
 
 log = logging.getLogger("dm.command")
-
-INTERRUPTED = "interrupted: the run that made this attempt stopped before finishing it"
-DIED = "died"
-"""The state shown for a ``running`` attempt whose run died (no run holds the lock)."""
 
 
 # -- results ----------------------------------------------------------------------------
@@ -97,37 +87,6 @@ class RevisionInfo:
             reversible=rev.reversible,
             doc=rev.doc,
         )
-
-
-@dataclass(frozen=True)
-class PlannedStep:
-    """A step of a plan, as shown before it runs."""
-
-    revision: str
-    direction: str
-    description: str
-    reversible: bool
-    action: str = "run"
-    """``run``; ``skip`` (the environment guard); ``record`` (undo of a skipped upgrade)."""
-    reason: str | None = None
-    """Why: the environment guard's verdict on a guarded revision, or why a step is only
-    recorded (None for an unguarded revision that runs)."""
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """The outcome of ``upgrade``, ``downgrade`` or ``stamp``."""
-
-    target: str
-    planned: list[PlannedStep]
-    steps: list[StepResult] = field(default_factory=list)
-    interrupted: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def nothing_to_do(self) -> bool:
-        """Return whether the plan was empty."""
-        return not self.planned
 
 
 @dataclass(frozen=True)
@@ -204,177 +163,6 @@ class InitResult:
 # -- project loading --------------------------------------------------------------------
 
 
-def _graph(settings: Settings) -> Graph:
-    return Graph.from_config(settings.alembic_config())
-
-
-def _tracker(settings: Settings) -> Tracker:
-    from .db import is_sqlite
-
-    schema = None if is_sqlite(settings.url()) else settings.tracker_schema
-    return Tracker(settings.tracker_table, schema)
-
-
-def run_info(settings: Settings) -> RunInfo:
-    """Return who and where this invocation runs."""
-    from . import __version__
-
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # a container user without a passwd entry
-        user = str(os.getuid())
-    return RunInfo(
-        run_id=str(uuid.uuid4()),
-        run_by=f"{user}@{socket.gethostname()}",
-        pod_name=settings.pod_name,
-        dm_version=__version__,
-        environment=settings.environment,
-    )
-
-
-class _Database:
-    """One working connection, opened on first use, plus the lock around writes."""
-
-    def __init__(self, settings: Settings, tracker: Tracker) -> None:
-        from .db import create_engine
-
-        self.settings = settings
-        self.tracker = tracker
-        self.url = settings.url()
-        self.application_name = f"dm:{settings.pod_name or socket.gethostname()}"
-        self.engine: AsyncEngine = create_engine(self.url, application_name=self.application_name)
-        self.run = run_info(settings)
-        """Who runs, stamped on every attempt; its run id is the fence while locked."""
-        self._conn: AsyncConnection | None = None
-        self._exit = contextlib.AsyncExitStack()
-
-    async def close(self) -> None:
-        await self._exit.aclose()
-        await self.engine.dispose()
-
-    def runner(self, recorder: Recorder) -> Runner:
-        """Return a runner recording through ``recorder`` (from :meth:`locked`)."""
-        from .runner import Runner
-
-        return Runner(
-            recorder,
-            timeout=self.settings.timeout,
-            pg_lock_timeout=self.settings.pg_lock_timeout,
-        )
-
-    async def conn(self) -> AsyncConnection:
-        if self._conn is None:
-            from .db import connect
-
-            retry = self.settings.connect_retry_seconds
-            self._conn = await self._exit.enter_async_context(
-                connect(self.engine, retry_seconds=retry)
-            )
-        return self._conn
-
-    def _file_missing(self) -> bool:
-        from .db import is_sqlite
-
-        return is_sqlite(self.url) and not Path(self.url.database or "").exists()
-
-    async def read_latest(self) -> dict[str, Attempt]:
-        """Return the tracker's latest attempts without writing anything."""
-        if self._file_missing():
-            return {}
-        conn = await self.conn()
-        async with conn.begin():
-            return await self.tracker.read_latest(conn)
-
-    async def died(self, latest: Mapping[str, Attempt]) -> set[str]:
-        """Return the revisions whose attempt is pending while no run holds the lock."""
-        running = {rev for rev, attempt in latest.items() if attempt.state is State.RUNNING}
-        if not running:
-            return set()
-        from .lock import current_holder
-
-        holder = await current_holder(self.settings.lock_url(), self.tracker)
-        return running if holder is None else set()
-
-    @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[tuple[Recorder, list[str]]]:
-        """Hold the migration lock and claim the fence; yield the recorder of this run (with
-        the fresh latest attempts) and the revisions whose runs were found interrupted."""
-        from .lock import migration_lock
-        from .recording import Recorder
-
-        async with migration_lock(
-            self.settings.lock_url(),
-            self.tracker,
-            self.settings.lock_timeout,
-            self.application_name,
-            connect_retry=self.settings.connect_retry_seconds,
-        ):
-            conn = await self.conn()
-            await self.tracker.ensure(conn)
-            async with conn.begin():
-                await self.tracker.claim(conn, self.run.run_id)
-                interrupted = await self.tracker.fail_pending(conn, self.run, INTERRUPTED)
-            for revision in interrupted:
-                log.warning(
-                    "revision %s: an earlier run died while running it; marked failed", revision
-                )
-            async with conn.begin():
-                latest = await self.tracker.latest(conn)
-            yield Recorder(conn, self.tracker, self.run, latest), interrupted
-
-
-@contextlib.asynccontextmanager
-async def _database(settings: Settings) -> AsyncIterator[_Database]:
-    db = _Database(settings, _tracker(settings))
-    try:
-        yield db
-    finally:
-        await db.close()
-
-
-def _planned(steps: Sequence[Step]) -> list[PlannedStep]:
-    return [
-        PlannedStep(
-            step.revision,
-            step.direction,
-            step.description,
-            step.reversible,
-            step.decision.action.value,
-            step.decision.reason,
-        )
-        for step in steps
-    ]
-
-
-async def _run_steps(runner: Runner, steps: Sequence[Step]) -> list[StepResult]:
-    """Run ``steps`` in order, recording instead of running what the plan decided."""
-    results = []
-    for step in steps:
-        if step.runs:
-            results.append(await runner.run_step(step))
-        else:
-            results.append(await _record_unrun(runner.recorder, step))
-    return results
-
-
-async def _record_unrun(recorder: Recorder, step: Step) -> StepResult:
-    """Record a step that does not run: ``skipped``, or the undo of a skipped upgrade."""
-    from .runner import StepResult
-
-    status = _recorded_status(step)
-    async with recorder.conn.begin():
-        await recorder.record_step(step, status, reason=step.decision.reason)
-    log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, step.decision.reason)
-    return StepResult(step.revision, step.direction, status, 0, step.description)
-
-
-def _recorded_status(step: Step) -> Status:
-    """Return the status a step that does not run is recorded with."""
-    if step.decision.action is Action.SKIP:
-        return Status.SKIPPED
-    return Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
-
-
 # -- commands that write -----------------------------------------------------------------
 
 
@@ -384,7 +172,7 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
     :param target: ``heads``, ``head``, a revision, ``branch@head``, ``+N``...
     :param dry_run: only return the plan.
     """
-    graph = _graph(settings)
+    graph = load_graph(settings)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         return planning.plan_upgrade(graph, target, latest, settings.environment)
@@ -398,41 +186,12 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     :param target: a revision, ``base``, ``-N``, ``branch@-N``...
     :param dry_run: only return the plan.
     """
-    graph = _graph(settings)
+    graph = load_graph(settings)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         return planning.plan_downgrade(graph, target, latest, settings.environment)
 
     return await execute_plan(settings, target, plan, dry_run=dry_run)
-
-
-async def execute_plan(
-    settings: Settings,
-    label: str,
-    plan: Callable[[Mapping[str, Attempt]], list[Step]],
-    *,
-    dry_run: bool = False,
-) -> RunResult:
-    """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
-
-    The first plan, outside the lock, answers dry runs and "nothing to do" without
-    blocking; the plan that runs is made again under the lock, from a fresh read.
-
-    :param label: the target as the user gave it, for the result.
-    :param plan: the steps to run, given each revision's latest attempt (a ``dm.planning``
-        planner: it refuses what may not run).
-    """
-    async with _database(settings) as db:
-        steps = plan(await db.read_latest())
-        if dry_run or not steps:
-            return RunResult(label, _planned(steps), dry_run=dry_run)
-        async with db.locked() as (recorder, interrupted):
-            steps = plan(recorder.latest)
-            if not steps:
-                log.info("another run finished this work while dm waited for the lock")
-                return RunResult(label, [], interrupted=interrupted)
-            results = await _run_steps(db.runner(recorder), steps)
-            return RunResult(label, _planned(steps), results, interrupted)
 
 
 async def stamp(settings: Settings, target: str) -> RunResult:
@@ -443,20 +202,20 @@ async def stamp(settings: Settings, target: str) -> RunResult:
     """
     from .runner import StepResult
 
-    graph = _graph(settings)
-    async with _database(settings) as probe:  # refuse a bad target before creating anything
+    graph = load_graph(settings)
+    async with open_database(settings) as probe:  # refuse a bad target before creating anything
         planning.plan_stamp(graph, target, await probe.read_latest())
-    async with _database(settings) as db, db.locked() as (recorder, interrupted):
+    async with open_database(settings) as db, db.locked() as (recorder, interrupted):
         steps = planning.plan_stamp(graph, target, recorder.latest)
         results = []
         async with recorder.conn.begin():  # all or nothing
             for step in steps:
-                status = _recorded_status(step)
+                status = recorded_status(step)
                 await recorder.record_step(step, status)
                 results.append(
                     StepResult(step.revision, step.direction, status, 0, step.description)
                 )
-        return RunResult(target, _planned(steps), results, interrupted)
+        return RunResult(target, planned(steps), results, interrupted)
 
 
 # -- commands that read the database -------------------------------------------------------
@@ -464,8 +223,8 @@ async def stamp(settings: Settings, target: str) -> RunResult:
 
 async def current(settings: Settings) -> CurrentResult:
     """Show the applied heads, as recorded in the tracker."""
-    graph = _graph(settings)
-    async with _database(settings) as db:
+    graph = load_graph(settings)
+    async with open_database(settings) as db:
         latest = await db.read_latest()
     heads = graph.applied_heads(planning.applied_revisions(latest))
     skipped = [rev for rev in heads if latest[rev].is_skipped]
@@ -474,8 +233,8 @@ async def current(settings: Settings) -> CurrentResult:
 
 async def status(settings: Settings) -> list[RevisionStatus]:
     """Show every revision with its state and latest attempt, oldest revision first."""
-    graph = _graph(settings)
-    async with _database(settings) as db:
+    graph = load_graph(settings)
+    async with open_database(settings) as db:
         latest = await db.read_latest()
         died = await db.died(latest)
     heads = set(graph.heads)
@@ -547,8 +306,8 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
 
     :param allow_modified: do not fail on revision files changed since they were applied.
     """
-    graph = _graph(settings)
-    async with _database(settings) as db:
+    graph = load_graph(settings)
+    async with open_database(settings) as db:
         latest = await db.read_latest()
         died = await db.died(latest)
 
@@ -577,19 +336,19 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
 
 def heads(settings: Settings) -> list[RevisionInfo]:
     """Show the head revisions of the graph."""
-    graph = _graph(settings)
+    graph = load_graph(settings)
     return [RevisionInfo.of(graph.revision(rev)) for rev in graph.heads]
 
 
 def branches(settings: Settings) -> list[RevisionInfo]:
     """Show the revisions where the graph branches."""
-    graph = _graph(settings)
+    graph = load_graph(settings)
     return [RevisionInfo.of(graph.revision(s.revision)) for s in graph.walk() if s.is_branch_point]
 
 
 def history(settings: Settings, rev_range: str | None = None) -> list[RevisionInfo]:
     """Show revisions newest first, optionally limited to ``start:end``."""
-    graph = _graph(settings)
+    graph = load_graph(settings)
     base, head = "base", "heads"
     if rev_range:
         if ":" not in rev_range:
@@ -605,7 +364,7 @@ def history(settings: Settings, rev_range: str | None = None) -> list[RevisionIn
 
 def show(settings: Settings, revision: str) -> list[RevisionInfo]:
     """Show the revision(s) a target names."""
-    graph = _graph(settings)
+    graph = load_graph(settings)
     found = graph.resolve(revision)
     if not found:
         raise UnknownTarget(f"no revision matches {revision!r}")
@@ -746,7 +505,6 @@ __all__ = [
     "init",
     "merge",
     "revision",
-    "run_info",
     "show",
     "stamp",
     "status",

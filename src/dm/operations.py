@@ -21,11 +21,6 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from . import planning
-from .command import RunResult
-from .command import _database
-from .command import _graph
-from .command import _tracker
-from .command import execute_plan
 from .errors import DmError
 from .errors import UnknownTarget
 from .errors import UsageError
@@ -34,6 +29,11 @@ from .graph import Graph
 from .graph import Revision
 from .graph import display_path
 from .planning import Step
+from .runtime import RunResult
+from .runtime import execute_plan
+from .runtime import load_graph
+from .runtime import open_database
+from .runtime import tracker_for
 from .tracker import Attempt
 from .tracker import Status
 from .tracker import utcnow
@@ -131,7 +131,7 @@ async def run(
     if reason is not None and not force:
         raise UsageError("--reason goes with --force")
     forced_reason = f"forced: {reason.strip()}" if reason and reason.strip() else "forced"
-    graph = _graph(settings)
+    graph = load_graph(settings)
     rev = _one(graph, revision)
     why = forced_reason if force else None
 
@@ -149,7 +149,7 @@ async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) 
     :raises IrreversiblePlan: the revision has no ``downgrade()``.
     """
 
-    graph = _graph(settings)
+    graph = load_graph(settings)
     rev = _one(graph, revision)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
@@ -197,18 +197,18 @@ async def resolve(
         raise UsageError(f"--as must be success or rolled_back, not {as_status!r}")
     if not reason.strip():
         raise UsageError("resolve needs a --reason saying what was fixed by hand")
-    graph = _graph(settings)
+    graph = load_graph(settings)
     try:
         rev: Revision | None = _one(graph, revision)
     except UnknownTarget:
         rev = None
-        async with _database(settings) as probe:  # a tracker row whose file is gone?
+        async with open_database(settings) as probe:  # a tracker row whose file is gone?
             if revision not in await probe.read_latest():
                 raise
     rev_id = rev.id if rev is not None else revision
     direction = "upgrade" if status is Status.SUCCESS else "downgrade"
     text = f"resolved by hand: {reason.strip()}"
-    async with _database(settings) as db, db.locked() as (recorder, _interrupted):
+    async with open_database(settings) as db, db.locked() as (recorder, _interrupted):
         attempt = recorder.latest.get(rev_id)
         if attempt is None or (rev is not None and attempt.status is not Status.FAILED):
             state = "never run" if attempt is None else attempt.status.value
@@ -248,8 +248,8 @@ async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyRes
     :param revisions: the revisions to check (default: every applied revision).
     :raises UsageError: a named revision is not applied.
     """
-    graph = _graph(settings)
-    async with _database(settings) as db:
+    graph = load_graph(settings)
+    async with open_database(settings) as db:
         latest = await db.read_latest()
         if revisions:
             scripts = [script for rev in revisions for script in graph.resolve(rev)]
@@ -309,7 +309,7 @@ async def info(settings: Settings) -> InfoResult:
     holder: str | None
     try:
         url = settings.redacted_url()
-        tracker = _tracker(settings)
+        tracker = tracker_for(settings)
     except DmError as exc:  # shown, not raised: info is where one looks at a bad setting
         url = f"(invalid: {exc})"
         tracker = Tracker(settings.tracker_table, settings.tracker_schema)

@@ -1,0 +1,282 @@
+"""What every command that touches the database shares: settings to graph, tracker, engine,
+lock and run info, and the one path that executes a plan.
+
+``dm.command`` and ``dm.operations`` (the verbs), ``dm.alembic_env`` (Alembic's command API)
+and the programmatic API use these public names; nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .environments import Action
+from .graph import Graph
+from .planning import Step
+from .state import State
+from .tracker import Attempt
+from .tracker import RunInfo
+from .tracker import Status
+from .tracker import Tracker
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from .recording import Recorder
+    from .runner import Runner
+    from .runner import StepResult
+    from .settings import Settings
+
+log = logging.getLogger("dm.runtime")
+
+INTERRUPTED = "interrupted: the run that made this attempt stopped before finishing it"
+DIED = "died"
+"""The state shown for a ``running`` attempt whose run died (no run holds the lock)."""
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    """A step of a plan, as shown before it runs."""
+
+    revision: str
+    direction: str
+    description: str
+    reversible: bool
+    action: str = "run"
+    """``run``; ``skip`` (the environment guard); ``record`` (undo of a skipped upgrade)."""
+    reason: str | None = None
+    """Why: the environment guard's verdict on a guarded revision, or why a step is only
+    recorded (None for an unguarded revision that runs)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of ``upgrade``, ``downgrade`` or ``stamp``."""
+
+    target: str
+    planned: list[PlannedStep]
+    steps: list[StepResult] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Return whether the plan was empty."""
+        return not self.planned
+
+
+def load_graph(settings: Settings) -> Graph:
+    """Load and validate the project's revision graph."""
+    return Graph.from_config(settings.alembic_config())
+
+
+def tracker_for(settings: Settings) -> Tracker:
+    """Return the tracker tables the settings name (no schema on SQLite)."""
+    from .db import is_sqlite
+
+    schema = None if is_sqlite(settings.url()) else settings.tracker_schema
+    return Tracker(settings.tracker_table, schema)
+
+
+def run_info(settings: Settings) -> RunInfo:
+    """Return who and where this invocation runs."""
+    from . import __version__
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = str(os.getuid())
+    return RunInfo(
+        run_id=str(uuid.uuid4()),
+        run_by=f"{user}@{socket.gethostname()}",
+        pod_name=settings.pod_name,
+        dm_version=__version__,
+        environment=settings.environment,
+    )
+
+
+class Database:
+    """One working connection, opened on first use, plus the lock around writes."""
+
+    def __init__(self, settings: Settings, tracker: Tracker) -> None:
+        from .db import create_engine
+
+        self.settings = settings
+        self.tracker = tracker
+        self.url = settings.url()
+        self.application_name = f"dm:{settings.pod_name or socket.gethostname()}"
+        self.engine: AsyncEngine = create_engine(self.url, application_name=self.application_name)
+        self.run = run_info(settings)
+        """Who runs, stamped on every attempt; its run id is the fence while locked."""
+        self._conn: AsyncConnection | None = None
+        self._exit = contextlib.AsyncExitStack()
+
+    async def close(self) -> None:
+        await self._exit.aclose()
+        await self.engine.dispose()
+
+    def runner(self, recorder: Recorder) -> Runner:
+        """Return a runner recording through ``recorder`` (from :meth:`locked`)."""
+        from .runner import Runner
+
+        return Runner(
+            recorder,
+            timeout=self.settings.timeout,
+            pg_lock_timeout=self.settings.pg_lock_timeout,
+        )
+
+    async def conn(self) -> AsyncConnection:
+        if self._conn is None:
+            from .db import connect
+
+            retry = self.settings.connect_retry_seconds
+            self._conn = await self._exit.enter_async_context(
+                connect(self.engine, retry_seconds=retry)
+            )
+        return self._conn
+
+    def _file_missing(self) -> bool:
+        from .db import is_sqlite
+
+        return is_sqlite(self.url) and not Path(self.url.database or "").exists()
+
+    async def read_latest(self) -> dict[str, Attempt]:
+        """Return the tracker's latest attempts without writing anything."""
+        if self._file_missing():
+            return {}
+        conn = await self.conn()
+        async with conn.begin():
+            return await self.tracker.read_latest(conn)
+
+    async def died(self, latest: Mapping[str, Attempt]) -> set[str]:
+        """Return the revisions whose attempt is pending while no run holds the lock."""
+        running = {rev for rev, attempt in latest.items() if attempt.state is State.RUNNING}
+        if not running:
+            return set()
+        from .lock import current_holder
+
+        holder = await current_holder(self.settings.lock_url(), self.tracker)
+        return running if holder is None else set()
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[tuple[Recorder, list[str]]]:
+        """Hold the migration lock and claim the fence; yield the recorder of this run (with
+        the fresh latest attempts) and the revisions whose runs were found interrupted."""
+        from .lock import migration_lock
+        from .recording import Recorder
+
+        async with migration_lock(
+            self.settings.lock_url(),
+            self.tracker,
+            self.settings.lock_timeout,
+            self.application_name,
+            connect_retry=self.settings.connect_retry_seconds,
+        ):
+            conn = await self.conn()
+            await self.tracker.ensure(conn)
+            async with conn.begin():
+                await self.tracker.claim(conn, self.run.run_id)
+                interrupted = await self.tracker.fail_pending(conn, self.run, INTERRUPTED)
+            for revision in interrupted:
+                log.warning(
+                    "revision %s: an earlier run died while running it; marked failed", revision
+                )
+            async with conn.begin():
+                latest = await self.tracker.latest(conn)
+            yield Recorder(conn, self.tracker, self.run, latest), interrupted
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings) -> AsyncIterator[Database]:
+    """Yield a :class:`Database` for the settings; close it afterwards."""
+    db = Database(settings, tracker_for(settings))
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
+def planned(steps: Sequence[Step]) -> list[PlannedStep]:
+    """Return ``steps`` as shown before (or after) they run."""
+    return [
+        PlannedStep(
+            step.revision,
+            step.direction,
+            step.description,
+            step.reversible,
+            step.decision.action.value,
+            step.decision.reason,
+        )
+        for step in steps
+    ]
+
+
+async def run_steps(runner: Runner, steps: Sequence[Step]) -> list[StepResult]:
+    """Run ``steps`` in order, recording instead of running what the plan decided."""
+    results = []
+    for step in steps:
+        if step.runs:
+            results.append(await runner.run_step(step))
+        else:
+            results.append(await record_unrun(runner.recorder, step))
+    return results
+
+
+async def record_unrun(recorder: Recorder, step: Step) -> StepResult:
+    """Record a step that does not run: ``skipped``, or the undo of a skipped upgrade."""
+    from .runner import StepResult
+
+    status = recorded_status(step)
+    async with recorder.conn.begin():
+        await recorder.record_step(step, status, reason=step.decision.reason)
+    log.info("%s %s: %s (%s)", step.direction, step.revision, status.value, step.decision.reason)
+    return StepResult(step.revision, step.direction, status, 0, step.description)
+
+
+def recorded_status(step: Step) -> Status:
+    """Return the status a step that does not run is recorded with."""
+    if step.decision.action is Action.SKIP:
+        return Status.SKIPPED
+    return Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
+
+
+async def execute_plan(
+    settings: Settings,
+    label: str,
+    plan: Callable[[Mapping[str, Attempt]], list[Step]],
+    *,
+    dry_run: bool = False,
+) -> RunResult:
+    """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
+
+    The first plan, outside the lock, answers dry runs and "nothing to do" without
+    blocking; the plan that runs is made again under the lock, from a fresh read.
+
+    :param label: the target as the user gave it, for the result.
+    :param plan: the steps to run, given each revision's latest attempt (a ``dm.planning``
+        planner: it refuses what may not run).
+    """
+    async with open_database(settings) as db:
+        steps = plan(await db.read_latest())
+        if dry_run or not steps:
+            return RunResult(label, planned(steps), dry_run=dry_run)
+        async with db.locked() as (recorder, interrupted):
+            steps = plan(recorder.latest)
+            if not steps:
+                log.info("another run finished this work while dm waited for the lock")
+                return RunResult(label, [], interrupted=interrupted)
+            results = await run_steps(db.runner(recorder), steps)
+            return RunResult(label, planned(steps), results, interrupted)
