@@ -78,7 +78,7 @@ ALLOWED: dict[str, set[str]] = {
         "signals",
     },
     "runner": {"batching", "graph", "planning", "recording", "tracker", "errors", "transient"},
-    "recording": {"graph", "planning", "tracker"},
+    "recording": {"errors", "graph", "planning", "tracker"},
     "graph": {"_alembic_compat", "errors"},
     "_alembic_compat": set(),
     "tracker": {"errors", "state"},

@@ -12,12 +12,16 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
+from .errors import FenceLost
 from .graph import checksum
 from .planning import Step
+from .tracker import FENCE_LOST
+from .tracker import TRANSITIONS
 from .tracker import Attempt
 from .tracker import RunInfo
 from .tracker import Status
 from .tracker import Tracker
+from .tracker import utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -57,20 +61,35 @@ class Recorder:
         :raises FenceLost: another run took the migration lock over.
         """
         number = self._numbers.get(revision, 0) + 1
-        attempt_id = await self.tracker.start(
-            self.conn,
-            self.run,
-            revision=revision,
-            description=description,
-            direction=direction,
-            attempt=number,
-            checksum=checksum,
-            status=status,
-            reason=reason,
-            checkpoint=checkpoint,
+        now = utcnow()
+        finished = None if status is Status.PENDING else now
+        row = {
+            "run_id": self.run.run_id,
+            "revision": revision,
+            "description": description,
+            "direction": direction,
+            "status": status.value,
+            "attempt": number,
+            "started_at": now,
+            "finished_at": finished,
+            "duration_ms": None if finished is None else 0,
+            "reason": reason,
+            "run_by": self.run.run_by,
+            "pod_name": self.run.pod_name,
+            "dm_version": self.run.dm_version,
+            "environment": self.run.environment,
+            "checksum": checksum,
+            "checkpoint": None if checkpoint is None else dict(checkpoint),
+        }
+        params = {f"v_{name}": value for name, value in row.items()}
+        result = await self.conn.execute(
+            self.tracker.insert_attempt, {**params, "fence": self.run.run_id}
         )
+        attempt_id = result.scalar_one_or_none()
+        if attempt_id is None:
+            raise FenceLost(f"revision {revision}: {FENCE_LOST}")
         self._numbers[revision] = number
-        return attempt_id
+        return int(attempt_id)
 
     async def record_step(
         self,
@@ -105,16 +124,18 @@ class Recorder:
 
         :raises FenceLost: the attempt is no longer this run's.
         """
-        await self.tracker.finish(
-            self.conn,
-            self.run,
-            attempt_id,
-            status,
-            duration_ms=duration_ms,
-            error_message=error_message,
-            error_traceback=error_traceback,
-            reason=reason,
-        )
+        if status not in TRANSITIONS[Status.PENDING]:  # pragma: no cover - programming error
+            raise ValueError(f"a pending attempt cannot become {status.value}")
+        values: dict[str, Any] = {
+            "status": status.value,
+            "finished_at": utcnow(),
+            "duration_ms": duration_ms,
+        }
+        if error_message is not None:
+            values.update(error_message=error_message, error_traceback=error_traceback)
+        if reason is not None:
+            values["reason"] = reason
+        await self._update(self.conn, attempt_id, values)
 
     async def save_checkpoint(
         self, attempt_id: int, session: AsyncSession, checkpoint: Mapping[str, Any]
@@ -123,4 +144,16 @@ class Recorder:
 
         :raises FenceLost: the attempt is no longer this run's; the batch must roll back.
         """
-        await self.tracker.save_checkpoint(session, self.run, attempt_id, checkpoint)
+        await self._update(session, attempt_id, {"checkpoint": dict(checkpoint)})
+
+    async def _update(
+        self,
+        executor: AsyncConnection | AsyncSession,
+        attempt_id: int,
+        values: Mapping[str, Any],
+    ) -> None:
+        """Update this run's pending attempt; exactly one row must match (the fence)."""
+        params = {**values, "attempt_id": attempt_id, "fence": self.run.run_id}
+        result = await executor.execute(self.tracker.update_attempt, params)
+        if getattr(result, "rowcount", 0) != 1:
+            raise FenceLost(f"attempt {attempt_id}: {FENCE_LOST}")

@@ -238,14 +238,16 @@ class Runner:
 
     async def _check_transaction_intact(self) -> None:
         """Raise if the revision's code ended dm's transaction (a raw COMMIT or ROLLBACK)."""
-        try:
-            if self._postgres:
-                intact = (await self.conn.execute(_PG_MARKED)).scalar() == "on"
-            else:
-                await self.conn.execute(_SQLITE_RELEASE)  # fails once the savepoint is gone
+        if self._postgres:
+            intact = (await self.conn.execute(_PG_MARKED)).scalar() == "on"
+        else:
+            try:
+                await self.conn.execute(_SQLITE_RELEASE)
                 intact = True
-        except DBAPIError:
-            intact = False
+            except DBAPIError as exc:  # any other failure is reported as it is
+                if "no such savepoint" not in str(exc.orig):
+                    raise
+                intact = False
         if not intact:
             raise TransactionEnded(
                 "the revision's code ended dm's transaction itself (a COMMIT or ROLLBACK "

@@ -5,9 +5,10 @@ table's own layout is versioned in the companion ``<table>_meta`` table and upgr
 place (under the migration lock) when an older dm created it.
 
 **Fencing.** The meta table also holds the ``fence``: the run id of the run that last took
-the migration lock. Every write a run makes to attempt rows carries the condition "the fence
-is still mine" (read ``FOR SHARE`` on PostgreSQL, so a takeover waits for a write in flight,
-and a write after a takeover matches nothing) and must match exactly one row; otherwise
+the migration lock. Every write a run makes to attempt rows (through ``dm.recording``, with
+the statements built here) carries the condition "the fence is still mine" (read ``FOR
+SHARE`` on PostgreSQL, so a takeover waits for a write in flight, and a write after a
+takeover matches nothing) and must match exactly one row; otherwise
 :class:`~dm.errors.FenceLost` is raised before the caller commits. A run that lost its lock
 without noticing (a dead or hung lock connection) therefore never commits again: its
 transaction rolls back, and the run that took over owns the revision.
@@ -15,7 +16,6 @@ transaction rolls back, and the run that took over owns the revision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
@@ -24,10 +24,8 @@ from typing import overload
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from .errors import ConfigError
-from .errors import FenceLost
 from .errors import TrackerDamaged
 from .state import TRANSITIONS as TRANSITIONS
 from .state import State
@@ -230,14 +228,15 @@ class Tracker:
             .with_for_update(read=True)
         )
         self._fence_held = sa.exists(held)
-        # Built once, like the statements above: the checkpoint update runs once per batch.
+        # The fenced statements dm.recording writes attempt rows with, built once (the
+        # checkpoint update runs once per batch): bind ``fence`` to the writing run's id.
         values = [sa.bindparam(f"v_{name}", type_=self.table.c[name].type) for name in _COLUMNS]
-        self._insert_attempt = (
+        self.insert_attempt = (
             self.table.insert()
             .from_select(list(_COLUMNS), sa.select(*values).where(self._fence_held))
             .returning(self.table.c.id)
         )
-        self._update_pending = self.table.update().where(
+        self.update_attempt = self.table.update().where(
             self.table.c.id == sa.bindparam("attempt_id"),
             self.table.c.run_id == sa.bindparam("fence"),
             self.table.c.status == Status.PENDING.value,
@@ -517,105 +516,6 @@ class Tracker:
         )
         if updated.rowcount == 0:
             await conn.execute(self.meta.insert().values(key=FENCE_KEY, value=run_id))
-
-    async def start(
-        self,
-        conn: AsyncConnection,
-        run: RunInfo,
-        *,
-        revision: str,
-        description: str,
-        direction: str,
-        attempt: int,
-        checksum: str | None,
-        status: Status = Status.PENDING,
-        reason: str | None = None,
-        checkpoint: Mapping[str, Any] | None = None,
-    ) -> int:
-        """Insert an attempt row and return its id (``checkpoint``: where it resumes).
-
-        :raises FenceLost: another run took the migration lock since ``run`` claimed it.
-        """
-        now = utcnow()
-        finished = None if status is Status.PENDING else now
-        row = {
-            "run_id": run.run_id,
-            "revision": revision,
-            "description": description,
-            "direction": direction,
-            "status": status.value,
-            "attempt": attempt,
-            "started_at": now,
-            "finished_at": finished,
-            "duration_ms": None if finished is None else 0,
-            "reason": reason,
-            "run_by": run.run_by,
-            "pod_name": run.pod_name,
-            "dm_version": run.dm_version,
-            "environment": run.environment,
-            "checksum": checksum,
-            "checkpoint": None if checkpoint is None else dict(checkpoint),
-        }
-        params = {f"v_{name}": value for name, value in row.items()}
-        result = await conn.execute(self._insert_attempt, {**params, "fence": run.run_id})
-        attempt_id = result.scalar_one_or_none()
-        if attempt_id is None:
-            raise FenceLost(f"revision {revision}: {FENCE_LOST}")
-        return int(attempt_id)
-
-    async def finish(
-        self,
-        conn: AsyncConnection,
-        run: RunInfo,
-        attempt_id: int,
-        status: Status,
-        *,
-        duration_ms: int,
-        error_message: str | None = None,
-        error_traceback: str | None = None,
-        reason: str | None = None,
-    ) -> None:
-        """Move this run's pending attempt to its final ``status``.
-
-        :raises FenceLost: the attempt is no longer this run's to finish.
-        """
-        if status not in TRANSITIONS[Status.PENDING]:  # pragma: no cover - programming error
-            raise ValueError(f"a pending attempt cannot become {status.value}")
-        values: dict[str, Any] = {
-            "status": status.value,
-            "finished_at": utcnow(),
-            "duration_ms": duration_ms,
-        }
-        if error_message is not None:
-            values.update(error_message=error_message, error_traceback=error_traceback)
-        if reason is not None:
-            values["reason"] = reason
-        await self._update_fenced(conn, run, attempt_id, values)
-
-    async def save_checkpoint(
-        self,
-        executor: AsyncConnection | AsyncSession,
-        run: RunInfo,
-        attempt_id: int,
-        checkpoint: Mapping[str, Any],
-    ) -> None:
-        """Store ``checkpoint`` in this run's pending attempt, in the caller's transaction.
-
-        :raises FenceLost: the attempt is no longer this run's; roll the batch back.
-        """
-        await self._update_fenced(executor, run, attempt_id, {"checkpoint": dict(checkpoint)})
-
-    async def _update_fenced(
-        self,
-        executor: AsyncConnection | AsyncSession,
-        run: RunInfo,
-        attempt_id: int,
-        values: Mapping[str, Any],
-    ) -> None:
-        params = {**values, "attempt_id": attempt_id, "fence": run.run_id}
-        result = await executor.execute(self._update_pending, params)
-        if getattr(result, "rowcount", 0) != 1:
-            raise FenceLost(f"attempt {attempt_id}: {FENCE_LOST}")
 
     async def fail_pending(self, conn: AsyncConnection, run: RunInfo, reason: str) -> list[str]:
         """Mark every pending attempt failed with ``reason``; return their revisions.
