@@ -63,27 +63,23 @@ BAD_REVISION_FILES = [
         ("no_upgrade.py", "missing 'async def upgrade(session)'"),
     ),
     BadFiles(
-        "sync-upgrade",
-        {"sync_up.py": _source("bad10001", "base0001", "def upgrade(session):\n    pass\n")},
-        ("sync_up.py", "upgrade() must be a coroutine function"),
+        "sync-upgrade-two-args",
+        {"sync_up.py": _source("bad10001", "base0001", "def upgrade(session, x):\n    pass\n")},
+        ("sync_up.py", "upgrade() must be 'async def upgrade(session)'", "takes 2 arguments"),
     ),
     BadFiles(
         "sync-downgrade",
         {
             "sync_down.py": _source(
-                "bad10001", "base0001", _ASYNC_UPGRADE + "def downgrade(session):\n    pass\n"
+                "bad10001", "base0001", _ASYNC_UPGRADE + "async def downgrade(a, b):\n    pass\n"
             )
         },
-        ("sync_down.py", "downgrade() must be a coroutine function"),
+        ("sync_down.py", "downgrade() must be 'async def downgrade(session)'", "takes 2"),
     ),
     BadFiles(
         "sync-verify",
-        {
-            "sync_verify.py": _source(
-                "bad10001", "base0001", _ASYNC_UPGRADE + "def verify(session):\n    return True\n"
-            )
-        },
-        ("sync_verify.py", "verify() must be a coroutine function"),
+        {"sync_verify.py": _source("bad10001", "base0001", _ASYNC_UPGRADE + "verify = 3\n")},
+        ("sync_verify.py", "verify() must be", "'def verify()' using op", "not int"),
     ),
     BadFiles(
         "import-error",

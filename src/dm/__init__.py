@@ -33,12 +33,15 @@ if _typing.TYPE_CHECKING:
     from .api import verify
     from .api import verify_sync
     from .batching import batched
+    from .hooks import autocommit
+    from .hooks import execute_script
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DmError",
     "__version__",
+    "autocommit",
     "batched",
     "check",
     "check_sync",
@@ -46,6 +49,7 @@ __all__ = [
     "current_sync",
     "downgrade",
     "downgrade_sync",
+    "execute_script",
     "info",
     "info_sync",
     "resolve",
@@ -69,6 +73,10 @@ def __getattr__(name: str) -> _typing.Any:
         from .batching import batched
 
         return batched
+    if name in ("autocommit", "execute_script"):
+        from . import hooks
+
+        return getattr(hooks, name)
     if name in __all__ and name not in ("DmError", "__version__"):
         from . import api
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import date
 from datetime import datetime
@@ -64,6 +65,8 @@ class RunContext:
     resume: Mapping[str, Any] | None = None
     save_checkpoint: SaveCheckpoint | None = None
     loops: int = 0
+    autocommit: Callable[[], AbstractAsyncContextManager[None]] | None = None
+    """The runner's autocommit block (``dm.autocommit``), leaving and resuming its transaction."""
 
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
@@ -79,6 +82,11 @@ def run_context(context: RunContext) -> Iterator[None]:
         yield
     finally:
         _current.reset(token)
+
+
+def current_run() -> RunContext | None:
+    """Return the run context of the hook being run, or None outside a dm run."""
+    return _current.get()
 
 
 class Batch(list[Any]):

@@ -13,7 +13,6 @@ import inspect
 import os
 import traceback
 import warnings
-from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 from typing import Any
-from typing import cast
+from typing import Literal
 
 from alembic.script import Script
 from alembic.script import ScriptDirectory
@@ -40,7 +39,23 @@ if TYPE_CHECKING:
 HOOKS = ("upgrade", "downgrade", "verify")
 
 
-Hook = Callable[[Any], Awaitable[Any]]
+HookKind = Literal["async", "op", "session"]
+"""``async def f(session)``; Alembic-style ``def f()`` using ``op``; ``def f(session)``
+taking a sync ``Session``. Both sync kinds run with Alembic's ``op`` bound to dm's
+connection (``dm.hooks``)."""
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One hook function of a revision and how it is called."""
+
+    fn: Callable[..., Any]
+    kind: HookKind
+
+    @property
+    def is_async(self) -> bool:
+        """Return whether the hook is a coroutine function taking an ``AsyncSession``."""
+        return self.kind == "async"
 
 
 @dataclass(frozen=True)
@@ -72,6 +87,12 @@ class Revision:
         return str(self.script.path)
 
     @property
+    def style(self) -> str:
+        """Return "sync" when any hook is a plain function (Alembic-style), else "async"."""
+        hooks = (self.upgrade, self.downgrade, self.verify)
+        return "sync" if any(h is not None and not h.is_async for h in hooks) else "async"
+
+    @property
     def reversible(self) -> bool:
         """Return whether the revision defines ``downgrade()``."""
         return self.downgrade is not None
@@ -92,7 +113,9 @@ class Revision:
         hooks = [_hook(module, name) for name in HOOKS]
         upgrade, downgrade, verify = hooks
         if upgrade is None:
-            raise _Problem("missing 'async def upgrade(session)'")
+            raise _Problem(
+                "missing 'async def upgrade(session)' (or Alembic-style 'def upgrade()')"
+            )
         doc = (module.__doc__ or "").strip()
         return cls(
             script=script,
@@ -287,9 +310,36 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
     hook = getattr(module, name, None)
     if hook is None:
         return None
-    if not inspect.iscoroutinefunction(hook):
-        raise _Problem(f"{name}() must be a coroutine function: 'async def {name}(session)'")
-    return cast(Hook, hook)
+    expected = (
+        f"{name}() must be 'async def {name}(session)', Alembic-style 'def {name}()' using "
+        f"op, or 'def {name}(session)' taking a sync Session"
+    )
+    if not callable(hook):
+        raise _Problem(f"{expected}, not {type(hook).__name__}")
+    try:
+        required = _required_positional(hook)
+    except (TypeError, ValueError):
+        raise _Problem(expected) from None
+    if inspect.iscoroutinefunction(hook):
+        if required > 1:
+            raise _Problem(f"{expected}; it takes {required} arguments")
+        return Hook(hook, "async")
+    if inspect.isasyncgenfunction(hook) or inspect.isgeneratorfunction(hook):
+        raise _Problem(f"{expected}, not a generator")
+    if required == 0:
+        return Hook(hook, "op")
+    if required == 1:
+        return Hook(hook, "session")
+    raise _Problem(f"{expected}; it takes {required} arguments")
+
+
+def _required_positional(fn: Callable[..., Any]) -> int:
+    """Return how many positional arguments ``fn`` requires."""
+    return sum(
+        1
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    )
 
 
 def _timeout(module: ModuleType) -> float | None:

@@ -46,6 +46,7 @@ from .errors import TransientRevisionFailure
 from .errors import describe_error
 from .graph import Revision
 from .graph import checksum
+from .hooks import call_hook
 from .planning import Step
 from .recording import Recorder
 from .tracker import Status
@@ -167,9 +168,12 @@ class Runner:
         )
         try:
             if step.transactional:
-                async with self.conn.begin():
-                    await self._execute(step, context)
-                    await self._finish(attempt_id, final, started)
+                # Not ``async with begin()``: an autocommit block commits this transaction
+                # and begins the next; the failure path below rolls back whichever is open.
+                await self.conn.begin()
+                await self._execute(step, context)
+                await self._finish(attempt_id, final, started)
+                await self.conn.commit()
             else:
                 await self._execute(step, context)  # commits its own work
                 async with self.conn.begin():
@@ -214,6 +218,7 @@ class Runner:
         if step.transactional:
             await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
+        context.autocommit = functools.partial(self._autocommit_block, step, limit)
         deadline = asyncio.timeout(limit)
         try:
             with run_context(context):
@@ -235,6 +240,29 @@ class Runner:
             raise
         finally:
             await session.close()
+
+    @contextlib.asynccontextmanager
+    async def _autocommit_block(self, step: Step, limit: float | None) -> AsyncIterator[None]:
+        """Commit the revision's transaction so far, run the block in autocommit mode, then
+        begin the revision's next transaction (marked and limited as the first was)."""
+        if self.conn.in_transaction():
+            await self.conn.commit()
+        await self.conn.execution_options(isolation_level="AUTOCOMMIT")
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            if self.conn.in_transaction():  # SQLAlchemy's autobegun, no-op transaction
+                with contextlib.suppress(Exception):
+                    await self.conn.commit()
+            with contextlib.suppress(Exception):
+                await self.conn.execution_options(isolation_level=self._isolation_level)
+        if succeeded and step.transactional:
+            await self.conn.begin()
+            if self._postgres:
+                await self._set_local_timeouts(limit)
+            await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
 
     async def _check_transaction_intact(self) -> None:
         """Raise if the revision's code ended dm's transaction (a raw COMMIT or ROLLBACK)."""
@@ -259,7 +287,7 @@ class Runner:
     async def _hooks(self, step: Step, session: AsyncSession) -> None:
         hook = step.rev.upgrade if step.is_upgrade else step.rev.downgrade
         assert hook is not None  # planning refuses to run a missing downgrade()
-        await hook(session)
+        await call_hook(hook, session)
         if step.is_upgrade and step.rev.verify is not None:
             await _settle(step, session)
             failure = await check_verify(step.rev, session)
@@ -365,7 +393,7 @@ async def check_verify(rev: Revision, session: AsyncSession) -> str | None:
     """
     assert rev.verify is not None
     try:
-        outcome = await rev.verify(session)
+        outcome = await call_hook(rev.verify, session)
     except (DBAPIError, TimeoutError):
         raise
     except Exception as exc:

@@ -1,0 +1,180 @@
+"""Call a revision's hooks: async ones directly, Alembic-style sync ones with ``op`` bound.
+
+A sync hook (``def upgrade():`` using ``from alembic import op``, or ``def upgrade(session)``
+taking a sync ``Session``) runs through ``AsyncSession.run_sync`` on dm's connection,
+inside the revision's transaction, with Alembic's ``Operations`` installed on a
+``MigrationContext`` over that connection: ``op.execute``, ``op.get_bind()``,
+``op.bulk_insert``, ``op.add_column``, ``op.batch_alter_table`` and the rest act on dm's
+transaction, and ``op.get_context().autocommit_block()`` is dm's :func:`autocommit`.
+
+Two helpers serve async hooks as well: :func:`execute_script` runs several SQL statements
+in one call (asyncpg refuses them in one prepared statement), and :func:`autocommit` runs
+statements outside the revision's transaction (``CREATE INDEX CONCURRENTLY``, ``VACUUM``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.util import await_only
+
+from .batching import BatchingError
+from .batching import RunContext
+from .batching import current_run
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session
+
+    from .graph import Hook
+
+
+async def call_hook(hook: Hook, session: AsyncSession) -> Any:
+    """Call ``hook`` with ``session`` (async) or through ``run_sync`` with ``op`` bound."""
+    if hook.is_async:
+        return await hook.fn(session)
+    return await session.run_sync(_call_sync, hook, current_run())
+
+
+def _call_sync(sync_session: Session, hook: Hook, run: RunContext | None) -> Any:
+    connection = sync_session.connection()
+    context = _DmMigrationContext(connection.dialect, connection, {}, None)
+    context.dm_run = run
+    _route_scripts(context, connection)
+    with Operations.context(context):
+        return hook.fn(sync_session) if hook.kind == "session" else hook.fn()
+
+
+class _DmMigrationContext(MigrationContext):
+    """Alembic's migration context over dm's connection, with dm's autocommit block."""
+
+    dm_run: RunContext | None = None
+
+    @contextlib.contextmanager
+    def autocommit_block(self) -> Iterator[None]:
+        """Run the block outside the revision's transaction, as :func:`autocommit` does."""
+        block = _autocommit_of(self.dm_run)
+        await_only(block.__aenter__())
+        try:
+            yield
+        except BaseException as exc:
+            if not await_only(block.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            await_only(block.__aexit__(None, None, None))
+
+
+def _route_scripts(context: MigrationContext, connection: Connection) -> None:
+    """Make ``op.execute`` of a multi-statement string run it as a script."""
+    impl = context.impl
+    execute = impl.execute
+
+    def execute_maybe_script(
+        sql: sa.Executable | str, execution_options: dict[str, Any] | None = None
+    ) -> None:
+        text = _script_text(sql)
+        if text is not None and _is_multi_statement(text):
+            _run_script(connection, text)
+        else:
+            execute(sql, execution_options)
+
+    impl.execute = execute_maybe_script  # type: ignore[method-assign]
+
+
+def _script_text(sql: object) -> str | None:
+    """Return the SQL of a plain string or a ``text()`` without bound parameters."""
+    if isinstance(sql, str):
+        return sql
+    if isinstance(sql, sa.TextClause) and not sql._bindparams:
+        return sql.text
+    return None
+
+
+def _is_multi_statement(sql: str) -> bool:
+    body = sql.strip().rstrip(";").strip()
+    return ";" in body
+
+
+async def execute_script(session: AsyncSession, sql: str) -> None:
+    """Run ``sql``, one or more statements separated by ``;``, in the session's transaction.
+
+    asyncpg runs every statement as a prepared statement, which holds one command only;
+    this sends the script with PostgreSQL's simple query protocol instead (no parameters,
+    ``DO $$ ... $$`` blocks and function bodies included). On SQLite the script is split
+    into complete statements, run one by one, without ``executescript``'s implicit COMMIT.
+    """
+    if not isinstance(sql, str):
+        raise TypeError("execute_script() takes the SQL script as a str")
+    await session.flush()
+    connection = await session.connection()
+    await connection.run_sync(_run_script, sql)
+
+
+def _run_script(connection: Connection, sql: str) -> None:
+    dialect = connection.dialect
+    if dialect.name == "sqlite":
+        for statement in _sqlite_statements(sql):
+            connection.exec_driver_sql(statement)
+        return
+    if dialect.driver != "asyncpg":
+        connection.exec_driver_sql(sql)
+        return
+    # Start the driver's transaction as SQLAlchemy would (nothing in autocommit mode).
+    connection.exec_driver_sql("SELECT 1")
+    adapted = connection.connection.dbapi_connection
+    driver = connection.connection.driver_connection
+    assert adapted is not None and driver is not None
+    try:
+        await_only(driver.execute(sql))
+    except Exception as exc:
+        try:
+            adapted._handle_exception(exc)  # raises the DB-API shaped error
+        except Exception as translated:
+            raise sa.exc.DBAPIError.instance(
+                sql, None, translated, dialect.loaded_dbapi.Error, dialect=dialect
+            ) from exc
+        raise  # pragma: no cover - _handle_exception always raises
+
+
+def _sqlite_statements(sql: str) -> Iterator[str]:
+    buffer = ""
+    for piece in sql.split(";"):
+        buffer += piece + ";"
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip().rstrip(";").strip():
+                yield buffer.strip()
+            buffer = ""
+    if buffer.strip().rstrip(";").strip():
+        yield buffer.strip().rstrip(";")
+
+
+@contextlib.asynccontextmanager
+async def autocommit(session: AsyncSession) -> AsyncIterator[None]:
+    """Run the block's statements outside the revision's transaction, each committing at once.
+
+    The revision's work so far is committed first (as Alembic's ``autocommit_block()``
+    does), the block runs in autocommit mode, and the rest of the hook runs in a new
+    transaction (in a transactional revision, with its final status, as before). If the
+    block fails, the work before it and each statement the block completed stay
+    committed; the attempt is recorded failed. Keep such a revision idempotent, e.g. the
+    block alone in its own revision with ``IF NOT EXISTS``.
+    """
+    await session.flush()
+    async with _autocommit_of(current_run()):
+        yield
+
+
+def _autocommit_of(run: RunContext | None) -> AbstractAsyncContextManager[None]:
+    if run is None or run.autocommit is None:
+        raise BatchingError("an autocommit block works only in a revision's hook during a dm run")
+    return run.autocommit()
