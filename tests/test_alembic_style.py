@@ -11,9 +11,13 @@ import pytest
 from conftest import Project
 from conftest import invoke
 from conftest import ok
-from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
+
+POSTGRES_ONLY = pytest.mark.parametrize(
+    "db", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
+SQLITE_ONLY = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 
 HEADER = '''"""{doc}"""
 import sqlalchemy as sa
@@ -271,3 +275,282 @@ def test_sync_hook_with_a_session(project: Project) -> None:
     assert notes == ["via session+op", "via session", "via session"]
     ok(invoke(project, "downgrade", "a1"))
     assert [r.note for r in project.db.query("SELECT note FROM orders")] == [None] * 3
+
+
+# -- multi-statement SQL ---------------------------------------------------------------------
+
+PG_SCRIPT = """
+CREATE FUNCTION shout(t text) RETURNS text LANGUAGE sql AS $$ SELECT upper(t) || '!'; $$;
+DO $$
+BEGIN
+    UPDATE orders SET note = shout('x');
+END
+$$;
+"""
+
+
+@POSTGRES_ONLY
+def test_multi_statement_scripts_on_postgres(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "s1",
+        "a1",
+        f"""
+        def upgrade():
+            op.execute({PG_SCRIPT!r})
+
+
+        def downgrade():
+            op.execute("UPDATE orders SET note = NULL; DROP FUNCTION shout(text);")
+        """,
+    )
+    (project.versions / "s2_s2.py").write_text(
+        textwrap.dedent(
+            '''
+            """Async twin."""
+            import dm
+
+            revision = "s2"
+            down_revision = "s1"
+
+
+            async def upgrade(session):
+                await dm.execute_script(
+                    session, "UPDATE orders SET note = note || '1'; "
+                    "DO $$ BEGIN UPDATE orders SET note = note || '2'; END $$;"
+                )
+
+
+            async def downgrade(session):
+                await dm.execute_script(session, "UPDATE orders SET note = 'X!'; SELECT 1;")
+            '''
+        )
+    )
+
+    ok(invoke(project, "upgrade", "heads"))
+    assert {r.note for r in project.db.query("SELECT note FROM orders")} == {"X!12"}
+    ok(invoke(project, "downgrade", "a1"))
+    assert {r.note for r in project.db.query("SELECT note FROM orders")} == {None}
+    ok(invoke(project, "upgrade", "heads"))
+    assert {r.note for r in project.db.query("SELECT note FROM orders")} == {"X!12"}
+
+
+def test_failing_script_rolls_back_the_revision(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    (project.versions / "s1_s1.py").write_text(
+        textwrap.dedent(
+            '''
+            """A script whose second statement fails."""
+            import dm
+
+            revision = "s1"
+            down_revision = "a1"
+
+
+            async def upgrade(session):
+                await dm.execute_script(
+                    session, "DELETE FROM orders; INSERT INTO no_such_table VALUES (1);"
+                )
+            '''
+        )
+    )
+
+    result = invoke(project, "upgrade", "heads")
+
+    assert result.exit_code == 1
+    assert "no_such_table" in project.db.tracker()[-1].error_message
+    assert len(project.db.query("SELECT * FROM orders")) == 3
+
+
+@SQLITE_ONLY
+def test_sqlite_script_with_a_trigger(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "t1",
+        "a1",
+        """
+        def upgrade():
+            op.execute('''
+                CREATE TRIGGER note_orders AFTER INSERT ON orders BEGIN
+                    UPDATE orders SET note = 'new; order' WHERE id = NEW.id;
+                END;
+                INSERT INTO orders (id, user_id) VALUES (13, 3);
+            ''')
+        """,
+    )
+
+    ok(invoke(project, "upgrade", "heads"))
+    assert project.db.query("SELECT note FROM orders WHERE id = 13")[0].note == "new; order"
+
+
+# -- autocommit blocks -----------------------------------------------------------------------
+
+CONCURRENT_SYNC = """
+def upgrade():
+    op.execute("UPDATE orders SET note = 'before'")
+    with op.get_context().autocommit_block():
+        op.execute("CREATE INDEX CONCURRENTLY ix_orders_note ON orders (note)")
+    op.execute("UPDATE orders SET note = 'after' WHERE id = 10")
+
+
+def downgrade():
+    with op.get_context().autocommit_block():
+        op.execute("DROP INDEX CONCURRENTLY ix_orders_note")
+"""
+
+CONCURRENT_ASYNC = '''
+"""Async twin."""
+import dm
+import sqlalchemy as sa
+
+revision = "c2"
+down_revision = "c1"
+
+
+CONCURRENTLY = sa.text("CREATE INDEX CONCURRENTLY ix_orders_user ON orders (user_id)")
+
+
+async def upgrade(session):
+    async with dm.autocommit(session):
+        await session.execute(CONCURRENTLY)
+    await session.execute(sa.text("UPDATE orders SET note = note || '+'"))
+
+
+async def downgrade(session):
+    async with dm.autocommit(session):
+        await session.execute(sa.text("DROP INDEX CONCURRENTLY ix_orders_user"))
+'''
+
+
+def valid_indexes(project: Project) -> set[str]:
+    rows = project.db.query(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname LIKE 'ix_orders_%' AND i.indisvalid"
+    )
+    return {r.relname for r in rows}
+
+
+@POSTGRES_ONLY
+def test_create_index_concurrently_in_autocommit_blocks(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(project, "c1", "a1", CONCURRENT_SYNC)
+    (project.versions / "c2_c2.py").write_text(CONCURRENT_ASYNC)
+
+    ok(invoke(project, "upgrade", "heads"))
+
+    assert valid_indexes(project) == {"ix_orders_note", "ix_orders_user"}
+    notes = [r.note for r in project.db.query("SELECT note FROM orders ORDER BY id")]
+    assert notes == ["after+", "before+", "before+"]
+    statuses = [(r.revision, r.status) for r in project.db.tracker()]
+    assert statuses == [("a1", "success"), ("c1", "success"), ("c2", "success")]
+
+    ok(invoke(project, "downgrade", "a1"))
+    assert valid_indexes(project) == set()
+    ok(invoke(project, "upgrade", "heads"))
+    assert valid_indexes(project) == {"ix_orders_note", "ix_orders_user"}
+
+
+@POSTGRES_ONLY
+def test_failure_after_an_autocommit_block_keeps_what_was_committed(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "c1",
+        "a1",
+        """
+        def upgrade():
+            op.execute("UPDATE orders SET note = 'before'")
+            with op.get_context().autocommit_block():
+                op.execute("CREATE INDEX CONCURRENTLY ix_orders_note ON orders (note)")
+            op.execute("UPDATE orders SET note = 'after'")
+            raise RuntimeError("late failure")
+        """,
+    )
+
+    result = invoke(project, "upgrade", "heads")
+
+    assert result.exit_code == 1
+    last = project.db.tracker()[-1]
+    assert (last.revision, last.status) == ("c1", "failed")
+    assert "late failure" in last.error_message
+    # The work before the block and the block itself are committed; the rest is not.
+    assert {r.note for r in project.db.query("SELECT note FROM orders")} == {"before"}
+    assert valid_indexes(project) == {"ix_orders_note"}
+
+
+@SQLITE_ONLY
+def test_sqlite_vacuum_in_an_autocommit_block(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "v1",
+        "a1",
+        """
+        def upgrade():
+            op.execute("DELETE FROM orders WHERE id = 12")
+            with op.get_context().autocommit_block():
+                op.execute("VACUUM")
+            op.execute("DELETE FROM orders WHERE id = 11")
+        """,
+    )
+
+    ok(invoke(project, "upgrade", "heads"))
+    assert [r.id for r in project.db.query("SELECT id FROM orders")] == [10]
+    assert project.db.tracker()[-1].status == "success"
+
+
+def test_autocommit_outside_a_run_is_refused() -> None:
+    import asyncio
+
+    import dm
+    from dm.batching import BatchingError
+
+    async def outside() -> None:
+        async with dm.autocommit(None):  # type: ignore[arg-type]
+            pass
+
+    with pytest.raises(BatchingError, match="autocommit block works only"):
+        asyncio.run(outside())
+
+
+# -- signals -----------------------------------------------------------------------------------
+
+
+@POSTGRES_ONLY
+def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "p1",
+        "a1",
+        """
+        def upgrade():
+            op.execute("DELETE FROM orders")
+            op.execute("SELECT pg_sleep(60)")
+        """,
+    )
+    ok(invoke(project, "upgrade", "a1"))
+    proc = spawn_dm(project, "upgrade", "heads")
+
+    def sleeping() -> bool:
+        rows = project.db.query(
+            "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' "
+            "AND state = 'active'"
+        )
+        return bool(rows)
+
+    try:
+        wait_for(sleeping)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    last = project.db.tracker()[-1]
+    assert (last.revision, last.status, last.reason) == ("p1", "failed", "interrupted")
+    assert len(project.db.query("SELECT * FROM orders")) == 3
+    wait_for(lambda: not sleeping(), timeout=5)  # cancelled, not left to run 60 s
+    ok(invoke(project, "current"))  # the lock is free

@@ -61,7 +61,8 @@ def _emit_sqlite_begin(engine: AsyncEngine) -> None:
 
     The sqlite3 driver's legacy mode begins a transaction only before INSERT/UPDATE/
     DELETE, so DDL such as CREATE TABLE at the start of a revision was committed at once
-    and survived the revision's rollback.
+    and survived the revision's rollback. A connection switched to ``AUTOCOMMIT`` (an
+    autocommit block, ``dm.autocommit``) gets no BEGIN: each statement commits at once.
     """
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -70,7 +71,8 @@ def _emit_sqlite_begin(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            conn.exec_driver_sql("BEGIN")
 
 
 def is_sqlite(url: URL) -> bool:

@@ -169,8 +169,9 @@ async def autocommit(session: AsyncSession) -> AsyncIterator[None]:
     committed; the attempt is recorded failed. Keep such a revision idempotent, e.g. the
     block alone in its own revision with ``IF NOT EXISTS``.
     """
+    block = _autocommit_of(current_run())
     await session.flush()
-    async with _autocommit_of(current_run()):
+    async with block:
         yield
 
 
