@@ -554,3 +554,20 @@ def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) ->
     assert len(project.db.query("SELECT * FROM orders")) == 3
     wait_for(lambda: not sleeping(), timeout=5)  # cancelled, not left to run 60 s
     ok(invoke(project, "current"))  # the lock is free
+
+
+# -- dm revision --sync --------------------------------------------------------------------
+
+
+def test_revision_sync_writes_an_alembic_style_revision_that_runs(project: Project) -> None:
+    ok(invoke(project, "revision", "-m", "first async one", "--rev-id", "r1"))
+    ok(invoke(project, "revision", "-m", "backfill plans", "--sync", "--rev-id", "r2"))
+
+    (path,) = project.versions.glob("*r2*backfill_plans.py")
+    text = path.read_text()
+    assert "from alembic import op" in text
+    assert "def upgrade() -> None:" in text
+    assert "down_revision: str | Sequence[str] | None = 'r1'" in text
+    ok(invoke(project, "upgrade", "heads"))
+    ok(invoke(project, "downgrade", "base"))
+    assert [r.status for r in project.db.tracker()][-2:] == ["rolled_back", "rolled_back"]

@@ -213,6 +213,9 @@ def init(invocation: Invocation, directory: Path) -> None:
 @click.option("--depends-on", multiple=True, help="Revision or label this one depends on.")
 @click.option("--rev-id", help="Use this revision id instead of a generated one.")
 @click.option("--allow-duplicate-slug", is_flag=True, help="Accept a message another revision has.")
+@click.option(
+    "--sync", is_flag=True, help="Write an Alembic-style revision: plain def upgrade() using op."
+)
 @json_option
 @pass_invocation
 def revision(
@@ -224,9 +227,10 @@ def revision(
     depends_on: tuple[str, ...],
     rev_id: str | None,
     allow_duplicate_slug: bool,
+    sync: bool,
     as_json: bool,
 ) -> None:
-    """Create a revision file with async upgrade/downgrade/verify stubs."""
+    """Create a revision file with async upgrade/downgrade/verify stubs (--sync: Alembic-style)."""
     from . import command
 
     info = command.revision(
@@ -238,6 +242,7 @@ def revision(
         depends_on=depends_on,
         rev_id=rev_id,
         allow_duplicate_slug=allow_duplicate_slug,
+        sync=sync,
     )
     if as_json:
         _emit_json(info)

@@ -381,9 +381,12 @@ def revision(
     rev_id: str | None = None,
     splice: bool = False,
     allow_duplicate_slug: bool = False,
+    sync: bool = False,
 ) -> RevisionInfo:
     """Create a revision file from the project's template.
 
+    :param sync: write an Alembic-style revision instead (plain ``def upgrade()`` using
+        ``op``), from dm's own template.
     :param allow_duplicate_slug: accept a message whose slug an existing revision has.
     :raises UsageError: the message's slug is unreadable, shorter than 3 letters or digits, a
         Python keyword, holds a path separator, or repeats an existing revision's slug.
@@ -414,6 +417,20 @@ def revision(
         raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
     if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
         raise UsageError("cannot create revision: Alembic returned no single script")
+    if sync:
+        from .templates import render_sync_revision
+
+        down = script.down_revision
+        Path(script.path).write_text(
+            render_sync_revision(
+                message=message,
+                revision=script.revision,
+                down_revision=down if down is None or isinstance(down, str) else tuple(down),
+                branch_labels=branch_label,
+                depends_on=tuple(depends_on) or None,
+            )
+        )
+        return RevisionInfo.of(Graph.from_config(config).revision(script.revision))
     return RevisionInfo.of(Revision.from_script(script))
 
 

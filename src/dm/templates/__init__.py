@@ -16,6 +16,30 @@ def render_section(section: str) -> str:
     return str(text)
 
 
+def render_sync_revision(
+    *,
+    message: str,
+    revision: str,
+    down_revision: str | tuple[str, ...] | None,
+    branch_labels: str | None,
+    depends_on: tuple[str, ...] | None,
+) -> str:
+    """Return the text of an Alembic-style revision (sync hooks using ``op``)."""
+    from datetime import datetime
+
+    parents = (down_revision,) if isinstance(down_revision, str) else down_revision or ()
+    text = Template(filename=str(TEMPLATE_DIR / "script_sync.py.mako")).render(
+        message=message,
+        up_revision=revision,
+        down_revision=down_revision,
+        revises=", ".join(parents),
+        branch_labels=branch_labels,
+        depends_on=depends_on,
+        create_date=datetime.now(),
+    )
+    return str(text)
+
+
 def write_script_directory(directory: Path) -> None:
     """Create ``directory`` with ``env.py``, ``script.py.mako``, ``README`` and ``versions/``."""
     (directory / "versions").mkdir(parents=True, exist_ok=True)
