@@ -185,6 +185,7 @@ def test_alembic_revisions_upgrade_downgrade_and_upgrade_again(project: Project)
 
     ok(invoke(project, "upgrade", "heads"))
     assert_chain_applied(project)
+    assert "a3" in ok(invoke(project, "verify", "a3")).stdout  # the sync verify()
     statuses = {r.revision: r.status for r in project.db.tracker()}
     assert statuses == dict.fromkeys(["a1", "a2", "a3", "a4", "a5"], "success")
 
@@ -571,3 +572,47 @@ def test_revision_sync_writes_an_alembic_style_revision_that_runs(project: Proje
     ok(invoke(project, "upgrade", "heads"))
     ok(invoke(project, "downgrade", "base"))
     assert [r.status for r in project.db.tracker()][-2:] == ["rolled_back", "rolled_back"]
+
+
+def test_commit_in_a_non_transactional_sync_hook_is_real(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "n1",
+        "a1",
+        """
+        transactional = False
+
+
+        def upgrade(session):
+            session.execute(sa.text("DELETE FROM orders WHERE id = 10"))
+            session.commit()
+            session.execute(sa.text("DELETE FROM orders WHERE id = 11"))
+            raise RuntimeError("after the commit")
+        """,
+    )
+
+    assert invoke(project, "upgrade", "heads").exit_code == 1
+    assert [r.id for r in project.db.query("SELECT id FROM orders ORDER BY id")] == [11, 12]
+    assert project.db.tracker()[-1].status == "failed"
+
+
+def test_mixed_async_and_sync_hooks_in_one_file(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    write(
+        project,
+        "m1",
+        "a1",
+        """
+        async def upgrade(session):
+            await session.execute(sa.text("UPDATE orders SET note = 'async'"))
+
+
+        def verify():
+            notes = op.get_bind().execute(sa.text("SELECT DISTINCT note FROM orders")).all()
+            return notes == [("async",)]
+        """,
+    )
+
+    ok(invoke(project, "upgrade", "heads"))
+    assert project.db.tracker()[-1].status == "success"
