@@ -616,3 +616,42 @@ def test_mixed_async_and_sync_hooks_in_one_file(project: Project) -> None:
 
     ok(invoke(project, "upgrade", "heads"))
     assert project.db.tracker()[-1].status == "success"
+
+
+@pytest.mark.parametrize("style", ["sync", "async"])
+def test_autocommit_block_in_a_non_transactional_revision(project: Project, style: str) -> None:
+    write(project, "a1", None, CREATE)
+    statement = (
+        "CREATE INDEX IF NOT EXISTS ix_orders_note ON orders (note)"
+        if project.db.kind == "sqlite"
+        else "CREATE INDEX CONCURRENTLY IF NOT EXISTS ix_orders_note ON orders (note)"
+    )
+    if style == "sync":
+        body = f"""
+        transactional = False
+
+
+        def upgrade():
+            op.execute("DELETE FROM orders WHERE id = 10")
+            with op.get_context().autocommit_block():
+                op.execute({statement!r})
+            op.execute("DELETE FROM orders WHERE id = 11")
+        """
+    else:
+        body = f"""
+        import dm
+
+        transactional = False
+
+
+        async def upgrade(session):
+            await session.execute(sa.text("DELETE FROM orders WHERE id = 10"))
+            async with dm.autocommit(session):
+                await session.execute(sa.text({statement!r}))
+            await session.execute(sa.text("DELETE FROM orders WHERE id = 11"))
+        """
+    write(project, "n1", "a1", body)
+
+    ok(invoke(project, "upgrade", "heads"))
+    assert [r.id for r in project.db.query("SELECT id FROM orders")] == [12]
+    assert project.db.tracker()[-1].status == "success"

@@ -218,7 +218,7 @@ class Runner:
         if step.transactional:
             await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
         session = AsyncSession(bind=self.conn, expire_on_commit=False)
-        context.autocommit = functools.partial(self._autocommit_block, step, limit)
+        context.autocommit = functools.partial(self._autocommit_block, step, limit, session)
         deadline = asyncio.timeout(limit)
         try:
             with run_context(context):
@@ -242,27 +242,39 @@ class Runner:
             await session.close()
 
     @contextlib.asynccontextmanager
-    async def _autocommit_block(self, step: Step, limit: float | None) -> AsyncIterator[None]:
+    async def _autocommit_block(
+        self, step: Step, limit: float | None, session: AsyncSession
+    ) -> AsyncIterator[None]:
         """Commit the revision's transaction so far, run the block in autocommit mode, then
         begin the revision's next transaction (marked and limited as the first was)."""
-        if self.conn.in_transaction():
-            await self.conn.commit()
+        await self._end_transaction(session)
         await self.conn.execution_options(isolation_level="AUTOCOMMIT")
         succeeded = False
         try:
             yield
             succeeded = True
         finally:
-            if self.conn.in_transaction():  # SQLAlchemy's autobegun, no-op transaction
-                with contextlib.suppress(Exception):
-                    await self.conn.commit()
+            with contextlib.suppress(Exception):  # SQLAlchemy's autobegun, no-op transaction
+                await self._end_transaction(session)
             with contextlib.suppress(Exception):
                 await self.conn.execution_options(isolation_level=self._isolation_level)
-        if succeeded and step.transactional:
+        if not succeeded:
+            return
+        if step.transactional:
             await self.conn.begin()
             if self._postgres:
                 await self._set_local_timeouts(limit)
             await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
+        else:  # the session's transaction again, committed as the hook's work is
+            await session.connection()
+
+    async def _end_transaction(self, session: AsyncSession) -> None:
+        """Commit the hook's session (joined to dm's transaction, or its own) and the
+        connection's transaction, so the session begins afresh on its next use."""
+        if session.in_transaction():
+            await session.commit()
+        if self.conn.in_transaction():
+            await self.conn.commit()
 
     async def _check_transaction_intact(self) -> None:
         """Raise if the revision's code ended dm's transaction (a raw COMMIT or ROLLBACK)."""
