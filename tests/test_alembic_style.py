@@ -11,6 +11,7 @@ import pytest
 from conftest import Project
 from conftest import invoke
 from conftest import ok
+from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
 
@@ -544,6 +545,8 @@ def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) ->
 
     try:
         wait_for(sleeping)
+        second = run_dm(project, "upgrade", "heads", "--lock-timeout", "0.5")
+        assert second.returncode == 3, second.stderr  # the lock is held while it runs
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
     finally:
@@ -655,3 +658,31 @@ def test_autocommit_block_in_a_non_transactional_revision(project: Project, styl
     ok(invoke(project, "upgrade", "heads"))
     assert [r.id for r in project.db.query("SELECT id FROM orders")] == [12]
     assert project.db.tracker()[-1].status == "success"
+
+
+def test_sync_hook_past_its_time_limit_is_cancelled(project: Project) -> None:
+    write(project, "a1", None, CREATE)
+    endless = (
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        if project.db.kind == "sqlite"
+        else "SELECT pg_sleep(30)"
+    )
+    write(
+        project,
+        "t1",
+        "a1",
+        f"""
+        timeout = 1
+
+
+        def upgrade():
+            op.execute("DELETE FROM orders")
+            op.execute({endless!r})
+        """,
+    )
+
+    result = invoke(project, "upgrade", "heads")
+
+    assert result.exit_code == 1
+    assert "timed out after 1s" in project.db.tracker()[-1].error_message
+    assert len(project.db.query("SELECT * FROM orders")) == 3
