@@ -87,12 +87,6 @@ class Revision:
         return str(self.script.path)
 
     @property
-    def style(self) -> str:
-        """Return "sync" when any hook is a plain function (Alembic-style), else "async"."""
-        hooks = (self.upgrade, self.downgrade, self.verify)
-        return "sync" if any(h is not None and not h.is_async for h in hooks) else "async"
-
-    @property
     def reversible(self) -> bool:
         """Return whether the revision defines ``downgrade()``."""
         return self.downgrade is not None
