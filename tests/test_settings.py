@@ -13,6 +13,7 @@ from dm import command
 from dm.cli import main
 from dm.errors import ConfigError
 from dm.settings import Settings
+from dm.urls import connect_arguments
 from dm.urls import normalise_url
 
 
@@ -125,7 +126,7 @@ def test_dotenv_sits_between_environment_and_ini(
     ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_ini_url(ini, "sqlite:///from_ini.db")
-    (tmp_path / ".env").write_text("DM_DATABASE_URL=sqlite:///from_dotenv.db\n")
+    (ini.parent / ".env").write_text("DM_DATABASE_URL=sqlite:///from_dotenv.db\n")
     assert database(Settings.load(config_file=ini)) == "from_dotenv.db"
     monkeypatch.setenv("DM_DATABASE_URL", "sqlite:///from_dm_env.db")
     assert database(Settings.load(config_file=ini)) == "from_dm_env.db"
@@ -186,9 +187,11 @@ def test_postgres_urls_use_asyncpg(raw: str) -> None:
     )
 
 
-def test_sslmode_becomes_asyncpg_ssl() -> None:
-    url = normalise_url("postgresql://u@db.example/app?sslmode=require&foo=bar", "database URL")
-    assert dict(url.query) == {"ssl": "require", "foo": "bar"}
+def test_sslmode_reaches_asyncpg_through_its_dsn_parser() -> None:
+    url = normalise_url("postgresql://u@db.example/app?sslmode=require", "database URL")
+    clean, args = connect_arguments(url)
+    assert dict(clean.query) == {}
+    assert args == {"dsn": "postgresql://?sslmode=require"}
 
 
 @pytest.mark.parametrize(
