@@ -26,6 +26,7 @@ from typing import cast
 
 from alembic.script import Script
 from alembic.script import ScriptDirectory
+from alembic.script.revision import CycleDetected
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 
@@ -248,11 +249,30 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
         raise RevisionFileError(f"{where}:{exc.lineno}: syntax error: {exc.msg}") from None
     except CommandError as exc:
         raise RevisionFileError(one_line(exc)) from None
+    except CycleDetected as exc:  # a revision that names itself as its parent
+        where = _loading_file(exc) or display_path(script_dir.versions)
+        raise RevisionFileError(
+            f"{where}: down_revision names the revision itself (a loop): {one_line(exc)}"
+        ) from None
     except Exception as exc:
         where = _failing_file(exc, version_dirs) or display_path(script_dir.versions)
         raise RevisionFileError(
             f"{where}: cannot import: {type(exc).__name__}: {one_line(exc)}"
         ) from None
+
+
+def _loading_file(exc: BaseException) -> str | None:
+    """Return the revision file Alembic was loading when ``exc`` was raised, if known."""
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        path = (
+            tb.tb_frame.f_locals.get("path") if tb.tb_frame.f_code.co_name == "_from_path" else None
+        )
+        if path is not None:
+            found = display_path(path)
+        tb = tb.tb_next
+    return found
 
 
 def _failing_file(exc: BaseException, version_dirs: list[Path]) -> str | None:
@@ -274,9 +294,7 @@ def check_new_revision_id(graph: Graph, rev_id: str, parents: Iterable[str] = ()
         file is named), or one of the new revision's own ``parents``.
     """
     if not rev_id or not all(c.isascii() and (c.isalnum() or c == "_") for c in rev_id):
-        raise RevisionFileError(
-            f"--rev-id {rev_id!r}: use only letters, digits and underscores"
-        )
+        raise RevisionFileError(f"--rev-id {rev_id!r}: use only letters, digits and underscores")
     if len(rev_id) > MAX_REVISION_ID:
         raise RevisionFileError(
             f"--rev-id is {len(rev_id)} characters long; the tracker holds at most "
