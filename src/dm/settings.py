@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import AliasChoices
 from pydantic import Field
+from pydantic import PrivateAttr
 from pydantic import SecretStr
 from pydantic import ValidationError
 from pydantic import ValidationInfo
@@ -102,6 +103,7 @@ class Settings(BaseSettings):
     pod_name: str | None = Field(
         None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )
+    _url_source: str = PrivateAttr("database URL")
 
     @field_validator("lock_timeout", "pg_lock_timeout", "timeout")
     @classmethod
@@ -192,6 +194,7 @@ class Settings(BaseSettings):
             settings = cls(_env_file=dotenv, **given)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
+        settings._url_source = _url_source(given, dotenv, Path(config))
         if dotenv is not None:
             log.debug("read settings from %s", dotenv)
         else:
@@ -225,7 +228,7 @@ class Settings(BaseSettings):
                     "the embedded SQLite default is refused inside Kubernetes"
                 )
             return embedded_url(self.project_dir / EMBEDDED_DATABASE)
-        return normalise_url(self.database_url.get_secret_value(), "database URL")
+        return normalise_url(self.database_url.get_secret_value(), self._url_source)
 
     def lock_url(self) -> URL:
         """Return the URL of the lock connection (defaults to the database URL)."""
@@ -311,6 +314,28 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(
             f"{path}: {what} is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line})"
         ) from None
+
+
+def _url_source(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
+    """Return ``database URL (<where it came from>)``, for error messages."""
+    return f"database URL ({_where_url(given, dotenv, config)})"
+
+
+def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
+    names = ("DM_DATABASE_URL", "DATABASE_URL")
+    if given.get("database_url"):
+        return "--database-url"
+    for name in names:
+        if os.environ.get(name):
+            return name
+    if dotenv is not None:
+        from dotenv import dotenv_values
+
+        values = dotenv_values(dotenv)
+        for name in names:
+            if values.get(name):
+                return f"{name} in {dotenv}"
+    return f"sqlalchemy.url in {config}"
 
 
 def _dotenv_beside(config: Path) -> Path | None:
