@@ -122,8 +122,8 @@ def embedded_url(path: Path) -> URL:
 def _encode_userinfo(raw: str) -> str:
     """Percent-encode ``@``, ``/``, ``?`` and ``#`` in the user information of ``raw``."""
     match = _SCHEME.match(raw)
-    if match is None:
-        return raw
+    if match is None or match["scheme"].lower().startswith("sqlite"):
+        return raw  # a SQLite path may hold an '@'
     rest = match["rest"]
     end = _userinfo_end(rest)
     if end < 0:
@@ -299,6 +299,8 @@ def mask_url(raw: str) -> str:
     match = _SCHEME.match(raw)
     if match is None:
         return MASK if "@" in raw else raw
+    if match["scheme"].lower().startswith("sqlite"):
+        return raw  # a file path, never a password
     rest = match["rest"]
     end = _mask_end(rest)
     if end >= 0:
