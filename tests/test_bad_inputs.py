@@ -51,6 +51,7 @@ _BEFORE_ANY_DATABASE = (
     "timeout-",
     "lock-timeout-",
     "pg-lock-timeout-",
+    "connect-retry-",
     "tracker-table-",
     "pod-name-",
     "environment-",
@@ -154,13 +155,21 @@ CASES = [
     ),
     Bad(
         "url-query-password-unreachable",
-        env={"DM_DATABASE_URL": f"postgresql://app@127.0.0.1:1/app?password={SECRET}"},
+        env={
+            "DM_DATABASE_URL": f"postgresql://app@127.0.0.1:1/app?password={SECRET}",
+            "DM_CONNECT_RETRY_SECONDS": "0",
+        },
         says="cannot connect to PostgreSQL at 127.0.0.1:1/app",
+        code=75,  # transient: a retry may succeed
     ),
     Bad(
         "url-unencoded-at-unreachable",
-        env={"DM_DATABASE_URL": PG.format(password=f"p@{SECRET}@x")},
+        env={
+            "DM_DATABASE_URL": PG.format(password=f"p@{SECRET}@x"),
+            "DM_CONNECT_RETRY_SECONDS": "0",
+        },
         says="cannot connect to PostgreSQL at 127.0.0.1:1/app as app",
+        code=75,
     ),
     Bad(
         "lock-url-mysql",
@@ -188,6 +197,11 @@ CASES = [
         "tracker-schema-info",
         env={"DM_TRACKER_SCHEMA": "information_schema"},
         says="DM_TRACKER_SCHEMA",
+    ),
+    Bad(
+        "connect-retry-huge",
+        env={"DM_CONNECT_RETRY_SECONDS": "1e999"},
+        says="DM_CONNECT_RETRY_SECONDS",
     ),
     Bad("pod-name-long", env={"DM_POD_NAME": "pod-" * 80}, says="DM_POD_NAME"),
     Bad("environment-long", env={"DM_ENVIRONMENT": "e" * 65}, says="DM_ENVIRONMENT"),

@@ -112,7 +112,11 @@ def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case:
     project.write("a1", None, "await session.execute(sa.text('SELECT 1'))")
     parsed = make_url(project.db.url)
     user, database = parsed.username, parsed.database
-    env = {"DM_DATABASE_URL": case.url.format(user=user, db=database), **case.extra}
+    env = {
+        "DM_DATABASE_URL": case.url.format(user=user, db=database),
+        "DM_CONNECT_RETRY_SECONDS": "0",
+        **case.extra,
+    }
     if case.lock_url:
         env["DM_LOCK_DATABASE_URL"] = case.lock_url.format(user=user, db=database)
     runs = {
@@ -126,7 +130,7 @@ def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case:
         for secret in case.secrets:
             shown = result.stdout + result.stderr
             assert secret not in shown, (name, secret, shown)
-        assert result.returncode in (0, 2), (name, result.returncode, result.stderr)
+        assert result.returncode in (0, 2, 75), (name, result.returncode, result.stderr)
     upgrade = runs["upgrade"]
     if case.reachable:
         assert upgrade.returncode == 0, upgrade.stderr
@@ -136,7 +140,7 @@ def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case:
             for secret in case.secrets:
                 assert secret not in repr(tuple(row))
     if case.reachable is False:
-        assert upgrade.returncode == 2
+        assert upgrade.returncode == 75  # unreachable is transient
         assert _one_error_line(run_dm(project, "upgrade", env=env)).startswith(
             "dm: error: cannot connect to PostgreSQL at 127.0.0.1:1/"
         )
