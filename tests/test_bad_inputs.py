@@ -121,7 +121,7 @@ CASES = [
     Bad(
         "url-bad-port",
         env={"DM_DATABASE_URL": f"postgresql://u:{SECRET}@h:port/x"},
-        says="database URL (DM_DATABASE_URL) is not a valid URL",
+        says="valid URL (expected e.g. postgresql://user@host/db); it comes from DM_DATABASE_URL",
     ),
     Bad(
         "url-sslmode",

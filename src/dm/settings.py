@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     pod_name: str | None = Field(
         None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )
-    _url_source: str = PrivateAttr("database URL")
+    _url_source: str = PrivateAttr("the configuration")
+    """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
 
     @field_validator("lock_timeout", "pg_lock_timeout", "timeout")
     @classmethod
@@ -194,7 +195,7 @@ class Settings(BaseSettings):
             settings = cls(_env_file=dotenv, **given)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
-        settings._url_source = _url_source(given, dotenv, Path(config))
+        settings._url_source = _where_url(given, dotenv, Path(config))
         if dotenv is not None:
             log.debug("read settings from %s", dotenv)
         else:
@@ -228,7 +229,10 @@ class Settings(BaseSettings):
                     "the embedded SQLite default is refused inside Kubernetes"
                 )
             return embedded_url(self.project_dir / EMBEDDED_DATABASE)
-        return normalise_url(self.database_url.get_secret_value(), self._url_source)
+        try:
+            return normalise_url(self.database_url.get_secret_value(), "database URL")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; it comes from {self._url_source}") from None
 
     def lock_url(self) -> URL:
         """Return the URL of the lock connection (defaults to the database URL)."""
@@ -316,12 +320,8 @@ def _read_text(path: Path, what: str) -> str:
         ) from None
 
 
-def _url_source(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
-    """Return ``database URL (<where it came from>)``, for error messages."""
-    return f"database URL ({_where_url(given, dotenv, config)})"
-
-
 def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
+    """Return where the database URL came from, for error messages."""
     names = ("DM_DATABASE_URL", "DATABASE_URL")
     if given.get("database_url"):
         return "--database-url"
