@@ -118,7 +118,7 @@ BAD_REVISION_FILES = [
     BadFiles(
         "bad-timeout",
         {"timeout.py": _source("bad10001", "base0001", "timeout = -3\n" + _ASYNC_UPGRADE)},
-        ("timeout.py", "timeout must be a positive number of seconds"),
+        ("timeout.py", "timeout must be a number of seconds above 0"),
     ),
 ]
 

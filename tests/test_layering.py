@@ -41,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
         "progress",
         "signals",
         "transient",
+        "urls",
     },
     "command": {
         "errors",
@@ -88,7 +89,7 @@ ALLOWED: dict[str, set[str]] = {
     "tracker": {"errors", "state"},
     "state": set(),
     "lock": {"db", "tracker", "errors"},
-    "db": {"errors", "transient"},
+    "db": {"urls", "errors", "transient"},
     "transient": set(),
     "settings": {"urls", "errors"},
     "urls": {"errors"},

@@ -13,7 +13,11 @@ from dm import command
 from dm.cli import main
 from dm.errors import ConfigError
 from dm.settings import Settings
+from dm.urls import connect_arguments
+from dm.urls import mask_url
+from dm.urls import mask_urls_in
 from dm.urls import normalise_url
+from dm.urls import redact
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +129,7 @@ def test_dotenv_sits_between_environment_and_ini(
     ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     set_ini_url(ini, "sqlite:///from_ini.db")
-    (tmp_path / ".env").write_text("DM_DATABASE_URL=sqlite:///from_dotenv.db\n")
+    (ini.parent / ".env").write_text("DM_DATABASE_URL=sqlite:///from_dotenv.db\n")
     assert database(Settings.load(config_file=ini)) == "from_dotenv.db"
     monkeypatch.setenv("DM_DATABASE_URL", "sqlite:///from_dm_env.db")
     assert database(Settings.load(config_file=ini)) == "from_dm_env.db"
@@ -186,9 +190,11 @@ def test_postgres_urls_use_asyncpg(raw: str) -> None:
     )
 
 
-def test_sslmode_becomes_asyncpg_ssl() -> None:
-    url = normalise_url("postgresql://u@db.example/app?sslmode=require&foo=bar", "database URL")
-    assert dict(url.query) == {"ssl": "require", "foo": "bar"}
+def test_sslmode_reaches_asyncpg_through_its_dsn_parser() -> None:
+    url = normalise_url("postgresql://u@db.example/app?sslmode=require", "database URL")
+    clean, args = connect_arguments(url)
+    assert dict(clean.query) == {}
+    assert args == {"dsn": "postgresql://?sslmode=require"}
 
 
 @pytest.mark.parametrize(
@@ -316,3 +322,96 @@ def test_invalid_connect_retry_seconds_is_refused_up_front(
         Settings.load(config_file=ini)
     assert str(caught.value).startswith("setting DM_CONNECT_RETRY_SECONDS: ")
     assert caught.value.exit_code == 2
+
+
+# -- URL masking and libpq parameters (#9) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown", "password"),
+    [
+        ("postgresql://u:p@ss@db:5432/app", "postgresql://u:***@db:5432/app", "p@ss"),
+        ("postgresql://u:a@b@c@db/app", "postgresql://u:***@db/app", "a@b@c"),
+        ("postgresql://u:p%40ss@db/app", "postgresql://u:***@db/app", "p@ss"),
+        ("postgresql://u:pa/ss@db/app", "postgresql://u:***@db/app", "pa/ss"),
+        (
+            "postgresql://u:p?w@db/app?sslmode=require",
+            "postgresql://u:***@db/app?sslmode=require",
+            "p?w",
+        ),
+        ("postgresql://u@db/app?password=s3cret", "postgresql://u@db/app?password=***", "s3cret"),
+        ("postgresql://u:pw@[::1]:5432/app", "postgresql://u:***@[::1]:5432/app", "pw"),
+        ("postgresql://u@db/app", "postgresql://u@db/app", None),
+        (
+            "postgresql://db/app?application_name=a@b",
+            "postgresql://db/app?application_name=a@b",
+            None,
+        ),
+    ],
+)
+def test_userinfo_runs_to_the_last_at_and_is_masked(
+    raw: str, shown: str, password: str | None
+) -> None:
+    assert mask_url(raw) == shown
+    url = normalise_url(raw, "DM_DATABASE_URL")
+    assert url.password == password
+    assert url.host in ("db", "::1")
+    if password:
+        assert password not in redact(url)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "postgresql://u@db/app?sslpassword=kpw1&sslmode=require",
+        "postgresql://u@db/app?sslkey=/keys/client.key",
+        "postgresql://u@db/app?passfile=/secret/pgpass",
+    ],
+)
+def test_secret_query_values_are_masked(raw: str) -> None:
+    secret = raw.split("=", 1)[1].split("&")[0]
+    assert secret not in mask_url(raw)
+    assert secret not in redact(normalise_url(raw, "X"))
+    assert "***" in redact(normalise_url(raw, "X"))
+
+
+def test_text_is_scrubbed_of_urls_and_secrets() -> None:
+    text = "failed: postgresql://u:p@ss@db/app and again s3cretpw"
+    assert mask_urls_in(text, ["s3cretpw"]) == "failed: postgresql://u:***@db/app and again ***"
+
+
+def test_sqlite_paths_may_hold_an_at() -> None:
+    assert normalise_url("sqlite:////srv/a@b/x.db", "X").database == "/srv/a@b/x.db"
+    assert mask_url("sqlite:////srv/a@b/x.db") == "sqlite:////srv/a@b/x.db"
+
+
+def test_libpq_parameters_become_asyncpg_arguments() -> None:
+    url = normalise_url(
+        "postgresql://u@db/app?connect_timeout=7&application_name=jobs"
+        "&options=-c%20statement_timeout%3D5s%20-csearch_path%3Dapp&sslmode=verify-full"
+        "&sslrootcert=/ca.pem&target_session_attrs=primary&host=/run/pg",
+        "X",
+    )
+    clean, args = connect_arguments(url)
+    assert dict(clean.query) == {"host": "/run/pg"}
+    assert args == {
+        "timeout": 7.0,
+        "server_settings": {
+            "statement_timeout": "5s",
+            "search_path": "app",
+            "application_name": "jobs",
+        },
+        "target_session_attrs": "primary",
+        "dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fca.pem",
+    }
+
+
+def test_dotenv_in_the_working_directory_is_not_read(
+    ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("DM_DATABASE_URL=sqlite:///from_cwd.db\n")
+    assert database(Settings.load(config_file=ini)) == "dm.sqlite3"
+    (ini.parent / ".env").write_text("DM_ENVIRONMENT=\nDM_DATABASE_URL=sqlite:///beside.db\n")
+    settings = Settings.load(config_file=ini)
+    assert database(settings) == "beside.db"
+    assert settings.environment == "production"

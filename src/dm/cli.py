@@ -54,17 +54,29 @@ class Invocation:
     verbose: bool
     log_format: str
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    secrets: list[str] = dataclasses.field(default_factory=list)
+    """Secret parts of the configured URLs: masked in every line dm writes."""
 
     def settings(self, **overrides: Any) -> Settings:
         """Resolve settings from options, environment, ini file and defaults."""
+        from . import log
         from .settings import Settings
 
-        return Settings.load(
+        settings = Settings.load(
             config_file=self.config_file,
             ini_section=self.section,
             database_url=self.database_url,
             **overrides,
         )
+        self.secrets = sorted({*self.secrets, *settings.secrets()}, key=len, reverse=True)
+        log.add_secrets(self.secrets)
+        return settings
+
+    def scrub(self, text: str) -> str:
+        """Return ``text`` with every URL masked and every known secret removed."""
+        from .urls import mask_urls_in
+
+        return mask_urls_in(text, self.secrets)
 
 
 pass_invocation = click.make_pass_decorator(Invocation)
@@ -98,12 +110,15 @@ class DmGroup(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
+    from .urls import mask_urls_in
+
     invocation = ctx.find_object(Invocation)
+    scrub = invocation.scrub if invocation is not None else mask_urls_in
     if invocation is not None and invocation.verbose:
-        click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
+        click.echo(scrub("".join(traceback.format_exception(exc)).rstrip()), err=True)
     elif code == 1 and not isinstance(exc, DmError):
         message += " (run with --verbose for the traceback)"
-    click.echo(f"dm: error: {message}", err=True)
+    click.echo(f"dm: error: {scrub(message)}", err=True)
     ctx.exit(code)
 
 
@@ -150,10 +165,14 @@ def main(
     """Run data migrations and maintenance scripts the way Alembic runs schema revisions."""
     from . import log
     from . import progress
+    from .urls import mask_urls_in
+    from .urls import secrets_of
 
-    ctx.obj = Invocation(config_file, section, database_url, verbose, log_format)
-    secrets = [database_url] if database_url else []
-    log.configure(verbose=verbose, json_lines=log_format == "json", secrets=secrets)
+    secrets = [database_url, *secrets_of(database_url)] if database_url else []
+    ctx.obj = Invocation(config_file, section, database_url, verbose, log_format, secrets=secrets)
+    log.configure(
+        verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=mask_urls_in
+    )
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
 
 

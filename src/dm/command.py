@@ -9,8 +9,10 @@ functions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Collection
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
 from .graph import Revision
+from .graph import check_new_revision_id
 from .graph import checksum
 from .graph import display_path
 from .planning import Step
@@ -403,35 +406,56 @@ def revision(
         limit=graph.script_dir.truncate_slug_length,
         allow_duplicate=allow_duplicate_slug,
     )
-    try:
-        script = alembic_command.revision(
-            config,
-            message=message,
-            head=head,
-            splice=splice,
-            branch_label=branch_label,
-            depends_on=list(depends_on) or None,  # type: ignore[arg-type]  # takes a list
-            rev_id=rev_id,
-        )
-    except (CommandError, RevisionError) as exc:
-        raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
-    if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
-        raise UsageError("cannot create revision: Alembic returned no single script")
-    if sync:
-        from .templates import render_sync_revision
-
-        down = script.down_revision
-        Path(script.path).write_text(
-            render_sync_revision(
+    if rev_id is not None:
+        parents = {head.partition("@")[0], *depends_on}
+        check_new_revision_id(graph, rev_id, parents)
+    with _remove_on_failure(graph):
+        try:
+            script = alembic_command.revision(
+                config,
                 message=message,
-                revision=script.revision,
-                down_revision=down if down is None or isinstance(down, str) else tuple(down),
-                branch_labels=branch_label,
-                depends_on=tuple(depends_on) or None,
+                head=head,
+                splice=splice,
+                branch_label=branch_label,
+                depends_on=list(depends_on) or None,  # type: ignore[arg-type]  # takes a list
+                rev_id=rev_id,
             )
-        )
-        return RevisionInfo.of(Graph.from_config(config).revision(script.revision))
-    return RevisionInfo.of(Revision.from_script(script))
+        except (CommandError, RevisionError) as exc:
+            raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
+        if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
+            raise UsageError("cannot create revision: Alembic returned no single script")
+        if sync:
+            from .templates import render_sync_revision
+
+            down = script.down_revision
+            Path(script.path).write_text(
+                render_sync_revision(
+                    message=message,
+                    revision=script.revision,
+                    down_revision=down if down is None or isinstance(down, str) else tuple(down),
+                    branch_labels=branch_label,
+                    depends_on=tuple(depends_on) or None,
+                )
+            )
+        loaded = Graph.from_config(_quiet(settings.alembic_config()))  # the new file must load
+    return RevisionInfo.of(loaded.revision(script.revision))
+
+
+@contextlib.contextmanager
+def _remove_on_failure(graph: Graph) -> Iterator[None]:
+    """Delete any file written into the revision directories when the block raises."""
+    directories = graph.version_dirs
+
+    def files() -> set[Path]:
+        return {p for d in directories if d.is_dir() for p in d.iterdir() if p.is_file()}
+
+    before = files()
+    try:
+        yield
+    except BaseException:
+        for path in files() - before:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def merge(
@@ -446,20 +470,24 @@ def merge(
     from alembic import command as alembic_command
 
     config = _quiet(settings.alembic_config())
-    Graph.from_config(config)
-    try:
-        script = alembic_command.merge(
-            config,
-            list(revisions) or ["heads"],
-            message=message,
-            branch_label=branch_label,
-            rev_id=rev_id,
-        )
-    except (CommandError, RevisionError) as exc:
-        raise UsageError(f"cannot merge: {' '.join(str(exc).split())}") from None
-    if script is None:
-        raise UsageError("cannot merge: Alembic returned no script")
-    return RevisionInfo.of(Revision.from_script(script))
+    graph = Graph.from_config(config)
+    if rev_id is not None:
+        check_new_revision_id(graph, rev_id, revisions)
+    with _remove_on_failure(graph):
+        try:
+            script = alembic_command.merge(
+                config,
+                list(revisions) or ["heads"],
+                message=message,
+                branch_label=branch_label,
+                rev_id=rev_id,
+            )
+        except (CommandError, RevisionError) as exc:
+            raise UsageError(f"cannot merge: {' '.join(str(exc).split())}") from None
+        if script is None:
+            raise UsageError("cannot merge: Alembic returned no script")
+        loaded = Graph.from_config(_quiet(settings.alembic_config()))  # the new file must load
+    return RevisionInfo.of(loaded.revision(script.revision))
 
 
 def init(directory: Path, *, section: str = "data_migrations") -> InitResult:

@@ -26,6 +26,8 @@ from sqlalchemy.pool import NullPool
 from .errors import DatabaseUnavailable
 from .errors import DatabaseUnreachable
 from .transient import is_transient
+from .urls import connect_arguments
+from .urls import mask_urls_in
 
 log = logging.getLogger("dm.db")
 
@@ -44,8 +46,14 @@ def create_engine(
     connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql":
-        connect_args["server_settings"] = {"application_name": application_name[:63]}
+        url, from_url = connect_arguments(url)
         connect_args["timeout"] = CONNECT_TIMEOUT
+        connect_args.update(from_url)
+        # The URL's own application_name (and `options` settings) win over dm's.
+        connect_args["server_settings"] = {
+            "application_name": application_name[:63],
+            **from_url.get("server_settings", {}),
+        }
     else:
         connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
     if autocommit:
@@ -141,8 +149,8 @@ def describe_connect_error(url: URL, exc: BaseException) -> str:
     reason = " ".join(str(cause).split())
     if not reason:
         reason = "timed out" if isinstance(cause, TimeoutError) else type(cause).__name__
-    if url.password:
-        reason = reason.replace(str(url.password), "***")
+    secrets = [str(url.password)] if url.password else []
+    reason = mask_urls_in(reason, secrets)
     if url.get_backend_name() == "postgresql":
         where = f"PostgreSQL at {url.host or 'localhost'}:{url.port or 5432}/{url.database}"
         if url.username:

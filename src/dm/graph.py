@@ -25,6 +25,7 @@ from typing import Literal
 
 from alembic.script import Script
 from alembic.script import ScriptDirectory
+from alembic.script.revision import CycleDetected
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 HOOKS = ("upgrade", "downgrade", "verify")
+MAX_REVISION_ID = 64
+"""The tracker's ``revision`` column holds at most this many characters."""
+MAX_TIMEOUT = 2_147_483.0
+"""A revision's ``timeout`` must fit PostgreSQL's ``statement_timeout`` (in ms, an int4)."""
 
 
 HookKind = Literal["async", "op", "session"]
@@ -150,11 +155,24 @@ class Graph:
     @classmethod
     def from_config(cls, config: Config) -> Graph:
         """Load every revision file and check it against dm's revision contract."""
+        location = config.get_main_option("script_location") or ""
+        if location and ":" not in location and not Path(location).is_dir():
+            raise RevisionFileError(
+                f"{config.config_file_name}: script_location {display_path(location)} "
+                "does not exist (run 'dm init' or fix script_location)"
+            )
         try:
             script_dir = ScriptDirectory.from_config(config)
         except CommandError as exc:
-            raise RevisionFileError(f"{config.config_file_name}: {exc}") from None
+            raise RevisionFileError(f"{config.config_file_name}: {one_line(exc)}") from None
         version_dirs = [Path(p).resolve() for p in script_dir._version_locations]
+        for version_dir in version_dirs:
+            if not version_dir.is_dir():
+                raise RevisionFileError(
+                    f"{config.config_file_name}: revision directory "
+                    f"{display_path(version_dir)} does not exist (create it, or fix "
+                    "script_location / version_locations)"
+                )
         scripts = _import_scripts(script_dir, version_dirs)
         revisions = _check_contract(scripts)
         compat.use_scripts(script_dir, scripts)
@@ -163,8 +181,16 @@ class Graph:
                 warnings.simplefilter("error")
                 script_dir.revision_map.heads  # noqa: B018 - builds and checks the map
         except (RevisionError, CommandError, UserWarning) as exc:  # cycles, bad references
-            raise RevisionFileError(f"{display_path(script_dir.versions)}: {exc}") from None
+            files = _files_of(exc, scripts)
+            raise RevisionFileError(
+                f"{display_path(script_dir.versions)}: {one_line(exc)}{files}"
+            ) from None
         return cls(script_dir, revisions)
+
+    @property
+    def version_dirs(self) -> list[Path]:
+        """Return the directories revision files are read from."""
+        return [Path(p) for p in self.script_dir._version_locations]
 
     @property
     def heads(self) -> tuple[str, ...]:
@@ -240,11 +266,30 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
         raise RevisionFileError(f"{where}:{exc.lineno}: syntax error: {exc.msg}") from None
     except CommandError as exc:
         raise RevisionFileError(one_line(exc)) from None
+    except CycleDetected as exc:  # a revision that names itself as its parent
+        where = _loading_file(exc) or display_path(script_dir.versions)
+        raise RevisionFileError(
+            f"{where}: down_revision names the revision itself (a loop): {one_line(exc)}"
+        ) from None
     except Exception as exc:
         where = _failing_file(exc, version_dirs) or display_path(script_dir.versions)
         raise RevisionFileError(
             f"{where}: cannot import: {type(exc).__name__}: {one_line(exc)}"
         ) from None
+
+
+def _loading_file(exc: BaseException) -> str | None:
+    """Return the revision file Alembic was loading when ``exc`` was raised, if known."""
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        path = (
+            tb.tb_frame.f_locals.get("path") if tb.tb_frame.f_code.co_name == "_from_path" else None
+        )
+        if path is not None:
+            found = display_path(path)
+        tb = tb.tb_next
+    return found
 
 
 def _failing_file(exc: BaseException, version_dirs: list[Path]) -> str | None:
@@ -259,12 +304,48 @@ class _Problem(Exception):
     """A revision file breaks the contract; the caller adds the file's path."""
 
 
+def check_new_revision_id(graph: Graph, rev_id: str, parents: Iterable[str] = ()) -> None:
+    """Refuse an id for a new revision that the graph or its tracker row could not hold.
+
+    :raises RevisionFileError: the id is malformed, too long, already a revision's (the
+        file is named), or one of the new revision's own ``parents``.
+    """
+    if not rev_id or not all(c.isascii() and (c.isalnum() or c == "_") for c in rev_id):
+        raise RevisionFileError(f"--rev-id {rev_id!r}: use only letters, digits and underscores")
+    if len(rev_id) > MAX_REVISION_ID:
+        raise RevisionFileError(
+            f"--rev-id is {len(rev_id)} characters long; the tracker holds at most "
+            f"{MAX_REVISION_ID}"
+        )
+    if rev_id in ("head", "heads", "base", "current"):
+        raise RevisionFileError(f"--rev-id {rev_id!r} is a reserved target name")
+    if graph.known(rev_id):
+        raise RevisionFileError(
+            f"--rev-id {rev_id!r} already exists in {display_path(graph.script(rev_id).path)}"
+        )
+    if rev_id in parents:
+        raise RevisionFileError(f"--rev-id {rev_id!r} cannot be its own parent (--head)")
+
+
+def _files_of(exc: BaseException, scripts: list[Script]) -> str:
+    """Return ``" (files: ...)"`` naming the files of the revisions a graph error names."""
+    named = getattr(exc, "revisions", None) or [getattr(exc, "revision", None)]
+    by_id = {script.revision: script for script in scripts}
+    paths = [display_path(by_id[rev].path) for rev in named if rev in by_id]
+    return f" (files: {', '.join(paths)})" if paths else ""
+
+
 def _check_contract(scripts: list[Script]) -> list[Revision]:
     """Validate every script; return them as revisions, in the same order."""
     seen: dict[str, Script] = {}
     labels: set[str] = set()
     revisions = []
     for script in scripts:
+        if len(script.revision) > MAX_REVISION_ID:
+            raise RevisionFileError(
+                f"{display_path(script.path)}: revision id is {len(script.revision)} "
+                f"characters long; the tracker holds at most {MAX_REVISION_ID}"
+            )
         if script.revision in seen:
             first = display_path(seen[script.revision].path)
             raise RevisionFileError(
@@ -290,6 +371,8 @@ def _check_references(script: Script, revisions: Mapping[str, Script], labels: s
         if not _is_revision_list(value):
             raise _Problem(f"{name} must be None, a revision id or a tuple of them, not {value!r}")
     for parent in _as_tuple(script.down_revision):
+        if parent == script.revision:
+            raise _Problem(f"down_revision {parent!r} is the revision itself (a loop)")
         if parent not in revisions:
             raise _Problem(f"down_revision {parent!r} names no revision file")
     for dependency in _as_tuple(script.dependencies):
@@ -340,8 +423,14 @@ def _timeout(module: ModuleType) -> float | None:
     timeout = getattr(module, "timeout", None)
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise _Problem("timeout must be a positive number of seconds")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise _Problem(
+            f"timeout must be a number of seconds above 0 up to {MAX_TIMEOUT:.0f} (about 24 days)"
+        )
     return float(timeout)
 
 

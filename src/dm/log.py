@@ -5,25 +5,41 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
+from collections.abc import Iterable
 from datetime import UTC
 from datetime import datetime
 
 _HANDLER_NAME = "dm"
 
+Scrub = Callable[[str, Iterable[str]], str]
+"""Return a text with the given secrets (and anything else secret) masked."""
+
+
+def _replace_secrets(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
 
 class RedactingFilter(logging.Filter):
-    """Replace every registered secret in a record's message with ``***``."""
+    """Mask every registered secret (and, with ``scrub``, every URL) in a record."""
 
-    def __init__(self, secrets: list[str]) -> None:
+    def __init__(self, secrets: list[str], scrub: Scrub | None = None) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s]
+        self.scrub: Scrub = scrub or _replace_secrets
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Register more secrets, longest first (a secret may contain another)."""
+        merged = {*self.secrets, *(s for s in secrets if s)}
+        self.secrets = sorted(merged, key=len, reverse=True)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            message = record.getMessage()
-            for secret in self.secrets:
-                message = message.replace(secret, "***")
-            record.msg, record.args = message, None
+        record.msg, record.args = self.scrub(record.getMessage(), self.secrets), None
+        if record.exc_info and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            record.exc_text = self.scrub(text, self.secrets)
         return True
 
 
@@ -40,7 +56,9 @@ class JsonFormatter(logging.Formatter):
         progress = getattr(record, "progress", None)
         if progress is not None:
             entry["progress"] = progress
-        if record.exc_info:
+        if record.exc_text:
+            entry["traceback"] = record.exc_text
+        elif record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
@@ -53,9 +71,16 @@ class TextFormatter(logging.Formatter):
 
 
 def configure(
-    *, verbose: bool = False, json_lines: bool = False, secrets: list[str] | None = None
+    *,
+    verbose: bool = False,
+    json_lines: bool = False,
+    secrets: list[str] | None = None,
+    scrub: Scrub | None = None,
 ) -> None:
-    """Send dm's log records to stderr; call once per invocation (handlers are replaced)."""
+    """Send dm's log records to stderr; call once per invocation (handlers are replaced).
+
+    :param scrub: masks secrets in a text (default: replaces each of ``secrets``).
+    """
     logger = logging.getLogger("dm")
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:
@@ -66,7 +91,16 @@ def configure(
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-5s %(message)s"))
-    handler.addFilter(RedactingFilter(secrets or []))
+    handler.addFilter(RedactingFilter(secrets or [], scrub))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+
+
+def add_secrets(secrets: Iterable[str]) -> None:
+    """Mask ``secrets`` in every later record of dm's handler (once settings are known)."""
+    for handler in logging.getLogger("dm").handlers:
+        if handler.get_name() == _HANDLER_NAME:
+            for log_filter in handler.filters:
+                if isinstance(log_filter, RedactingFilter):
+                    log_filter.add(secrets)

@@ -101,7 +101,7 @@ def run_info(settings: Settings) -> RunInfo:
         user = str(os.getuid())
     return RunInfo(
         run_id=str(uuid.uuid4()),
-        run_by=f"{user}@{socket.gethostname()}",
+        run_by=f"{user}@{socket.gethostname()}"[:255],  # the column's width
         pod_name=settings.pod_name,
         dm_version=__version__,
         environment=settings.environment,

@@ -1,24 +1,33 @@
 """Settings: where the project lives, which database to use, and how to run.
 
 Precedence, highest first: explicit values (command-line options or keyword arguments),
-``DM_*`` environment variables (``DATABASE_URL`` and ``ENVIRONMENT`` are accepted too), a
-``.env`` file, the ``dm.*`` keys and ``sqlalchemy.url`` of dm's section in ``alembic.ini``,
-and finally the defaults — among them the embedded SQLite file ``dm.sqlite3`` beside
-``alembic.ini``.
+``DM_*`` environment variables (``DATABASE_URL`` and ``ENVIRONMENT`` are accepted too), the
+``.env`` file beside the config file (not the working directory's), the ``dm.*`` keys and
+``sqlalchemy.url`` of dm's section in ``alembic.ini``, and finally the defaults — among
+them the embedded SQLite file ``dm.sqlite3`` beside ``alembic.ini``. An empty value
+(``DM_ENVIRONMENT=``) counts as unset.
+
+Every value is checked when settings load, before dm connects: numbers must be finite and
+in range, names must fit the tracker's columns and PostgreSQL's identifiers.
 """
 
 from __future__ import annotations
 
 import configparser
+import logging
+import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
 from pydantic import AliasChoices
 from pydantic import Field
+from pydantic import PrivateAttr
 from pydantic import SecretStr
 from pydantic import ValidationError
+from pydantic import ValidationInfo
 from pydantic import field_validator
 from pydantic_settings import BaseSettings
 from pydantic_settings import InitSettingsSource
@@ -31,8 +40,22 @@ if TYPE_CHECKING:
     from alembic.config import Config
     from sqlalchemy.engine import URL
 
+log = logging.getLogger("dm.settings")
+
 DEFAULT_SECTION = "data_migrations"
 EMBEDDED_DATABASE = "dm.sqlite3"
+DOTENV = ".env"
+
+MAX_SECONDS = 2_147_483.0
+"""Upper bound of every time setting: PostgreSQL's ``statement_timeout`` and ``lock_timeout``
+take at most 2147483647 ms (about 24.8 days)."""
+MAX_TRACKER_TABLE = 48
+"""The tracker's index ``ix_<table>_revision_id`` must fit PostgreSQL's 63-byte names."""
+MAX_IDENTIFIER = 63
+MAX_ENVIRONMENT = 64
+MAX_POD_NAME = 255
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SYSTEM_SCHEMAS = ("information_schema",)
 
 # ini key (in dm's section) -> settings field
 _INI_KEYS = {
@@ -53,7 +76,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="DM_",
-        env_file=".env",
+        env_file=None,
+        env_ignore_empty=True,
         extra="ignore",
         hide_input_in_errors=True,
         populate_by_name=True,
@@ -71,21 +95,78 @@ class Settings(BaseSettings):
     )
     tracker_table: str = "script_run_tracker"
     tracker_schema: str | None = None
-    lock_timeout: float = Field(600.0, ge=0)
-    timeout: float | None = Field(None, gt=0)
-    pg_lock_timeout: float = Field(5.0, ge=0)
+    lock_timeout: float = 600.0
+    timeout: float | None = None
+    pg_lock_timeout: float = 5.0
     connect_retry_seconds: float = Field(20.0, ge=0, le=600)
     """How long a run's first connections retry a transient failure (0 = no retry)."""
     pod_name: str | None = Field(
         None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )
+    _url_source: str = PrivateAttr("the configuration")
+    """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
 
-    @field_validator("tracker_table", "tracker_schema")
+    @field_validator("lock_timeout", "pg_lock_timeout", "timeout")
     @classmethod
-    def _identifier(cls, value: str | None) -> str | None:
-        if value is not None and not value.replace("_", "").isalnum():
-            raise ValueError("must contain only letters, digits and underscores")
-        return value or None
+    def _seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return None
+        low = 0.0
+        if (
+            math.isnan(value)
+            or value > MAX_SECONDS
+            or value < low
+            or (value == low and info.field_name == "timeout")
+        ):
+            bound = "above 0" if info.field_name == "timeout" else "from 0"
+            raise ValueError(
+                f"must be a number of seconds {bound} up to {MAX_SECONDS:.0f} (about 24 days)"
+            )
+        return value
+
+    @field_validator("tracker_table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(
+                "must be a letter or underscore followed by letters, digits and underscores"
+            )
+        if len(value) > MAX_TRACKER_TABLE:
+            raise ValueError(f"must be at most {MAX_TRACKER_TABLE} characters")
+        return value
+
+    @field_validator("tracker_schema")
+    @classmethod
+    def _schema(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not _IDENTIFIER.match(value):
+            raise ValueError(
+                "must be a letter or underscore followed by letters, digits and underscores"
+            )
+        if len(value) > MAX_IDENTIFIER:
+            raise ValueError(f"must be at most {MAX_IDENTIFIER} characters")
+        if value.lower().startswith("pg_") or value.lower() in _SYSTEM_SCHEMAS:
+            raise ValueError(f"{value!r} is a PostgreSQL system schema; pick your own")
+        return value
+
+    @field_validator("environment", mode="before")
+    @classmethod
+    def _environment(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip() or "production"
+            if len(value) > MAX_ENVIRONMENT:
+                raise ValueError(f"must be at most {MAX_ENVIRONMENT} characters")
+        return value
+
+    @field_validator("pod_name", mode="before")
+    @classmethod
+    def _pod_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip() or None
+            if value is not None and len(value) > MAX_POD_NAME:
+                raise ValueError(f"must be at most {MAX_POD_NAME} characters")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -102,12 +183,34 @@ class Settings(BaseSettings):
 
     @classmethod
     def load(cls, **values: Any) -> Settings:
-        """Build settings, dropping ``None`` values and reporting errors in one line."""
+        """Build settings, dropping ``None`` values and reporting errors in one line.
+
+        The ``.env`` read is the one beside the config file (``-c``/``DM_CONFIG``, else
+        ``./alembic.ini``); a ``DM_CONFIG`` inside it therefore cannot move the project.
+        """
         given = {key: value for key, value in values.items() if value is not None}
+        config = given.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini"
+        dotenv = _dotenv_beside(Path(config))
         try:
-            return cls(**given)
+            settings = cls(_env_file=dotenv, **given)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
+        settings._url_source = _where_url(given, dotenv, Path(config))
+        if dotenv is not None:
+            log.debug("read settings from %s", dotenv)
+        else:
+            log.debug("no %s beside %s", DOTENV, config)
+        return settings
+
+    def secrets(self) -> list[str]:
+        """Return the secret parts of the configured URLs, to scrub from any output."""
+        from .urls import secrets_of
+
+        found: list[str] = []
+        for value in (self.database_url, self.lock_database_url):
+            if value is not None:
+                found.extend(secrets_of(value.get_secret_value()))
+        return found
 
     @property
     def project_dir(self) -> Path:
@@ -126,7 +229,10 @@ class Settings(BaseSettings):
                     "the embedded SQLite default is refused inside Kubernetes"
                 )
             return embedded_url(self.project_dir / EMBEDDED_DATABASE)
-        return normalise_url(self.database_url.get_secret_value(), "database URL")
+        try:
+            return normalise_url(self.database_url.get_secret_value(), "database URL")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; it comes from {self._url_source}") from None
 
     def lock_url(self) -> URL:
         """Return the URL of the lock connection (defaults to the database URL)."""
@@ -137,8 +243,10 @@ class Settings(BaseSettings):
         return normalise_url(self.lock_database_url.get_secret_value(), "DM_LOCK_DATABASE_URL")
 
     def redacted_url(self) -> str:
-        """Return the database URL with the password hidden."""
-        return self.url().render_as_string(hide_password=True)
+        """Return the database URL with the password and secret query values hidden."""
+        from .urls import redact
+
+        return redact(self.url())
 
     def alembic_config(self) -> Config:
         """Return the Alembic ``Config`` for dm's section of the config file."""
@@ -150,7 +258,8 @@ class Settings(BaseSettings):
         parser = _read_ini(path)
         if not parser.has_section(self.ini_section):
             raise ConfigError(f"{path}: no [{self.ini_section}] section (pass -n SECTION)")
-        if not parser.get(self.ini_section, "script_location", fallback=""):
+        location = parser.get(self.ini_section, "script_location", fallback="")
+        if not location:
             raise ConfigError(f"{path}: [{self.ini_section}] has no script_location")
         return Config(str(path), ini_section=self.ini_section)
 
@@ -187,12 +296,55 @@ class _IniSettingsSource(PydanticBaseSettingsSource):
 
 def _read_ini(path: Path) -> configparser.ConfigParser:
     parser = configparser.ConfigParser({"here": str(path.resolve().parent)})
+    text = _read_text(path, "config file")
     try:
-        parser.read(path, encoding="utf-8")
+        parser.read_string(text, source=str(path))
     except configparser.Error as exc:
         first_line = str(exc).splitlines()[0]
         raise ConfigError(f"{path}: cannot parse config file: {first_line}") from None
     return parser
+
+
+def _read_text(path: Path, what: str) -> str:
+    """Return the UTF-8 text of ``path``, or raise one line naming the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: {what} is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line})"
+        ) from None
+
+
+def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
+    """Return where the database URL came from, for error messages."""
+    names = ("DM_DATABASE_URL", "DATABASE_URL")
+    if given.get("database_url"):
+        return "--database-url"
+    for name in names:
+        if os.environ.get(name):
+            return name
+    if dotenv is not None:
+        from dotenv import dotenv_values
+
+        values = dotenv_values(dotenv)
+        for name in names:
+            if values.get(name):
+                return f"{name} in {dotenv}"
+    return f"sqlalchemy.url in {config}"
+
+
+def _dotenv_beside(config: Path) -> Path | None:
+    """Return the ``.env`` beside ``config`` when there is one, checked to be readable."""
+    dotenv = config.resolve().parent / DOTENV
+    if not dotenv.is_file():
+        return None
+    _read_text(dotenv, DOTENV)
+    return dotenv
 
 
 _ENV_NAMES = {
@@ -209,6 +361,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors(include_input=False, include_url=False):
         field = str(error["loc"][0]) if error["loc"] else "settings"
-        name = _ENV_NAMES.get(field, f"DM_{field.upper()}")
-        parts.append(f"setting {name}: {error['msg']}")
+        name = field if field.isupper() else _ENV_NAMES.get(field, f"DM_{field.upper()}")
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"setting {name}: {message}")
     return "; ".join(parts)
