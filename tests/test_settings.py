@@ -415,3 +415,19 @@ def test_dotenv_in_the_working_directory_is_not_read(
     settings = Settings.load(config_file=ini)
     assert database(settings) == "beside.db"
     assert settings.environment == "production"
+
+
+def test_dm_config_in_the_dotenv_is_refused_not_half_applied(
+    ini: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The .env is found through the config file, so it cannot choose the config file:
+    honouring it would mix the other ini's name with this ini's settings."""
+    other = ini.parent / "sub" / "alembic.ini"
+    other.parent.mkdir()
+    other.write_text(ini.read_text())
+    (ini.parent / ".env").write_text(f"DM_CONFIG={other}\n")
+    monkeypatch.delenv("DM_CONFIG", raising=False)
+    monkeypatch.chdir(ini.parent)
+    with pytest.raises(ConfigError, match="DM_CONFIG cannot be set in the .env file"):
+        Settings.load()
+    assert Settings.load(config_file=other).config_file == other  # -c (or the env) works

@@ -195,6 +195,12 @@ class Settings(BaseSettings):
             settings = cls(_env_file=dotenv, **given)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
+        if dotenv is not None and Path(settings.config_file) != Path(config):
+            raise ConfigError(
+                f"{dotenv}: DM_CONFIG cannot be set in the .env file, which is read from "
+                f"beside the config file ({config}); set DM_CONFIG in the environment or "
+                "pass -c instead"
+            )
         settings._url_source = _where_url(given, dotenv, Path(config))
         if dotenv is not None:
             log.debug("read settings from %s", dotenv)
