@@ -271,7 +271,7 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
         raise RevisionFileError(
             f"{where}: down_revision names the revision itself (a loop): {one_line(exc)}"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a module body too
         where = _failing_file(exc, version_dirs) or display_path(script_dir.versions)
         raise RevisionFileError(
             f"{where}: cannot import: {type(exc).__name__}: {one_line(exc)}"
