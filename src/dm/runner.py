@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from . import watchdog
 from .batching import RunContext
 from .batching import run_context
 from .errors import FenceLost
@@ -127,6 +128,7 @@ class Runner:
         self._session_ready = False
         sync = self.conn.sync_connection
         self._isolation_level = sync.default_isolation_level if sync else None
+        self._rescue: watchdog.Rescue | None = None
 
     async def run(self, steps: Sequence[Step]) -> list[StepResult]:
         """Run ``steps`` in order; stop at the first failure.
@@ -176,6 +178,14 @@ class Runner:
             resume=resume,
             save_checkpoint=functools.partial(self.recorder.save_checkpoint, attempt_id),
         )
+        dog = watchdog.active()
+        if dog is not None:
+            if self._rescue is None:
+                self._rescue = await watchdog.rescue_for(
+                    self.conn, self.recorder.tracker, self.recorder.run
+                )
+            limit = _timeout_of(step, self.timeout)
+            dog.arm(step.revision, attempt_id, limit, self._rescue)
         try:
             if step.transactional:
                 # Not ``async with begin()``: an autocommit block commits this transaction
@@ -207,6 +217,9 @@ class Runner:
             if isinstance(exc, Exception):
                 raise RevisionFailed(step.revision, message) from exc
             raise
+        finally:
+            if dog is not None:
+                dog.disarm()
         duration = _elapsed_ms(started)
         log.info("%s: %s in %d ms", label, final.value, duration)
         return StepResult(step.revision, step.direction, final, duration, step.description)
