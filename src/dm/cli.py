@@ -102,8 +102,37 @@ class Invocation:
 pass_invocation = click.make_pass_decorator(Invocation)
 
 
+class DmCommand(click.Command):
+    """Run a subcommand with ``sys.stdout`` (and, with JSON logs, ``sys.stderr``) sent to
+    the log.
+
+    Revision code runs inside dm (its module body when the graph loads, its hooks while
+    they run): what it prints becomes log lines, so dm's own output (``--json``) stays
+    clean and with JSON logs every stderr line stays one JSON object. dm prints through
+    the streams saved in ``Invocation``. Python-level only: a C extension writing to file
+    descriptor 1 itself is not redirected.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from . import log
+
+        invocation = ctx.find_object(Invocation)
+        with contextlib.ExitStack() as stack:
+            if invocation is not None:
+                out = log.OutputWriter("dm.output")
+                stack.callback(out.flush)  # a last line without a newline
+                stack.enter_context(contextlib.redirect_stdout(out))
+                if invocation.log_format == "json":
+                    err = log.OutputWriter("dm.output", "warning")
+                    stack.callback(err.flush)
+                    stack.enter_context(contextlib.redirect_stderr(err))
+            return super().invoke(ctx)
+
+
 class DmGroup(click.Group):
     """Turn ``DmError`` into one ``dm: error: ...`` line and its exit code."""
+
+    command_class = DmCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -114,7 +143,10 @@ class DmGroup(click.Group):
             _fail(ctx, "interrupted", 130, exc)
         except click.ClickException as exc:
             invocation = ctx.find_object(Invocation)
-            if invocation is None or not (invocation.as_json or invocation.log_format == "json"):
+            if invocation is None:  # the command name was refused before the group ran
+                log_format = ctx.params.get("log_format") or "text"
+                invocation = Invocation(None, None, None, False, log_format)
+            if not (invocation.as_json or invocation.log_format == "json"):
                 raise
             _report(invocation, exc.format_message(), exc.exit_code, "usage_error")
             ctx.exit(exc.exit_code)
@@ -180,7 +212,8 @@ def _report(
     if invocation is not None and invocation.log_format == "json":
         from .log import json_line
 
-        click.echo(json_line("error", "dm", message, traceback=trace, **error), file=stderr)
+        fields = {key: value for key, value in error.items() if key != "message"}
+        click.echo(json_line("error", "dm", message, traceback=trace, **fields), file=stderr)
         return
     if trace:
         click.echo(trace, file=stderr)
@@ -267,12 +300,6 @@ def main(
         verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=mask_urls_in
     )
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
-    # Revision code runs inside dm (its module body when the graph loads, its hooks while
-    # they run): what it prints becomes log lines, so dm's stdout (--json) stays clean and
-    # with JSON logs every stderr line stays one JSON object.
-    ctx.with_resource(contextlib.redirect_stdout(log.OutputWriter("dm.output")))
-    if log_format == "json":
-        ctx.with_resource(contextlib.redirect_stderr(log.OutputWriter("dm.output", "warning")))
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -804,6 +831,39 @@ def resolve(
             f"{result.revision}: recorded {result.status} (was {result.previous_status}) "
             f"by {result.run_by}; {result.reason}"
         )
+
+
+@main.command("log")
+@click.argument("rev")
+@json_option
+@pass_invocation
+def log_command(invocation: Invocation, rev: str, as_json: bool) -> None:
+    """Show every attempt of revision REV, oldest first, with its error and traceback."""
+    from . import operations
+
+    records = _run(operations.attempts(invocation.settings(), rev))
+    if as_json:
+        _emit_json(records)
+        return
+    if not records:
+        _note(f"{rev}: no attempt recorded")
+    for record in records:
+        when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"
+        took = f", {record.duration_ms} ms" if record.duration_ms is not None else ""
+        who = record.pod_name or record.run_by or "-"
+        _echo(
+            f"attempt {record.attempt}: {record.direction} {record.status} "
+            f"at {when} UTC{took}, by {who} (run {record.run_id})"
+        )
+        for label, value in (("reason", record.reason), ("error", record.error_message)):
+            if value:
+                _echo(f"  {label}: {value}")
+        if record.checkpoint:
+            _echo(f"  checkpoint: {_describe_checkpoint(record.checkpoint)}")
+        if record.error_traceback:
+            _echo("  traceback:")
+            for line in record.error_traceback.rstrip().splitlines():
+                _echo(f"    {line}".rstrip())
 
 
 @main.command()
