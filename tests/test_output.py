@@ -4,8 +4,11 @@ every attempt's traceback, one line per ``verify`` result; on the real ``dm`` pr
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,3 +219,142 @@ def test_verify_prints_each_result_once(project: Project) -> None:
     terminal = (result.stdout + result.stderr).splitlines()  # what a terminal shows
     for rev in ("r1", "r2"):
         assert sum(rev in line for line in terminal) == 1, terminal
+
+
+# -- item 21: messages that misled -----------------------------------------------------------------
+
+
+def one_error(result: Any) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dm: error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_stamp_errors_say_stamp(project: Project) -> None:
+    project.write("r1", None)
+    result = run_dm(project, "stamp", "nope")
+    assert result.returncode == 2
+    line = one_error(result)
+    assert line.startswith("dm: error: cannot stamp 'nope':"), line
+    assert "upgrade" not in line
+
+
+def test_nul_byte_names_the_file(project: Project) -> None:
+    project.write("r1", None)
+    (project.versions / "r2_bad.py").write_bytes(b'revision = "r2"\x00\n')
+    result = run_dm(project, "heads")
+    assert result.returncode == 2
+    line = one_error(result)
+    assert "r2_bad.py" in line and "NUL byte" in line and "None" not in line
+
+
+@pytest.mark.parametrize("command", ["upgrade", "downgrade", "stamp", "run", "rollback"])
+def test_sql_option_says_offline_sql_is_not_supported(project: Project, command: str) -> None:
+    project.write("r1", None)
+    result = run_dm(project, command, "--sql")
+    assert result.returncode == 2
+    line = one_error(result)
+    assert "offline SQL (--sql) is not supported" in line
+    assert "locate" not in line
+    other = run_dm(project, command, "--frobnicate")
+    assert other.returncode == 2
+    assert one_error(other) == "dm: error: no such option: --frobnicate"
+
+
+def test_relative_targets_still_work(project: Project) -> None:
+    project.write("r1", None)
+    project.write("r2", "r1")
+    assert run_dm(project, "upgrade", "heads").returncode == 0
+    result = run_dm(project, "downgrade", "-1")
+    assert result.returncode == 0, result.stderr
+
+
+def test_init_in_another_directory_says_cd_first(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dm", "init", "my project"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "next: cd 'my project', dm revision" in result.stdout
+    here = subprocess.run(
+        [sys.executable, "-m", "dm", "init"],
+        cwd=tmp_path / "my project" / "data_migrations",
+        capture_output=True,
+        text=True,
+    )
+    assert "next: dm revision" in here.stdout
+
+
+def skipped_chain(project: Project) -> None:
+    """r1 runs everywhere; r2 only in development, so production skips it."""
+    project.write("r1", None)
+    project.write("r2", "r1", extra='environments = ("development",)\n')
+    result = run_dm(project, "upgrade", "heads")
+    assert result.returncode == 0, result.stderr
+    assert "1 skipped" in result.stdout
+
+
+def test_rollback_does_not_call_a_skipped_revision_applied(project: Project) -> None:
+    skipped_chain(project)
+    result = run_dm(project, "rollback", "r1")
+    assert result.returncode == 2
+    line = one_error(result)
+    assert "skipped revisions come after it: r2" in line, line
+    assert "applied revisions" not in line, line
+
+
+def test_downgrade_does_not_count_recorded_only_steps_as_done(project: Project) -> None:
+    skipped_chain(project)
+    result = run_dm(project, "downgrade", "base")
+    assert result.returncode == 0, result.stderr
+    assert "downgrade: 1 revision(s) done, 1 recorded only" in result.stdout, result.stdout
+    rollback = run_dm(project, "upgrade", "heads")
+    assert rollback.returncode == 0
+    only = run_dm(project, "rollback", "r2")
+    assert "rollback: 0 revision(s) done, 1 recorded only" in only.stdout, only.stdout
+
+
+def test_upgrade_none_fails_the_pre_run_check(project: Project) -> None:
+    path = project.write("r1", None)
+    path.write_text(path.read_text().replace("async def upgrade(session):", "async def _x(s):"))
+    path.write_text(path.read_text() + "\nupgrade = None\n")
+    result = run_dm(project, "upgrade", "heads")
+    assert result.returncode == 2
+    line = one_error(result)
+    assert "r1_r1.py" in line and "upgrade is None" in line
+
+
+def test_merge_refuses_a_single_head_and_names_itself(project: Project) -> None:
+    project.write("r1", None)
+    before = sorted(project.versions.iterdir())
+    result = run_dm(project, "merge")
+    assert result.returncode == 2
+    assert "nothing to merge" in one_error(result)
+    assert sorted(project.versions.iterdir()) == before  # no file written
+    project.write("r2", "r1")
+    project.write("r3", "r1")
+    merged = run_dm(project, "merge", "--json")
+    assert merged.returncode == 0, merged.stderr
+    info = json.loads(merged.stdout)
+    assert info["description"] == "merge r2 and r3"
+    assert info["path"].endswith("_merge_r2_and_r3.py")
+    assert sorted(info["down_revisions"]) == ["r2", "r3"]
+
+
+def test_info_inside_kubernetes_without_a_url(project: Project) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dm", "info"],
+        cwd=project.root,
+        env={
+            **{k: v for k, v in os.environ.items() if k not in {"DM_DATABASE_URL", "DATABASE_URL"}},
+            "DM_CONFIG": str(project.config),
+            "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+        },
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "database:    no database configured" in result.stdout

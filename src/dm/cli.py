@@ -349,12 +349,15 @@ def _jsonable(value: Any) -> Any:
 @pass_invocation
 def init(invocation: Invocation, directory: Path) -> None:
     """Create a dm project: alembic.ini (or dm's section in it) and data_migrations/."""
+    import shlex
+
     from . import command
 
     result = command.init(directory, section=invocation.section or "data_migrations")
     verb = "added a section to" if result.appended_section else "wrote"
     _echo(f"{verb} {result.config_file}; created {result.script_location}/")
-    _echo("next: dm revision -m 'describe the change', then dm upgrade heads")
+    enter = "" if directory.resolve() == Path.cwd() else f"cd {shlex.quote(str(directory))}, "
+    _echo(f"next: {enter}dm revision -m 'describe the change', then dm upgrade heads")
 
 
 @main.command()
@@ -451,6 +454,19 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 _TARGET_COMMAND = {"context_settings": {"ignore_unknown_options": True}}
 
 
+def _check_target(target: str) -> None:
+    """Refuse an option that was let through as the target (``--sql``, a typo...)."""
+    from .errors import UsageError
+
+    if target == "--sql":
+        raise UsageError(
+            "offline SQL (--sql) is not supported: revisions are Python code run against "
+            "the database; --dry-run shows the plan"
+        )
+    if target.startswith("--"):
+        raise UsageError(f"no such option: {target}")
+
+
 @main.command(**_TARGET_COMMAND)
 @click.argument("target", default="heads")
 @_run_options
@@ -464,6 +480,7 @@ def upgrade(
     as_json: bool,
 ) -> None:
     """Run upgrade() (and verify()) of every revision up to TARGET  [default: heads]."""
+    _check_target(target)
     from . import command
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
@@ -484,6 +501,7 @@ def downgrade(
     as_json: bool,
 ) -> None:
     """Run downgrade() of every applied revision above TARGET, newest first."""
+    _check_target(target)
     from . import command
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
@@ -498,6 +516,7 @@ def downgrade(
 @pass_invocation
 def stamp(invocation: Invocation, target: str, lock_timeout: float | None, as_json: bool) -> None:
     """Record revisions up to TARGET as applied without running them."""
+    _check_target(target)
     from . import command
 
     result = _run(command.stamp(invocation.settings(lock_timeout=lock_timeout), target))
@@ -528,8 +547,12 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
         _echo(f"nothing to {verb}: already at {result.target}")
     else:
         skipped = [s.revision for s in result.steps if s.status.value == "skipped"]
-        ran = len(result.steps) - len(skipped)
+        # Undoing a skipped upgrade runs nothing: it is recorded, not done (stamp records all).
+        recorded = [p for p in result.planned if p.action == "record" and verb != "stamp"]
+        ran = len(result.steps) - len(skipped) - len(recorded)
         also = f", {len(skipped)} skipped" if skipped else ""
+        if recorded:
+            also += f", {len(recorded)} recorded only (skipped here: nothing to undo)"
         _echo(f"{verb}: {ran} revision(s) done{also}, target {result.target}")
         reasons = {p.revision: p.reason for p in result.planned}
         for revision in skipped:
@@ -765,6 +788,7 @@ def run_revision(
     as_json: bool,
 ) -> None:
     """Run one revision's upgrade() and verify(); its ancestors must be applied."""
+    _check_target(rev)
     from . import operations
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
@@ -788,6 +812,7 @@ def rollback_revision(
     as_json: bool,
 ) -> None:
     """Run one revision's downgrade(); no applied revision may depend on it."""
+    _check_target(rev)
     from . import operations
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)

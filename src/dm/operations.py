@@ -391,9 +391,11 @@ async def info(settings: Settings) -> InfoResult:
         url = settings.redacted_url()
         tracker = tracker_for(settings)
     except DmError as exc:  # shown, not raised: info is where one looks at a bad setting
-        url = f"(invalid: {exc})"
+        configured = settings.database_url is not None
+        url = f"(invalid: {exc})" if configured else str(exc)
         tracker = Tracker(settings.tracker_table, settings.tracker_schema)
-        lock, holder = "unknown", "the database URL is invalid"
+        why = "the database URL is invalid" if configured else "no database configured"
+        lock, holder = "unknown", why
     else:
         try:
             lock, holder = await lock_state(settings, tracker)
