@@ -102,6 +102,11 @@ def test_sys_exit_json_error(project: Project) -> None:
 BLOCKERS = {
     "sleep": "time.sleep(60)",
     "cpu": "while True:\n    pass",
+    # A synchronous driver call: one long statement in C, on a connection of its own.
+    "sync_call": (
+        "sqlite3.connect(':memory:').execute('WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL "
+        "SELECT x + 1 FROM c WHERE x < 5000000000) SELECT count(*) FROM c').fetchall()"
+    ),
 }
 BOUND = 10.0  # seconds from the deadline or the signal to the end of dm
 
@@ -109,7 +114,7 @@ BOUND = 10.0  # seconds from the deadline or the signal to the end of dm
 def blocking_project(project: Project, blocker: str) -> Path:
     """r1 creates a table; r2 writes a row, says it started, then blocks the event loop."""
     started = project.root / "started"
-    extra = f"import time\nSTARTED = {str(started)!r}\n"
+    extra = f"import sqlite3\nimport time\nSTARTED = {str(started)!r}\n"
     project.write("r1", None, 'await session.execute(sa.text("CREATE TABLE t (x INTEGER)"))')
     body = (
         'await session.execute(sa.text("INSERT INTO t (x) VALUES (1)"))\n'
