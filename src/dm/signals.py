@@ -110,12 +110,14 @@ class _Listener:
         self._previous_fd = -1
 
     def start(self) -> None:
+        """Route SIGTERM and SIGINT to the listening thread."""
         for signum in _SIGNALS:
             signal.signal(signum, _noted)  # the number reaches the socket; nothing else to do
         self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
         self._thread.start()
 
     def stop(self) -> None:
+        """Restore the plain handlers and end the listening thread."""
         for signum in _SIGNALS:
             signal.signal(signum, _raise_interrupted)
         signal.set_wakeup_fd(self._previous_fd)
