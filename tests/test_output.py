@@ -35,7 +35,7 @@ def json_lines(stderr: str) -> list[dict[str, Any]]:
 ERRORS = [
     (("upgrade", "nope"), 2, "unknown_target"),
     (("run", "nope"), 2, "unknown_target"),
-    (("status",), 2, "database_unavailable"),
+    (("status",), 75, "database_unreachable"),
     (("upgrade", "heads"), 1, "revision_failed"),
 ]
 
@@ -46,8 +46,9 @@ def test_json_option_prints_the_error_as_json_on_stdout(
 ) -> None:
     project.write("r1", None, "1 / 0")
     env = {}
-    if kind == "database_unavailable":
+    if kind == "database_unreachable":
         env["DM_DATABASE_URL"] = "postgresql://nobody@127.0.0.1:1/none"
+        env["DM_CONNECT_RETRY_SECONDS"] = "0"
     result = run_dm(project, *args, "--json", env=env)
     assert result.returncode == code, result.stderr
     error = json.loads(result.stdout)["error"]

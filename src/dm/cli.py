@@ -191,7 +191,7 @@ def _kind(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if not isinstance(exc, DmError):
-        return "unexpected"
+        return "internal_error"
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
 
 
