@@ -10,13 +10,17 @@ must be exactly 1: no batch lost, none applied twice.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pty
 import random
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from typing import Any
 
@@ -169,12 +173,10 @@ def test_sigterm_during_the_throttle_pause_stops_at_once(project: Project) -> No
     assert counters(project) == {1: SIZE, 0: ROWS - SIZE}
 
 
-@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
-def test_a_terminal_gets_a_progress_bar(project: Project) -> None:
-    make_items(project)
-    body = BODY.replace(f"size={SIZE})", f"size={SIZE}, count=True)")
-    project.write(REV, None, body.replace("await asyncio.sleep(0.02)", "pass"), extra=EXTRA)
+def run_in_terminal(project: Project, columns: int) -> tuple[int, str]:
+    """Run ``dm upgrade heads`` with stderr on a real pseudo-terminal ``columns`` wide."""
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     with subprocess.Popen(
         [sys.executable, "-m", "dm", "upgrade", "heads"],
         cwd=project.root,
@@ -188,8 +190,66 @@ def test_a_terminal_gets_a_progress_bar(project: Project) -> None:
             while chunk := os.read(leader, 4096):
                 seen += chunk
         os.close(leader)
-    assert process.returncode == 0, seen
-    text = seen.decode()
-    assert f"\rupgrade {REV}: [{'#' * 24}] 200,000/200,000 rows (100%)" in text
-    assert "rows/s, done" in text
+    return process.returncode, seen.decode()
+
+
+def screen(output: str, columns: int) -> tuple[list[str], int]:
+    """Play ``output`` on a minimal terminal; return its lines and the widest write.
+
+    Handles what the bar uses: carriage return, newline and "clear to end of line".
+    The widest write is the furthest column the cursor reached on any line.
+    """
+    lines: list[str] = []
+    line: list[str] = []
+    cursor = widest = 0
+    output = output.replace("\r\n", "\n")  # the terminal's own newline translation
+    i = 0
+    while i < len(output):
+        if output.startswith("\x1b[K", i):
+            del line[cursor:]
+            i += 3
+            continue
+        char = output[i]
+        i += 1
+        if char == "\r":
+            cursor = 0
+        elif char == "\n":
+            lines.append("".join(line))
+            line, cursor = [], 0
+        else:
+            if cursor < len(line):
+                line[cursor] = char
+            else:
+                line.append(char)
+            cursor += 1
+            widest = max(widest, cursor)
+    if line:
+        lines.append("".join(line))
+    return lines, widest
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("columns", [80, 200])
+def test_a_terminal_gets_a_progress_bar_that_fits(project: Project, columns: int) -> None:
+    """The bar used to draw about 98 characters (a new line per redraw at 80 columns) and
+    to leave stale characters (``... done:00:00``) on a wide terminal."""
+    make_items(project)
+    body = BODY.replace(f"size={SIZE})", f"size={SIZE}, count=True)")
+    project.write(REV, None, body.replace("await asyncio.sleep(0.02)", "pass"), extra=EXTRA)
+
+    code, output = run_in_terminal(project, columns)
+
+    assert code == 0, output
+    draws = [part for part in output.split("\r") if part.startswith(f"upgrade {REV}: ")]
+    assert len(draws) > 2, output  # redrawn in place, more than once
+    for draw in draws:
+        visible = draw.split("\x1b[K")[0]
+        assert len(visible) < columns, draw
+    lines, _ = screen(output, columns)
+    bar_lines = [line for line in lines if line.startswith(f"upgrade {REV}: ")]
+    pattern = rf"upgrade {REV}: (\[#+\] )?200,000/200,000 rows \(100%\), [\d,]+ rows/s, done"
+    assert len(bar_lines) == 1, lines  # one line, redrawn in place
+    assert re.fullmatch(pattern, bar_lines[0]), bar_lines[0]  # nothing stale after "done"
+    if columns >= 120:
+        assert f"[{'#' * 24}]" in bar_lines[0]
     assert counters(project) == {1: ROWS}

@@ -42,6 +42,7 @@ ALLOWED: dict[str, set[str]] = {
         "signals",
         "transient",
         "urls",
+        "watchdog",
     },
     "command": {
         "errors",
@@ -82,8 +83,10 @@ ALLOWED: dict[str, set[str]] = {
     "runner": {
         *("batching", "graph", "hooks", "planning", "recording", "tracker", "errors"),
         "transient",
+        "watchdog",
     },
     "recording": {"errors", "graph", "planning", "tracker"},
+    "watchdog": {"db", "errors", "recording", "tracker"},
     "graph": {"_alembic_compat", "errors"},
     "_alembic_compat": set(),
     "tracker": {"errors", "state"},
@@ -93,7 +96,7 @@ ALLOWED: dict[str, set[str]] = {
     "transient": set(),
     "settings": {"urls", "errors"},
     "urls": {"errors"},
-    "signals": {"errors"},
+    "signals": {"errors", "watchdog"},
     "log": set(),
     "errors": set(),
     "templates": set(),

@@ -5,11 +5,13 @@ The only module that prints, reads options or picks exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import gc
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,12 +22,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import TextIO
 from typing import TypeVar
 
 import click
 
 from . import __version__
 from .errors import DmError
+from .errors import RevisionFailed
 from .errors import TransientFailure
 from .errors import describe_error
 from .transient import is_transient
@@ -39,8 +43,20 @@ T = TypeVar("T")
 
 EXIT_CHECK_FAILED = 4
 
+
+def _note_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    invocation = ctx.find_object(Invocation)
+    if invocation is not None and value:
+        invocation.as_json = True  # errors, too, are then printed as JSON on stdout
+    return value
+
+
 json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print the result as JSON on stdout."
+    "--json",
+    "as_json",
+    is_flag=True,
+    callback=_note_json,
+    help="Print the result (or the error) as JSON on stdout.",
 )
 
 
@@ -56,6 +72,10 @@ class Invocation:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     secrets: list[str] = dataclasses.field(default_factory=list)
     """Secret parts of the configured URLs: masked in every line dm writes."""
+    as_json: bool = False
+    stdout: TextIO = dataclasses.field(default_factory=lambda: sys.stdout)
+    """dm's own output; revision code's ``sys.stdout`` goes to the log instead."""
+    stderr: TextIO = dataclasses.field(default_factory=lambda: sys.stderr)
 
     def settings(self, **overrides: Any) -> Settings:
         """Resolve settings from options, environment, ini file and defaults."""
@@ -82,8 +102,37 @@ class Invocation:
 pass_invocation = click.make_pass_decorator(Invocation)
 
 
+class DmCommand(click.Command):
+    """Run a subcommand with ``sys.stdout`` (and, with JSON logs, ``sys.stderr``) sent to
+    the log.
+
+    Revision code runs inside dm (its module body when the graph loads, its hooks while
+    they run): what it prints becomes log lines, so dm's own output (``--json``) stays
+    clean and with JSON logs every stderr line stays one JSON object. dm prints through
+    the streams saved in ``Invocation``. Python-level only: a C extension writing to file
+    descriptor 1 itself is not redirected.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from . import log
+
+        invocation = ctx.find_object(Invocation)
+        with contextlib.ExitStack() as stack:
+            if invocation is not None:
+                out = log.OutputWriter("dm.output")
+                stack.callback(out.flush)  # a last line without a newline
+                stack.enter_context(contextlib.redirect_stdout(out))
+                if invocation.log_format == "json":
+                    err = log.OutputWriter("dm.output", "warning")
+                    stack.callback(err.flush)
+                    stack.enter_context(contextlib.redirect_stderr(err))
+            return super().invoke(ctx)
+
+
 class DmGroup(click.Group):
     """Turn ``DmError`` into one ``dm: error: ...`` line and its exit code."""
+
+    command_class = DmCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -92,11 +141,22 @@ class DmGroup(click.Group):
             _fail(ctx, str(exc), exc.exit_code, exc)
         except KeyboardInterrupt as exc:  # outside the event loop (e.g. while importing)
             _fail(ctx, "interrupted", 130, exc)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except click.ClickException as exc:
+            invocation = ctx.find_object(Invocation)
+            if invocation is None:  # the command name was refused before the group ran
+                log_format = ctx.params.get("log_format") or "text"
+                invocation = Invocation(None, None, None, False, log_format)
+            if not (invocation.as_json or invocation.log_format == "json"):
+                raise
+            _report(invocation, exc.format_message(), exc.exit_code, "usage_error")
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
         except BrokenPipeError:  # stdout closed early, e.g. `dm history | head`
+            invocation = ctx.find_object(Invocation)
+            stdout = invocation.stdout if invocation is not None else sys.stdout
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, stdout.fileno())
             ctx.exit(1)
         except Exception as exc:
             if is_transient(exc):  # e.g. the connection died between two revisions
@@ -107,6 +167,8 @@ class DmGroup(click.Group):
                 "with the output of --verbose"
             )
             _fail(ctx, message, 1, exc)
+        except BaseException as exc:  # SystemExit or CancelledError from code dm ran
+            _fail(ctx, f"unexpected {exc!r}", 1, exc)
 
 
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
@@ -114,12 +176,73 @@ def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> No
 
     invocation = ctx.find_object(Invocation)
     scrub = invocation.scrub if invocation is not None else mask_urls_in
+    trace = None
     if invocation is not None and invocation.verbose:
-        click.echo(scrub("".join(traceback.format_exception(exc)).rstrip()), err=True)
+        trace = scrub("".join(traceback.format_exception(exc)).rstrip())
     elif code == 1 and not isinstance(exc, DmError):
         message += " (run with --verbose for the traceback)"
-    click.echo(f"dm: error: {scrub(message)}", err=True)
+    extra = {"revision": exc.revision} if isinstance(exc, RevisionFailed) else {}
+    _report(invocation, scrub(message), code, _kind(exc), trace, **extra)
     ctx.exit(code)
+
+
+def _kind(exc: BaseException) -> str:
+    """Name the kind of an error for JSON output: ``revision_failed``, ``config_error``..."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if not isinstance(exc, DmError):
+        return "internal_error"
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
+def _report(
+    invocation: Invocation | None,
+    message: str,
+    code: int,
+    kind: str,
+    trace: str | None = None,
+    **extra: str,
+) -> None:
+    """Print the final error: ``dm: error: ...`` (or a JSON log line) on stderr, and with
+    ``--json`` also ``{"error": {...}}`` on stdout."""
+    error: dict[str, Any] = {"message": message, "exit_code": code, "kind": kind, **extra}
+    if invocation is not None and invocation.as_json:
+        click.echo(json.dumps({"error": error}, indent=2), file=invocation.stdout)
+    stderr = invocation.stderr if invocation is not None else sys.stderr
+    if invocation is not None and invocation.log_format == "json":
+        from .log import json_line
+
+        fields = {key: value for key, value in error.items() if key != "message"}
+        click.echo(json_line("error", "dm", message, traceback=trace, **fields), file=stderr)
+        return
+    if trace:
+        click.echo(trace, file=stderr)
+    click.echo(f"dm: error: {message}", file=stderr)
+
+
+def _current() -> Invocation | None:
+    ctx = click.get_current_context(silent=True)
+    return ctx.find_object(Invocation) if ctx is not None else None
+
+
+def _echo(message: str = "", *, err: bool = False) -> None:
+    """Print on dm's own stdout (or stderr), which revision code cannot write to."""
+    invocation = _current()
+    if invocation is None:
+        click.echo(message, err=err)
+    else:
+        click.echo(message, file=invocation.stderr if err else invocation.stdout)
+
+
+def _note(message: str) -> None:
+    """Tell the user something on stderr: a plain line, or a JSON log line."""
+    invocation = _current()
+    if invocation is not None and invocation.log_format == "json":
+        import logging
+
+        logging.getLogger("dm").info(message)
+    else:
+        _echo(message, err=True)
 
 
 @click.group(cls=DmGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -169,7 +292,10 @@ def main(
     from .urls import secrets_of
 
     secrets = [database_url, *secrets_of(database_url)] if database_url else []
-    ctx.obj = Invocation(config_file, section, database_url, verbose, log_format, secrets=secrets)
+    invocation = Invocation(
+        config_file, section, database_url, verbose, log_format, secrets=secrets
+    )
+    ctx.obj = invocation
     log.configure(
         verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=mask_urls_in
     )
@@ -177,7 +303,13 @@ def main(
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    from . import watchdog
     from .signals import run_until_signal
+
+    invocation = _current()
+
+    def report(message: str, code: int, kind: str) -> None:
+        _report(invocation, message, code, kind)
 
     # What is loaded by now (click, SQLAlchemy, dm...) lives to the end of the command:
     # frozen, it is left out of the collector's full passes, which a batched run over
@@ -185,13 +317,14 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     # dm.batched backfill, bench/batched.py). Unfrozen afterwards for an embedding process.
     gc.freeze()
     try:
-        return run_until_signal(coro)
+        with watchdog.installed(report):
+            return run_until_signal(coro)
     finally:
         gc.unfreeze()
 
 
 def _emit_json(value: Any) -> None:
-    click.echo(json.dumps(_jsonable(value), indent=2, sort_keys=False))
+    _echo(json.dumps(_jsonable(value), indent=2, sort_keys=False))
 
 
 def _jsonable(value: Any) -> Any:
@@ -216,12 +349,15 @@ def _jsonable(value: Any) -> Any:
 @pass_invocation
 def init(invocation: Invocation, directory: Path) -> None:
     """Create a dm project: alembic.ini (or dm's section in it) and data_migrations/."""
+    import shlex
+
     from . import command
 
     result = command.init(directory, section=invocation.section or "data_migrations")
     verb = "added a section to" if result.appended_section else "wrote"
-    click.echo(f"{verb} {result.config_file}; created {result.script_location}/")
-    click.echo("next: dm revision -m 'describe the change', then dm upgrade heads")
+    _echo(f"{verb} {result.config_file}; created {result.script_location}/")
+    enter = "" if directory.resolve() == Path.cwd() else f"cd {shlex.quote(str(directory))}, "
+    _echo(f"next: {enter}dm revision -m 'describe the change', then dm upgrade heads")
 
 
 @main.command()
@@ -266,7 +402,7 @@ def revision(
     if as_json:
         _emit_json(info)
     else:
-        click.echo(f"created {info.revision}: {info.path}")
+        _echo(f"created {info.revision}: {info.path}")
 
 
 @main.command()
@@ -293,7 +429,7 @@ def merge(
     if as_json:
         _emit_json(info)
     else:
-        click.echo(f"created merge {info.revision}: {info.path}")
+        _echo(f"created merge {info.revision}: {info.path}")
 
 
 # -- running -----------------------------------------------------------------------------------
@@ -318,6 +454,19 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 _TARGET_COMMAND = {"context_settings": {"ignore_unknown_options": True}}
 
 
+def _check_target(target: str) -> None:
+    """Refuse an option that was let through as the target (``--sql``, a typo...)."""
+    from .errors import UsageError
+
+    if target == "--sql":
+        raise UsageError(
+            "offline SQL (--sql) is not supported: revisions are Python code run against "
+            "the database; --dry-run shows the plan"
+        )
+    if target.startswith("--"):
+        raise UsageError(f"no such option: {target}")
+
+
 @main.command(**_TARGET_COMMAND)
 @click.argument("target", default="heads")
 @_run_options
@@ -331,6 +480,7 @@ def upgrade(
     as_json: bool,
 ) -> None:
     """Run upgrade() (and verify()) of every revision up to TARGET  [default: heads]."""
+    _check_target(target)
     from . import command
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
@@ -351,6 +501,7 @@ def downgrade(
     as_json: bool,
 ) -> None:
     """Run downgrade() of every applied revision above TARGET, newest first."""
+    _check_target(target)
     from . import command
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
@@ -365,6 +516,7 @@ def downgrade(
 @pass_invocation
 def stamp(invocation: Invocation, target: str, lock_timeout: float | None, as_json: bool) -> None:
     """Record revisions up to TARGET as applied without running them."""
+    _check_target(target)
     from . import command
 
     result = _run(command.stamp(invocation.settings(lock_timeout=lock_timeout), target))
@@ -385,22 +537,26 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
         return
     if result.dry_run:
         if not result.planned:
-            click.echo(f"nothing to {verb}: already at {result.target}")
+            _echo(f"nothing to {verb}: already at {result.target}")
         for step in result.planned:
             reversible = "" if step.reversible else "  (irreversible)"
             action = "" if step.reason is None else f"  [{step.action}: {step.reason}]"
-            click.echo(f"{step.direction} {step.revision}  {step.description}{reversible}{action}")
+            _echo(f"{step.direction} {step.revision}  {step.description}{reversible}{action}")
         return
     if result.nothing_to_do:
-        click.echo(f"nothing to {verb}: already at {result.target}")
+        _echo(f"nothing to {verb}: already at {result.target}")
     else:
         skipped = [s.revision for s in result.steps if s.status.value == "skipped"]
-        ran = len(result.steps) - len(skipped)
+        # Undoing a skipped upgrade runs nothing: it is recorded, not done (stamp records all).
+        recorded = [p for p in result.planned if p.action == "record" and verb != "stamp"]
+        ran = len(result.steps) - len(skipped) - len(recorded)
         also = f", {len(skipped)} skipped" if skipped else ""
-        click.echo(f"{verb}: {ran} revision(s) done{also}, target {result.target}")
+        if recorded:
+            also += f", {len(recorded)} recorded only (skipped here: nothing to undo)"
+        _echo(f"{verb}: {ran} revision(s) done{also}, target {result.target}")
         reasons = {p.revision: p.reason for p in result.planned}
         for revision in skipped:
-            click.echo(f"skipped {revision}: {reasons.get(revision)}")
+            _echo(f"skipped {revision}: {reasons.get(revision)}")
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -418,10 +574,10 @@ def current(invocation: Invocation, as_json: bool) -> None:
         _emit_json({"heads": result.heads})
         return
     if not result.heads:
-        click.echo("(nothing applied)", err=True)
+        _note("(nothing applied)")
     for rev in result.heads:
         line = f"{rev} (head)" if rev in result.graph_heads else rev
-        click.echo(f"{line} (skipped)" if rev in result.skipped else line)
+        _echo(f"{line} (skipped)" if rev in result.skipped else line)
 
 
 @main.command()
@@ -486,7 +642,7 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        click.echo("  ".join([*cells, row[-1]]).rstrip())
+        _echo("  ".join([*cells, row[-1]]).rstrip())
 
 
 @main.command()
@@ -514,7 +670,7 @@ def check(invocation: Invocation, allow_modified: bool, as_json: bool) -> None:
         )
     else:
         if result.ok:
-            click.echo("ok: every revision is applied")
+            _echo("ok: every revision is applied")
         for label, revisions in (
             ("pending", result.pending),
             ("failed", result.failed),
@@ -524,7 +680,7 @@ def check(invocation: Invocation, allow_modified: bool, as_json: bool) -> None:
             ("modified since applied", result.modified),
         ):
             if revisions:
-                click.echo(f"{label}: {', '.join(revisions)}")
+                _echo(f"{label}: {', '.join(revisions)}")
     if not result.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
 
@@ -595,18 +751,18 @@ def _render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) 
         )
         labels = f" ({', '.join(info.branch_labels)})" if info.branch_labels else ""
         if not detailed:
-            click.echo(f"{parents} -> {info.revision}{labels}{marks}, {info.description}")
+            _echo(f"{parents} -> {info.revision}{labels}{marks}, {info.description}")
             continue
-        click.echo(f"Rev: {info.revision}{labels}{marks}")
-        click.echo(f"Parent: {parents}")
+        _echo(f"Rev: {info.revision}{labels}{marks}")
+        _echo(f"Parent: {parents}")
         if info.depends_on:
-            click.echo(f"Also depends on: {', '.join(info.depends_on)}")
-        click.echo(f"Reversible: {'yes' if info.reversible else 'no'}")
-        click.echo(f"Path: {info.path}")
-        click.echo("")
+            _echo(f"Also depends on: {', '.join(info.depends_on)}")
+        _echo(f"Reversible: {'yes' if info.reversible else 'no'}")
+        _echo(f"Path: {info.path}")
+        _echo("")
         for line in (info.doc or info.description).splitlines():
-            click.echo(f"    {line}".rstrip())
-        click.echo("")
+            _echo(f"    {line}".rstrip())
+        _echo("")
 
 
 main.add_command(history, name="list")  # the old framework's name for it
@@ -632,12 +788,13 @@ def run_revision(
     as_json: bool,
 ) -> None:
     """Run one revision's upgrade() and verify(); its ancestors must be applied."""
+    _check_target(rev)
     from . import operations
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
     result = _run(operations.run(settings, rev, force=force, reason=reason, dry_run=dry_run))
     if result.nothing_to_do and not as_json:
-        click.echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
+        _echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
         return
     _render_run(result, "run", as_json)
 
@@ -655,12 +812,13 @@ def rollback_revision(
     as_json: bool,
 ) -> None:
     """Run one revision's downgrade(); no applied revision may depend on it."""
+    _check_target(rev)
     from . import operations
 
     settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
     result = _run(operations.rollback(settings, rev, dry_run=dry_run))
     if result.nothing_to_do and not as_json:
-        click.echo(f"nothing to roll back: {result.target} is not applied")
+        _echo(f"nothing to roll back: {result.target} is not applied")
         return
     _render_run(result, "rollback", as_json)
 
@@ -694,10 +852,43 @@ def resolve(
     if as_json:
         _emit_json(result)
     else:
-        click.echo(
+        _echo(
             f"{result.revision}: recorded {result.status} (was {result.previous_status}) "
             f"by {result.run_by}; {result.reason}"
         )
+
+
+@main.command("log")
+@click.argument("rev")
+@json_option
+@pass_invocation
+def log_command(invocation: Invocation, rev: str, as_json: bool) -> None:
+    """Show every attempt of revision REV, oldest first, with its error and traceback."""
+    from . import operations
+
+    records = _run(operations.attempts(invocation.settings(), rev))
+    if as_json:
+        _emit_json(records)
+        return
+    if not records:
+        _note(f"{rev}: no attempt recorded")
+    for record in records:
+        when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"
+        took = f", {record.duration_ms} ms" if record.duration_ms is not None else ""
+        who = record.pod_name or record.run_by or "-"
+        _echo(
+            f"attempt {record.attempt}: {record.direction} {record.status} "
+            f"at {when} UTC{took}, by {who} (run {record.run_id})"
+        )
+        for label, value in (("reason", record.reason), ("error", record.error_message)):
+            if value:
+                _echo(f"  {label}: {value}")
+        if record.checkpoint:
+            _echo(f"  checkpoint: {_describe_checkpoint(record.checkpoint)}")
+        if record.error_traceback:
+            _echo("  traceback:")
+            for line in record.error_traceback.rstrip().splitlines():
+                _echo(f"    {line}".rstrip())
 
 
 @main.command()
@@ -713,10 +904,10 @@ def verify(invocation: Invocation, revisions: tuple[str, ...], as_json: bool) ->
         _emit_json({"ok": result.ok, "outcomes": result.outcomes})
     else:
         if not result.outcomes:
-            click.echo("nothing applied to verify")
+            _echo("nothing applied to verify")
         for outcome in result.outcomes:
             error = f": {outcome.error}" if outcome.error else ""
-            click.echo(f"{outcome.result:<12} {outcome.revision}  {outcome.description}{error}")
+            _echo(f"{outcome.result:<12} {outcome.revision}  {outcome.description}{error}")
     if not result.ok:
         raise click.exceptions.Exit(1)
 
@@ -742,7 +933,7 @@ def info(invocation: Invocation, as_json: bool) -> None:
         ("lock", lock),
         ("versions", ", ".join(f"{k} {v}" for k, v in result.versions.items())),
     ):
-        click.echo(f"{label + ':':<13}{value}")
+        _echo(f"{label + ':':<13}{value}")
 
 
 if __name__ == "__main__":  # pragma: no cover

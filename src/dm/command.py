@@ -466,18 +466,32 @@ def merge(
     branch_label: str | None = None,
     rev_id: str | None = None,
 ) -> RevisionInfo:
-    """Create a revision that merges ``revisions`` (default: every head)."""
+    """Create a revision that merges ``revisions`` (default: every head).
+
+    :param message: the merge's description; default ``merge <rev> and <rev>``.
+    :raises UsageError: fewer than two distinct revisions to merge.
+    """
     from alembic import command as alembic_command
 
     config = _quiet(settings.alembic_config())
     graph = Graph.from_config(config)
+    targets = list(revisions) or ["heads"]
+    parents = sorted({script.revision for target in targets for script in graph.resolve(target)})
+    if len(parents) < 2:
+        found = ", ".join(parents) or "none"
+        raise UsageError(
+            f"nothing to merge: {' '.join(targets)} names fewer than two revisions ({found}); "
+            "a merge joins two or more heads"
+        )
+    if message is None or not message.strip():
+        message = "merge " + " and ".join(parents)
     if rev_id is not None:
         check_new_revision_id(graph, rev_id, revisions)
     with _remove_on_failure(graph):
         try:
             script = alembic_command.merge(
                 config,
-                list(revisions) or ["heads"],
+                targets,
                 message=message,
                 branch_label=branch_label,
                 rev_id=rev_id,

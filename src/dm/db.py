@@ -40,14 +40,21 @@ RETRY_MAX_PAUSE = 4.0
 
 
 def create_engine(
-    url: URL, *, application_name: str = "dm", autocommit: bool = False
+    url: URL,
+    *,
+    application_name: str = "dm",
+    autocommit: bool = False,
+    timeout: float | None = None,
 ) -> AsyncEngine:
-    """Return an engine without a pool: dm holds one connection per purpose."""
+    """Return an engine without a pool: dm holds one connection per purpose.
+
+    :param timeout: seconds to connect (PostgreSQL) or to wait for a lock (SQLite).
+    """
     connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql":
         url, from_url = connect_arguments(url)
-        connect_args["timeout"] = CONNECT_TIMEOUT
+        connect_args["timeout"] = timeout or CONNECT_TIMEOUT
         connect_args.update(from_url)
         # The URL's own application_name (and `options` settings) win over dm's.
         connect_args["server_settings"] = {
@@ -55,7 +62,7 @@ def create_engine(
             **from_url.get("server_settings", {}),
         }
     else:
-        connect_args["timeout"] = SQLITE_BUSY_TIMEOUT
+        connect_args["timeout"] = timeout or SQLITE_BUSY_TIMEOUT
     if autocommit:
         options["isolation_level"] = "AUTOCOMMIT"
     engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args, **options)

@@ -112,6 +112,8 @@ class Revision:
         hooks = [_hook(module, name) for name in HOOKS]
         upgrade, downgrade, verify = hooks
         if upgrade is None:
+            if hasattr(module, "upgrade"):
+                raise _Problem("upgrade is None; it must be 'async def upgrade(session)'")
             raise _Problem(
                 "missing 'async def upgrade(session)' (or Alembic-style 'def upgrade()')"
             )
@@ -262,8 +264,16 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
             warnings.simplefilter("ignore")
             return compat.load_scripts(script_dir)
     except SyntaxError as exc:
-        where = display_path(exc.filename) if exc.filename else "revision file"
-        raise RevisionFileError(f"{where}:{exc.lineno}: syntax error: {exc.msg}") from None
+        if not exc.filename:  # e.g. a NUL byte: Python names no file
+            where = _file_with_nul(version_dirs)
+            if where is not None:
+                raise RevisionFileError(
+                    f"{where}: contains a NUL byte; a revision file must be Python source text"
+                ) from None
+            where = f"a revision file under {display_path(script_dir.versions)}"
+            raise RevisionFileError(f"{where}: syntax error: {exc.msg}") from None
+        where = f"{display_path(exc.filename)}:{exc.lineno}"
+        raise RevisionFileError(f"{where}: syntax error: {exc.msg}") from None
     except CommandError as exc:
         raise RevisionFileError(one_line(exc)) from None
     except CycleDetected as exc:  # a revision that names itself as its parent
@@ -271,7 +281,7 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
         raise RevisionFileError(
             f"{where}: down_revision names the revision itself (a loop): {one_line(exc)}"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in a module body too
         where = _failing_file(exc, version_dirs) or display_path(script_dir.versions)
         raise RevisionFileError(
             f"{where}: cannot import: {type(exc).__name__}: {one_line(exc)}"
@@ -290,6 +300,17 @@ def _loading_file(exc: BaseException) -> str | None:
             found = display_path(path)
         tb = tb.tb_next
     return found
+
+
+def _file_with_nul(version_dirs: list[Path]) -> str | None:
+    for directory in version_dirs:
+        for path in sorted(directory.rglob("*.py")):
+            try:
+                if b"\x00" in path.read_bytes():
+                    return display_path(path)
+            except OSError:
+                continue
+    return None
 
 
 def _failing_file(exc: BaseException, version_dirs: list[Path]) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from datetime import UTC
 from datetime import datetime
+from typing import Any
 
 _HANDLER_NAME = "dm"
 
@@ -43,24 +45,63 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def json_line(
+    level: str, logger: str, message: str, *, created: float | None = None, **fields: Any
+) -> str:
+    """Return one JSON log line: ts, level, logger, message, then ``fields`` (None dropped)."""
+    when = datetime.now(UTC) if created is None else datetime.fromtimestamp(created, UTC)
+    entry = {
+        "ts": when.isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+    }
+    entry.update({key: value for key, value in fields.items() if value is not None})
+    return json.dumps(entry, default=str)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message (and progress, traceback)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        progress = getattr(record, "progress", None)
-        if progress is not None:
-            entry["progress"] = progress
-        if record.exc_text:
-            entry["traceback"] = record.exc_text
-        elif record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return json_line(
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            created=record.created,
+            progress=getattr(record, "progress", None),
+            traceback=record.exc_text
+            or (self.formatException(record.exc_info) if record.exc_info else None),
+        )
+
+
+class OutputWriter(io.TextIOBase):
+    """A text stream whose every line becomes a log record of ``logger`` at ``level``.
+
+    Stands in for ``sys.stdout`` (and, with JSON logs, ``sys.stderr``) while dm runs, so
+    what revision code prints reaches the log instead of dm's own output.
+    """
+
+    def __init__(self, logger: str, level: str = "info") -> None:
+        super().__init__()
+        self._log = logging.getLogger(logger)
+        self._level = logging.getLevelName(level.upper())
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        for line in lines:
+            self._log.log(self._level, "%s", line.rstrip("\r"))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            line, self._pending = self._pending, ""
+            self._log.log(self._level, "%s", line)
 
 
 class TextFormatter(logging.Formatter):

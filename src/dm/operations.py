@@ -108,6 +108,30 @@ class InfoResult:
     versions: dict[str, str]
 
 
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One attempt of a revision as the tracker holds it, error and traceback included."""
+
+    id: int
+    revision: str
+    attempt: int
+    direction: str
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    duration_ms: int | None
+    reason: str | None
+    error_message: str | None
+    error_traceback: str | None
+    run_id: str
+    run_by: str | None
+    pod_name: str | None
+    environment: str | None
+    dm_version: str | None
+    checksum: str | None
+    checkpoint: dict[str, object] | None
+
+
 # -- one revision at a time ----------------------------------------------------------------------
 
 
@@ -236,6 +260,61 @@ async def resolve(
         )
 
 
+# -- attempts -----------------------------------------------------------------------------------
+
+
+async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
+    """Return every attempt of ``revision``, oldest first, with errors and tracebacks.
+
+    :param revision: anything that names one revision file, or the exact id of a revision
+        whose file is gone but which has rows in the tracker.
+    :raises UnknownTarget: nothing is known of ``revision``.
+    """
+    from .tracker import as_utc
+
+    graph = load_graph(settings)
+    rev = revision if not graph.known(revision) and _plain_id(revision) else None
+    if rev is None:
+        rev = _one(graph, revision).id
+    async with open_database(settings) as db:
+        rows = []
+        if not db._file_missing():
+            conn = await db.conn()
+            async with conn.begin():
+                if await db.tracker.layout(conn) is not None:
+                    rows = await db.tracker.history(conn, rev)
+    if not rows and not graph.known(rev):
+        raise UnknownTarget(f"no revision matches {revision!r}, and the tracker has no rows of it")
+    return [
+        AttemptRecord(
+            id=row.id,
+            revision=row.revision,
+            attempt=row.attempt,
+            direction=row.direction,
+            status=row.status,
+            started_at=as_utc(row.started_at),
+            finished_at=as_utc(row.finished_at),
+            duration_ms=row.duration_ms,
+            reason=row.reason,
+            error_message=row.error_message,
+            error_traceback=row.error_traceback,
+            run_id=row.run_id,
+            run_by=row.run_by,
+            pod_name=row.pod_name,
+            environment=row.environment,
+            dm_version=row.dm_version,
+            checksum=row.checksum,
+            checkpoint=row.checkpoint,
+        )
+        for row in rows
+    ]
+
+
+def _plain_id(revision: str) -> bool:
+    """Return whether ``revision`` looks like a revision id rather than a symbolic target."""
+    return bool(revision) and all(c.isalnum() or c in "_-" for c in revision)
+
+
 # -- verify -------------------------------------------------------------------------------------
 
 
@@ -264,7 +343,8 @@ async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyRes
         for script in scripts:
             rev = graph.revision(script.revision)
             outcome = await _verify_one(await db.conn(), rev, settings.timeout)
-            log.info("verify %s: %s", script.revision, outcome.result)
+            # The CLI prints each outcome; at INFO the terminal would show it twice.
+            log.debug("verify %s: %s", script.revision, outcome.result)
             outcomes.append(outcome)
         return VerifyResult(outcomes)
 
@@ -311,9 +391,11 @@ async def info(settings: Settings) -> InfoResult:
         url = settings.redacted_url()
         tracker = tracker_for(settings)
     except DmError as exc:  # shown, not raised: info is where one looks at a bad setting
-        url = f"(invalid: {exc})"
+        configured = settings.database_url is not None
+        url = f"(invalid: {exc})" if configured else str(exc)
         tracker = Tracker(settings.tracker_table, settings.tracker_schema)
-        lock, holder = "unknown", "the database URL is invalid"
+        why = "the database URL is invalid" if configured else "no database configured"
+        lock, holder = "unknown", why
     else:
         try:
             lock, holder = await lock_state(settings, tracker)
@@ -359,10 +441,12 @@ async def lock_state(settings: Settings, tracker: Tracker) -> tuple[str, str | N
 
 
 __all__ = [
+    "AttemptRecord",
     "InfoResult",
     "ResolveResult",
     "VerifyOutcome",
     "VerifyResult",
+    "attempts",
     "info",
     "lock_state",
     "resolve",

@@ -131,7 +131,9 @@ def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
         try:
             down = graph.downgrade_path(target, applied)
         except UnknownTarget:
-            raise upward_error from None
+            # Graph errors say "cannot upgrade to ...": say what the user asked for.
+            reason = str(upward_error).partition(": ")[2] or str(upward_error)
+            raise UnknownTarget(f"cannot stamp {target!r}: {reason}") from None
         return _recorded(down, False)
     if up or target == "heads":
         return _recorded(up, True)

@@ -9,6 +9,7 @@ API keeps the default, log lines.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ LOG_INTERVAL = 5.0
 
 _BAR_INTERVAL = 0.2
 _BAR_WIDTH = 24
+_MIN_BAR_WIDTH = 8
+_DEFAULT_COLUMNS = 80
+_CLEAR_TO_END = "\x1b[K"
 
 _style = {"bar": False}
 
@@ -116,15 +120,40 @@ class Progress:
         )
 
     def _draw(self, figures: Figures, final: bool) -> None:
-        if figures.total:
-            filled = min(int(_BAR_WIDTH * figures.done / figures.total), _BAR_WIDTH)
-            bar = "[" + "#" * filled + "." * (_BAR_WIDTH - filled) + "] "
-        else:
-            bar = ""
-        line = f"\r{self.label}: {bar}{describe(figures, final=final)}"
-        self._stream.write(line.ljust(80) + ("\n" if final else ""))
+        line = bar_line(self.label, figures, final, _columns(self._stream))
+        # Back to the start of the line, draw, and clear what a longer earlier line left.
+        self._stream.write(f"\r{line}{_CLEAR_TO_END}" + ("\n" if final else ""))
         self._stream.flush()
         self._drawn = not final
+
+
+def bar_line(label: str, figures: Figures, final: bool, columns: int) -> str:
+    """Return the bar's line, at most ``columns - 1`` characters (the cursor stays on it).
+
+    The bar shrinks (down to ``_MIN_BAR_WIDTH``, then goes) before the figures are cut;
+    the label is shortened last.
+    """
+    text = describe(figures, final=final)
+    room = max(columns - 1, 1)
+    width = min(_BAR_WIDTH, room - len(label) - len(text) - 5)  # ": " + "[" + "] "
+    bar = ""
+    if figures.total and width >= _MIN_BAR_WIDTH:
+        filled = min(int(width * figures.done / figures.total), width)
+        bar = "[" + "#" * filled + "." * (width - filled) + "] "
+    line = f"{label}: {bar}{text}"
+    if len(line) > room:
+        keep = max(room - len(text) - 3, 0)  # "…: "
+        line = f"{label[:keep]}\u2026: {text}" if keep else text
+    return line[:room]
+
+
+def _columns(stream: TextIO) -> int:
+    """Return the width of the terminal ``stream`` writes to (80 when it cannot be known)."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return _DEFAULT_COLUMNS
+    return columns or _DEFAULT_COLUMNS
 
 
 def describe(figures: Figures, *, final: bool = False) -> str:

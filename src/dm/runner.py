@@ -33,17 +33,20 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from . import watchdog
 from .batching import RunContext
 from .batching import run_context
 from .errors import FenceLost
 from .errors import RevisionFailed
 from .errors import TransientRevisionFailure
 from .errors import describe_error
+from .graph import Hook
 from .graph import Revision
 from .graph import checksum
 from .hooks import call_hook
@@ -91,6 +94,14 @@ class TransactionEnded(Exception):
     """A transactional revision's code committed or rolled back dm's transaction itself."""
 
 
+class HookExited(Exception):
+    """Revision code raised ``SystemExit``, ``KeyboardInterrupt`` or ``CancelledError``.
+
+    Such an exception is a failure of the revision, not a request to stop dm: exit codes
+    other than 0, 1 and 2 come only from dm's own lock and signal handling.
+    """
+
+
 class RevisionTimedOut(Exception):
     """The revision ran longer than its time limit."""
 
@@ -117,6 +128,7 @@ class Runner:
         self._session_ready = False
         sync = self.conn.sync_connection
         self._isolation_level = sync.default_isolation_level if sync else None
+        self._rescue: watchdog.Rescue | None = None
 
     async def run(self, steps: Sequence[Step]) -> list[StepResult]:
         """Run ``steps`` in order; stop at the first failure.
@@ -166,6 +178,14 @@ class Runner:
             resume=resume,
             save_checkpoint=functools.partial(self.recorder.save_checkpoint, attempt_id),
         )
+        dog = watchdog.active()
+        if dog is not None:
+            if self._rescue is None:
+                self._rescue = await watchdog.rescue_for(
+                    self.conn, self.recorder.tracker, self.recorder.run
+                )
+            limit = _timeout_of(step, self.timeout)
+            dog.arm(step.revision, attempt_id, limit, self._rescue)
         try:
             if step.transactional:
                 # Not ``async with begin()``: an autocommit block commits this transaction
@@ -197,6 +217,9 @@ class Runner:
             if isinstance(exc, Exception):
                 raise RevisionFailed(step.revision, message) from exc
             raise
+        finally:
+            if dog is not None:
+                dog.disarm()
         duration = _elapsed_ms(started)
         log.info("%s: %s in %d ms", label, final.value, duration)
         return StepResult(step.revision, step.direction, final, duration, step.description)
@@ -299,7 +322,7 @@ class Runner:
     async def _hooks(self, step: Step, session: AsyncSession) -> None:
         hook = step.rev.upgrade if step.is_upgrade else step.rev.downgrade
         assert hook is not None  # planning refuses to run a missing downgrade()
-        await call_hook(hook, session)
+        await _call_hook(step.direction, hook, session)
         if step.is_upgrade and step.rev.verify is not None:
             await _settle(step, session)
             failure = await check_verify(step.rev, session)
@@ -351,7 +374,7 @@ class Runner:
             await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
 
     def _describe(self, step: Step, exc: BaseException) -> str:
-        if isinstance(exc, RevisionTimedOut | TransactionEnded):
+        if isinstance(exc, RevisionTimedOut | TransactionEnded | HookExited):
             return str(exc)
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return "interrupted"
@@ -405,12 +428,29 @@ async def check_verify(rev: Revision, session: AsyncSession) -> str | None:
     """
     assert rev.verify is not None
     try:
-        outcome = await call_hook(rev.verify, session)
-    except (DBAPIError, TimeoutError):
+        outcome = await _call_hook("verify", rev.verify, session)
+    except (DBAPIError, TimeoutError, HookExited):
         raise
     except Exception as exc:
         return f"verify() raised {describe_error(exc)}"
     return None if outcome is True else f"verify() returned {outcome!r}"
+
+
+async def _call_hook(name: str, hook: Hook, session: AsyncSession) -> Any:
+    """Await ``hook(session)``, turning an exit or cancellation it raises into ``HookExited``.
+
+    A cancellation dm asked for (a signal, the time limit, the lost lock) cancels this task,
+    so ``cancelling()`` is non-zero and it passes through; a ``CancelledError`` with no
+    pending cancellation, ``SystemExit`` and ``KeyboardInterrupt`` come from revision code
+    (dm turns SIGINT into a cancellation, never into ``KeyboardInterrupt``, while it runs).
+    """
+    try:
+        return await call_hook(hook, session)
+    except (SystemExit, KeyboardInterrupt, asyncio.CancelledError) as exc:
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise
+        raise HookExited(f"{name}() raised {exc!r}") from exc
 
 
 async def _settle(step: Step, session: AsyncSession) -> None:

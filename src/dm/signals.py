@@ -9,13 +9,20 @@ never by the programmatic API (an application keeps its own signal handling).
 dm installs real handlers rather than relying on the default action because, as PID 1 of
 a container (no tini), a process *ignores* SIGTERM unless it handles it. Outside the event
 loop (while it starts and stops) a plain handler raises ``Interrupted`` directly.
+
+While the loop runs, signals are read by a thread of their own (``signal.set_wakeup_fd``
+writes each signal's number to a socket as soon as it arrives, whatever the main thread is
+doing): it hands the signal to the loop and tells the watchdog (``dm.watchdog``), which
+ends dm from outside if revision code keeps the loop too busy to act on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from collections.abc import Coroutine
@@ -23,6 +30,7 @@ from types import FrameType
 from typing import Any
 from typing import TypeVar
 
+from . import watchdog
 from .errors import Interrupted
 
 T = TypeVar("T")
@@ -70,8 +78,8 @@ async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
             log.warning("%s received: already stopping, please wait", signum.name)
         received.append(signum)
 
-    for signum in _SIGNALS:
-        loop.add_signal_handler(signum, on_signal, signum)
+    listener = _Listener(loop, on_signal)
+    listener.start()
     try:
         return await coro
     except asyncio.CancelledError:
@@ -85,9 +93,56 @@ async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
             raise _interrupted(received[0]) from exc
         raise
     finally:
+        listener.stop()
+
+
+class _Listener:
+    """Read signals in a thread and hand them to the event loop and the watchdog."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[signal.Signals], None]
+    ) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._thread = threading.Thread(target=self._listen, name="dm-signals", daemon=True)
+        self._previous_fd = -1
+
+    def start(self) -> None:
+        """Route SIGTERM and SIGINT to the listening thread."""
         for signum in _SIGNALS:
-            loop.remove_signal_handler(signum)
+            signal.signal(signum, _noted)  # the number reaches the socket; nothing else to do
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Restore the plain handlers and end the listening thread."""
+        for signum in _SIGNALS:
             signal.signal(signum, _raise_interrupted)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._write.close()  # the thread reads the end of the stream and returns
+        self._thread.join(timeout=1.0)
+        self._read.close()
+
+    def _listen(self) -> None:
+        numbers = {s.value: s for s in _SIGNALS}
+        while True:
+            try:
+                data = self._read.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for number in data:
+                if number in numbers:
+                    watchdog.note_signal(numbers[number])
+                    with contextlib.suppress(RuntimeError):  # the loop already closed
+                        self._loop.call_soon_threadsafe(self._callback, numbers[number])
+
+
+def _noted(signum: int, frame: FrameType | None) -> None:
+    """Do nothing: the signal's number was written to the listener's socket."""
 
 
 def _interrupted(signum: signal.Signals) -> Interrupted:
