@@ -32,12 +32,18 @@ from conftest import pg_user
 from conftest import run_dm
 from conftest import status_of
 from dm.cli import main
-from test_graph import BAD_REVISION_FILES
-from test_graph import BadFiles
-from test_graph import write_bad_files
+from support.revisions import BAD_REVISION_FILES
+from support.revisions import BadFiles
+from support.revisions import current_lines
+from support.revisions import error_line
+from support.revisions import insert_log
+from support.revisions import logged
+from support.revisions import logged_rev
+from support.revisions import make_log
+from support.revisions import rows
+from support.revisions import write_bad_files
 
 A, B, C = "aaaa1111", "bbbb2222", "cccc3333"
-LOG_TABLE = "log_entries"
 ALEMBIC = Path(sys.executable).parent / "alembic"
 SQLITE_ONLY = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 
@@ -51,40 +57,6 @@ def _no_bytecode(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- helpers ----------------------------------------------------------------------------
 
 
-def insert_log(rev: str) -> str:
-    return f"await session.execute(sa.text(\"INSERT INTO {LOG_TABLE} (rev) VALUES ('{rev}')\"))"
-
-
-def delete_log(rev: str) -> str:
-    return f"await session.execute(sa.text(\"DELETE FROM {LOG_TABLE} WHERE rev = '{rev}'\"))"
-
-
-def logged_rev(
-    project: Project,
-    rev: str,
-    down: str | tuple[str, ...] | None,
-    *,
-    reversible: bool = True,
-    fail: str | None = None,
-    **kw: Any,
-) -> Path:
-    """Write ``rev``: upgrade logs it (then raises ``fail``), downgrade unlogs it."""
-    upgrade = insert_log(rev)
-    if fail is not None:
-        upgrade += f"\nraise RuntimeError({fail!r})"
-    return project.write(
-        rev, down, upgrade, downgrade=delete_log(rev) if reversible else None, **kw
-    )
-
-
-def make_log(project: Project) -> None:
-    project.db.query(f"CREATE TABLE {LOG_TABLE} (rev VARCHAR(64) NOT NULL)")
-
-
-def logged(project: Project) -> list[str]:
-    return sorted(row.rev for row in project.db.query(f"SELECT rev FROM {LOG_TABLE}"))
-
-
 def chain(project: Project, *, middle_reversible: bool = True) -> None:
     """The log table and the chain aaaa1111 -> bbbb2222 -> cccc3333."""
     make_log(project)
@@ -93,32 +65,10 @@ def chain(project: Project, *, middle_reversible: bool = True) -> None:
     logged_rev(project, C, B, doc="Third step")
 
 
-def rows(project: Project) -> list[tuple[str, str, str, int]]:
-    """Every tracker row as (revision, direction, status, attempt), oldest first."""
-    return [(r.revision, r.direction, r.status, r.attempt) for r in project.db.tracker()]
-
-
 def table_exists(db: Database, name: str) -> bool:
     if db.kind == "postgresql":
         return db.query("SELECT to_regclass(:n) AS reg", n=name)[0].reg is not None
     return bool(db.query("SELECT name FROM sqlite_master WHERE name = :n", n=name))
-
-
-def error_line(result: Result, code: int = 2) -> str:
-    """Assert ``result`` failed with ``code`` and one ``dm: error:`` line; return it."""
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("dm: error: ")
-    return lines[0]
-
-
-def current_lines(project: Project) -> list[str]:
-    return ok(invoke(project, "current")).stdout.splitlines()
-
-
-# -- a straight chain up and down -----------------------------------------------------------
 
 
 def test_chain_up_and_down(project: Project) -> None:

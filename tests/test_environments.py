@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from conftest import attempt_of
-from dm import command
 from dm.environments import Action
 from dm.environments import decide
 from dm.errors import UsageError
-from dm.graph import Graph
-from dm.settings import Settings
 from dm.slugs import check_message
 from dm.slugs import slugify
 from dm.tracker import Status
-
-
-def _graph(tmp_path: Path, revisions: dict[str, tuple[str | None, str]]) -> Graph:
-    command.init(tmp_path)
-    for rev, (down, extra) in revisions.items():
-        body = f"""
-            revision = {rev!r}
-            down_revision = {down!r}
-            {extra}
-            async def upgrade(session):
-                pass
-        """
-        (tmp_path / "data_migrations" / "versions" / f"{rev}.py").write_text(textwrap.dedent(body))
-    settings = Settings.load(config_file=tmp_path / "alembic.ini")
-    return Graph.from_config(settings.alembic_config())
-
-
-GUARDED = 'environments = ("development",)'
+from support.revisions import GUARDED
+from support.revisions import graph_of
 
 
 def test_decisions(tmp_path: Path) -> None:
-    graph = _graph(tmp_path, {"a1": (None, ""), "b2": ("a1", GUARDED)})
+    graph = graph_of(tmp_path, {"a1": (None, ""), "b2": ("a1", GUARDED)})
     a1, b2 = graph.revision("a1"), graph.revision("b2")
     assert decide(a1, True, "production", None).action is Action.RUN
     assert decide(a1, True, "production", None).reason is None

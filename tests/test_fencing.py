@@ -22,9 +22,9 @@ from conftest import PG_PORT
 from conftest import Project
 from conftest import spawn_dm
 from conftest import wait_for
-from proxy import TcpProxy
-from proxy import tcp_proxy
-from test_process import advisory_locks
+from support.network import TcpProxy
+from support.network import tcp_proxy
+from support.processes import advisory_locks
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("db", ["postgresql"], indirect=True)]
 

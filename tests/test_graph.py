@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,115 +17,9 @@ from dm.errors import UnknownTarget
 from dm.graph import Graph
 from dm.graph import checksum
 from dm.settings import Settings
-
-
-@dataclass(frozen=True)
-class BadFiles:
-    """Revision files that break the revision contract, and what the error must name."""
-
-    id: str
-    files: dict[str, str]
-    expected: tuple[str, ...]
-
-
-def _source(rev: str, down: str | None, body: str = "", *, depends_on: str | None = None) -> str:
-    head = f"revision = {rev!r}\ndown_revision = {down!r}\ndepends_on = {depends_on!r}\n"
-    return head + textwrap.dedent(body)
-
-
-_ASYNC_UPGRADE = "async def upgrade(session):\n    pass\n"
-
-# Each case is added to a project that already holds the valid revision ``base0001``.
-BAD_REVISION_FILES = [
-    BadFiles(
-        "down-revision-not-an-id",
-        {"int_down.py": "revision = 'bad10001'\ndown_revision = 5\n" + _ASYNC_UPGRADE},
-        ("int_down.py", "down_revision must be None, a revision id or a tuple of them, not 5"),
-    ),
-    BadFiles(
-        "depends-on-not-an-id",
-        {
-            "int_dep.py": "revision = 'bad10001'\ndown_revision = 'base0001'\ndepends_on = 7\n"
-            + _ASYNC_UPGRADE
-        },
-        ("int_dep.py", "depends_on must be None"),
-    ),
-    BadFiles(
-        "syntax-error",
-        {"bad_syntax.py": _source("bad10001", "base0001", "async def upgrade(session)\n  pass\n")},
-        ("bad_syntax.py:4", "syntax error"),
-    ),
-    BadFiles(
-        "missing-upgrade",
-        {"no_upgrade.py": _source("bad10001", "base0001", "async def downgrade(s):\n  pass\n")},
-        ("no_upgrade.py", "missing 'async def upgrade(session)'"),
-    ),
-    BadFiles(
-        "sync-upgrade-two-args",
-        {"sync_up.py": _source("bad10001", "base0001", "def upgrade(session, x):\n    pass\n")},
-        ("sync_up.py", "upgrade() must be 'async def upgrade(session)'", "takes 2 arguments"),
-    ),
-    BadFiles(
-        "sync-downgrade",
-        {
-            "sync_down.py": _source(
-                "bad10001", "base0001", _ASYNC_UPGRADE + "async def downgrade(a, b):\n    pass\n"
-            )
-        },
-        ("sync_down.py", "downgrade() must be 'async def downgrade(session)'", "takes 2"),
-    ),
-    BadFiles(
-        "sync-verify",
-        {"sync_verify.py": _source("bad10001", "base0001", _ASYNC_UPGRADE + "verify = 3\n")},
-        ("sync_verify.py", "verify() must be", "'def verify()' using op", "not int"),
-    ),
-    BadFiles(
-        "import-error",
-        {
-            "imports.py": "import dm_no_such_module_xyz\n"
-            + _source("bad10001", "base0001", _ASYNC_UPGRADE)
-        },
-        ("imports.py:1", "cannot import", "ModuleNotFoundError", "dm_no_such_module_xyz"),
-    ),
-    BadFiles(
-        "duplicate-id",
-        {
-            "dup_one.py": _source("dup00001", "base0001", _ASYNC_UPGRADE),
-            "dup_two.py": _source("dup00001", "base0001", _ASYNC_UPGRADE),
-        },
-        ("duplicate revision id 'dup00001'", "dup_one.py", "dup_two.py"),
-    ),
-    BadFiles(
-        "unknown-down-revision",
-        {"orphan.py": _source("bad10001", "nowhere1", _ASYNC_UPGRADE)},
-        ("orphan.py", "down_revision 'nowhere1' names no revision file"),
-    ),
-    BadFiles(
-        "unknown-depends-on",
-        {"depends.py": _source("bad10001", "base0001", _ASYNC_UPGRADE, depends_on="nothing1")},
-        ("depends.py", "depends_on 'nothing1' names no revision or branch label"),
-    ),
-    BadFiles(
-        "cycle",
-        {
-            "cycle_one.py": _source("cyc00001", "cyc00002", _ASYNC_UPGRADE),
-            "cycle_two.py": _source("cyc00002", "cyc00001", _ASYNC_UPGRADE),
-        },
-        ("Cycle is detected", "cyc00001", "cyc00002"),
-    ),
-    BadFiles(
-        "bad-timeout",
-        {"timeout.py": _source("bad10001", "base0001", "timeout = -3\n" + _ASYNC_UPGRADE)},
-        ("timeout.py", "timeout must be a number of seconds above 0"),
-    ),
-]
-
-
-def write_bad_files(project: Project, case: BadFiles) -> None:
-    """Add the valid base revision and ``case``'s files to ``project``."""
-    project.write("base0001", None)
-    for name, text in case.files.items():
-        (project.versions / name).write_text(text)
+from support.revisions import BAD_REVISION_FILES
+from support.revisions import BadFiles
+from support.revisions import write_bad_files
 
 
 @pytest.fixture

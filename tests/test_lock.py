@@ -27,12 +27,12 @@ from dm.lock import lock_key
 from dm.lock import migration_lock
 from dm.tracker import Tracker
 from dm.urls import normalise_url
-from test_process import Spawn
-from test_process import advisory_locks
-from test_process import assert_lock_free
-from test_process import block_in
-from test_process import spawn_processes
-from test_process import write_chain
+from support.processes import Spawn
+from support.processes import advisory_locks
+from support.processes import assert_lock_free
+from support.processes import block_in
+from support.processes import spawn_processes
+from support.processes import write_chain
 
 WAITING = "waiting for the migration lock, held by"
 

@@ -14,8 +14,8 @@ from dm.environments import Action
 from dm.errors import IrreversiblePlan
 from dm.errors import UsageError
 from dm.tracker import Status
-from test_environments import GUARDED
-from test_environments import _graph
+from support.revisions import GUARDED
+from support.revisions import graph_of
 
 
 def test_skipped_counts_as_applied_for_planning_only() -> None:
@@ -28,7 +28,7 @@ def test_skipped_counts_as_applied_for_planning_only() -> None:
 
 
 def test_upgrade_retries_skipped_revisions_first_within_the_target(tmp_path: Path) -> None:
-    graph = _graph(
+    graph = graph_of(
         tmp_path,
         {"a1": (None, ""), "b2": ("a1", GUARDED), "c3": ("b2", ""), "d4": ("c3", GUARDED)},
     )
@@ -47,7 +47,7 @@ def test_upgrade_retries_skipped_revisions_first_within_the_target(tmp_path: Pat
 def test_downgrade_records_skipped_revisions_and_needs_no_downgrade_for_them(
     tmp_path: Path,
 ) -> None:
-    graph = _graph(tmp_path, {"a1": (None, ""), "b2": ("a1", GUARDED)})  # no downgrade()s
+    graph = graph_of(tmp_path, {"a1": (None, ""), "b2": ("a1", GUARDED)})  # no downgrade()s
     latest = {**applied("a1"), "b2": attempt_of("b2", Status.SKIPPED)}
     steps = planning.plan_downgrade(graph, "a1", latest, "production")
     assert [(s.revision, s.decision.action, s.runs) for s in steps] == [
@@ -58,7 +58,7 @@ def test_downgrade_records_skipped_revisions_and_needs_no_downgrade_for_them(
 
 
 def test_run_needs_applied_ancestors_and_force_to_repeat(tmp_path: Path) -> None:
-    graph = _graph(tmp_path, {"a1": (None, ""), "b2": ("a1", "")})
+    graph = graph_of(tmp_path, {"a1": (None, ""), "b2": ("a1", "")})
     b2 = graph.revision("b2")
     with pytest.raises(UsageError, match="not applied yet: a1"):
         planning.plan_run(graph, b2, {}, "production", None)
@@ -69,7 +69,7 @@ def test_run_needs_applied_ancestors_and_force_to_repeat(tmp_path: Path) -> None
 
 
 def test_stamp_goes_up_or_down_and_only_records(tmp_path: Path) -> None:
-    graph = _graph(tmp_path, {"a1": (None, ""), "b2": ("a1", "")})
+    graph = graph_of(tmp_path, {"a1": (None, ""), "b2": ("a1", "")})
     up = planning.plan_stamp(graph, "b2", {})
     assert [(s.revision, s.is_upgrade, s.runs, s.reason) for s in up] == [
         ("a1", True, False, "stamped"),

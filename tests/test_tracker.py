@@ -13,12 +13,12 @@ from conftest import ok
 from conftest import run_dm
 from dm.tracker import SCHEMA_VERSION
 from dm.tracker import Tracker
-from test_cli import current_lines
-from test_cli import error_line
-from test_cli import logged
-from test_cli import logged_rev
-from test_cli import make_log
-from test_cli import rows
+from support.revisions import current_lines
+from support.revisions import error_line
+from support.revisions import logged
+from support.revisions import logged_rev
+from support.revisions import make_log
+from support.revisions import rows
 
 A, B, C = "aaaa1111", "bbbb2222", "cccc3333"
 

@@ -29,12 +29,12 @@ from conftest import PG_PORT
 from conftest import Project
 from conftest import run_dm
 from conftest import wait_for
-from test_process import Dm
-from test_process import Spawn
-from test_process import block_in
-from test_process import has_table
-from test_process import spawn_processes
-from test_process import write_chain
+from support.processes import Dm
+from support.processes import Spawn
+from support.processes import block_in
+from support.processes import has_table
+from support.processes import spawn_processes
+from support.processes import write_chain
 
 TRANSIENT = "transient (a retry may succeed): "
 

@@ -259,10 +259,13 @@ class Tracker:
         return await conn.run_sync(self._layout)
 
     def _layout(self, sync: sa.Connection) -> int | None:
-        inspector = sa.inspect(sync)
         name, meta = self.qualified_name, f"{self.qualified_name}_meta"
-        has_table = inspector.has_table(self.name, schema=self.schema)
-        has_meta = inspector.has_table(self.meta.name, schema=self.schema)
+        has_table, has_meta = self._present(sync)
+        if has_table != has_meta:
+            # Another run may be creating both right now (in one transaction), and the two
+            # look-ups straddled its commit: look again before calling the tracker damaged.
+            has_table, has_meta = self._present(sync)
+        inspector = sa.inspect(sync)
         if not has_table:
             if has_meta:
                 raise TrackerDamaged(
@@ -300,6 +303,14 @@ class Tracker:
                 f"as in a fresh tracker). {_REBUILD.format(name=name, meta=meta)}"
             )
         return version
+
+    def _present(self, sync: sa.Connection) -> tuple[bool, bool]:
+        """Return whether the tracker table and its meta table exist (a fresh look)."""
+        inspector = sa.inspect(sync)
+        return (
+            inspector.has_table(self.name, schema=self.schema),
+            inspector.has_table(self.meta.name, schema=self.schema),
+        )
 
     async def ensure(self, conn: AsyncConnection) -> None:
         """Create the tracker, or bring an older layout up to date; commits.
