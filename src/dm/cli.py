@@ -649,13 +649,46 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
 @click.option(
     "--allow-modified", is_flag=True, help="Pass although applied revision files changed."
 )
+@click.option(
+    "--wait", is_flag=True, help="Poll until the check passes (exit 0) or --timeout (exit 4)."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    help="With --wait: seconds to wait in all.  [default: 300]",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    help="With --wait: seconds between polls.  [default: 5]",
+)
 @json_option
 @pass_invocation
-def check(invocation: Invocation, allow_modified: bool, as_json: bool) -> None:
+def check(
+    invocation: Invocation,
+    allow_modified: bool,
+    wait: bool,
+    timeout: float | None,
+    interval: float | None,
+    as_json: bool,
+) -> None:
     """Exit 0 when every revision is applied; exit 4 when any is pending, failed or running."""
     from . import command
 
-    result = _run(command.check(invocation.settings(), allow_modified=allow_modified))
+    if not wait and (timeout is not None or interval is not None):
+        raise click.UsageError("--timeout and --interval go with --wait")
+    settings = invocation.settings()
+    if wait:
+        result = _run(
+            command.check_wait(
+                settings,
+                timeout=300.0 if timeout is None else timeout,
+                interval=5.0 if interval is None else interval,
+                allow_modified=allow_modified,
+            )
+        )
+    else:
+        result = _run(command.check(settings, allow_modified=allow_modified))
     if as_json:
         _emit_json(
             {

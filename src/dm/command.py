@@ -35,6 +35,7 @@ from .graph import checksum
 from .graph import display_path
 from .planning import Step
 from .runtime import DIED
+from .runtime import Database
 from .runtime import PlannedStep as PlannedStep
 from .runtime import RunResult as RunResult
 from .runtime import execute_plan
@@ -311,8 +312,14 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
     """
     graph = load_graph(settings)
     async with open_database(settings) as db:
-        latest = await db.read_latest()
-        died = await db.died(latest)
+        return await _check(settings, graph, db, allow_modified)
+
+
+async def _check(
+    settings: Settings, graph: Graph, db: Database, allow_modified: bool
+) -> CheckResult:
+    latest = await db.read_latest()
+    died = await db.died(latest)
 
     def having(*states: State) -> list[str]:
         return sorted(r for r, a in latest.items() if a.state in states and r not in died)
@@ -332,6 +339,95 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
     return CheckResult(
         pending, failed, running, missing, modified, allow_modified, died=sorted(died)
     )
+
+
+async def check_wait(
+    settings: Settings,
+    *,
+    timeout: float = 300.0,
+    interval: float = 5.0,
+    allow_modified: bool = False,
+) -> CheckResult:
+    """Poll ``check`` until it passes or ``timeout`` seconds have passed; return the last result.
+
+    Each poll reads the tracker once, without the lock, and logs one line naming what it
+    still waits for. A transient database failure during a poll (the database restarting,
+    unreachable for a moment) is logged and counts as "not yet".
+
+    :raises TransientFailure: no poll reached the database before the timeout.
+    :raises UsageError: bad configuration or revision files, a refused login, a missing
+        database (a person must fix these: waiting does not help).
+    """
+    import asyncio
+    import time
+
+    from .errors import DatabaseUnreachable
+    from .errors import TransientFailure
+    from .transient import is_transient
+
+    graph = load_graph(settings)
+    # The polls retry on their own schedule: no start-up retry inside a poll.
+    settings = settings.model_copy(update={"connect_retry_seconds": 0.0})
+    deadline = time.monotonic() + timeout
+    result: CheckResult | None = None
+    polls = 0
+    while True:
+        polls += 1
+        remaining = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(remaining, interval)):
+                async with open_database(settings) as db:
+                    result = await _check(settings, graph, db, allow_modified)
+            unreachable = None
+        except TransientFailure as exc:
+            unreachable = str(exc)
+        except TimeoutError:
+            unreachable = "the database did not answer in time"
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            unreachable = f"transient database failure: {' '.join(str(exc).split())}"
+        if result is not None and unreachable is None and result.ok:
+            log.info("check passed after %d poll(s)", polls)
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if result is None:
+                raise DatabaseUnreachable(
+                    f"{unreachable} (gave up waiting after {timeout:g}s, {polls} poll(s))"
+                )
+            log.warning(
+                "gave up waiting after %gs (%d poll(s)): %s", timeout, polls, _waiting_for(result)
+            )
+            return result
+        if unreachable is not None:
+            log.warning("poll %d: %s; next poll in %gs", polls, unreachable, interval)
+        elif result is not None:
+            log.info(
+                "poll %d: waiting for %s; next poll in %gs (%.0fs left)",
+                polls,
+                _waiting_for(result),
+                interval,
+                remaining,
+            )
+        await asyncio.sleep(min(interval, remaining))
+
+
+def _waiting_for(result: CheckResult) -> str:
+    """Summarise in one line what keeps ``result`` from passing."""
+    parts = [
+        f"{label} {', '.join(revisions)}"
+        for label, revisions in (
+            ("pending", result.pending),
+            ("running", result.running),
+            ("died", result.died),
+            ("failed", result.failed),
+            ("missing", result.missing),
+            ("modified", [] if result.allow_modified else result.modified),
+        )
+        if revisions
+    ]
+    return "; ".join(parts) or "nothing"
 
 
 # -- commands on the revision files only -----------------------------------------------------
@@ -557,6 +653,7 @@ __all__ = [
     "RunResult",
     "branches",
     "check",
+    "check_wait",
     "current",
     "downgrade",
     "heads",
