@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from .errors import ConfigError
 from .errors import FenceLost
 from .errors import LockLost
 from .errors import LockTimeout
@@ -262,7 +263,14 @@ async def _pg_holder(conn: AsyncConnection, key: int) -> str | None:
 
 @contextlib.asynccontextmanager
 async def _file_lock(path: Path, timeout: float) -> AsyncIterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # e.g. a container's read-only or root-owned working directory
+        raise ConfigError(
+            f"cannot create the SQLite lock file {path}: {exc.strerror or exc}; "
+            "set DM_DATABASE_URL to the database to migrate (or to a sqlite:/// file in a "
+            "writable directory)"
+        ) from None
     try:
         deadline = time.monotonic() + timeout
         next_report = time.monotonic()

