@@ -21,6 +21,8 @@ import yaml
 
 import dm
 from conftest import REPO
+from conftest import Project
+from conftest import run_dm
 from helm_render import Unsupported
 from helm_render import render
 from helm_render import render_chart
@@ -238,3 +240,21 @@ def test_dockerignore_patterns_match_at_any_depth() -> None:
     patterns = (REPO / ".dockerignore").read_text().split()
     for pattern in ("**/.venv", "**/*.egg-info", "**/*.sqlite3*", "**/.env*", "**/__pycache__"):
         assert pattern in patterns
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_sqlite_in_an_unwritable_directory_says_what_to_set(project: Project) -> None:
+    """A container's working directory is not writable (root-owned, or a read-only root
+    filesystem): without a database URL dm cannot create its SQLite lock file next to the
+    embedded database. One line saying what to set, exit 2, instead of an unexpected
+    PermissionError / OSError (exit 1)."""
+    project.write("a1", None)
+    result = run_dm(
+        project, "upgrade", "heads", env={"DM_DATABASE_URL": "sqlite:////proc/dm.sqlite3"}
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        "dm: error: cannot create the SQLite lock file /proc/dm.sqlite3.script_run_tracker.lock: "
+    )
+    assert "set DM_DATABASE_URL to the database to migrate" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
