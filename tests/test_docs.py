@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
+
 from conftest import REPO
+from dm.cli import main
 
 README = (REPO / "README.md").read_text()
 
@@ -65,3 +68,62 @@ def test_readme_main_command_upgrades_the_example_project(tmp_path: Path) -> Non
     )
     assert again.returncode == 0
     assert "nothing to upgrade" in again.stdout
+
+
+# -- docs/reference.md stays in step with the CLI ---------------------------------------------
+
+REFERENCE = (REPO / "docs" / "reference.md").read_text()
+
+
+def _section(heading: str) -> str:
+    """Return the text under ``heading`` up to the next heading of the same or higher level."""
+    level = heading.split(" ", 1)[0]
+    match = re.search(
+        rf"^{re.escape(heading)}\n(.*?)(?=^#{{1,{len(level)}}} |\Z)", REFERENCE, re.S | re.M
+    )
+    assert match, f"docs/reference.md has no section {heading!r}"
+    return match.group(1)
+
+
+def _option_names(command: click.Command) -> list[str]:
+    return [
+        name
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in [*param.opts, *param.secondary_opts]
+    ]
+
+
+def test_reference_names_every_command_and_option() -> None:
+    """Each command of ``dm --help`` has a section naming each of its options."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "dm", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    names = re.findall(r"^  ([a-z]+)\s", listed.split("Commands:", 1)[1], re.M)
+    assert sorted(names) == sorted(main.commands)
+    for name, command in main.commands.items():
+        section = _section(f"### dm {name}")
+        missing = [o for o in _option_names(command) if f"`{o}" not in section]
+        assert not missing, f"docs/reference.md, dm {name}: {missing}"
+    global_section = _section("## Global options")
+    missing = [o for o in _option_names(main) if f"`{o}" not in global_section]
+    assert not missing, f"docs/reference.md, global options: {missing}"
+
+
+def test_reference_names_every_setting_and_exit_code() -> None:
+    from dm import errors
+    from dm.settings import _ENV_NAMES
+    from dm.settings import Settings
+
+    settings = _section("## Settings")
+    for field in Settings.model_fields:
+        name = _ENV_NAMES.get(field, f"DM_{field.upper()}")
+        assert f"`{name}`" in settings, f"docs/reference.md does not name {name}"
+    codes = {0, 4, 130, 143} | {
+        cls.exit_code
+        for cls in vars(errors).values()
+        if isinstance(cls, type) and issubclass(cls, errors.DmError)
+    }
+    table = _section("## Exit codes")
+    for code in codes:
+        assert re.search(rf"^\| {code} \|", table, re.M), f"exit code {code} missing"
