@@ -127,3 +127,29 @@ def test_reference_names_every_setting_and_exit_code() -> None:
     table = _section("## Exit codes")
     for code in codes:
         assert re.search(rf"^\| {code} \|", table, re.M), f"exit code {code} missing"
+
+
+def test_operations_guide_covers_what_operators_meet() -> None:
+    guide = (REPO / "docs" / "operations.md").read_text()
+    headings = re.findall(r"^#+ (.+)$", guide, re.M)
+    for heading in (
+        "Writing a revision",
+        "Batching",
+        "Environment guards",
+        "Running in Kubernetes",
+        "Exit codes and podFailurePolicy",
+        "What `kubectl logs` shows",
+        "Helm",
+        "PgBouncer and `DM_LOCK_DATABASE_URL`",
+        "a revision failed",
+        "a lock is held",
+        "a run was killed",
+        "a file changed after it was applied",
+        "the tracker needs repair",
+        "Upgrading dm itself",
+    ):
+        assert heading in headings, heading
+    for path in re.findall(r"`((?:deploy|requirements|tests)/[\w./-]+)`", guide):
+        assert (REPO / path).exists(), path
+    for code in (0, 1, 2, 3, 4, 75, 143):
+        assert re.search(rf"^\| {code} \|", guide, re.M), code
