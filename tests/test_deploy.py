@@ -209,7 +209,9 @@ def test_dockerfile_pins_its_inputs() -> None:
     assert base and re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base[1])
     version = re.search(r"^ARG VERSION=(\S+)$", DOCKERFILE, re.M)
     assert version and version[1] == dm.__version__
-    assert "--require-hashes -r requirements/image.txt" in DOCKERFILE
+    # Dependencies in a layer of their own, before dm's code and docs are copied.
+    install = DOCKERFILE.index("--require-hashes -r requirements/image.txt")
+    assert install < DOCKERFILE.index("COPY src/") and install < DOCKERFILE.index("README.md ./")
     assert re.search(r"tini=\S+", DOCKERFILE)
 
 
