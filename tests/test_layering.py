@@ -55,6 +55,7 @@ ALLOWED: dict[str, set[str]] = {
         "state",
         "templates",
         "tracker",
+        "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
     "environments": {"graph", "tracker", "errors"},
     "planning": {"_alembic_compat", "environments", "errors", "graph", "tracker"},
