@@ -13,10 +13,10 @@ import pytest
 from conftest import Project
 from conftest import invoke
 from conftest import wait_for
-from test_process import Spawn
-from test_process import block_in
-from test_process import spawn_processes
-from test_process import write_chain
+from support.processes import Spawn
+from support.processes import block_in
+from support.processes import spawn_processes
+from support.processes import write_chain
 from test_transient_process import Proxy
 from test_transient_process import through
 
