@@ -256,6 +256,25 @@ def applied(*revisions: str) -> dict[str, Any]:
     return {rev: attempt_of(rev, Status.SUCCESS) for rev in revisions}
 
 
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """Start dm processes whose output goes to files; none outlives the test
+    (``support.processes.spawn_processes``)."""
+    from support.processes import spawn_processes
+
+    yield from spawn_processes(tmp_path)
+
+
+@pytest.fixture
+def proxy() -> Iterator[Any]:
+    """A :class:`support.network.TcpProxy` to PostgreSQL that refuses until ``listen()``."""
+    from support.network import TcpProxy
+
+    proxy = TcpProxy(listen=False)
+    yield proxy
+    proxy.close()
+
+
 def ok(result: Result) -> Result:
     """Assert that an in-process dm command exited 0; return its result."""
     assert result.exit_code == 0, (result.stdout, result.stderr)

@@ -5,32 +5,17 @@ database that is unreachable for a moment."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from conftest import Project
 from conftest import invoke
 from conftest import wait_for
+from support.network import TcpProxy
+from support.network import through
 from support.processes import Spawn
 from support.processes import block_in
-from support.processes import spawn_processes
 from support.processes import write_chain
-from test_transient_process import Proxy
-from test_transient_process import through
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    yield from spawn_processes(tmp_path)
-
-
-@pytest.fixture
-def proxy() -> Iterator[Proxy]:
-    proxy = Proxy()
-    yield proxy
-    proxy.close()
 
 
 def poll_lines(stderr: str) -> list[str]:
@@ -90,13 +75,13 @@ def test_timeout_without_wait_is_refused(project: Project) -> None:
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
 def test_wait_rides_out_a_database_that_is_briefly_unreachable(
-    project: Project, spawn: Spawn, proxy: Proxy
+    project: Project, spawn: Spawn, proxy: TcpProxy
 ) -> None:
     """The database refuses connections when the waiter starts: each failed poll is logged
     as a warning and counts as "not yet"; once it answers, the check passes."""
     chain = write_chain(project, 1)
     assert invoke(project, "upgrade", "heads").exit_code == 0
-    url = through(project, proxy.port)
+    url = through(project.db.url, proxy.port)
     waiter = spawn(
         project,
         "check",
@@ -122,10 +107,10 @@ def test_wait_rides_out_a_database_that_is_briefly_unreachable(
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
 def test_wait_on_an_unreachable_database_ends_with_exit_75(
-    project: Project, spawn: Spawn, proxy: Proxy
+    project: Project, spawn: Spawn, proxy: TcpProxy
 ) -> None:
     write_chain(project, 1)
-    url = through(project, proxy.port)
+    url = through(project.db.url, proxy.port)
     waiter = spawn(
         project,
         "check",

@@ -15,15 +15,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-from conftest import PG_HOST
-from conftest import PG_PORT
 from conftest import Project
 from conftest import spawn_dm
 from conftest import wait_for
 from support.network import TcpProxy
 from support.network import tcp_proxy
+from support.network import through
 from support.processes import advisory_locks
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("db", ["postgresql"], indirect=True)]
@@ -95,11 +93,7 @@ def attempts(project: Project) -> list[tuple[str, str | None]]:
 
 def start_behind(proxy: TcpProxy, project: Project) -> subprocess.Popen[str]:
     """Start ``dm upgrade heads`` whose lock connection goes through ``proxy``."""
-    url = sa.make_url(project.db.url).set(host="127.0.0.1", port=proxy.port)
-    env = {
-        "DM_LOCK_DATABASE_URL": url.render_as_string(hide_password=False),
-        "DM_POD_NAME": "pod-1",
-    }
+    env = {"DM_LOCK_DATABASE_URL": through(project.db.url, proxy.port), "DM_POD_NAME": "pod-1"}
     return spawn_dm(project, "upgrade", "heads", env=env)
 
 
@@ -118,7 +112,7 @@ def test_a_run_that_lost_its_lock_commits_nothing_more(
     body, transactional, kept = KINDS[kind]
     make_items(project)
     write_revision(project, body, transactional=transactional, files=tmp_path)
-    with tcp_proxy((PG_HOST, PG_PORT)) as proxy:
+    with tcp_proxy() as proxy:
         first = start_behind(proxy, project)
         second = None
         try:

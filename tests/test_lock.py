@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -31,15 +29,9 @@ from support.processes import Spawn
 from support.processes import advisory_locks
 from support.processes import assert_lock_free
 from support.processes import block_in
-from support.processes import spawn_processes
 from support.processes import write_chain
 
 WAITING = "waiting for the migration lock, held by"
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    yield from spawn_processes(tmp_path)
 
 
 def test_second_run_waits_for_the_first_then_finds_the_work_done(

@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,7 @@ from support.processes import advisory_locks
 from support.processes import assert_lock_free
 from support.processes import block_in
 from support.processes import running_statements
-from support.processes import spawn_processes
 from support.processes import write_chain
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start dm processes whose output goes to files; none outlives the test."""
-    yield from spawn_processes(tmp_path)
-
 
 # -- concurrency -----------------------------------------------------------------------------------
 

@@ -10,38 +10,29 @@ can observe (files a revision writes, dm's log, ``pg_stat_activity``), never by 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable
 from collections.abc import Callable
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from conftest import PG_HOST
-from conftest import PG_PORT
 from conftest import Project
 from conftest import run_dm
 from conftest import wait_for
+from support.network import TcpProxy
+from support.network import through
 from support.processes import Dm
 from support.processes import Spawn
 from support.processes import block_in
 from support.processes import has_table
-from support.processes import spawn_processes
 from support.processes import write_chain
 
 TRANSIENT = "transient (a retry may succeed): "
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    yield from spawn_processes(tmp_path)
 
 
 def error_line(stderr: str) -> str:
@@ -60,70 +51,15 @@ def latest(project: Project, revision: str) -> sa.Row[object]:
 # -- start-up: the server is not listening yet ---------------------------------------------------
 
 
-class Proxy:
-    """Forward a local port to PostgreSQL once ``listen()`` is called; refuse until then."""
-
-    def __init__(self) -> None:
-        with socket.socket() as probe:  # reserve nothing: just find a free port
-            probe.bind(("127.0.0.1", 0))
-            self.port: int = probe.getsockname()[1]
-        self._server: socket.socket | None = None
-        self._sockets: list[socket.socket] = []
-        self._stop = threading.Event()
-
-    def listen(self) -> None:
-        server = socket.create_server(("127.0.0.1", self.port))
-        self._server = server
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def _accept(self, server: socket.socket) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((PG_HOST, PG_PORT))
-            self._sockets += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                sink.sendall(data)
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._stop.set()
-        for sock in [*self._sockets, *([self._server] if self._server else [])]:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
-@pytest.fixture
-def proxy() -> Iterator[Proxy]:
-    proxy = Proxy()
-    yield proxy
-    proxy.close()
-
-
-def through(project: Project, port: int) -> str:
-    """Return the project's database URL with the port replaced."""
-    url = sa.make_url(project.db.url).set(port=port)
-    return url.render_as_string(hide_password=False)
-
-
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
 def test_startup_retries_until_the_server_listens(
-    project: Project, spawn: Spawn, proxy: Proxy
+    project: Project, spawn: Spawn, proxy: TcpProxy
 ) -> None:
     """The port refuses connections when dm starts; it listens a moment later: the run
     logs its retries (with the reason) and succeeds."""
     chain = write_chain(project, 2)
-    url = through(project, proxy.port)
+    url = through(project.db.url, proxy.port)
     proc = spawn(project, "upgrade", "heads", env={"DM_DATABASE_URL": url})
 
     wait_for(lambda: "retry 1 in" in proc.stderr() or not proc.running(), timeout=20)
@@ -140,10 +76,10 @@ def test_startup_retries_until_the_server_listens(
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
-def test_startup_retry_gives_up_with_exit_75(project: Project, proxy: Proxy) -> None:
+def test_startup_retry_gives_up_with_exit_75(project: Project, proxy: TcpProxy) -> None:
     """Still refused after ``DM_CONNECT_RETRY_SECONDS``: exit 75, one line, nothing written."""
     write_chain(project, 2)
-    url = through(project, proxy.port)
+    url = through(project.db.url, proxy.port)
     started = time.monotonic()
     result = run_dm(
         project,
@@ -168,7 +104,7 @@ def test_startup_retry_is_bounded_when_the_server_never_answers(project: Project
     is cut at the retry window's end, so dm gives up on time with 75."""
     write_chain(project, 1)
     with socket.create_server(("127.0.0.1", 0), backlog=8) as silent:  # never accept()ed
-        url = through(project, silent.getsockname()[1])
+        url = through(project.db.url, silent.getsockname()[1])
         started = time.monotonic()
         result = run_dm(
             project,
