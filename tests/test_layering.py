@@ -79,8 +79,12 @@ ALLOWED: dict[str, set[str]] = {
         "planning",
         "runtime",
         "settings",
+        "shared",
         "signals",
+        "tracker",
+        "urls",
     },
+    "shared": {"errors", "lock", "recording", "runner", "runtime", "settings"},
     "runner": {
         *("batching", "graph", "hooks", "planning", "recording", "tracker", "errors"),
         "transient",

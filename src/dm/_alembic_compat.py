@@ -75,3 +75,16 @@ def all_down_revisions(revision: Revision) -> tuple[str, ...]:
 def migrations_fn(context: MigrationContext) -> Any:
     """Return the plan function an ``alembic`` command handed to ``EnvironmentContext``."""
     return context._migrations_fn
+
+
+def invoked_plan(context: MigrationContext) -> tuple[str | None, str | None]:
+    """Return the verb (``upgrade``, ``downgrade``, else None) and target the caller invoked.
+
+    Alembic's ``command.upgrade``/``command.downgrade`` (and pytest-alembic's runner) hand
+    ``EnvironmentContext`` a plan function named after the verb and the raw target as
+    ``destination_rev``; other commands (``current``, ``stamp``...) pass other functions.
+    """
+    name = getattr(context._migrations_fn, "__name__", None)
+    verb = name if name in ("upgrade", "downgrade") else None
+    target = context.opts.get("destination_rev")
+    return verb, None if target is None else str(target)

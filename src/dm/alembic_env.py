@@ -1,17 +1,37 @@
-"""Let ``alembic -n <section> upgrade|downgrade|current`` run through dm.
+"""Let Alembic's commands (``alembic -n <section> upgrade``, ``alembic.command.upgrade(cfg, ...)``,
+pytest-alembic) run through dm.
 
-``env.py`` calls :func:`run`. The plan comes from whatever Alembic command was invoked; it
-is executed by dm's runner under dm's lock and recorded in dm's tracker, exactly as the
-``dm`` command would. Alembic's ``stamp`` and offline ``--sql`` mode are refused: revision
-hooks are Python coroutines, and ``dm stamp`` records stamps properly.
+``env.py`` calls :func:`run`. Alembic's contract holds:
+
+- **The caller's database.** A connection or engine in ``config.attributes["connection"]``
+  is where dm runs (``dm.shared``: inside the caller's transaction when one is open);
+  otherwise the URL comes from the caller's ``Config`` object (a ``sqlalchemy.url`` set on it
+  in code wins over ``DM_DATABASE_URL``/``DATABASE_URL``), then dm's usual settings. One
+  info line names the database (password hidden) and where it came from.
+- **Any event loop.** Called inside ``AsyncConnection.run_sync`` (Alembic's asyncio
+  recipe), dm runs on the caller's loop; called from a thread whose loop is running, on a
+  worker thread with its own loop; otherwise in a new loop, with dm's signal handling.
+- **dm's plan.** ``upgrade`` and ``downgrade`` are planned by ``dm.planning`` exactly as
+  ``dm upgrade``/``dm downgrade`` plan them (skipped revisions now allowed run, an undo of a
+  skipped revision is recorded); other commands (``current``) get the tracker's heads.
+  Alembic's ``stamp`` and offline ``--sql`` mode are refused: revision hooks are Python
+  coroutines, and ``dm stamp`` records stamps properly.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from collections.abc import Callable
+from collections.abc import Coroutine
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from typing import Any
 
+from alembic.runtime.migration import MigrationContext
 from alembic.runtime.migration import RevisionStep
 from alembic.util import CommandError
 
@@ -26,12 +46,16 @@ from .signals import run_until_signal
 if TYPE_CHECKING:
     from alembic.runtime.environment import EnvironmentContext
 
+    from .runtime import Database
+    from .tracker import Attempt
+
 log = logging.getLogger("dm.alembic_env")
 
 
 def run(context: EnvironmentContext) -> None:
-    """Execute the invoked Alembic command's plan with dm's runner."""
+    """Execute the invoked Alembic command with dm's planner and runner."""
     from . import log as dm_log
+    from . import shared
 
     if context.is_offline_mode():
         raise CommandError(
@@ -39,53 +63,130 @@ def run(context: EnvironmentContext) -> None:
         )
     config = context.config
     dm_log.configure()
-    try:
-        settings = Settings.load(
-            config_file=config.config_file_name, ini_section=config.config_ini_section
+    given = config.attributes.get("connection")
+    if given is not None and not shared.is_shareable(given):
+        raise CommandError(
+            f"{shared.SOURCE} holds a {type(given).__name__}; dm runs on a SQLAlchemy "
+            "Connection, Engine, AsyncConnection or AsyncEngine"
         )
-        run_until_signal(_run(context, settings))
+    try:
+        settings = Settings.from_alembic_config(config)
+        graph = Graph.from_config(config)
+
+        def work(own_loop: bool) -> Coroutine[Any, Any, None]:
+            return _run(context, graph, _opener(settings, given, own_loop))
+
+        _drive(work, callers_loop_only=given is not None and shared.needs_callers_loop(given))
     except DmError as exc:
         raise CommandError(str(exc)) from exc
 
 
-async def _run(context: EnvironmentContext, settings: Settings) -> None:
+def _drive(work: Callable[[bool], Coroutine[Any, Any, None]], *, callers_loop_only: bool) -> None:
+    """Run ``work`` where it can run: on the caller's loop from inside its greenlet
+    (``run_sync``), else on a worker thread when this thread's loop is running, else in a
+    new loop with dm's signal handling."""
+    from sqlalchemy.util import await_only
+    from sqlalchemy.util.concurrency import in_greenlet
+
+    if in_greenlet():
+        await_only(work(False))
+        return
+    if callers_loop_only:
+        from . import shared
+
+        raise CommandError(
+            f"the async connection in {shared.SOURCE} can be used only on its own event "
+            "loop: call Alembic's command inside it, e.g. "
+            "await conn.run_sync(lambda sync_conn: ...) with "
+            "cfg.attributes['connection'] = sync_conn"
+        )
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        run_until_signal(work(True))
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dm") as pool:
+        pool.submit(asyncio.run, work(True)).result()
+
+
+def _opener(
+    settings: Settings, given: object, own_loop: bool
+) -> Callable[[], contextlib.AbstractAsyncContextManager[Database]]:
+    """Return how to open the database: the caller's connection, else dm's own."""
+
+    @contextlib.asynccontextmanager
+    async def open_database() -> AsyncIterator[Database]:
+        from . import runtime
+        from . import shared
+        from .urls import redact
+
+        if given is None:
+            async with runtime.open_database(settings) as db:
+                log.info("database %s (from %s)", redact(db.url), settings.url_source)
+                yield db
+            return
+        async with shared.open_shared(settings, given, own_loop=own_loop) as shared_db:
+            inside = ", inside its transaction" if shared_db.joined else ""
+            log.info(
+                "database %s (the connection in %s%s)",
+                redact(shared_db.url),
+                shared.SOURCE,
+                inside,
+            )
+            yield shared_db
+
+    return open_database
+
+
+async def _run(
+    context: EnvironmentContext,
+    graph: Graph,
+    open_database: Callable[[], contextlib.AbstractAsyncContextManager[Database]],
+) -> None:
     from . import runtime
 
-    graph = Graph.from_config(settings.alembic_config())
-    async with runtime.open_database(settings) as db:
+    async with open_database() as db:
         steps = await _plan(context, graph, db, await db.read_latest())
         if not steps:
             return
         async with db.locked() as (recorder, _interrupted):
             steps = await _plan(context, graph, db, recorder.latest)
+            if not steps:
+                log.info("another run finished this work while dm waited for the lock")
+                return
             await runtime.run_steps(db.runner(recorder), steps)
 
 
-async def _plan(context: EnvironmentContext, graph: Graph, db: Any, latest: Any) -> list[Step]:
-    """Ask the invoked Alembic command for its steps, given the tracker's heads; the
-    environment guard decides each as in ``dm upgrade``."""
+async def _plan(
+    context: EnvironmentContext, graph: Graph, db: Database, latest: Mapping[str, Attempt]
+) -> list[Step]:
+    """Plan the invoked command: ``upgrade``/``downgrade`` with dm's planner; any other
+    command (``current``) runs Alembic's own function on the tracker's heads."""
     environment = db.settings.environment
-    heads = graph.applied_heads(planning.applied_revisions(latest))
     conn = await db.conn()
 
-    def plan(sync_conn: Any) -> list[Any]:
+    def configure(sync_conn: Any) -> MigrationContext:
         context.configure(connection=sync_conn)
-        migration_context = context.get_context()
+        return context.get_context()
+
+    migration_context = await conn.run_sync(configure)
+    verb, target = compat.invoked_plan(migration_context)
+    try:
+        if verb == "upgrade":
+            return planning.plan_upgrade(graph, target or "heads", latest, environment)
+        if verb == "downgrade":
+            return planning.plan_downgrade(graph, target or "base", latest, environment)
+    except DmError as exc:
+        raise CommandError(str(exc)) from None
+    heads = graph.applied_heads(planning.applied_revisions(latest))
+
+    def plan(sync_conn: Any) -> list[Any]:
+        migration_context = configure(sync_conn)
         migration_context.get_current_heads = lambda: heads  # type: ignore[method-assign]
         return list(compat.migrations_fn(migration_context)(heads, migration_context))
 
-    try:
-        async with conn.begin():
-            alembic_steps = await conn.run_sync(plan)
-    except AttributeError:
-        # Alembic binds each step's hook while planning, so a revision without
-        # downgrade() fails there; dm's own plan of the same target names it.
-        target = context.get_revision_argument()
-        try:
-            planning.plan_downgrade(graph, str(target or "base"), latest, environment)
-        except DmError as exc:
-            raise CommandError(str(exc)) from None
-        raise
+    async with conn.begin():
+        alembic_steps = await conn.run_sync(plan)
     steps = []
     for step in alembic_steps:
         if not isinstance(step, RevisionStep):

@@ -258,6 +258,52 @@ async def _pg_holder(conn: AsyncConnection, key: int) -> str | None:
     return f"pid {row.pid} ({name}{client}, since {since})"
 
 
+@contextlib.asynccontextmanager
+async def lock_on_connection(
+    conn: AsyncConnection, tracker: Tracker, timeout: float, *, joined: bool
+) -> AsyncIterator[None]:
+    """Hold ``tracker``'s migration lock on the working PostgreSQL connection itself.
+
+    For a connection handed to dm by its caller (``dm.shared``), which dm cannot open a
+    second time. Inside the caller's transaction (``joined``) the lock is a transaction
+    lock: it is released when the caller commits or rolls back, which is also when dm's
+    work becomes visible to other runs. Otherwise it is a session lock, released when the
+    block ends. There is no heartbeat: a connection that dies takes the work with it.
+
+    :raises LockTimeout: another run held the lock for ``timeout`` seconds.
+    """
+    key = lock_key(tracker)
+    function = "pg_try_advisory_xact_lock" if joined else "pg_try_advisory_lock"
+    deadline = time.monotonic() + timeout
+    next_report = time.monotonic()
+    while True:
+        taken = (await conn.execute(sa.text(f"SELECT {function}(:k)"), {"k": key})).scalar_one()
+        holder = None
+        now = time.monotonic()
+        if not taken and (now >= next_report or now >= deadline):
+            holder = await _pg_holder(conn, key) or "a session that just released it"
+        if not joined:
+            await conn.commit()  # the autobegun transaction; a session lock outlives it
+        if taken:
+            break
+        if now >= deadline:
+            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; held by {holder}")
+        if holder is not None:
+            log.info("waiting for the migration lock, held by %s", holder)
+            next_report = now + REPORT_SECONDS
+        await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+    log.debug("migration lock %s acquired on the caller's connection", key)
+    try:
+        yield
+    finally:
+        if not joined:
+            with contextlib.suppress(Exception):
+                if conn.in_transaction():
+                    await conn.rollback()
+                await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                await conn.commit()
+
+
 # -- SQLite ----------------------------------------------------------------------------------
 
 

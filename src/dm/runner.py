@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import time
 import traceback
@@ -33,6 +34,7 @@ from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -45,6 +47,7 @@ from .batching import run_context
 from .errors import FenceLost
 from .errors import RevisionFailed
 from .errors import TransientRevisionFailure
+from .errors import UsageError
 from .errors import describe_error
 from .graph import Hook
 from .graph import Revision
@@ -119,11 +122,21 @@ class Runner:
         *,
         timeout: float | None = None,
         pg_lock_timeout: float | None = None,
+        shared: bool = False,
+        joined: bool = False,
     ) -> None:
+        """:param shared: the connection is the caller's (``dm.shared``): its session
+            settings are left alone (no ``lock_timeout`` or other ``SET``).
+        :param joined: the connection is inside the caller's transaction: nothing may
+            commit, so every revision runs as a transactional one (in a savepoint) and an
+            autocommit block is refused.
+        """
         self.recorder = recorder
         self.conn = recorder.conn
         self.timeout = timeout
         self.pg_lock_timeout = pg_lock_timeout
+        self.shared = shared or joined
+        self.joined = joined
         self._postgres = self.conn.dialect.name == "postgresql"
         self._session_ready = False
         sync = self.conn.sync_connection
@@ -145,11 +158,19 @@ class Runner:
         in this attempt's row) and resumes from the checkpoint of a failed attempt in the
         same direction; its final status is committed after its work.
         """
+        if self.joined and not step.transactional:
+            log.info(
+                "%s %s: transactional = False, but inside the caller's transaction nothing "
+                "can commit: it runs as one transaction, its batches keep no checkpoint",
+                step.direction,
+                step.revision,
+            )
+            step = replace(step, rev=replace(step.rev, transactional=True))
         prior = self.recorder.latest.get(step.revision)
         resume = None
         if not step.transactional and prior and prior.direction == step.direction:
             resume = prior.checkpoint if prior.can_resume else None
-        if self._postgres and not self._session_ready:
+        if self._postgres and not self._session_ready and not self.shared:
             await self._prepare_session()
         async with self._pending_row_transaction():
             attempt_id = await self.recorder.record_step(step, Status.PENDING, checkpoint=resume)
@@ -235,12 +256,19 @@ class Runner:
 
     async def _execute(self, step: Step, context: RunContext) -> None:
         limit = _timeout_of(step, self.timeout)
-        if self._postgres and step.transactional:
+        if self._postgres and step.transactional and not self.joined:
+            # Inside the caller's transaction a SET LOCAL would outlive the revision.
             await self._set_local_timeouts(limit)
         interrupt = None if self._postgres else await self._sqlite_interrupt()
         if step.transactional:
             await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
-        session = AsyncSession(bind=self.conn, expire_on_commit=False)
+        # Inside the caller's transaction dm's transactions are savepoints: the session
+        # joins them rather than opening savepoints of its own (rolled back on close).
+        session = AsyncSession(
+            bind=self.conn,
+            expire_on_commit=False,
+            join_transaction_mode="rollback_only" if self.joined else "conservative_savepoint",
+        )
         context.autocommit = functools.partial(self._autocommit_block, step, limit, session)
         deadline = asyncio.timeout(limit)
         try:
@@ -270,6 +298,12 @@ class Runner:
     ) -> AsyncIterator[None]:
         """Commit the revision's transaction so far, run the block in autocommit mode, then
         begin the revision's next transaction (marked and limited as the first was)."""
+        if self.joined:
+            raise UsageError(
+                "an autocommit block cannot run inside the caller's transaction: it would "
+                "commit the caller's work; run this revision with dm upgrade, or give "
+                "Alembic a connection with no transaction begun"
+            )
         await self._end_transaction(session)
         await self.conn.execution_options(isolation_level="AUTOCOMMIT")
         succeeded = False
@@ -333,7 +367,8 @@ class Runner:
         """Return aiosqlite's ``interrupt()`` of the working connection, if it has one."""
         raw = await self.conn.get_raw_connection()
         interrupt = getattr(raw.driver_connection, "interrupt", None)
-        return interrupt if callable(interrupt) else None
+        # aiosqlite's is a coroutine; the sqlite3 driver's (a caller's connection) is not.
+        return interrupt if inspect.iscoroutinefunction(interrupt) else None
 
     @contextlib.asynccontextmanager
     async def _pending_row_transaction(self) -> AsyncIterator[None]:
@@ -342,7 +377,7 @@ class Runner:
         In autocommit mode the INSERT is its own transaction, so no BEGIN and COMMIT
         round trips are paid for it on every revision.
         """
-        if not self._postgres:
+        if not self._postgres or self.shared:
             async with self.conn.begin():
                 yield
             return

@@ -83,11 +83,15 @@ def load_graph(settings: Settings) -> Graph:
     return Graph.from_config(settings.alembic_config())
 
 
-def tracker_for(settings: Settings) -> Tracker:
-    """Return the tracker tables the settings name (no schema on SQLite)."""
-    from .db import is_sqlite
+def tracker_for(settings: Settings, backend: str | None = None) -> Tracker:
+    """Return the tracker tables the settings name (no schema on SQLite).
 
-    schema = None if is_sqlite(settings.url()) else settings.tracker_schema
+    :param backend: the database's backend name (``sqlite``, ``postgresql``); by default
+        that of the settings' URL.
+    """
+    if backend is None:
+        backend = settings.url().get_backend_name()
+    schema = None if backend == "sqlite" else settings.tracker_schema
     return Tracker(settings.tracker_table, schema)
 
 
@@ -171,20 +175,25 @@ class Database:
         holder = await current_holder(self.settings.lock_url(), self.tracker)
         return running if holder is None else set()
 
-    @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[tuple[Recorder, list[str]]]:
-        """Hold the migration lock and claim the fence; yield the recorder of this run (with
-        the fresh latest attempts) and the revisions whose runs were found interrupted."""
+    def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Return the migration lock of this database (held while the context runs)."""
         from .lock import migration_lock
-        from .recording import Recorder
 
-        async with migration_lock(
+        return migration_lock(
             self.settings.lock_url(),
             self.tracker,
             self.settings.lock_timeout,
             self.application_name,
             connect_retry=self.settings.connect_retry_seconds,
-        ):
+        )
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[tuple[Recorder, list[str]]]:
+        """Hold the migration lock and claim the fence; yield the recorder of this run (with
+        the fresh latest attempts) and the revisions whose runs were found interrupted."""
+        from .recording import Recorder
+
+        async with self.migration_lock():
             conn = await self.conn()
             await self.tracker.ensure(conn)
             async with conn.begin():

@@ -208,6 +208,41 @@ class Settings(BaseSettings):
             log.debug("no %s beside %s", DOTENV, config)
         return settings
 
+    @classmethod
+    def from_alembic_config(cls, config: Config) -> Settings:
+        """Build settings from Alembic's ``Config`` object as its caller holds it.
+
+        dm's keys come from the Config's section (a Config built in code needs no file).
+        A ``sqlalchemy.url`` set on the Config in code (it differs from the file's, or there
+        is no file) wins over ``DM_DATABASE_URL``/``DATABASE_URL``, as ``--database-url``
+        does; the file's own value stays below them, as for ``dm``.
+        """
+        section = config.config_ini_section
+        path = Path(config.config_file_name) if config.config_file_name else None
+        options = config.get_section(section) or {}
+        values: dict[str, Any] = {}
+        for key, field in _INI_KEYS.items():
+            value = str(options.get(key) or "").strip()
+            if value:
+                values[field] = value
+        url = values.pop("database_url", None)
+        explicit = url if url is not None and url != _file_url(path, section) else None
+        if url is not None and explicit is None:
+            values["database_url"] = url
+        settings = cls.load(
+            config_file=path, ini_section=section, database_url=explicit, ini_values=values
+        )
+        if explicit is not None:
+            settings._url_source = "sqlalchemy.url set on the Alembic Config"
+        return settings
+
+    @property
+    def url_source(self) -> str:
+        """Return where the database URL comes from (or that it is the embedded default)."""
+        if self.database_url is None:
+            return "no database configured: the embedded SQLite default"
+        return self._url_source
+
     def secrets(self) -> list[str]:
         """Return the secret parts of the configured URLs, to scrub from any output."""
         from .urls import secrets_of
@@ -279,6 +314,8 @@ class _IniSettingsSource(PydanticBaseSettingsSource):
         # Explicit values arrive under the field name or, normalised, under the alias.
         path = explicit.get("DM_CONFIG") or explicit.get("config_file")
         section = explicit.get("DM_INI_SECTION") or explicit.get("ini_section")
+        given = explicit.get("ini_values")
+        self._values: dict[str, Any] | None = dict(given) if isinstance(given, dict) else None
         self._path = Path(path or os.environ.get("DM_CONFIG") or "alembic.ini")
         self._section = str(section or os.environ.get("DM_INI_SECTION") or DEFAULT_SECTION)
 
@@ -287,6 +324,8 @@ class _IniSettingsSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        if self._values is not None:  # the caller's Alembic Config, read already
+            return self._values
         if not self._path.is_file():
             return {}
         parser = _read_ini(self._path)
@@ -324,6 +363,16 @@ def _read_text(path: Path, what: str) -> str:
         raise ConfigError(
             f"{path}: {what} is not valid UTF-8 (byte 0x{data[exc.start]:02x} on line {line})"
         ) from None
+
+
+def _file_url(path: Path | None, section: str) -> str | None:
+    """Return ``sqlalchemy.url`` of ``section`` in the file at ``path`` (None: no such key)."""
+    if path is None or not path.is_file():
+        return None
+    parser = _read_ini(path)
+    if not parser.has_section(section):
+        return None
+    return parser.get(section, "sqlalchemy.url", fallback="").strip() or None
 
 
 def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
