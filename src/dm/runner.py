@@ -267,7 +267,7 @@ class Runner:
         session = AsyncSession(
             bind=self.conn,
             expire_on_commit=False,
-            join_transaction_mode="rollback_only" if self.joined else "conservative_savepoint",
+            join_transaction_mode="rollback_only" if self.joined else "conditional_savepoint",
         )
         context.autocommit = functools.partial(self._autocommit_block, step, limit, session)
         deadline = asyncio.timeout(limit)
