@@ -100,13 +100,19 @@ def _drive(work: Callable[[bool], Coroutine[Any, Any, None]], *, callers_loop_on
             "await conn.run_sync(lambda sync_conn: ...) with "
             "cfg.attributes['connection'] = sync_conn"
         )
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if not _loop_running():
         run_until_signal(work(True))
         return
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dm") as pool:
         pool.submit(asyncio.run, work(True)).result()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _opener(
