@@ -56,8 +56,11 @@ _SUPPORTED = ("postgresql", "sqlite")
 
 
 def is_shareable(given: object) -> bool:
-    """Return whether ``given`` is something dm can run on (a connection or an engine)."""
-    return isinstance(given, Connection | Engine | AsyncConnection | AsyncEngine)
+    """Return whether ``given`` is something dm can run on: a connection, an engine, or an
+    object whose ``connect()`` yields a connection (as pytest-alembic wraps one)."""
+    if isinstance(given, Connection | Engine | AsyncConnection | AsyncEngine):
+        return True
+    return callable(getattr(given, "connect", None))
 
 
 def needs_callers_loop(given: object) -> bool:
@@ -184,18 +187,22 @@ async def open_shared(
                 yield db
             if own_loop and db.url.get_backend_name() == "postgresql":
                 await conn.invalidate()
-    elif isinstance(given, Engine):
-        with given.connect() as sync:
-            async with _shared(settings, sync) as db:
-                yield db
     elif isinstance(given, AsyncConnection):
         assert given.sync_connection is not None
         async with _shared(settings, given.sync_connection) as db:
             yield db
-    else:
-        assert isinstance(given, Connection)
+    elif isinstance(given, Connection):
         async with _shared(settings, given) as db:
             yield db
+    else:  # an Engine, or anything whose connect() yields a Connection
+        with given.connect() as sync:  # type: ignore[attr-defined]
+            if not isinstance(sync, Connection):
+                raise ConfigError(
+                    f"{SOURCE}.connect() gave a {type(sync).__name__}, not a SQLAlchemy "
+                    "Connection"
+                )
+            async with _shared(settings, sync) as db:
+                yield db
 
 
 @contextlib.asynccontextmanager
