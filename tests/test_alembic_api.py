@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.util import CommandError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conftest import Database
@@ -242,16 +243,21 @@ def test_the_environment_beats_the_files_url_as_for_dm(
 # -- a running event loop ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+@pytest.mark.parametrize(
+    ("outcome", "given"),
+    [("commit", "sync"), ("rollback", "sync"), ("rollback", "async")],
+)
 def test_asyncio_recipe_runs_on_the_callers_loop_and_connection(
-    project: Project, bystanders: list[Path], outcome: str
+    project: Project, bystanders: list[Path], outcome: str, given: str
 ) -> None:
-    """Alembic's asyncio cookbook: ``await conn.run_sync(...)`` calling ``command.upgrade``."""
+    """Alembic's asyncio cookbook: ``await conn.run_sync(...)`` calling ``command.upgrade``,
+    with the sync connection (the recipe) or the AsyncConnection itself in the attributes."""
     chain(project)
     cfg = config_of(project)
+    callers: list[AsyncConnection] = []
 
     def upgrade(sync_conn: sa.Connection) -> list[tuple[str, str, str]]:
-        cfg.attributes["connection"] = sync_conn
+        cfg.attributes["connection"] = sync_conn if given == "sync" else callers[0]
         command.upgrade(cfg, "heads")
         return tracker_rows(sync_conn)
 
@@ -259,6 +265,7 @@ def test_asyncio_recipe_runs_on_the_callers_loop_and_connection(
         engine = create_async_engine(project.db.async_url)
         try:
             async with engine.connect() as conn:
+                callers.append(conn)
                 transaction = await conn.begin()
                 seen = await conn.run_sync(upgrade)
                 await (transaction.commit() if outcome == "commit" else transaction.rollback())

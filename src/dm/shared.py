@@ -198,8 +198,7 @@ async def open_shared(
         with given.connect() as sync:  # type: ignore[attr-defined]
             if not isinstance(sync, Connection):
                 raise ConfigError(
-                    f"{SOURCE}.connect() gave a {type(sync).__name__}, not a SQLAlchemy "
-                    "Connection"
+                    f"{SOURCE}.connect() gave a {type(sync).__name__}, not a SQLAlchemy Connection"
                 )
             async with _shared(settings, sync) as db:
                 yield db
