@@ -138,6 +138,35 @@ def test_caller_engine_commits_each_revision(project: Project, bystanders: list[
     assert rows(project) == [*APPLIED, ("d4", "upgrade", "failed")]
 
 
+def test_caller_connection_without_a_transaction_is_left_clean(
+    project: Project, bystanders: list[Path], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """dm commits its own work on it, releases its lock and leaves no transaction open; the
+    log line names the database without its password."""
+    chain(project)
+    cfg = config_of(project)
+    url = sa.make_url(sync_url(project.db))
+    if project.db.kind == "postgresql":
+        url = url.set(password="s3cret-pw")  # trust auth: accepted and ignored
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "heads")
+        assert not conn.in_transaction()
+        if project.db.kind == "postgresql":
+            held = (
+                "SELECT count(*) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            )
+            assert conn.execute(sa.text(held)).scalar() == 0
+            conn.rollback()
+    engine.dispose()
+    assert rows(project) == APPLIED
+    err = capfd.readouterr().err
+    assert f"(the connection in {SOURCE})" in err
+    assert "s3cret-pw" not in err
+
+
 def test_autocommit_block_is_refused_inside_the_callers_transaction(
     project: Project, bystanders: list[Path]
 ) -> None:
