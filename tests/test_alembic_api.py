@@ -361,6 +361,23 @@ def test_async_connection_outside_its_loop_is_refused(
     assert "script_run_tracker" not in table_names(project.db)
 
 
+@pytest.mark.parametrize("given", ["engine", "connection"])
+def test_in_memory_sqlite_inside_a_running_loop_is_refused(project: Project, given: str) -> None:
+    """dm would have to move to a worker thread, where that database does not exist."""
+    chain(project)
+    cfg = config_of(project)
+    engine = sa.create_engine("sqlite://")
+
+    async def main() -> None:
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = engine if given == "engine" else conn
+            command.upgrade(cfg, "heads")
+
+    with pytest.raises(CommandError, match=r"in-memory SQLite database .* exists only in"):
+        asyncio.run(main())
+    engine.dispose()
+
+
 def test_something_else_in_attributes_is_refused(project: Project) -> None:
     cfg = config_of(project)
     cfg.attributes["connection"] = "postgresql://somewhere/else"

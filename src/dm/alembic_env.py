@@ -76,15 +76,28 @@ def run(context: EnvironmentContext) -> None:
         def work(own_loop: bool) -> Coroutine[Any, Any, None]:
             return _run(context, graph, _opener(settings, given, own_loop))
 
-        _drive(work, callers_loop_only=given is not None and shared.needs_callers_loop(given))
+        _drive(
+            work,
+            callers_loop_only=given is not None and shared.needs_callers_loop(given),
+            this_thread_only=given is not None and shared.is_thread_bound(given),
+        )
     except DmError as exc:
         raise CommandError(str(exc)) from exc
 
 
-def _drive(work: Callable[[bool], Coroutine[Any, Any, None]], *, callers_loop_only: bool) -> None:
+def _drive(
+    work: Callable[[bool], Coroutine[Any, Any, None]],
+    *,
+    callers_loop_only: bool,
+    this_thread_only: bool,
+) -> None:
     """Run ``work`` where it can run: on the caller's loop from inside its greenlet
     (``run_sync``), else on a worker thread when this thread's loop is running, else in a
-    new loop with dm's signal handling."""
+    new loop with dm's signal handling.
+
+    :param callers_loop_only: the caller's connection belongs to the caller's loop.
+    :param this_thread_only: the caller's database exists only in this thread.
+    """
     from sqlalchemy.util import await_only
     from sqlalchemy.util.concurrency import in_greenlet
 
@@ -103,6 +116,14 @@ def _drive(work: Callable[[bool], Coroutine[Any, Any, None]], *, callers_loop_on
     if not _loop_running():
         run_until_signal(work(True))
         return
+    if this_thread_only:
+        from . import shared
+
+        raise CommandError(
+            f"the in-memory SQLite database in {shared.SOURCE} exists only in the thread "
+            "that opened it, whose event loop is running: call Alembic's command outside "
+            "the running loop, or use a SQLite file"
+        )
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dm") as pool:
         pool.submit(asyncio.run, work(True)).result()
 

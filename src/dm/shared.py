@@ -71,6 +71,19 @@ def needs_callers_loop(given: object) -> bool:
     return isinstance(given, Connection) and given.dialect.is_async
 
 
+def is_thread_bound(given: object) -> bool:
+    """Return whether ``given`` is an in-memory SQLite database of a sync driver, which
+    exists only in the thread that opened it (dm cannot move it to a worker thread)."""
+    if isinstance(given, Connection | Engine):
+        engine = given.engine
+        return (
+            engine.dialect.name == "sqlite"
+            and not engine.dialect.is_async
+            and _in_memory(engine.url.database)
+        )
+    return False
+
+
 class JoinedConnection(AsyncConnection):
     """The caller's connection inside the caller's transaction.
 
