@@ -6,6 +6,7 @@ in code), on SQLite and PostgreSQL, with a bystander ``DATABASE_URL`` that must 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,23 @@ def test_caller_connection_without_a_transaction_is_left_clean(
     err = capfd.readouterr().err
     assert f"(the connection in {SOURCE})" in err
     assert "s3cret-pw" not in err
+
+
+def test_current_reads_the_tracker_inside_the_callers_transaction(
+    project: Project, bystanders: list[Path]
+) -> None:
+    chain(project)
+    out = io.StringIO()
+    cfg = Config(str(project.config), ini_section="data_migrations", stdout=out)
+    engine = sa.create_engine(sync_url(project.db))
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "b2")
+        command.current(cfg)
+        transaction.rollback()
+    engine.dispose()
+    assert out.getvalue().split() == ["b2"]
 
 
 def test_autocommit_block_is_refused_inside_the_callers_transaction(
