@@ -327,13 +327,26 @@ def test_asyncio_recipe_runs_on_the_callers_loop_and_connection(
         assert table_names(project.db) == []
 
 
-def test_no_connection_inside_a_running_loop(project: Project, bystanders: list[Path]) -> None:
+@pytest.mark.parametrize("where", ["async code", "run_sync"])
+def test_no_connection_inside_a_running_loop(
+    project: Project, bystanders: list[Path], where: str
+) -> None:
+    """No asyncio.run error: dm runs on a worker thread, or (inside ``run_sync``) on the
+    caller's loop, with its own connection to the Config's database."""
     chain(project)
     cfg = config_of(project)
     cfg.set_main_option("sqlalchemy.url", project.db.url)
 
     async def main() -> None:
-        command.upgrade(cfg, "heads")  # a sync call from async code: no asyncio.run error
+        if where == "async code":
+            command.upgrade(cfg, "heads")  # a sync call from async code
+            return
+        engine = create_async_engine(project.db.async_url)
+        try:
+            async with engine.connect() as conn:
+                await conn.run_sync(lambda _: command.upgrade(cfg, "heads"))
+        finally:
+            await engine.dispose()
 
     asyncio.run(main())
     assert rows(project) == APPLIED
