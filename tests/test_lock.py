@@ -161,7 +161,8 @@ def test_run_stops_when_its_lock_connection_dies(project: Project, spawn: Spawn)
 def test_revision_waiting_for_a_row_lock_fails_after_pg_lock_timeout(project: Project) -> None:
     """``DM_PG_LOCK_TIMEOUT`` bounds how long a revision queues behind another session's
     locks (here an open transaction holding the table), instead of hanging the deploy; the
-    failure is transient (exit 75), so the Job may retry."""
+    failure is transient (exit 75), so the Job may retry. (Retries in place are off here;
+    ``test_lock_retries`` covers them.)"""
     import asyncpg
 
     write_chain(project, 3)
@@ -179,7 +180,11 @@ def test_revision_waiting_for_a_row_lock_fails_after_pg_lock_timeout(project: Pr
                     sys.executable,
                     *("-m", "dm", "upgrade", "heads"),
                     cwd=project.root,
-                    env={**_environ(), **project.env(), "DM_PG_LOCK_TIMEOUT": "1"},
+                    env={
+                        **_environ(),
+                        **project.env(),
+                        **{"DM_PG_LOCK_TIMEOUT": "1", "DM_LOCK_RETRIES": "0"},
+                    },
                     stderr=asyncio.subprocess.PIPE,
                 )
                 _, stderr = await asyncio.wait_for(proc.communicate(), 60)
@@ -199,6 +204,7 @@ def test_revision_waiting_for_a_row_lock_fails_after_pg_lock_timeout(project: Pr
     assert (last.revision, last.status) == ("r01", "failed")
     assert last.error_message.startswith("transient (a retry may succeed): ")
     assert "lock timeout" in last.error_message
+    assert "DM_PG_LOCK_TIMEOUT=1s" in last.error_message
 
 
 def test_sigterm_while_waiting_for_the_lock(project: Project, spawn: Spawn) -> None:

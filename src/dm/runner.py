@@ -18,6 +18,12 @@ A failure caused by a transient database error (``dm.transient``: a lost connect
 deadlock, a serialization failure, a lock wait timing out) is recorded ``failed`` with an
 error starting "transient" and raised as ``TransientRevisionFailure`` (exit 75). If the work
 connection itself died, SQLAlchemy opens a fresh one to record the failure.
+
+Lock waits are retried like GitLab's ``with_lock_retries``: on PostgreSQL, a transactional
+revision whose statement waited longer than ``lock_timeout`` (SQLSTATE 55P03) is rolled back
+and run again in the same attempt, up to ``DM_LOCK_RETRIES`` more times, each try with twice
+the previous ``lock_timeout`` and after a pause doubling from ``DM_LOCK_RETRY_WAIT``. The
+revision's time limit covers all its tries.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from .hooks import call_hook
 from .planning import Step
 from .recording import Recorder
 from .tracker import Status
+from .transient import is_lock_timeout
 from .transient import is_transient
 
 log = logging.getLogger("dm.runner")
@@ -71,6 +78,9 @@ _PG_MARK = sa.text("SET LOCAL dm.in_revision = 'on'")
 _PG_MARKED = sa.text("SELECT current_setting('dm.in_revision', true)")
 _SQLITE_MARK = sa.text("SAVEPOINT dm_revision")
 _SQLITE_RELEASE = sa.text("RELEASE SAVEPOINT dm_revision")
+
+MAX_LOCK_TIMEOUT = 2_147_483.0
+"""PostgreSQL's ``lock_timeout`` takes at most 2147483647 ms."""
 
 # After a cancellation, how often and how long to interrupt SQLite's running statement
 # before the hook's task is cancelled outright.
@@ -105,6 +115,10 @@ class HookExited(Exception):
     """
 
 
+class LockWaitTimedOut(Exception):
+    """A revision's lock waits timed out on every try; the driver's error is its cause."""
+
+
 class RevisionTimedOut(Exception):
     """The revision ran longer than its time limit."""
 
@@ -124,6 +138,8 @@ class Runner:
         pg_lock_timeout: float | None = None,
         shared: bool = False,
         joined: bool = False,
+        lock_retries: int = 0,
+        lock_retry_wait: float = 1.0,
     ) -> None:
         """:param shared: the connection is the caller's (``dm.shared``): its session
             settings are left alone (no ``lock_timeout`` or other ``SET``).
@@ -137,6 +153,12 @@ class Runner:
         self.pg_lock_timeout = pg_lock_timeout
         self.shared = shared or joined
         self.joined = joined
+        self.lock_retries = lock_retries
+        self.lock_retry_wait = lock_retry_wait
+        self._try_lock_timeout: float | None = None
+        """The ``lock_timeout`` of the current try when it differs from the session's."""
+        self._partly_committed = False
+        """An autocommit block of the current try committed work: it is not retried."""
         self._postgres = self.conn.dialect.name == "postgresql"
         self._session_ready = False
         sync = self.conn.sync_connection
@@ -192,7 +214,8 @@ class Runner:
             log.info("%s: running", label)
         started = time.perf_counter()
         final = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
-        context = RunContext(
+        context = functools.partial(
+            RunContext,
             step.revision,
             step.direction,
             step.transactional,
@@ -209,14 +232,14 @@ class Runner:
             dog.arm(step.revision, attempt_id, limit, self._rescue)
         try:
             if step.transactional:
-                # Not ``async with begin()``: an autocommit block commits this transaction
-                # and begins the next; the failure path below rolls back whichever is open.
-                await self.conn.begin()
-                await self._execute(step, context)
-                await self._finish(attempt_id, final, started)
-                await self.conn.commit()
+                await self._run_transactional(step, context, attempt_id, final, started, label)
             else:
-                await self._execute(step, context)  # commits its own work
+                try:
+                    await self._execute(step, context())  # commits its own work
+                except Exception as exc:
+                    if self._lock_timeout_is_dms and is_lock_timeout(exc):
+                        raise LockWaitTimedOut(self._lock_advice(step, 1)) from exc
+                    raise
                 async with self.conn.begin():
                     await self._finish(attempt_id, final, started)
         except FenceLost:
@@ -245,6 +268,90 @@ class Runner:
         log.info("%s: %s in %d ms", label, final.value, duration)
         return StepResult(step.revision, step.direction, final, duration, step.description)
 
+    async def _run_transactional(
+        self,
+        step: Step,
+        context: Callable[[], RunContext],
+        attempt_id: int,
+        final: Status,
+        started: float,
+        label: str,
+    ) -> None:
+        """Run a transactional step, retrying it after a lock wait timed out (PostgreSQL).
+
+        Every try runs in a transaction of its own, in the same attempt; the attempt is
+        finished by the try that succeeds, or recorded failed by the caller.
+        """
+        retries = self.lock_retries if self._lock_timeout_is_dms else 0
+        limit = _timeout_of(step, self.timeout)
+        tries = retries + 1
+        for number in range(1, tries + 1):
+            remaining = None if limit is None else limit - (time.perf_counter() - started)
+            self._try_lock_timeout = self._lock_timeout_of(number) if number > 1 else None
+            self._partly_committed = False
+            try:
+                # Not ``async with begin()``: an autocommit block commits this transaction
+                # and begins the next; the failure path rolls back whichever is open.
+                await self.conn.begin()
+                await self._execute(step, context(), remaining=remaining)
+                await self._finish(attempt_id, final, started)
+                await self.conn.commit()
+                if number > 1:
+                    log.info("%s: got its locks on try %d/%d", label, number, tries)
+                return
+            except Exception as exc:
+                if not (self._lock_timeout_is_dms and is_lock_timeout(exc)):
+                    raise
+                wait = self.lock_retry_wait * (1 << (number - 1))
+                left = None if limit is None else limit - (time.perf_counter() - started)
+                if number == tries or self._partly_committed or (left is not None and left <= wait):
+                    raise LockWaitTimedOut(self._lock_advice(step, number)) from exc
+                await self._rollback()
+                log.warning(
+                    "%s: lock wait timed out (lock_timeout %gs), try %d/%d; retrying in %gs "
+                    "with lock_timeout %gs",
+                    label,
+                    self._lock_timeout_of(number),
+                    number,
+                    tries,
+                    wait,
+                    self._lock_timeout_of(number + 1),
+                )
+            finally:
+                self._try_lock_timeout = None
+            await asyncio.sleep(wait)
+
+    @property
+    def _lock_timeout_is_dms(self) -> bool:
+        """Return whether dm set this connection's ``lock_timeout`` (DM_PG_LOCK_TIMEOUT): on
+        PostgreSQL, on a connection of its own (a caller's keeps its settings and its
+        transaction, so a lock wait there is neither retried nor blamed on dm's settings)."""
+        return self._postgres and not self.shared and bool(self.pg_lock_timeout)
+
+    def _lock_timeout_of(self, number: int) -> float:
+        """Return the ``lock_timeout`` of try ``number``: doubled on each retry."""
+        return min((self.pg_lock_timeout or 0.0) * (1 << (number - 1)), MAX_LOCK_TIMEOUT)
+
+    def _lock_advice(self, step: Step, tries: int) -> str:
+        """Say which settings bounded the lock waits of ``tries`` tries, and what to change."""
+        timeouts = ", ".join(f"{self._lock_timeout_of(n):g}s" for n in range(1, tries + 1))
+        settings = (
+            f"DM_PG_LOCK_TIMEOUT={self.pg_lock_timeout:g}s, DM_LOCK_RETRIES={self.lock_retries}, "
+            f"DM_LOCK_RETRY_WAIT={self.lock_retry_wait:g}s"
+        )
+        if not step.transactional:
+            return (
+                f"a lock wait timed out (lock_timeout {timeouts}; {settings}); a "
+                "transactional = False revision is not retried in place: the next run resumes "
+                "it from its checkpoint"
+            )
+        why = "" if not self._partly_committed else " (not retried: an autocommit block committed)"
+        return (
+            f"lock wait timed out on each of {tries} tries (lock_timeout {timeouts}){why}; "
+            f"{settings}: raise DM_PG_LOCK_TIMEOUT or DM_LOCK_RETRIES, or find the session "
+            "holding the lock (pg_locks)"
+        )
+
     async def _finish(self, attempt_id: int, status: Status, started: float) -> None:
         await self.recorder.finish(attempt_id, status, duration_ms=_elapsed_ms(started))
 
@@ -254,11 +361,15 @@ class Runner:
             with contextlib.suppress(Exception):
                 await _finish_despite_cancel(self.conn.rollback())
 
-    async def _execute(self, step: Step, context: RunContext) -> None:
+    async def _execute(
+        self, step: Step, context: RunContext, *, remaining: float | None = None
+    ) -> None:
+        """Run the step's hooks (``remaining``: what its time limit leaves for this try)."""
         limit = _timeout_of(step, self.timeout)
+        budget = limit if remaining is None else max(remaining, 0.001)
         if self._postgres and step.transactional and not self.joined:
             # Inside the caller's transaction a SET LOCAL would outlive the revision.
-            await self._set_local_timeouts(limit)
+            await self._set_local_timeouts(budget)
         interrupt = None if self._postgres else await self._sqlite_interrupt()
         if step.transactional:
             await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
@@ -269,8 +380,8 @@ class Runner:
             expire_on_commit=False,
             join_transaction_mode="rollback_only" if self.joined else "conditional_savepoint",
         )
-        context.autocommit = functools.partial(self._autocommit_block, step, limit, session)
-        deadline = asyncio.timeout(limit)
+        context.autocommit = functools.partial(self._autocommit_block, step, budget, session)
+        deadline = asyncio.timeout(budget)
         try:
             with run_context(context):
                 async with deadline:
@@ -305,6 +416,7 @@ class Runner:
                 "Alembic a connection with no transaction begun"
             )
         await self._end_transaction(session)
+        self._partly_committed = True
         await self.conn.execution_options(isolation_level="AUTOCOMMIT")
         succeeded = False
         try:
@@ -407,10 +519,15 @@ class Runner:
         if limit is not None:
             ms = max(int(limit * 1000), 1)
             await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
+        if self._try_lock_timeout is not None:  # a retry after a lock wait timed out
+            ms = max(int(self._try_lock_timeout * 1000), 1)
+            await self.conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
 
     def _describe(self, step: Step, exc: BaseException) -> str:
         if isinstance(exc, RevisionTimedOut | TransactionEnded | HookExited):
             return str(exc)
+        if isinstance(exc, LockWaitTimedOut) and exc.__cause__ is not None:
+            return f"{describe_error(exc.__cause__)}; {exc}"
         if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
             return "interrupted"
         return describe_error(exc)  # a driver error without its statement and parameters

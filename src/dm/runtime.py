@@ -140,6 +140,8 @@ class Database:
             recorder,
             timeout=self.settings.timeout,
             pg_lock_timeout=self.settings.pg_lock_timeout,
+            lock_retries=self.settings.lock_retries,
+            lock_retry_wait=self.settings.lock_retry_wait,
         )
 
     async def conn(self) -> AsyncConnection:

@@ -67,6 +67,12 @@ _INI_KEYS = {
     "dm.lock_database_url": "lock_database_url",
     "dm.timeout": "timeout",
     "dm.pg_lock_timeout": "pg_lock_timeout",
+    "dm.lock_retries": "lock_retries",
+    "dm.lock_retry_wait": "lock_retry_wait",
+    "dm.schema_config": "schema_config",
+    "dm.schema_alembic_section": "schema_alembic_section",
+    "dm.schema_version_table": "schema_version_table",
+    "dm.schema_version_schema": "schema_version_schema",
     "dm.connect_retry_seconds": "connect_retry_seconds",
 }
 
@@ -98,6 +104,15 @@ class Settings(BaseSettings):
     lock_timeout: float = 600.0
     timeout: float | None = None
     pg_lock_timeout: float = 5.0
+    lock_retries: int = Field(3, ge=0, le=20)
+    """How many times a transactional revision is run again after a lock wait timed out."""
+    lock_retry_wait: float = Field(1.0, le=3600)
+    """Seconds before the first retry; each further retry waits twice as long."""
+    schema_config: Path | None = None
+    """The config file holding the application's Alembic section (default: dm's)."""
+    schema_alembic_section: str = "alembic"
+    schema_version_table: str = "alembic_version"
+    schema_version_schema: str | None = None
     connect_retry_seconds: float = Field(20.0, ge=0, le=600)
     """How long a run's first connections retry a transient failure (0 = no retry)."""
     pod_name: str | None = Field(
@@ -106,7 +121,7 @@ class Settings(BaseSettings):
     _url_source: str = PrivateAttr("the configuration")
     """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
 
-    @field_validator("lock_timeout", "pg_lock_timeout", "timeout")
+    @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout")
     @classmethod
     def _seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None:
@@ -135,9 +150,27 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at most {MAX_TRACKER_TABLE} characters")
         return value
 
-    @field_validator("tracker_schema")
+    @field_validator("schema_version_table")
     @classmethod
-    def _schema(cls, value: str | None) -> str | None:
+    def _version_table(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(
+                "must be a letter or underscore followed by letters, digits and underscores"
+            )
+        if len(value) > MAX_IDENTIFIER:
+            raise ValueError(f"must be at most {MAX_IDENTIFIER} characters")
+        return value
+
+    @field_validator("schema_alembic_section")
+    @classmethod
+    def _section(cls, value: str) -> str:
+        if not value.strip() or any(c in value for c in "[]\n"):
+            raise ValueError("must be the name of a config file section, e.g. alembic")
+        return value.strip()
+
+    @field_validator("tracker_schema", "schema_version_schema")
+    @classmethod
+    def _schema(cls, value: str | None, info: ValidationInfo) -> str | None:
         if not value:
             return None
         if not _IDENTIFIER.match(value):
@@ -146,7 +179,8 @@ class Settings(BaseSettings):
             )
         if len(value) > MAX_IDENTIFIER:
             raise ValueError(f"must be at most {MAX_IDENTIFIER} characters")
-        if value.lower().startswith("pg_") or value.lower() in _SYSTEM_SCHEMAS:
+        system = value.lower().startswith("pg_") or value.lower() in _SYSTEM_SCHEMAS
+        if system and info.field_name == "tracker_schema":
             raise ValueError(f"{value!r} is a PostgreSQL system schema; pick your own")
         return value
 

@@ -24,6 +24,8 @@ import socket
 
 TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "40001", "40P01", "55P03"})
 """SQLSTATEs a retry may cure, besides the whole class 08."""
+LOCK_NOT_AVAILABLE = "55P03"
+"""``lock_not_available``: a lock wait ran past ``lock_timeout`` (or ``NOWAIT`` failed)."""
 
 _TRANSIENT_ERRNOS = frozenset(
     {
@@ -55,6 +57,15 @@ def transient_reason(exc: BaseException) -> str | None:
 def is_transient(exc: BaseException) -> bool:
     """Return whether a retry of the same run may succeed where ``exc`` failed."""
     return transient_reason(exc) is not None
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Return whether ``exc`` is a PostgreSQL lock wait that ran past ``lock_timeout``
+    (SQLSTATE 55P03 ``lock_not_available``), anywhere in its chain."""
+    return any(
+        (getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)) == LOCK_NOT_AVAILABLE
+        for link in _chain(exc)
+    )
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
