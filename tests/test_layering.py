@@ -21,6 +21,7 @@ ALLOWED: dict[str, set[str]] = {
         "planning",
         "recording",
         "runner",
+        "schema",
         "settings",
         "state",
         "tracker",
@@ -50,6 +51,7 @@ ALLOWED: dict[str, set[str]] = {
         "planning",
         "runner",
         "runtime",
+        "schema",
         "settings",
         "slugs",
         "state",
@@ -58,7 +60,8 @@ ALLOWED: dict[str, set[str]] = {
         "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
     "environments": {"graph", "tracker", "errors"},
-    "planning": {"_alembic_compat", "environments", "errors", "graph", "tracker"},
+    "planning": {"_alembic_compat", "environments", "errors", "graph", "schema", "tracker"},
+    "schema": {"errors", "graph", "settings"},
     "slugs": {"errors"},
     "operations": {
         "__init__",
@@ -68,6 +71,7 @@ ALLOWED: dict[str, set[str]] = {
         "planning",
         "runner",
         "runtime",
+        "schema",
         "settings",
         "tracker",
     },

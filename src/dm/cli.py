@@ -356,6 +356,11 @@ def init(invocation: Invocation, directory: Path) -> None:
     result = command.init(directory, section=invocation.section or "data_migrations")
     verb = "added a section to" if result.appended_section else "wrote"
     _echo(f"{verb} {result.config_file}; created {result.script_location}/")
+    if result.schema_section:
+        _echo(
+            f"wired the application's Alembic schema migrations ([{result.schema_section}]): "
+            "a revision may declare requires_schema = ('<schema revision id>',)"
+        )
     enter = "" if directory.resolve() == Path.cwd() else f"cd {shlex.quote(str(directory))}, "
     _echo(f"next: {enter}dm revision -m 'describe the change', then dm upgrade heads")
 
@@ -699,6 +704,7 @@ def check(
                 "died": result.died,
                 "missing": result.missing,
                 "modified": result.modified,
+                "needs_schema": result.needs_schema,
             }
         )
     else:
@@ -714,6 +720,8 @@ def check(
         ):
             if revisions:
                 _echo(f"{label}: {', '.join(revisions)}")
+        for line in result.needs_schema:
+            _echo(f"needs schema: {line}; run the application's `alembic upgrade` first")
     if not result.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
 

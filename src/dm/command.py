@@ -43,6 +43,7 @@ from .runtime import load_graph
 from .runtime import open_database
 from .runtime import planned
 from .runtime import recorded_status
+from .schema import AppSchema
 from .state import State
 from .tracker import Attempt
 
@@ -145,6 +146,9 @@ class CheckResult:
     died: list[str] = field(default_factory=list)
     """Revisions whose attempt is pending while no run holds the lock: the run died, and
     the next run marks the attempt interrupted and retries it."""
+    needs_schema: list[str] = field(default_factory=list)
+    """One line per pending revision that an upgrade would refuse: it requires application
+    schema revisions the database lacks (``requires_schema``)."""
 
     @property
     def ok(self) -> bool:
@@ -162,6 +166,9 @@ class InitResult:
     config_file: str
     script_location: str
     appended_section: bool
+    schema_section: str | None = None
+    """The application's Alembic section found in the config file and wired for
+    ``requires_schema`` (``dm.schema_alembic_section``), if any."""
 
 
 # -- project loading --------------------------------------------------------------------
@@ -177,11 +184,12 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
     :param dry_run: only return the plan.
     """
     graph = load_graph(settings)
+    schema = AppSchema.for_graph(settings, graph)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         return planning.plan_upgrade(graph, target, latest, settings.environment)
 
-    return await execute_plan(settings, target, plan, dry_run=dry_run)
+    return await execute_plan(settings, target, plan, dry_run=dry_run, schema=schema)
 
 
 async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
@@ -311,12 +319,17 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
     :param allow_modified: do not fail on revision files changed since they were applied.
     """
     graph = load_graph(settings)
+    schema = AppSchema.for_graph(settings, graph)
     async with open_database(settings) as db:
-        return await _check(settings, graph, db, allow_modified)
+        return await _check(settings, graph, db, allow_modified, schema)
 
 
 async def _check(
-    settings: Settings, graph: Graph, db: Database, allow_modified: bool
+    settings: Settings,
+    graph: Graph,
+    db: Database,
+    allow_modified: bool,
+    schema: AppSchema | None = None,
 ) -> CheckResult:
     latest = await db.read_latest()
     died = await db.died(latest)
@@ -331,13 +344,15 @@ async def _check(
         r for r, a in latest.items() if graph.known(r) and _is_modified(graph.script(r), a)
     )
     skip = set(running) | set(failed) | set(died)
-    pending = [
-        s.revision
-        for s in planning.plan_upgrade(graph, "heads", latest, settings.environment)
-        if s.revision not in skip
-    ]
+    steps = planning.plan_upgrade(graph, "heads", latest, settings.environment)
+    pending = [s.revision for s in steps if s.revision not in skip]
+    needs_schema = []
+    if schema is not None and planning.needs_schema(steps):
+        needs_schema = planning.schema_blocked(steps, await db.read_schema(schema))
     return CheckResult(
-        pending, failed, running, missing, modified, allow_modified, died=sorted(died)
+        *(pending, failed, running, missing, modified, allow_modified),
+        died=sorted(died),
+        needs_schema=needs_schema,
     )
 
 
@@ -366,6 +381,7 @@ async def check_wait(
     from .transient import is_transient
 
     graph = load_graph(settings)
+    schema = AppSchema.for_graph(settings, graph)
     # The polls retry on their own schedule: no start-up retry inside a poll.
     settings = settings.model_copy(update={"connect_retry_seconds": 0.0})
     deadline = time.monotonic() + timeout
@@ -377,7 +393,7 @@ async def check_wait(
         try:
             async with asyncio.timeout(max(remaining, interval)):
                 async with open_database(settings) as db:
-                    result = await _check(settings, graph, db, allow_modified)
+                    result = await _check(settings, graph, db, allow_modified, schema)
             unreachable = None
         except TransientFailure as exc:
             unreachable = str(exc)
@@ -419,6 +435,7 @@ def _waiting_for(result: CheckResult) -> str:
         f"{label} {', '.join(revisions)}"
         for label, revisions in (
             ("pending", result.pending),
+            ("needing schema", [line.split()[1] for line in result.needs_schema]),
             ("running", result.running),
             ("died", result.died),
             ("failed", result.failed),
@@ -612,11 +629,13 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
         raise UsageError(f"{display_path(scripts)} already exists; refusing to overwrite it")
     config_file = directory / "alembic.ini"
     appended = config_file.exists()
-    section_text = render_section(section)
+    schema_section = None
     if appended:
         existing = config_file.read_text(encoding="utf-8")
         if f"[{section}]" in existing:
             raise UsageError(f"{display_path(config_file)} already has a [{section}] section")
+        schema_section = _alembic_section_of(existing)
+    section_text = render_section(section, schema_section=schema_section)
     write_script_directory(scripts)
     if appended:
         separator = (
@@ -625,7 +644,22 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
         config_file.write_text(existing + separator + section_text, encoding="utf-8")
     else:
         config_file.write_text(section_text, encoding="utf-8")
-    return InitResult(display_path(config_file), display_path(scripts), appended)
+    return InitResult(display_path(config_file), display_path(scripts), appended, schema_section)
+
+
+def _alembic_section_of(text: str) -> str | None:
+    """Return ``alembic`` when ``text`` (an existing config file) has an ``[alembic]``
+    section with a ``script_location``: the application's schema migrations."""
+    import configparser
+
+    parser = configparser.RawConfigParser()
+    try:
+        parser.read_string(text)
+    except configparser.Error:
+        return None
+    if parser.has_option("alembic", "script_location"):
+        return "alembic"
+    return None
 
 
 def _quiet(config: Config) -> Config:

@@ -9,6 +9,7 @@
     │   ├── RevisionFileError      a revision file cannot be used
     │   ├── UnknownTarget          a target/revision does not resolve
     │   ├── IrreversiblePlan       a downgrade path holds a revision without downgrade()
+    │   ├── SchemaNotReady         the database lacks a schema revision a revision requires
     │   └── DatabaseUnavailable    the database refused the login or does not exist
     ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
     │   └── TransientRevisionFailure (75)  it failed on a transient database error
@@ -56,6 +57,11 @@ class UnknownTarget(UsageError):
 
 class IrreversiblePlan(UsageError):
     """A downgrade would pass through a revision that has no ``downgrade()``."""
+
+
+class SchemaNotReady(UsageError):
+    """A revision to run requires an application schema revision the database lacks
+    (``requires_schema``); nothing was run."""
 
 
 class DatabaseUnavailable(UsageError):

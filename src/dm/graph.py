@@ -80,6 +80,8 @@ class Revision:
     description: str
     """The first line of its docstring."""
     doc: str
+    requires_schema: tuple[str, ...] = ()
+    """The application's Alembic schema revisions its upgrade needs (see ``dm.schema``)."""
 
     @property
     def id(self) -> str:
@@ -128,6 +130,7 @@ class Revision:
             timeout=_timeout(module),
             description=doc.splitlines()[0].strip() if doc else "",
             doc=doc,
+            requires_schema=_requires_schema(module),
         )
 
 
@@ -469,6 +472,24 @@ def _environments(module: ModuleType) -> tuple[str, ...] | None:
             "e.g. ('development', 'staging'), or None for every environment"
         )
     return tuple(environments)
+
+
+def _requires_schema(module: ModuleType) -> tuple[str, ...]:
+    required = getattr(module, "requires_schema", None)
+    if required is None:
+        return ()
+    if isinstance(required, str):
+        required = (required,)
+    if (
+        not isinstance(required, tuple | list)
+        or not required
+        or not all(isinstance(rev, str) and rev.strip() == rev and rev for rev in required)
+    ):
+        raise _Problem(
+            "requires_schema must be an Alembic schema revision id or a tuple of them, "
+            "e.g. ('ae1027a6acf',), or None"
+        )
+    return tuple(required)
 
 
 def _transactional(module: ModuleType) -> bool:

@@ -34,6 +34,7 @@ from .runtime import execute_plan
 from .runtime import load_graph
 from .runtime import open_database
 from .runtime import tracker_for
+from .schema import AppSchema
 from .tracker import Attempt
 from .tracker import Status
 from .tracker import utcnow
@@ -162,7 +163,8 @@ async def run(
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         return planning.plan_run(graph, rev, latest, settings.environment, why)
 
-    return await execute_plan(settings, rev.id, plan, dry_run=dry_run)
+    schema = AppSchema.for_graph(settings, graph)
+    return await execute_plan(settings, rev.id, plan, dry_run=dry_run, schema=schema)
 
 
 async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:

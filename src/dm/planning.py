@@ -22,6 +22,7 @@ from .environments import Decision
 from .environments import decide
 from .environments import guard_reason
 from .errors import IrreversiblePlan
+from .errors import SchemaNotReady
 from .errors import UnknownTarget
 from .errors import UsageError
 from .graph import Graph
@@ -31,6 +32,7 @@ from .graph import display_path
 if TYPE_CHECKING:
     from alembic.script import Script
 
+    from .schema import SchemaState
     from .tracker import Attempt
 
 Latest = Mapping[str, "Attempt"]
@@ -205,6 +207,38 @@ def require_reversible(steps: Iterable[Step], target: str) -> None:
         names = ", ".join(f"{s.revision} ({display_path(s.rev.path)})" for s in irreversible)
         raise IrreversiblePlan(
             f"cannot downgrade to {target!r}: no downgrade() in {names}; nothing was run"
+        )
+
+
+def needs_schema(steps: Iterable[Step]) -> bool:
+    """Return whether a step runs an upgrade that declares ``requires_schema``."""
+    return any(s.is_upgrade and s.runs and s.rev.requires_schema for s in steps)
+
+
+def schema_blocked(steps: Iterable[Step], state: SchemaState) -> list[str]:
+    """Return one line per step whose upgrade needs application schema revisions the
+    database lacks (steps the environment guard skips need nothing)."""
+    found = []
+    for step in steps:
+        missing = state.missing(step.rev) if step.is_upgrade and step.runs else ()
+        if missing:
+            plural = "s" if len(missing) > 1 else ""
+            found.append(
+                f"revision {step.revision} needs the application's schema revision{plural} "
+                f"{', '.join(missing)} (database is at {state.describe()})"
+            )
+    return found
+
+
+def require_schema(steps: Iterable[Step], state: SchemaState) -> None:
+    """Refuse the whole plan while a step needs schema revisions the database lacks.
+
+    :raises SchemaNotReady: naming each such revision and what it needs; nothing runs.
+    """
+    blocked = schema_blocked(steps, state)
+    if blocked:
+        raise SchemaNotReady(
+            f"{'; '.join(blocked)}; run the application's `alembic upgrade` first (nothing was run)"
         )
 
 

@@ -22,6 +22,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import planning
 from .environments import Action
 from .graph import Graph
 from .planning import Step
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from .recording import Recorder
     from .runner import Runner
     from .runner import StepResult
+    from .schema import AppSchema
+    from .schema import SchemaState
     from .settings import Settings
 
 log = logging.getLogger("dm.runtime")
@@ -167,6 +170,25 @@ class Database:
         async with conn.begin():
             return await self.tracker.read_latest(conn)
 
+    async def read_schema(self, schema: AppSchema) -> SchemaState:
+        """Return the application's schema revisions in the database (see ``dm.schema``)."""
+        if self._file_missing():
+            from .schema import SchemaState
+
+            return SchemaState((), frozenset())
+        conn = await self.conn()
+        async with conn.begin():
+            return await schema.read(conn)
+
+    async def require_schema(self, schema: AppSchema | None, steps: Sequence[Step]) -> None:
+        """Refuse ``steps`` while one needs application schema revisions the database
+        lacks (``requires_schema``); read nothing when no step declares any.
+
+        :raises SchemaNotReady: naming each such revision; nothing was written.
+        """
+        if schema is not None and planning.needs_schema(steps):
+            planning.require_schema(steps, await self.read_schema(schema))
+
     async def died(self, latest: Mapping[str, Attempt]) -> set[str]:
         """Return the revisions whose attempt is pending while no run holds the lock."""
         running = {rev for rev, attempt in latest.items() if attempt.state is State.RUNNING}
@@ -270,6 +292,7 @@ async def execute_plan(
     plan: Callable[[Mapping[str, Attempt]], list[Step]],
     *,
     dry_run: bool = False,
+    schema: AppSchema | None = None,
 ) -> RunResult:
     """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
 
@@ -279,13 +302,18 @@ async def execute_plan(
     :param label: the target as the user gave it, for the result.
     :param plan: the steps to run, given each revision's latest attempt (a ``dm.planning``
         planner: it refuses what may not run).
+    :param schema: the application's schema migrations, when revisions declare
+        ``requires_schema``: a plan (a dry run too) with a step whose schema revisions the
+        database lacks is refused whole, before anything is written.
     """
     async with open_database(settings) as db:
         steps = plan(await db.read_latest())
+        await db.require_schema(schema, steps)
         if dry_run or not steps:
             return RunResult(label, planned(steps), dry_run=dry_run)
         async with db.locked() as (recorder, interrupted):
             steps = plan(recorder.latest)
+            await db.require_schema(schema, steps)
             if not steps:
                 log.info("another run finished this work while dm waited for the lock")
                 return RunResult(label, [], interrupted=interrupted)

@@ -10,9 +10,15 @@ from mako.template import Template
 TEMPLATE_DIR = Path(__file__).parent / "dm"
 
 
-def render_section(section: str) -> str:
-    """Return dm's ``alembic.ini`` section named ``section``."""
-    text = Template(filename=str(TEMPLATE_DIR / "alembic.ini.mako")).render(section=section)
+def render_section(section: str, *, schema_section: str | None = None) -> str:
+    """Return dm's ``alembic.ini`` section named ``section``.
+
+    :param schema_section: the application's Alembic section in the same file, wired for
+        ``requires_schema`` (else the setting is written commented out).
+    """
+    text = Template(filename=str(TEMPLATE_DIR / "alembic.ini.mako")).render(
+        section=section, schema_section=schema_section
+    )
     return str(text)
 
 

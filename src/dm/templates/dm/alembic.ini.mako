@@ -22,3 +22,19 @@ dm.tracker_table = script_run_tracker
 # dm.connect_retry_seconds = 20
 # Default per-revision time limit in seconds (a revision's own `timeout` wins).
 # dm.timeout =
+# Seconds of PostgreSQL lock_timeout per revision; a transactional revision that hits it is
+# rolled back and retried (lock_retries times, lock_timeout doubled each time, after a
+# pause doubling from lock_retry_wait seconds).
+# dm.pg_lock_timeout = 5
+# dm.lock_retries = 3
+# dm.lock_retry_wait = 1
+
+# The application's Alembic schema migrations, for revisions that declare
+# requires_schema = ("<schema revision id>",): its section (in this file, or in
+# dm.schema_config) and its version table (dm.schema_version_table, dm.schema_version_schema).
+% if schema_section:
+dm.schema_alembic_section = ${schema_section}
+% else:
+# dm.schema_alembic_section = alembic
+% endif
+# dm.schema_version_table = alembic_version
