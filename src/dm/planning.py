@@ -4,8 +4,9 @@ each (run it, record it skipped, record an undo of a skipped upgrade).
 One planner per verb, each taking the graph, the revisions' latest attempts (their states,
 see ``dm.state``) and the environment, and returning :class:`Step`\\ s with the environment
 guard's decision attached. Refusals (an irreversible downgrade, a missing ancestor, an
-applied dependant, a guarded downgrade) are raised here, before anything runs. Pure: no
-database, no event loop.
+applied dependant, a guarded downgrade, an application schema revision a step requires
+but the database lacks) are raised here, before anything runs. Pure: no database, no
+event loop (the schema state is read by the caller, ``dm.runtime``).
 """
 
 from __future__ import annotations
