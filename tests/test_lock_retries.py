@@ -9,6 +9,7 @@ needs; dm runs as a real process.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,22 @@ def test_batched_revision_is_not_retried_in_place(project: Project, accounts: Pa
     assert "a transactional = False revision is not retried in place" in result.stderr
     assert "DM_PG_LOCK_TIMEOUT=0.2s" in result.stderr
     assert _tries(accounts) == 1
+
+
+def test_sigterm_during_the_pause_between_tries(
+    project: Project, accounts: Path, spawn: Spawn
+) -> None:
+    """A pod stopped while dm pauses before a retry exits 143 at once; the attempt is
+    recorded failed (interrupted) and nothing of the revision is kept."""
+    env = {"DM_PG_LOCK_TIMEOUT": "0.2", "DM_LOCK_RETRIES": "3", "DM_LOCK_RETRY_WAIT": "60"}
+    with RowLock(project.db.url, LOCK_ROW):
+        proc = spawn(project, "upgrade", "heads", env=env)
+        wait_for(lambda: "retrying in 60s" in proc.stderr() or not proc.running(), timeout=60)
+        assert proc.running(), proc.stderr()
+        code, seconds = proc.signal_and_time(signal.SIGTERM)
+
+    assert code == 143, proc.stderr()
+    assert seconds < 5
+    assert project.db.query("SELECT n FROM accounts")[0].n == 0
+    last = project.db.tracker()[-1]
+    assert (last.revision, last.status, last.reason) == ("acc00002", "failed", "interrupted")

@@ -266,3 +266,21 @@ def test_schema_settings_are_checked() -> None:
         Settings.load(schema_version_table="bad-name")
     with pytest.raises(ConfigError, match="setting DM_LOCK_RETRIES"):
         Settings.load(lock_retries=-1)
+
+
+def test_downgrade_and_skipped_revisions_need_nothing(project: Project) -> None:
+    """Only upgrades that run are checked: a downgrade after the schema went back, and a
+    revision the environment guard skips, are not refused."""
+    schema = add_schema_project(project)
+    write_revisions(project)
+    alembic_command.upgrade(schema, "head")
+    ok(invoke(project, "upgrade"))
+    alembic_command.downgrade(schema, "base")  # the version table is empty again
+    ok(invoke(project, "downgrade", "base"))
+
+    path = project.versions / "d0000002_d0000002.py"
+    path.write_text(
+        path.read_text().replace("requires_schema", "environments = ('dev',)\n" + "requires_schema")
+    )
+    result = ok(invoke(project, "upgrade"))
+    assert status_of(project)["d0000002"]["state"] == "skipped", result.stderr
