@@ -284,3 +284,20 @@ def test_downgrade_and_skipped_revisions_need_nothing(project: Project) -> None:
     )
     result = ok(invoke(project, "upgrade"))
     assert status_of(project)["d0000002"]["state"] == "skipped", result.stderr
+
+
+def test_alembic_command_api_refuses_it_too(project: Project) -> None:
+    """``alembic -n data_migrations upgrade`` plans as ``dm upgrade`` does: refused whole until
+    the application's schema revision is in the database, then run."""
+    schema = add_schema_project(project)
+    write_revisions(project)
+    data = Config(str(project.config), ini_section="data_migrations")
+    data.set_main_option("sqlalchemy.url", project.db.async_url)
+
+    with pytest.raises(Exception, match="needs the application's schema revision"):
+        alembic_command.upgrade(data, "heads")
+    nothing_ran(project)
+
+    alembic_command.upgrade(schema, "head")
+    alembic_command.upgrade(data, "heads")
+    assert status_of(project)["d0000002"]["state"] == "applied"

@@ -172,12 +172,17 @@ async def _run(
 ) -> None:
     from . import runtime
 
+    from .schema import AppSchema
+
     async with open_database() as db:
+        schema = AppSchema.for_graph(db.settings, graph)
         steps = await _plan(context, graph, db, await db.read_latest())
+        await db.require_schema(schema, steps)
         if not steps:
             return
         async with db.locked() as (recorder, _interrupted):
             steps = await _plan(context, graph, db, recorder.latest)
+            await db.require_schema(schema, steps)
             if not steps:
                 log.info("another run finished this work while dm waited for the lock")
                 return
