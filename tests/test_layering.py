@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "__init__": {"api", "batching", "errors", "hooks"},
     "hooks": {"batching", "graph"},
     "batching": {"progress"},
+    "backoff": set(),
     "progress": set(),
     "api": {"command", "operations", "settings", "errors"},
     "__main__": {"cli"},

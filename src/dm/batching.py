@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import decimal
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
@@ -40,6 +41,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from .progress import Progress
+from .progress import clock
 
 log = logging.getLogger("dm.batched")
 
@@ -89,20 +91,87 @@ def current_run() -> RunContext | None:
     return _current.get()
 
 
-class Batch(list[Any]):
-    """The rows of one batch, with the inclusive key bounds of the page and its row count.
+class Batch:
+    """One batch: the key range ``(lower, upper]`` of a page, its row count and, with
+    ``rows=True``, its rows.
 
-    With ``batched(..., rows=False)`` the list is empty: only ``first_key``, ``last_key``
-    and ``row_count`` are fetched.
+    ``lower`` is the key the batch starts after (None for a loop's first batch) and
+    ``upper`` the page's last key: the page's rows are exactly the query's rows with
+    ``lower < key <= upper``. ``where()`` is that condition, the bound for the batch's write.
     """
 
+    __slots__ = ("_keyset", "_rows", "limit", "lower", "row_count", "upper")
+
     def __init__(
-        self, rows: list[Any], first_key: Any, last_key: Any, row_count: int | None = None
+        self,
+        keyset: _Keyset,
+        lower: Any,
+        upper: Any,
+        row_count: int,
+        rows: list[Any] | None = None,
+        limit: int = 0,
     ) -> None:
-        super().__init__(rows)
-        self.first_key = first_key
-        self.last_key = last_key
-        self.row_count = len(rows) if row_count is None else row_count
+        self._keyset = keyset
+        self._rows = rows
+        self.lower = lower
+        self.upper = upper
+        self.row_count = row_count
+        self.limit = limit
+        """The page size asked for (``row_count`` is smaller only for a loop's last page)."""
+
+    def where(self, *columns: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+        """Return ``lower < key <= upper``: bound the batch's write by it.
+
+        ``columns`` default to the loop's key; pass other columns (the key of the table
+        written to, e.g. through a join or an alias) in the key's order.
+        """
+        return self._keyset.within(self.lower, self.upper, columns or None)
+
+    @property
+    def rows(self) -> list[Any]:
+        """The page's rows, fetched with ``batched(..., rows=True)`` only."""
+        if self._rows is None:
+            raise BatchingError(
+                "this batch has no rows: batched() fetches only the key range by default; "
+                "pass rows=True to get the rows"
+            )
+        return self._rows
+
+    @property
+    def first_key(self) -> Any:
+        """The key of the page's first row (``rows=True`` only; the bound is ``lower``)."""
+        rows = self.rows
+        return self._keyset.value(rows[0])
+
+    @property
+    def last_key(self) -> Any:
+        """The key of the page's last row: ``upper``."""
+        return self.upper
+
+    def __len__(self) -> int:
+        return self.row_count
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.rows[index]
+
+    def __repr__(self) -> str:
+        return f"<Batch ({self.lower!r}, {self.upper!r}], {self.row_count} rows>"
+
+
+PausePredicate = Callable[[AsyncSession], Awaitable[str | bool | None]]
+"""``pause_when``: an async function of the session returning why to wait, or None/False."""
+
+_SMOOTHING = 0.5
+"""Weight of the newest batch in the smoothed time per row (``target_seconds``)."""
+_DEADBAND = 0.1
+"""A computed size within this fraction of the current one leaves it unchanged."""
+_MAX_STEP = 2.0
+"""The size changes by at most this factor from one batch to the next."""
+WAIT_LOG_INTERVAL = 60.0
+"""Seconds between two "still waiting" lines while ``pause_when`` holds a loop."""
 
 
 async def batched(
@@ -111,38 +180,44 @@ async def batched(
     *,
     key: sa.ColumnElement[Any] | Sequence[sa.ColumnElement[Any]],
     size: int = 1000,
+    rows: bool = False,
     throttle: float = 0.0,
     count: bool = False,
-    rows: bool = True,
+    target_seconds: float | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    pause_when: PausePredicate | None = None,
+    pause_poll: float = 5.0,
 ) -> AsyncIterator[Batch]:
-    """Yield the rows of ``query`` in batches of at most ``size``, ordered by ``key``.
+    """Walk ``query`` in batches of at most ``size`` rows, ordered by ``key``.
 
-    ``key`` must be one of the query's selected columns, unique and never null; the query
-    is re-issued per batch as ``query WHERE key > <last key> ORDER BY key LIMIT size``
-    (any ORDER BY of its own is replaced). Bound each batch's write by
-    ``key BETWEEN batch.first_key AND batch.last_key``: on PostgreSQL a range is about 2.7
-    times faster than ``key IN (<ids>)``. A composite key is a tuple of columns, unique
-    together (e.g. ``(t.c.tenant_id, t.c.id)``); its bounds are tuples, compared as row
-    values: ``sa.tuple_(*key).between(batch.first_key, batch.last_key)``.
+    ``key`` must be one of the query's selected columns, unique and never null (or a
+    tuple of columns, unique together, compared as a row value). Each page is the query
+    re-issued as ``query WHERE key > <last key> ORDER BY key LIMIT size`` (its own ORDER
+    BY is replaced); by default only the page's last key and row count come back (one
+    row), and the batch is the key range ``(batch.lower, batch.upper]``. Bound the
+    batch's write by ``batch.where()`` and repeat the query's condition.
 
+    :param rows: True fetches the page's rows too: ``for row in batch``, ``batch.rows``.
     :param throttle: seconds to sleep after each batch, so live traffic keeps its share.
     :param count: run one ``COUNT(*)`` of the query first, for a total and an ETA.
-    :param rows: False fetches only each page's first key, last key and row count (one
-        row per batch instead of ``size``): the batch is an empty list with ``first_key``,
-        ``last_key`` and ``row_count``. Faster when the write needs only the key range;
-        single-column keys only.
+    :param target_seconds: adapt the batch size so that each batch (its page query, the
+        work done with it and its commit) takes about this long, starting at ``size``,
+        between ``min_size`` (default ``size // 10``) and ``max_size`` (default ``size * 10``).
+    :param pause_when: an async predicate ``f(session)`` checked between batches: while it
+        returns a reason (a string, or True), the loop waits, checking again every
+        ``pause_poll`` seconds. ``dm.backoff`` has ready-made ones.
     """
     context = _current.get()
     if context is None:
         raise BatchingError("dm.batched() can only be used inside a revision run by dm")
     revision = context.revision
-    if size < 1:
-        raise BatchingError(f"revision {revision}: batched() size must be at least 1")
+    sizer = _Sizer.of(size, target_seconds, min_size, max_size, revision)
     if throttle < 0:
         raise BatchingError(f"revision {revision}: batched() throttle must not be negative")
+    if pause_poll <= 0:
+        raise BatchingError(f"revision {revision}: batched() pause_poll must be positive")
     keyset = _Keyset.of(query, key, revision)
-    if not rows and keyset.composite:
-        raise BatchingError(f"revision {revision}: batched(rows=False) needs a single-column key")
     loop = context.loops
     context.loops += 1
     save = None if context.transactional else context.save_checkpoint
@@ -164,20 +239,22 @@ async def batched(
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
         total = done + await _count(session, after(last))
-    progress = Progress(label, total, done=done)
+    progress = Progress(label, total, done=done, batch_size=sizer.size)
+    waiter = None if pause_when is None else _Waiter(pause_when, pause_poll, label, save is None)
     completed = False
     try:
         while True:
-            page = after(last).order_by(*keyset.columns).limit(size)
-            batch = await fetch(session, page, keyset)
-            finished = batch.row_count < size
+            limit = sizer.size
+            started = time.monotonic()
+            page = after(last).order_by(*keyset.columns).limit(limit)
+            batch = await fetch(session, page, keyset, last, limit)
+            finished = batch.row_count < limit
             if batch.row_count:
-                if keyset.has_null(batch.first_key) or keyset.has_null(batch.last_key):
+                if keyset.has_null(batch.upper):
                     raise BatchingError(f"revision {revision}: the key column must not be null")
-                stored_key = keyset.encode(batch.last_key, revision) if save else None
+                stored_key = keyset.encode(batch.upper, revision) if save else None
                 yield batch
-                last, done = batch.last_key, done + batch.row_count
-                progress.advance(batch.row_count)
+                last, done = batch.upper, done + batch.row_count
             else:
                 stored_key = keyset.encode(last, revision) if save and last is not None else None
             if save is not None:
@@ -190,15 +267,117 @@ async def batched(
                 }
                 await save(session, checkpoint)
                 await session.commit()
+            sizer.observe(batch.row_count, time.monotonic() - started)
+            progress.advance(batch.row_count, batch_size=sizer.size)
             if finished:
                 break
             if throttle:
                 await asyncio.sleep(throttle)
+            if waiter is not None:
+                await waiter.wait(session)
         completed = True
         progress.finish()
     finally:
         if not completed:
             progress.close()
+
+
+@dataclass
+class _Sizer:
+    """The size of the next page: fixed, or adapted toward ``target`` seconds per batch."""
+
+    size: int
+    target: float | None = None
+    floor: int = 1
+    ceiling: int = 1
+    per_row: float | None = None
+
+    @classmethod
+    def of(
+        cls,
+        size: int,
+        target: float | None,
+        floor: int | None,
+        ceiling: int | None,
+        revision: str,
+    ) -> _Sizer:
+        if size < 1:
+            raise BatchingError(f"revision {revision}: batched() size must be at least 1")
+        if target is None:
+            if floor is not None or ceiling is not None:
+                raise BatchingError(
+                    f"revision {revision}: batched() min_size and max_size need target_seconds"
+                )
+            return cls(size)
+        if not target > 0:
+            raise BatchingError(f"revision {revision}: batched() target_seconds must be positive")
+        low = max(size // 10, 1) if floor is None else floor
+        high = size * 10 if ceiling is None else ceiling
+        if not 1 <= low <= size <= high:
+            raise BatchingError(
+                f"revision {revision}: batched() needs 1 <= min_size <= size <= max_size "
+                f"(got {low}, {size}, {high})"
+            )
+        return cls(size, float(target), low, high)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Account for a batch of ``rows`` rows that took ``seconds``; set the next size."""
+        if self.target is None or rows <= 0:
+            return
+        latest = max(seconds, 1e-6) / rows
+        if self.per_row is None:
+            self.per_row = latest
+        else:
+            self.per_row = _SMOOTHING * latest + (1 - _SMOOTHING) * self.per_row
+        ideal = self.target / self.per_row
+        if abs(ideal - self.size) <= _DEADBAND * self.size:
+            return
+        stepped = min(max(ideal, self.size / _MAX_STEP), self.size * _MAX_STEP)
+        self.size = int(min(max(stepped, self.floor), self.ceiling))
+
+
+class _Waiter:
+    """Hold a loop between batches while its ``pause_when`` predicate gives a reason."""
+
+    def __init__(
+        self, predicate: PausePredicate, poll: float, label: str, transactional: bool
+    ) -> None:
+        self.predicate = predicate
+        self.poll = poll
+        self.label = label
+        self.transactional = transactional
+        self.name = getattr(predicate, "__name__", "pause_when")
+
+    async def reason(self, session: AsyncSession) -> str | None:
+        """Ask the predicate; outside a revision's transaction, end the one it opened."""
+        answer = await self.predicate(session)
+        if not self.transactional and session.in_transaction():
+            await session.commit()  # no transaction stays open while the loop waits
+        if answer is None or answer is False:
+            return None
+        return answer if isinstance(answer, str) else f"{self.name} returned {answer!r}"
+
+    async def wait(self, session: AsyncSession) -> None:
+        """Return once the predicate gives no reason to wait (at once if it gives none)."""
+        reason = await self.reason(session)
+        if reason is None:
+            return
+        started = last_line = time.monotonic()
+        log.info("%s: waiting: %s", self.label, reason, extra={"waiting": reason})
+        while reason is not None:
+            await asyncio.sleep(self.poll)
+            reason = await self.reason(session)
+            now = time.monotonic()
+            if reason is not None and now - last_line >= WAIT_LOG_INTERVAL:
+                last_line = now
+                log.info(
+                    "%s: still waiting after %s: %s",
+                    self.label,
+                    clock(now - started),
+                    reason,
+                    extra={"waiting": reason},
+                )
+        log.info("%s: resuming after waiting %s", self.label, clock(time.monotonic() - started))
 
 
 @dataclass(frozen=True)
@@ -255,15 +434,19 @@ class _Keyset:
 
     def after(self, last: Any) -> sa.ColumnElement[bool]:
         """Return the condition ``key > last``."""
-        if not self.composite:
-            condition: sa.ColumnElement[bool] = self.columns[0] > last
-            return condition
-        # Bound with each column's own type, not one guessed from the Python value: on
-        # PostgreSQL each parameter of a row value is cast to the type it is bound with.
-        values = [
-            sa.bindparam(None, v, type_=c.type) for c, v in zip(self.columns, last, strict=True)
-        ]
-        return sa.tuple_(*self.columns) > sa.tuple_(*values)
+        return _compare(self.columns, ">", last)
+
+    def within(
+        self, lower: Any, upper: Any, columns: Sequence[sa.ColumnElement[Any]] | None
+    ) -> sa.ColumnElement[bool]:
+        """Return ``lower < key <= upper`` on ``columns`` (default: the key's own)."""
+        columns = tuple(columns) if columns else self.columns
+        if len(columns) != len(self.columns):
+            raise BatchingError(
+                f"batch.where() needs {len(self.columns)} column(s), the key's, got {len(columns)}"
+            )
+        below = _compare(columns, "<=", upper)
+        return below if lower is None else sa.and_(_compare(columns, ">", lower), below)
 
     def value(self, row: Any) -> Any:
         """Return the key of ``row``: a value, or a tuple for a composite key."""
@@ -287,22 +470,54 @@ class _Keyset:
         return tuple(decode_key(v) for v in stored)
 
 
-async def _fetch_rows(session: AsyncSession, page: sa.Select[Any], keyset: _Keyset) -> Batch:
+def _compare(
+    columns: Sequence[sa.ColumnElement[Any]], operator: str, value: Any
+) -> sa.ColumnElement[bool]:
+    """Return ``columns <operator> value``: a column, or a row value for a composite key."""
+    compare = _OPERATORS[operator]
+    if len(columns) == 1:
+        return compare(columns[0], value)
+    # Bound with each column's own type, not one guessed from the Python value: on
+    # PostgreSQL each parameter of a row value is cast to the type it is bound with.
+    values = [sa.bindparam(None, v, type_=c.type) for c, v in zip(columns, value, strict=True)]
+    return compare(sa.tuple_(*columns), sa.tuple_(*values))
+
+
+_OPERATORS: dict[str, Callable[[Any, Any], sa.ColumnElement[bool]]] = {
+    ">": lambda left, right: left > right,
+    "<=": lambda left, right: left <= right,
+}
+
+
+async def _fetch_rows(
+    session: AsyncSession, page: sa.Select[Any], keyset: _Keyset, lower: Any, limit: int
+) -> Batch:
     found = list((await session.execute(page)).all())
-    if not found:
-        return Batch([], None, None)
-    return Batch(found, keyset.value(found[0]), keyset.value(found[-1]))
+    upper = keyset.value(found[-1]) if found else None
+    return Batch(keyset, lower, upper, len(found), found, limit)
 
 
-async def _fetch_bounds(session: AsyncSession, page: sa.Select[Any], keyset: _Keyset) -> Batch:
-    """Fetch the page's first key, last key and row count: one row instead of the page."""
-    position = keyset.positions[0]
-    keys = page.with_only_columns(page.selected_columns[position], maintain_column_froms=True)
+async def _fetch_bounds(
+    session: AsyncSession, page: sa.Select[Any], keyset: _Keyset, lower: Any, limit: int
+) -> Batch:
+    """Fetch the page's last key and row count: one row instead of the page."""
+    keys = page.with_only_columns(
+        *(page.selected_columns[p] for p in keyset.positions), maintain_column_froms=True
+    )
     inner = keys.subquery()
-    key = next(iter(inner.c))
-    bounds = sa.select(sa.func.min(key), sa.func.max(key), sa.func.count())
-    first, last, found = (await session.execute(bounds)).one()
-    return Batch([], first, last, int(found))
+    inner_keys = list(inner.c)
+    if not keyset.composite:
+        bounds = sa.select(sa.func.max(inner_keys[0]), sa.func.count())
+        upper, found = (await session.execute(bounds)).one()
+    else:  # the last row of the page, with the page's row count beside it
+        last_row = (
+            sa.select(*inner_keys, sa.func.count().over())
+            .order_by(*(column.desc() for column in inner_keys))
+            .limit(1)
+        )
+        row = (await session.execute(last_row)).one_or_none()
+        upper, found = (None, 0) if row is None else (tuple(row[:-1]), row[-1])
+    return Batch(keyset, lower, upper, int(found), None, limit)
 
 
 async def _count(session: AsyncSession, query: sa.Select[Any]) -> int:

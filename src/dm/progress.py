@@ -36,12 +36,13 @@ def use_bar(enabled: bool) -> None:
 
 @dataclass(frozen=True)
 class Figures:
-    """Where a loop stands: rows done, the total if known, rate and time left."""
+    """Where a loop stands: rows done, the total if known, rate, time left, batch size."""
 
     done: int
     total: int | None
     rate: float
     eta: float | None
+    batch_size: int | None = None
 
     def as_dict(self) -> dict[str, int | float | None]:
         """Return the figures as JSON-ready values (rate in rows/s, eta in seconds)."""
@@ -50,6 +51,7 @@ class Figures:
             "rows_total": self.total,
             "rows_per_second": round(self.rate, 1),
             "eta_seconds": None if self.eta is None else round(self.eta, 1),
+            "batch_size": self.batch_size,
         }
 
 
@@ -62,12 +64,14 @@ class Progress:
         total: int | None = None,
         *,
         done: int = 0,
+        batch_size: int | None = None,
         stream: TextIO | None = None,
         bar: bool | None = None,
     ) -> None:
         self.label = label
         self.total = total
         self.done = done
+        self.batch_size = batch_size
         self._start_done = done
         self._stream = stream if stream is not None else sys.stderr
         self._bar = _style["bar"] if bar is None else bar
@@ -82,11 +86,14 @@ class Progress:
         eta = None
         if self.total is not None and rate > 0:
             eta = max(self.total - self.done, 0) / rate
-        return Figures(self.done, self.total, rate, eta)
+        return Figures(self.done, self.total, rate, eta, self.batch_size)
 
-    def advance(self, rows: int) -> None:
-        """Count ``rows`` more rows done; report if the interval has passed."""
+    def advance(self, rows: int, *, batch_size: int | None = None) -> None:
+        """Count ``rows`` more rows done (the next batch's size: ``batch_size``); report if
+        the interval has passed."""
         self.done += rows
+        if batch_size is not None:
+            self.batch_size = batch_size
         now = time.monotonic()
         interval = _BAR_INTERVAL if self._bar else LOG_INTERVAL
         if now - self._last_report >= interval:
@@ -157,7 +164,7 @@ def _columns(stream: TextIO) -> int:
 
 
 def describe(figures: Figures, *, final: bool = False) -> str:
-    """``450,000/1,000,000 rows (45%), 12,345 rows/s, ETA 0:00:45``."""
+    """``450,000/1,000,000 rows (45%), 12,345 rows/s, batch 10,000, ETA 0:00:45``."""
     text = f"{figures.done:,}"
     if figures.total is not None:
         share = figures.done / figures.total * 100 if figures.total else 100.0
@@ -167,11 +174,14 @@ def describe(figures: Figures, *, final: bool = False) -> str:
     text += f", {figures.rate:,.0f} rows/s"
     if final:
         return text + ", done"
+    if figures.batch_size is not None:
+        text += f", batch {figures.batch_size:,}"
     if figures.eta is not None:
-        return text + f", ETA {_clock(figures.eta)}"
+        return text + f", ETA {clock(figures.eta)}"
     return text
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """``0:01:05`` for 65 seconds."""
     whole = int(seconds + 0.5)
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
