@@ -39,11 +39,7 @@ REV = "b47c4e5d0a11"
 BODY = f"""
 query = sa.select(items.c.id)
 async for batch in batched(session, query, key=items.c.id, size={SIZE}):
-    await session.execute(
-        items.update()
-        .where(items.c.id.between(batch.first_key, batch.last_key))
-        .values(hits=items.c.hits + 1)
-    )
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
     await asyncio.sleep(0.02)  # the batch's write is made but not committed yet
 """
 

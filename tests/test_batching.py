@@ -27,13 +27,10 @@ from dm import batched
 seen = []
 query = sa.select(items.c.id).where(items.c.hits == 0)
 async for batch in batched(session, query, key=items.c.id, size=7):
-    assert batch.first_key == batch[0].id and batch.last_key == batch[-1].id
+    assert batch.lower == (seen and sum(seen) or None), (batch.lower, seen)
+    assert batch.upper == batch.lower + batch.row_count if batch.lower else batch.row_count
     seen.append(len(batch))
-    await session.execute(
-        items.update()
-        .where(items.c.id.between(batch.first_key, batch.last_key))
-        .values(hits=items.c.hits + 1)
-    )
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
 """
 
 
@@ -50,6 +47,42 @@ def test_batched_visits_every_row_once(project: Project) -> None:
     assert result.exit_code == 0, result.stderr
     rows = project.db.query("SELECT hits, count(*) AS n FROM items GROUP BY hits")
     assert [(r.hits, r.n) for r in rows] == [(1, 50)]
+
+
+def test_the_rows_form_hands_the_rows_to_the_loop(project: Project) -> None:
+    make_items(project, 20)
+    project.db.query("UPDATE items SET hits = 5 WHERE id IN (3, 4)")  # not selected
+    body = """
+    from dm import batched
+    seen = []
+    query = sa.select(items.c.id, items.c.hits).where(items.c.hits == 0)
+    async for batch in batched(session, query, key=items.c.id, size=6, rows=True):
+        assert batch.first_key == batch[0].id and batch.last_key == batch[-1].id == batch.upper
+        seen.append([row.id for row in batch])
+        await session.execute(
+            items.update()
+            .where(items.c.id.in_([row.id for row in batch.rows]))
+            .values(hits=items.c.hits + 1)
+        )
+    assert seen == [[1, 2, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20]], seen
+    """
+    project.write(A, None, body, extra=SETUP)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 0, result.stderr
+    assert hits(project) == [(1, 18), (5, 2)]
+
+
+def test_the_rows_of_a_key_range_batch_are_refused_with_a_hint(project: Project) -> None:
+    make_items(project, 3)
+    body = """
+    from dm import batched
+    async for batch in batched(session, sa.select(items.c.id), key=items.c.id):
+        print([row.id for row in batch])
+    """
+    project.write(A, None, body, extra=SETUP)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1
+    assert "fetches only the key range by default; pass rows=True" in result.stderr
 
 
 def test_batched_in_a_transactional_revision_rolls_back_on_failure(project: Project) -> None:
@@ -78,11 +111,7 @@ from dm import batched
 fail_after = int(os.environ.get("DM_TEST_FAIL_AFTER", "0"))
 query = sa.select(items.c.id).where(items.c.hits == 0)
 async for n, batch in aenumerate(batched(session, query, key=items.c.id, size=7)):
-    await session.execute(
-        items.update()
-        .where(items.c.id.between(batch.first_key, batch.last_key))
-        .values(hits=items.c.hits + 1)
-    )
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
     if n + 1 == fail_after:
         raise RuntimeError(f"failing after batch {n + 1}")
 """
@@ -148,17 +177,13 @@ def test_a_finished_loop_is_not_run_again_by_the_next_attempt(project: Project) 
     query = sa.select(items.c.id)
     async for batch in batched(session, query, key=items.c.id, size=6):
         await session.execute(
-            items.update()
-            .where(items.c.id.between(batch.first_key, batch.last_key))
-            .values(hits=items.c.hits + 1)
+            items.update().where(batch.where()).values(hits=items.c.hits + 1)
         )
     async for batch in batched(session, query, key=items.c.id, size=6):
         await session.execute(
-            items.update()
-            .where(items.c.id.between(batch.first_key, batch.last_key))
-            .values(hits=items.c.hits + 10)
+            items.update().where(batch.where()).values(hits=items.c.hits + 10)
         )
-        if os.environ.get("DM_TEST_FAIL_AFTER") and batch.last_key >= 12:
+        if os.environ.get("DM_TEST_FAIL_AFTER") and batch.upper >= 12:
             raise RuntimeError("second loop fails")
     """
     project.write(A, None, body, extra=NON_TRANSACTIONAL)
@@ -178,12 +203,8 @@ def test_a_non_transactional_downgrade_resumes_its_own_checkpoint(project: Proje
     from dm import batched
     query = sa.select(items.c.id).where(items.c.hits == {before})
     async for batch in batched(session, query, key=items.c.id, size=4):
-        await session.execute(
-            items.update()
-            .where(items.c.id.between(batch.first_key, batch.last_key))
-            .values(hits={after})
-        )
-        if os.environ.get("DM_TEST_FAIL_AFTER") and batch.last_key >= 8:
+        await session.execute(items.update().where(batch.where()).values(hits={after}))
+        if os.environ.get("DM_TEST_FAIL_AFTER") and batch.upper >= 8:
             raise RuntimeError("downgrade fails")
     """
     project.write(
@@ -251,19 +272,19 @@ def test_a_timed_out_non_transactional_revision_keeps_its_batches(project: Proje
     assert hits(project) == [(0, 40 - done), (1, done)]
 
 
-def test_bounds_only_batches_cover_every_row_once_and_resume(project: Project) -> None:
+def test_key_range_batches_skip_unselected_rows_and_resume(project: Project) -> None:
     make_items(project, 50)
     project.db.query("UPDATE items SET hits = 5 WHERE id IN (3, 4, 30)")  # not selected
-    loop = FAILING_LOOP.replace("size=7)", "size=7, rows=False)").replace(
+    loop = FAILING_LOOP.replace(
         "    await session.execute(",
-        "    assert len(batch) == 0 and batch.row_count in (7, 5), batch.row_count\n"
+        "    assert len(batch) == batch.row_count in (7, 5), batch.row_count\n"
+        "    assert batch.lower in ((None, 9) if n == 0 else (9, batch.lower)), batch\n"
         "    await session.execute(",
         1,
     )
     loop = loop.replace(
-        ".where(items.c.id.between(batch.first_key, batch.last_key))",
-        ".where(items.c.id.between(batch.first_key, batch.last_key))\n"
-        "        .where(items.c.hits == 0)",
+        ".where(batch.where())",
+        ".where(batch.where(), items.c.hits == 0)",
     )
     project.write(A, None, loop, extra=NON_TRANSACTIONAL + AENUMERATE)
     failed = invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="2")
@@ -289,12 +310,12 @@ from dm import batched
 key = (members.c.tenant, members.c.id)
 query = sa.select(members.c.tenant, members.c.id)
 n = 0
-async for batch in batched(session, query, key=key, size=4):
-    assert batch.first_key == tuple(batch[0]) and batch.last_key == tuple(batch[-1])
+async for batch in batched(session, query, key=key, size=4, rows=ROWS):
+    if ROWS:
+        assert batch.first_key == tuple(batch[0]) and batch.upper == tuple(batch[-1])
+    assert batch.row_count == 4 or batch.upper == (BIG + 3, 10), batch
     await session.execute(
-        members.update()
-        .where(sa.tuple_(*key).between(batch.first_key, batch.last_key))
-        .values(hits=members.c.hits + 1)
+        members.update().where(batch.where()).values(hits=members.c.hits + 1)
     )
     n += 1
     if os.environ.get("DM_TEST_FAIL_AFTER") and n == 3:
@@ -302,7 +323,8 @@ async for batch in batched(session, query, key=key, size=4):
 """
 
 
-def test_a_composite_key_pages_by_row_value_and_resumes(project: Project) -> None:
+@pytest.mark.parametrize("rows", [False, True])
+def test_a_composite_key_pages_by_row_value_and_resumes(project: Project, rows: bool) -> None:
     project.db.query(
         "CREATE TABLE members (tenant BIGINT NOT NULL, id INTEGER NOT NULL,"
         " hits INTEGER NOT NULL, PRIMARY KEY (tenant, id))"
@@ -310,7 +332,7 @@ def test_a_composite_key_pages_by_row_value_and_resumes(project: Project) -> Non
     tenants = (BIG + 1, BIG + 2, BIG + 3)  # beyond 32 bits: no INTEGER casts on the way
     values = ", ".join(f"({t}, {i}, 0)" for t in tenants for i in range(1, 11))
     project.db.query(f"INSERT INTO members (tenant, id, hits) VALUES {values}")
-    project.write(A, None, COMPOSITE_LOOP, extra=COMPOSITE)
+    project.write(A, None, COMPOSITE_LOOP, extra=COMPOSITE + f"ROWS = {rows}\nBIG = {BIG}\n")
 
     failed = invoke(project, "upgrade", "heads", DM_TEST_FAIL_AFTER="1")
     assert failed.exit_code == 1
@@ -322,15 +344,6 @@ def test_a_composite_key_pages_by_row_value_and_resumes(project: Project) -> Non
     assert f"resuming after key ({BIG + 1}, 8), 8 rows already done" in resumed.stderr
     rows = project.db.query("SELECT hits, count(*) AS n FROM members GROUP BY hits")
     assert [(r.hits, r.n) for r in rows] == [(1, 30)]
-
-
-def test_bounds_only_batches_need_a_single_column_key(project: Project) -> None:
-    project.db.query("CREATE TABLE members (tenant INTEGER, id INTEGER, hits INTEGER)")
-    loop = COMPOSITE_LOOP.replace("size=4)", "size=4, rows=False)")
-    project.write(A, None, loop, extra=COMPOSITE)
-    result = invoke(project, "upgrade", "heads")
-    assert result.exit_code == 1
-    assert "batched(rows=False) needs a single-column key" in result.stderr
 
 
 def test_a_successful_attempt_is_not_resumed(project: Project) -> None:

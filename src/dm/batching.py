@@ -500,24 +500,26 @@ async def _fetch_rows(
 async def _fetch_bounds(
     session: AsyncSession, page: sa.Select[Any], keyset: _Keyset, lower: Any, limit: int
 ) -> Batch:
-    """Fetch the page's last key and row count: one row instead of the page."""
+    """Fetch a page's last key only: its ``limit``-th key (``OFFSET limit - 1``), one row.
+
+    No aggregate, so any ordered key type works (PostgreSQL has no ``max(uuid)``), and the
+    row count of a full page is ``limit``. Only a loop's last page, shorter, comes back
+    whole (its keys), to be counted.
+    """
     keys = page.with_only_columns(
         *(page.selected_columns[p] for p in keyset.positions), maintain_column_froms=True
     )
-    inner = keys.subquery()
-    inner_keys = list(inner.c)
-    if not keyset.composite:
-        bounds = sa.select(sa.func.max(inner_keys[0]), sa.func.count())
-        upper, found = (await session.execute(bounds)).one()
-    else:  # the last row of the page, with the page's row count beside it
-        last_row = (
-            sa.select(*inner_keys, sa.func.count().over())
-            .order_by(*(column.desc() for column in inner_keys))
-            .limit(1)
-        )
-        row = (await session.execute(last_row)).one_or_none()
-        upper, found = (None, 0) if row is None else (tuple(row[:-1]), row[-1])
-    return Batch(keyset, lower, upper, int(found), None, limit)
+    row = (await session.execute(keys.offset(limit - 1).limit(1))).first()
+    if row is not None:
+        return Batch(keyset, lower, _key_of(row), limit, None, limit)
+    found = (await session.execute(keys)).all()
+    upper = _key_of(found[-1]) if found else None
+    return Batch(keyset, lower, upper, len(found), None, limit)
+
+
+def _key_of(row: Any) -> Any:
+    """Return the key a row of key columns holds: a value, or a tuple for several."""
+    return row[0] if len(row) == 1 else tuple(row)
 
 
 async def _count(session: AsyncSession, query: sa.Select[Any]) -> int:
