@@ -385,6 +385,16 @@ def test_progress_is_logged_with_the_total_and_as_json(project: Project) -> None
     entries = [json.loads(line) for line in as_json.stderr.splitlines()]
     (progress,) = [e["progress"] for e in entries if "progress" in e]
     assert progress["rows_done"] == 30 and progress["rows_total"] == 30
+    assert progress["batch_size"] == 7
+
+
+def test_a_progress_line_shows_the_batch_size_rate_and_eta() -> None:
+    from dm.progress import Figures
+    from dm.progress import describe
+
+    figures = Figures(450_000, 1_000_000, 12_345.0, 45.0, batch_size=10_000)
+    expected = "450,000/1,000,000 rows (45%), 12,345 rows/s, batch 10,000, ETA 0:00:45"
+    assert describe(figures) == expected
 
 
 @pytest.mark.parametrize(

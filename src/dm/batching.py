@@ -100,7 +100,7 @@ class Batch:
     ``lower < key <= upper``. ``where()`` is that condition, the bound for the batch's write.
     """
 
-    __slots__ = ("_keyset", "_rows", "limit", "lower", "row_count", "upper")
+    __slots__ = ("_keyset", "_rows", "lower", "row_count", "size", "upper")
 
     def __init__(
         self,
@@ -109,14 +109,14 @@ class Batch:
         upper: Any,
         row_count: int,
         rows: list[Any] | None = None,
-        limit: int = 0,
+        size: int = 0,
     ) -> None:
         self._keyset = keyset
         self._rows = rows
         self.lower = lower
         self.upper = upper
         self.row_count = row_count
-        self.limit = limit
+        self.size = size
         """The page size asked for (``row_count`` is smaller only for a loop's last page)."""
 
     def where(self, *columns: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
