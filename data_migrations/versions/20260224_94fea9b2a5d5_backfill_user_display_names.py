@@ -63,13 +63,14 @@ async def upgrade(session: AsyncSession) -> None:
 
     query = sa.select(users.c.id).where(users.c.display_name.is_(None))
     async for batch in batched(session, query, key=users.c.id, size=1000, count=True):
-        # The range form: on PostgreSQL `id BETWEEN first_key AND last_key` is about 2.7
-        # times faster than `id IN (<the batch's ids>)`. The range also covers ids the page
-        # left out because they already have a name; repeating `display_name IS NULL`
-        # leaves those alone and keeps the write idempotent when a batch is run again.
+        # The batch is a key range: batch.where() is `id > lower AND id <= upper` (on
+        # PostgreSQL a range is about 2.7 times faster than `id IN (<the batch's ids>)`).
+        # The range also covers ids the page left out because they already have a name;
+        # repeating `display_name IS NULL` leaves those alone and keeps the write
+        # idempotent when a batch is run again.
         await session.execute(
             users.update()
-            .where(users.c.id.between(batch.first_key, batch.last_key))
+            .where(batch.where())
             .where(users.c.display_name.is_(None))
             .values(display_name=local_part)
         )

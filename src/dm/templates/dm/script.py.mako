@@ -39,13 +39,15 @@ async def upgrade(session: AsyncSession) -> None:
     # e.g. await session.execute(sqlalchemy.text("UPDATE users SET plan = 'free' WHERE plan IS NULL"))
     #
     # A large table: walk it in batches (with transactional = False, resumably). Bound each
-    # write by the batch's key range: PostgreSQL runs BETWEEN about 2.7x faster than IN (ids).
+    # write by the batch's key range, batch.where(), and repeat the query's condition;
+    # rows=True hands the rows to the loop too; target_seconds= tunes the size, and
+    # pause_when= (see dm.backoff) holds the loop while the database is busy.
     #   from dm import batched
     #   query = sa.select(users.c.id).where(users.c.display_name.is_(None))
     #   async for batch in batched(session, query, key=users.c.id, size=1000):
     #       await session.execute(
     #           users.update()
-    #           .where(users.c.id.between(batch.first_key, batch.last_key))
+    #           .where(batch.where())
     #           .where(users.c.display_name.is_(None))
     #           .values(display_name=sa.func.split_part(users.c.email, "@", 1))
     #       )
