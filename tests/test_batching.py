@@ -445,6 +445,33 @@ def test_batched_needs_the_key_in_the_query(project: Project) -> None:
     assert "key column must be selected" in result.stderr
 
 
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("size=0", "size must be at least 1"),
+        ("min_size=5", "min_size and max_size need target_seconds"),
+        ("target_seconds=0", "target_seconds must be positive"),
+        ("size=10, target_seconds=1, max_size=5", "needs 1 <= min_size <= size <= max_size"),
+        ("pause_poll=0", "pause_poll must be positive"),
+        ("throttle=-1", "throttle must not be negative"),
+    ],
+)
+def test_bad_batched_options_name_the_revision(
+    project: Project, options: str, message: str
+) -> None:
+    make_items(project, 3)
+    body = f"""
+    from dm import batched
+    async for batch in batched(session, sa.select(items.c.id), key=items.c.id, {options}):
+        raise AssertionError("never reached")
+    """
+    project.write(A, None, body, extra=SETUP)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1
+    assert f"revision {A}: batched() {message}" in result.stderr
+
+
 def test_batched_outside_a_run_is_an_error() -> None:
     import sqlalchemy as sa
 

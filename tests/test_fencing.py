@@ -39,12 +39,8 @@ while not Path(GO).exists():
 BATCHED = (
     """
 async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=5):
-    await session.execute(
-        items.update()
-        .where(items.c.id.between(batch.first_key, batch.last_key))
-        .values(n=items.c.n + 1)
-    )
-    if batch.first_key > 15:
+    await session.execute(items.update().where(batch.where()).values(n=items.c.n + 1))
+    if batch.upper > 15:
 """
     + "\n".join("        " + line for line in WAIT_FOR_GO.strip().splitlines())
     + "\n"

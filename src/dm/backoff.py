@@ -125,7 +125,7 @@ def any_of(*predicates: Predicate) -> Predicate:
     async def first_reason(session: AsyncSession) -> str | None:
         for predicate in predicates:
             answer = await predicate(session)
-            if answer is not None and answer is not False:
+            if answer:
                 name = getattr(predicate, "__name__", "pause_when")
                 return answer if isinstance(answer, str) else f"{name} returned {answer!r}"
         return None

@@ -353,7 +353,7 @@ class _Waiter:
         answer = await self.predicate(session)
         if not self.transactional and session.in_transaction():
             await session.commit()  # no transaction stays open while the loop waits
-        if answer is None or answer is False:
+        if not answer:  # None, False or ""
             return None
         return answer if isinstance(answer, str) else f"{self.name} returned {answer!r}"
 
