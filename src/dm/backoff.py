@@ -44,12 +44,12 @@ _CAN_SEE_LAG = sa.text(
 _FRESH_STATS = sa.text("SELECT pg_stat_clear_snapshot()")
 _LONG_TRANSACTIONS = sa.text(
     "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-    "AND backend_type = 'client backend' "
+    "AND datname = current_database() AND backend_type = 'client backend' "
     "AND xact_start < now() - make_interval(secs => :older_than)"
 )
 _LOCK_WAITS = sa.text(
     "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
-    "AND wait_event_type = 'Lock'"
+    "AND datname = current_database() AND wait_event_type = 'Lock'"
 )
 
 
@@ -86,8 +86,8 @@ def replica_lag_above(seconds: float) -> Predicate:
 
 
 def long_transactions_above(count: int = 0, *, older_than: float = 60.0) -> Predicate:
-    """Wait while more than ``count`` other transactions have been open for ``older_than``
-    seconds (they hold back vacuum, and the backfill's dead rows pile up)."""
+    """Wait while more than ``count`` other transactions in this database have been open for
+    ``older_than`` seconds (they hold back vacuum, and the backfill's dead rows pile up)."""
 
     async def long_transactions(session: AsyncSession) -> str | None:
         if not await _is_postgresql(session):
@@ -105,7 +105,7 @@ def long_transactions_above(count: int = 0, *, older_than: float = 60.0) -> Pred
 
 
 def lock_waits_above(count: int = 0) -> Predicate:
-    """Wait while more than ``count`` other sessions are waiting for a lock."""
+    """Wait while more than ``count`` other sessions of this database wait for a lock."""
 
     async def lock_waits(session: AsyncSession) -> str | None:
         if not await _is_postgresql(session):

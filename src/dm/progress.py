@@ -8,6 +8,7 @@ API keeps the default, log lines.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -137,11 +138,13 @@ class Progress:
 def bar_line(label: str, figures: Figures, final: bool, columns: int) -> str:
     """Return the bar's line, at most ``columns - 1`` characters (the cursor stays on it).
 
-    The bar shrinks (down to ``_MIN_BAR_WIDTH``, then goes) before the figures are cut;
-    the label is shortened last.
+    The bar shrinks (down to ``_MIN_BAR_WIDTH``, then goes), then the batch size goes,
+    before the figures are cut; the label is shortened last.
     """
     text = describe(figures, final=final)
     room = max(columns - 1, 1)
+    if len(label) + len(text) + 2 > room:  # ": "
+        text = describe(dataclasses.replace(figures, batch_size=None), final=final)
     width = min(_BAR_WIDTH, room - len(label) - len(text) - 5)  # ": " + "[" + "] "
     bar = ""
     if figures.total and width >= _MIN_BAR_WIDTH:
