@@ -72,6 +72,26 @@ def test_the_rows_form_hands_the_rows_to_the_loop(project: Project) -> None:
     assert hits(project) == [(1, 18), (5, 2)]
 
 
+def test_a_key_range_bounds_another_tables_columns(project: Project) -> None:
+    make_items(project, 20)
+    project.db.query("CREATE TABLE mirror (id INTEGER PRIMARY KEY, hits INTEGER NOT NULL)")
+    project.db.query("INSERT INTO mirror SELECT id, 0 FROM items")
+    body = """
+    from dm import batched
+    mirror = sa.table("mirror", sa.column("id"), sa.column("hits"))
+    query = sa.select(items.c.id).where(items.c.id % 2 == 0)
+    async for batch in batched(session, query, key=items.c.id, size=3):
+        await session.execute(
+            mirror.update().where(batch.where(mirror.c.id)).values(hits=mirror.c.hits + 1)
+        )
+    """
+    project.write(A, None, body, extra=SETUP)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 0, result.stderr
+    rows = project.db.query("SELECT hits, count(*) AS n FROM mirror GROUP BY hits")
+    assert [(r.hits, r.n) for r in rows] == [(1, 20)]  # (0, 6], (6, 12], (12, 18], (18, 20]
+
+
 def test_the_rows_of_a_key_range_batch_are_refused_with_a_hint(project: Project) -> None:
     make_items(project, 3)
     body = """

@@ -2,7 +2,13 @@
 
 The query is re-issued per batch with ``key > last_key`` (ascending on ``key``), so memory
 stays constant whatever the table size and rows changed by earlier batches are not
-revisited.
+revisited. By default a batch is a key range, ``(lower, upper]``: only the page's last key
+comes back, and the caller bounds its write by ``batch.where()``; ``rows=True`` fetches the
+rows too.
+
+Between batches the loop may sleep (``throttle``), wait while a ``pause_when`` predicate
+gives a reason (``dm.backoff`` has ready-made ones), and resize the next page so that a
+batch takes about ``target_seconds``.
 
 In a revision with ``transactional = False`` each batch's writes are committed together
 with a checkpoint (the loop, the last key, the rows done) in the attempt's tracker row.
