@@ -166,6 +166,22 @@ async for batch in batched(
 """
 
 
+def test_the_reason_to_wait_is_a_field_of_json_logs(project: Project, spawn: Any) -> None:
+    make_items(project, 30)
+    project.db.query("CREATE TABLE pause_flag (reason VARCHAR(100))")
+    project.db.query("INSERT INTO pause_flag VALUES ('nightly export')")
+    project.write(A, None, PAUSED, extra=EXTRA)
+
+    dm = spawn(project, "--log-format", "json", "upgrade", "heads")
+    wait_for(lambda: "nightly export" in dm.stderr() or not dm.running())
+    project.db.query("DELETE FROM pause_flag")
+    assert dm.wait(30) == 0, dm.stderr()
+    entries = [json.loads(line) for line in dm.stderr().splitlines()]
+    (waiting,) = [e for e in entries if "waiting" in e]
+    assert waiting["waiting"] == "nightly export"
+    assert waiting["message"].endswith("waiting: nightly export")
+
+
 def test_the_ready_made_predicates_let_an_idle_database_run(project: Project) -> None:
     make_items(project, 30)
     project.write(A, None, BACKOFF, extra=EXTRA)

@@ -61,7 +61,8 @@ def json_line(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message (and progress, traceback)."""
+    """One JSON object per line: ts, level, logger, message (and progress, waiting,
+    traceback)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return json_line(
@@ -70,6 +71,7 @@ class JsonFormatter(logging.Formatter):
             record.getMessage(),
             created=record.created,
             progress=getattr(record, "progress", None),
+            waiting=getattr(record, "waiting", None),
             traceback=record.exc_text
             or (self.formatException(record.exc_info) if record.exc_info else None),
         )
