@@ -88,6 +88,36 @@ def test_the_batch_size_adapts_toward_the_target_time(project: Project) -> None:
     assert all(10 <= size <= 1000 for _, size in recorded), recorded
 
 
+def test_a_resumed_self_tuning_loop_goes_on_at_the_size_it_reached(project: Project) -> None:
+    make_items(project, 3200)
+    if project.db.kind == "postgresql":
+        project.db.query(
+            "CREATE FUNCTION slow_hit(i integer) RETURNS integer LANGUAGE sql AS 'SELECT 1'"
+        )
+    failing = (
+        ADAPTIVE
+        + """
+    if os.environ.get("DM_TEST_FAIL") and batch.upper > 2500:
+        raise RuntimeError("stopped mid-way")
+"""
+    )
+    project.write(A, None, failing, extra=EXTRA)
+    assert invoke(project, "upgrade", "heads", DM_TEST_FAIL="1").exit_code == 1
+    (failed,) = project.db.tracker()
+    checkpoint = (
+        json.loads(failed.checkpoint) if isinstance(failed.checkpoint, str) else failed.checkpoint
+    )
+    assert checkpoint["rows_done"] == 2500 and checkpoint["batch_size"] > 100, checkpoint
+    project.db.query("DELETE FROM sizes")
+
+    resumed = invoke(project, "upgrade", "heads")
+
+    assert resumed.exit_code == 0, resumed.stderr
+    first = project.db.query("SELECT size FROM sizes ORDER BY upper LIMIT 1")[0].size
+    assert first == checkpoint["batch_size"]
+    assert hits(project) == {1: 3200}
+
+
 # A loop that waits while the flag table holds a reason.
 PAUSED = """
 async def flagged(session):

@@ -236,6 +236,7 @@ async def batched(
     if start.done:
         log.info("%s: resuming after key %r, %d rows already done", label, start.last, start.done)
     last, done = start.last, start.done
+    sizer.resume_at(start.size)
     unordered = query.order_by(None)
 
     def after(last: Any) -> sa.Select[Any]:
@@ -271,6 +272,8 @@ async def batched(
                     "rows_total": total,
                     "finished": finished,
                 }
+                if sizer.target is not None:  # a resumed loop goes on at the size reached
+                    checkpoint["batch_size"] = limit
                 await save(session, checkpoint)
                 await session.commit()
             sizer.observe(batch.row_count, time.monotonic() - started)
@@ -325,6 +328,11 @@ class _Sizer:
                 f"(got {low}, {size}, {high})"
             )
         return cls(size, float(target), low, high)
+
+    def resume_at(self, size: int | None) -> None:
+        """Go on at the ``size`` an earlier attempt reached (within the floor and ceiling)."""
+        if self.target is not None and size is not None:
+            self.size = min(max(size, self.floor), self.ceiling)
 
     def observe(self, rows: int, seconds: float) -> None:
         """Account for a batch of ``rows`` rows that took ``seconds``; set the next size."""
@@ -393,6 +401,8 @@ class _Start:
     skip: bool = False
     last: Any = None
     done: int = 0
+    size: int | None = None
+    """The size a self-tuning loop had reached (``target_seconds``), to go on from."""
 
     @classmethod
     def from_checkpoint(
@@ -407,7 +417,12 @@ class _Start:
             if loop > at_loop or checkpoint.get("last_key") is None:
                 return cls()
             last = keyset.decode(checkpoint["last_key"])
-            return cls(last=last, done=int(checkpoint["rows_done"]))
+            size = checkpoint.get("batch_size")
+            return cls(
+                last=last,
+                done=int(checkpoint["rows_done"]),
+                size=None if size is None else int(size),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise BatchingError(
                 f"revision {revision}: the checkpoint of the earlier attempt is unreadable "
