@@ -105,6 +105,24 @@ def test_the_rows_of_a_key_range_batch_are_refused_with_a_hint(project: Project)
     assert "fetches only the key range by default; pass rows=True" in result.stderr
 
 
+def test_a_loop_written_for_first_key_is_told_how_to_move(project: Project) -> None:
+    make_items(project, 3)
+    body = """
+    from dm import batched
+    async for batch in batched(session, sa.select(items.c.id), key=items.c.id):
+        await session.execute(
+            items.update()
+            .where(items.c.id.between(batch.first_key, batch.last_key))
+            .values(hits=1)
+        )
+    """
+    project.write(A, None, body, extra=SETUP)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1
+    assert "batch.first_key needs batched(..., rows=True); bound the batch's" in result.stderr
+    assert hits(project) == [(0, 3)]
+
+
 def test_batched_in_a_transactional_revision_rolls_back_on_failure(project: Project) -> None:
     make_items(project, 20)
     project.write(A, None, LOOP + "raise RuntimeError('late failure')", extra=SETUP)

@@ -146,8 +146,12 @@ class Batch:
     @property
     def first_key(self) -> Any:
         """The key of the page's first row (``rows=True`` only; the bound is ``lower``)."""
-        rows = self.rows
-        return self._keyset.value(rows[0])
+        if self._rows is None:
+            raise BatchingError(
+                "batch.first_key needs batched(..., rows=True); bound the batch's write by "
+                "batch.where() (key > batch.lower AND key <= batch.upper) instead"
+            )
+        return self._keyset.value(self._rows[0])
 
     @property
     def last_key(self) -> Any:
