@@ -107,6 +107,12 @@ ALLOWED: dict[str, set[str]] = {
     "urls": {"errors"},
     "signals": {"errors", "watchdog"},
     "log": set(),
+    "testing": {
+        *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
+        *("operations", "runtime", "settings", "urls"),
+    },
+    "pytest_plugin": {"pytest_builtins", "testing"},
+    "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": set(),
 }

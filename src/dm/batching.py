@@ -74,6 +74,32 @@ _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
 )
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Instrumentation of ``batched`` loops, for tests (dm's pytest plugin).
+
+    ``size`` replaces every loop's batch size; ``committed(context, checkpoint, rows)`` is
+    called right after each batch and its checkpoint commit (``transactional = False``
+    only), with the batch's row count; what it raises ends the hook as a failure would.
+    """
+
+    size: int | None = None
+    committed: Callable[[RunContext, Mapping[str, Any], int], None] | None = None
+
+
+_probe: contextvars.ContextVar[Probe | None] = contextvars.ContextVar("dm_probe", default=None)
+
+
+@contextlib.contextmanager
+def probing(probe: Probe) -> Iterator[None]:
+    """Apply ``probe`` to the ``batched`` loops run in this context."""
+    token = _probe.set(probe)
+    try:
+        yield
+    finally:
+        _probe.reset(token)
+
+
 @contextlib.contextmanager
 def run_context(context: RunContext) -> Iterator[None]:
     """Make ``context`` the current run for ``batched`` while the hook runs."""
@@ -136,6 +162,9 @@ async def batched(
     if context is None:
         raise BatchingError("dm.batched() can only be used inside a revision run by dm")
     revision = context.revision
+    probe = _probe.get()
+    if probe is not None and probe.size is not None:
+        size = probe.size
     if size < 1:
         raise BatchingError(f"revision {revision}: batched() size must be at least 1")
     if throttle < 0:
@@ -190,6 +219,8 @@ async def batched(
                 }
                 await save(session, checkpoint)
                 await session.commit()
+                if probe is not None and probe.committed is not None:
+                    probe.committed(context, checkpoint, batch.row_count)
             if finished:
                 break
             if throttle:
