@@ -191,6 +191,10 @@ def _blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) 
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        running = False
+    else:
+        running = True
+    if not running:  # outside the except block: its errors do not chain to this one
         return asyncio.run(call())
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dm") as pool:
         return pool.submit(asyncio.run, call()).result()

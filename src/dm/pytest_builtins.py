@@ -116,6 +116,7 @@ def test_up_down_up(dm_runner: DmRunner, dm_test_config: DmTestConfig) -> None:
     order = [script.revision for script in reversed(graph.walk()) if script.revision not in stays]
     went_down: list[str] = []
     ended: str | None = None
+    failure = None
     for rev in order:
         if rev in skip:
             break
@@ -125,18 +126,22 @@ def test_up_down_up(dm_runner: DmRunner, dm_test_config: DmTestConfig) -> None:
             ended = rev
             break
         except RevisionFailed as exc:
-            _fail(describe(graph.revision(rev), "downgrade (round trip: down)", url, _why(exc)))
+            failure = describe(graph.revision(rev), "downgrade (round trip: down)", url, _why(exc))
+            break
         except DmError as exc:
-            _fail(describe(graph.revision(rev), "dm rollback (round trip)", url, one_line(exc)))
+            failure = describe(graph.revision(rev), "dm rollback (round trip)", url, one_line(exc))
+            break
         went_down.append(rev)
+    if failure is not None:
+        _fail(failure)
     for rev in reversed(went_down):
         _upgrade(dm_runner, graph, rev, "upgrade again after its downgrade (round trip: up)")
     if ended is not None:
         below = order[order.index(ended) + 1 :]
         if below:
-            rev = graph.revision(ended)
             pytest.skip(
-                f"round trip ended at {ended} ({rev.description}): it has no downgrade(); "
+                f"round trip ended at {ended} ({graph.revision(ended).description}): it has "
+                "no downgrade(); "
                 f"not round-tripped: {', '.join(below)} (make {ended} the floor with "
                 f"dm_minimum_downgrade_revision = {ended} to keep the rest of the walk)"
             )
@@ -165,8 +170,9 @@ def test_idempotent_revisions(
         try:
             runner.run_sync(rev.id, force=True)
         except RevisionFailed as exc:
-            failures.append(describe(rev, "run again (idempotent = True)", runner.redacted_url,
-                                     _why(exc)))
+            failures.append(
+                describe(rev, "run again (idempotent = True)", runner.redacted_url, _why(exc))
+            )
             continue
         changed = differences(before, runner.snapshot_sync())
         if changed:
@@ -297,13 +303,10 @@ def test_environment_guards(
                         rev,
                         f"dry-run plan in environment {environment!r}",
                         runner.redacted_url,
-                        f"planned to {step.action}, but its environments are "
-                        f"{rev.environments!r}",
+                        f"planned to {step.action}, but its environments are {rev.environments!r}",
                     )
                 )
-        _upgrade_each(
-            runner, graph, dm_test_config, step=f"upgrade in environment {environment!r}"
-        )
+        _upgrade_each(runner, graph, dm_test_config, step=f"upgrade in environment {environment!r}")
     if failures:
         _fail("\n\n".join(failures))
 
@@ -344,7 +347,8 @@ def _path_to(graph: Graph, target: str) -> list[str]:
     try:
         return [rev.id for rev in graph.upgrade_path(target, ())]
     except DmError as exc:
-        _fail(f"dm_minimum_downgrade_revision: {one_line(exc)}")
+        message = f"dm_minimum_downgrade_revision: {one_line(exc)}"
+    _fail(message)
 
 
 def _upgrade_each(
@@ -379,11 +383,19 @@ def _upgrade_before(runner: DmRunner, graph: Graph, config: DmTestConfig, rev: s
 def _seed(runner: DmRunner, graph: Graph, rev: str, seed: Seed) -> None:
     try:
         runner.seed_sync(seed, before=rev)
+        return
     except RevisionFailed as exc:
-        _fail(describe(graph.revision(exc.revision), "upgrade", runner.redacted_url, _why(exc)))
+        message = describe(
+            graph.revision(exc.revision), "upgrade", runner.redacted_url, _why(exc)
+        )
     except Exception as exc:
-        _fail(describe(graph.revision(rev), "seed (dm_test_config)", runner.redacted_url,
-                       f"{type(exc).__name__}: {one_line(exc)}"))
+        message = describe(
+            graph.revision(rev),
+            "seed (dm_test_config)",
+            runner.redacted_url,
+            f"{type(exc).__name__}: {one_line(exc)}",
+        )
+    _fail(message)  # outside the except block: no chained exceptions in the report
 
 
 def _upgrade(
@@ -391,11 +403,13 @@ def _upgrade(
 ) -> None:
     try:
         runner.upgrade_sync(target, probe=probe)
+        return
     except RevisionFailed as exc:
         rev = graph.revision(exc.revision) if graph.known(exc.revision) else None
-        _fail(describe(rev, step, runner.redacted_url, _why(exc)))
+        message = describe(rev, step, runner.redacted_url, _why(exc))
     except DmError as exc:
-        _fail(describe(graph.revision(target), step, runner.redacted_url, one_line(exc)))
+        message = describe(graph.revision(target), step, runner.redacted_url, one_line(exc))
+    _fail(message)  # outside the except block: no chained exceptions in the report
 
 
 def _state(runner: DmRunner, rev: str) -> str | None:

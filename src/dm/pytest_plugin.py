@@ -17,6 +17,7 @@ Fixtures, each overridable in a ``conftest.py``:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -107,11 +108,14 @@ class DmBuiltins(pytest.File):
 
     def collect(self) -> Iterator[pytest.Item]:
         """Yield one test item per built-in test function."""
-        from . import pytest_builtins
+        from .pytest_builtins import BUILTINS
 
-        for name in pytest_builtins.BUILTINS:
+        # From sys.modules, as every module the tests run imports its neighbours (a package
+        # attribute may name a module object pytest's own tests have since unloaded).
+        builtins = sys.modules["dm.pytest_builtins"]
+        for name in BUILTINS:
             function = pytest.Function.from_parent(
-                self, name=f"dm::{name}", callobj=getattr(pytest_builtins, name)
+                self, name=f"dm::{name}", callobj=getattr(builtins, name)
             )
             function.add_marker("dm")
             yield function

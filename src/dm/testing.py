@@ -115,53 +115,53 @@ class DmRunner:
         self, target: str = "heads", *, dry_run: bool = False, probe: Probe | None = None
     ) -> RunResult:
         """Upgrade to ``target``, as ``dm upgrade`` (``probe``: see :class:`dm.batching.Probe`)."""
-        from . import command
+        from .command import upgrade
 
         with probing(probe) if probe is not None else contextlib.nullcontext():
-            return await command.upgrade(self.settings(), target, dry_run=dry_run)
+            return await upgrade(self.settings(), target, dry_run=dry_run)
 
     async def downgrade(self, target: str, *, dry_run: bool = False) -> RunResult:
         """Downgrade to ``target``, as ``dm downgrade``."""
-        from . import command
+        from .command import downgrade
 
-        return await command.downgrade(self.settings(), target, dry_run=dry_run)
+        return await downgrade(self.settings(), target, dry_run=dry_run)
 
     async def run(self, revision: str, *, force: bool = False) -> RunResult:
         """Run one revision's upgrade, as ``dm run`` (``force``: again, though applied)."""
-        from . import operations
+        from .operations import run
 
-        return await operations.run(self.settings(), revision, force=force)
+        return await run(self.settings(), revision, force=force)
 
     async def rollback(self, revision: str) -> RunResult:
         """Run one revision's downgrade, as ``dm rollback``."""
-        from . import operations
+        from .operations import rollback
 
-        return await operations.rollback(self.settings(), revision)
+        return await rollback(self.settings(), revision)
 
     async def status(self) -> list[RevisionStatus]:
         """Return every revision's state and latest attempt, as ``dm status``."""
-        from . import command
+        from .command import status
 
-        return await command.status(self.settings())
+        return await status(self.settings())
 
     async def attempts(self, revision: str) -> list[AttemptRecord]:
         """Return every tracker row of ``revision``, oldest first, as ``dm log REV``."""
-        from . import operations
+        from .operations import attempts
 
-        return await operations.attempts(self.settings(), revision)
+        return await attempts(self.settings(), revision)
 
     # -- data -------------------------------------------------------------------------------
 
     async def seed(self, data: Seed, *, before: str) -> None:
         """Upgrade to the parents of ``before`` (``depends_on`` included), then put ``data``
         in place and commit it: the rows ``before`` will find when it runs next."""
-        from . import _alembic_compat as compat
+        from ._alembic_compat import all_down_revisions
 
         graph = self.graph()
         found = graph.resolve(before)
         if len(found) != 1:
             raise UsageError(f"seed(before={before!r}): name exactly one revision")
-        for parent in compat.all_down_revisions(found[0]):
+        for parent in all_down_revisions(found[0]):
             await self.upgrade(parent)
         await self.execute(data)
 
@@ -247,9 +247,7 @@ async def _apply(session: AsyncSession, data: Any) -> None:
     elif isinstance(data, Mapping):
         conn = await session.connection()
         for name, rows in data.items():
-            table = await conn.run_sync(
-                lambda sync, name=name: sa.Table(name, sa.MetaData(), autoload_with=sync)
-            )
+            table = await conn.run_sync(_reflect, str(name))
             if rows:
                 await session.execute(table.insert(), [dict(row) for row in rows])
     elif inspect.iscoroutinefunction(data):
@@ -261,6 +259,10 @@ async def _apply(session: AsyncSession, data: Any) -> None:
             f"cannot seed {type(data).__name__}: give SQL text, a statement, "
             "{table: [rows]} or a function taking the session"
         )
+
+
+def _reflect(conn: sa.Connection, name: str) -> sa.Table:
+    return sa.Table(name, sa.MetaData(), autoload_with=conn)
 
 
 def _snapshot(conn: sa.Connection, skip: set[str]) -> Snapshot:
@@ -473,6 +475,7 @@ def import_offline(config: ProjectConfig) -> list[str]:
         (socket, "create_connection", refuse("connected to")),
         (socket, "getaddrinfo", refuse("looked up")),
         (sqlite3, "connect", refuse("opened the SQLite database")),
+        (sqlite3.dbapi2, "connect", refuse("opened the SQLite database")),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
