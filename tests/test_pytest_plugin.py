@@ -451,10 +451,17 @@ def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester
     )
     (pytester.path / "tests").mkdir()
     (pytester.path / "tests" / "conftest.py").write_text(EXAMPLE_CONFTEST)
-    result = pytester.runpytest("--dm", "-rA")
-    result.assert_outcomes(passed=7)
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("def test_backfill_keeps_names_set_by_hand")
+    (pytester.path / "tests" / "test_readme.py").write_text(
+        readme[start : readme.index("```", start)]
+    )
+    result = pytester.runpytest("--dm", "-rA", "tests")
+    result.assert_outcomes(passed=8)  # the built-in tests and the README's own test
     # The seeded users made the backfill's resume test span several batches.
-    result.stdout.fnmatch_lines(["*94fea9b2a5d5*Interruption: interrupted by the test after the first committed batch*"])
+    result.stdout.fnmatch_lines(
+        ["*94fea9b2a5d5*Interruption: interrupted by the test after the first committed batch*"]
+    )
 
 
 def test_readme_conftest_is_the_one_tested() -> None:
