@@ -9,8 +9,18 @@ import asyncio
 import shutil
 from pathlib import Path
 
+# Imported before pytester snapshots sys.modules, so that its in-process runs share them:
+# after each test it unloads what a run imported, and importing a C extension such as
+# asyncpg's again later in the same process crashes it.
+import aiosqlite  # noqa: F401
+import asyncpg  # noqa: F401
 import pytest
+import sqlalchemy.dialects.postgresql.asyncpg  # noqa: F401
+import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
+import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401
 
+import dm.pytest_builtins  # noqa: F401
+import dm.runner  # noqa: F401
 from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import REPO
@@ -225,7 +235,6 @@ def test_dm_without_its_conftest_is_a_usage_error(pytester: pytest.Pytester) -> 
 
 @pytest.mark.postgres
 def test_good_project_passes_every_builtin_test_on_postgresql(pytester: pytest.Pytester) -> None:
-    import asyncpg
 
     server = f"postgresql://{pg_user()}@{PG_HOST}:{PG_PORT}/postgres"
 
