@@ -127,8 +127,9 @@ def _tests_path(config: pytest.Config) -> Path:
 
 
 def _ini(config: pytest.Config, name: str) -> str | None:
-    value = config.getini(name)
-    return str(value).strip() or None if value else None
+    """Return the ini key's value, None when it is unset or empty."""
+    value = str(config.getini(name) or "").strip()
+    return value or None
 
 
 @pytest.fixture
@@ -179,6 +180,8 @@ def dm_test_config(pytestconfig: pytest.Config) -> DmTestConfig:
     """Return the built-in tests' settings from the ``dm_*`` ini keys; override the fixture
     to add seeds."""
     size = _ini(pytestconfig, "dm_batch_size")
+    if size is not None and not size.isdigit():
+        raise pytest.UsageError(f"dm_batch_size must be a whole number, not {size!r}")
     return DmTestConfig(
         minimum_downgrade_revision=_ini(pytestconfig, "dm_minimum_downgrade_revision"),
         skip_revisions=tuple(pytestconfig.getini("dm_skip_revisions") or ()),

@@ -308,7 +308,8 @@ def _rows(rows: Counter[tuple[Any, ...]], limit: int) -> str:
 
 
 class Interruption(Exception):
-    """Raised by :class:`BatchLog` right after the first committed batch of a revision."""
+    """Raised by :class:`BatchLog` right after the first committed batch (with rows) of a
+    revision."""
 
 
 @dataclass
@@ -333,7 +334,7 @@ class BatchLog:
             return
         self.rows[int(checkpoint["loop"])] += rows
         self.batches += 1
-        if self.interrupt and not self.interrupted:
+        if self.interrupt and not self.interrupted and rows:
             self.interrupted = True
             raise Interruption(
                 f"interrupted by the test after the first committed batch ({rows} row(s))"
