@@ -30,7 +30,7 @@ from typing import TypeAlias
 
 import sqlalchemy as sa
 
-from .api import _blocking
+from .api import blocking
 from .batching import Probe
 from .batching import RunContext
 from .batching import probing
@@ -202,39 +202,39 @@ class DmRunner:
         self, target: str = "heads", *, dry_run: bool = False, probe: Probe | None = None
     ) -> RunResult:
         """Blocking :meth:`upgrade`."""
-        return _blocking(self.upgrade, target, dry_run=dry_run, probe=probe)
+        return blocking(self.upgrade, target, dry_run=dry_run, probe=probe)
 
     def downgrade_sync(self, target: str, *, dry_run: bool = False) -> RunResult:
         """Blocking :meth:`downgrade`."""
-        return _blocking(self.downgrade, target, dry_run=dry_run)
+        return blocking(self.downgrade, target, dry_run=dry_run)
 
     def run_sync(self, revision: str, *, force: bool = False) -> RunResult:
         """Blocking :meth:`run`."""
-        return _blocking(self.run, revision, force=force)
+        return blocking(self.run, revision, force=force)
 
     def rollback_sync(self, revision: str) -> RunResult:
         """Blocking :meth:`rollback`."""
-        return _blocking(self.rollback, revision)
+        return blocking(self.rollback, revision)
 
     def status_sync(self) -> list[RevisionStatus]:
         """Blocking :meth:`status`."""
-        return _blocking(self.status)
+        return blocking(self.status)
 
     def attempts_sync(self, revision: str) -> list[AttemptRecord]:
         """Blocking :meth:`attempts`."""
-        return _blocking(self.attempts, revision)
+        return blocking(self.attempts, revision)
 
     def seed_sync(self, data: Seed, *, before: str) -> None:
         """Blocking :meth:`seed`."""
-        _blocking(self.seed, data, before=before)
+        blocking(self.seed, data, before=before)
 
     def execute_sync(self, data: Seed) -> None:
         """Blocking :meth:`execute`."""
-        _blocking(self.execute, data)
+        blocking(self.execute, data)
 
     def snapshot_sync(self) -> Snapshot:
         """Blocking :meth:`snapshot`."""
-        return _blocking(self.snapshot)
+        return blocking(self.snapshot)
 
 
 async def _apply(session: AsyncSession, data: Any) -> None:
@@ -364,7 +364,7 @@ class Databases:
             self.directory.mkdir(parents=True, exist_ok=True)
             return f"sqlite:///{self.directory / f'{name}.sqlite3'}"
         url = self._server().set(database=name)
-        _blocking(self._admin, f'CREATE DATABASE "{name}"')
+        blocking(self._admin, f'CREATE DATABASE "{name}"')
         self._created.append(name)
         return url.render_as_string(hide_password=False)
 
@@ -372,7 +372,7 @@ class Databases:
         """Drop every database :meth:`create` made on the server (SQLite files stay)."""
         while self._created:
             name = self._created.pop()
-            _blocking(self._admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            blocking(self._admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def _server(self) -> sa.URL:
         from .urls import normalise_url
