@@ -19,6 +19,8 @@ import sqlalchemy.dialects.postgresql.asyncpg  # noqa: F401
 import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
 import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401
 
+import dm.lock  # noqa: F401
+import dm.operations  # noqa: F401
 import dm.pytest_builtins  # noqa: F401
 import dm.runner  # noqa: F401
 from conftest import PG_HOST
