@@ -82,6 +82,7 @@ ALLOWED: dict[str, set[str]] = {
         "log",
         "planning",
         "runtime",
+        "schema",  # requires_schema, checked as dm upgrade checks it
         "settings",
         "shared",
         "signals",
