@@ -463,7 +463,7 @@ def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester
     (pytester.path / "tests").mkdir()
     (pytester.path / "tests" / "conftest.py").write_text(EXAMPLE_CONFTEST)
     readme = (REPO / "README.md").read_text()
-    start = readme.index("def test_backfill_keeps_names_set_by_hand")
+    start = readme.index("def test_backfill_names_a_seeded_user")
     (pytester.path / "tests" / "test_readme.py").write_text(
         readme[start : readme.index("```", start)]
     )
