@@ -83,6 +83,7 @@ ALLOWED: dict[str, set[str]] = {
         "log",
         "planning",
         "runtime",
+        "schema",  # requires_schema, checked as dm upgrade checks it
         "settings",
         "shared",
         "signals",
@@ -108,6 +109,12 @@ ALLOWED: dict[str, set[str]] = {
     "urls": {"errors"},
     "signals": {"errors", "watchdog"},
     "log": set(),
+    "testing": {
+        *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
+        *("operations", "runtime", "settings", "urls"),
+    },
+    "pytest_plugin": {"pytest_builtins", "testing"},
+    "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": set(),
 }

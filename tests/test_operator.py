@@ -163,6 +163,8 @@ def test_bad_guard_attributes_are_revision_file_errors(project: Project) -> None
     assert "environments must be" in one_error_line(invoke(project, "status"), 2)
     project.write("a1", None, extra="transactional = 'yes'\n")
     assert "transactional must be True or False" in one_error_line(invoke(project, "upgrade"), 2)
+    project.write("a1", None, extra="idempotent = 1\n")
+    assert "idempotent must be True or False" in one_error_line(invoke(project, "upgrade"), 2)
     project.write("a1", None, extra='environments = ["dev"]\ntransactional = False\n')
     ok(invoke(project, "upgrade", DM_ENVIRONMENT="dev"))
 

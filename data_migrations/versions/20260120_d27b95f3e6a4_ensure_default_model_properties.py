@@ -19,6 +19,7 @@ revision: str = "d27b95f3e6a4"
 down_revision: str | Sequence[str] | None = "8c41e7a0b5d2"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+idempotent: bool = True  # a second run changes nothing (pytest --dm checks it)
 
 model_properties = sa.table(
     "model_properties",

@@ -27,6 +27,7 @@ depends_on: str | Sequence[str] | None = None
 
 environments: Sequence[str] | None = ("development", "staging")
 transactional: bool = True
+idempotent: bool = True  # a second run changes nothing (pytest --dm checks it)
 
 users = sa.table("users", sa.column("id", sa.Integer), sa.column("is_test", sa.Boolean))
 

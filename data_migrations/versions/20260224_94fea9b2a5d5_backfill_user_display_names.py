@@ -35,6 +35,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 transactional: bool = False
+idempotent: bool = True  # a second run changes nothing (pytest --dm checks it)
 
 users = sa.table(
     "users",

@@ -171,7 +171,6 @@ async def _run(
     open_database: Callable[[], contextlib.AbstractAsyncContextManager[Database]],
 ) -> None:
     from . import runtime
-
     from .schema import AppSchema
 
     async with open_database() as db:

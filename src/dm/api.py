@@ -178,7 +178,7 @@ async def info(*, config: str | Path | None = None, settings: Settings | None = 
     return await operations.info(_settings(config, settings))
 
 
-def _blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
+def blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run the coroutine function ``fn`` to completion from synchronous code.
 
     Uses ``asyncio.run``, or, when this thread's event loop is already running, a worker
@@ -191,6 +191,10 @@ def _blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) 
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        running = False
+    else:
+        running = True
+    if not running:  # outside the except block: its errors do not chain to this one
         return asyncio.run(call())
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dm") as pool:
         return pool.submit(asyncio.run, call()).result()
@@ -204,7 +208,7 @@ def upgrade_sync(
     dry_run: bool = False,
 ) -> RunResult:
     """Blocking :func:`upgrade`."""
-    return _blocking(upgrade, target, config=config, settings=settings, dry_run=dry_run)
+    return blocking(upgrade, target, config=config, settings=settings, dry_run=dry_run)
 
 
 def downgrade_sync(
@@ -215,21 +219,21 @@ def downgrade_sync(
     dry_run: bool = False,
 ) -> RunResult:
     """Blocking :func:`downgrade`."""
-    return _blocking(downgrade, target, config=config, settings=settings, dry_run=dry_run)
+    return blocking(downgrade, target, config=config, settings=settings, dry_run=dry_run)
 
 
 def current_sync(
     *, config: str | Path | None = None, settings: Settings | None = None
 ) -> CurrentResult:
     """Blocking :func:`current`."""
-    return _blocking(current, config=config, settings=settings)
+    return blocking(current, config=config, settings=settings)
 
 
 def status_sync(
     *, config: str | Path | None = None, settings: Settings | None = None
 ) -> list[RevisionStatus]:
     """Blocking :func:`status`."""
-    return _blocking(status, config=config, settings=settings)
+    return blocking(status, config=config, settings=settings)
 
 
 def check_sync(
@@ -239,7 +243,7 @@ def check_sync(
     allow_modified: bool = False,
 ) -> CheckResult:
     """Blocking :func:`check`."""
-    return _blocking(check, config=config, settings=settings, allow_modified=allow_modified)
+    return blocking(check, config=config, settings=settings, allow_modified=allow_modified)
 
 
 def run_sync(
@@ -252,7 +256,7 @@ def run_sync(
     dry_run: bool = False,
 ) -> RunResult:
     """Blocking :func:`run`."""
-    return _blocking(
+    return blocking(
         run,
         revision,
         config=config,
@@ -271,7 +275,7 @@ def rollback_sync(
     dry_run: bool = False,
 ) -> RunResult:
     """Blocking :func:`rollback`."""
-    return _blocking(rollback, revision, config=config, settings=settings, dry_run=dry_run)
+    return blocking(rollback, revision, config=config, settings=settings, dry_run=dry_run)
 
 
 def verify_sync(
@@ -281,7 +285,7 @@ def verify_sync(
     settings: Settings | None = None,
 ) -> VerifyResult:
     """Blocking :func:`verify`."""
-    return _blocking(verify, revisions, config=config, settings=settings)
+    return blocking(verify, revisions, config=config, settings=settings)
 
 
 def resolve_sync(
@@ -293,11 +297,11 @@ def resolve_sync(
     settings: Settings | None = None,
 ) -> ResolveResult:
     """Blocking :func:`resolve`."""
-    return _blocking(
+    return blocking(
         resolve, revision, as_status=as_status, reason=reason, config=config, settings=settings
     )
 
 
 def info_sync(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
     """Blocking :func:`info`."""
-    return _blocking(info, config=config, settings=settings)
+    return blocking(info, config=config, settings=settings)

@@ -82,6 +82,34 @@ _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
 )
 
 
+@dataclass(frozen=True)
+class Probe:
+    """Instrumentation of ``batched`` loops, for tests (dm's pytest plugin).
+
+    ``size`` replaces every loop's batch size; ``committed(context, checkpoint, rows)`` is
+    called right after each batch and its checkpoint commit (``transactional = False``
+    only), with the batch's row count; what it raises ends the hook as a failure would.
+    """
+
+    size: int | None = None
+    committed: Callable[[RunContext, Mapping[str, Any], int], None] | None = None
+
+
+_probes: list[Probe] = []
+"""The probes in effect, innermost last. A plain list, not a context variable: a test sets
+it around a whole dm command, whose connections may switch contexts (greenlets)."""
+
+
+@contextlib.contextmanager
+def probing(probe: Probe) -> Iterator[None]:
+    """Apply ``probe`` to the ``batched`` loops run inside the block (tests only)."""
+    _probes.append(probe)
+    try:
+        yield
+    finally:
+        _probes.remove(probe)
+
+
 @contextlib.contextmanager
 def run_context(context: RunContext) -> Iterator[None]:
     """Make ``context`` the current run for ``batched`` while the hook runs."""
@@ -222,6 +250,9 @@ async def batched(
     if context is None:
         raise BatchingError("dm.batched() can only be used inside a revision run by dm")
     revision = context.revision
+    probe = _probes[-1] if _probes else None
+    if probe is not None and probe.size is not None:  # a fixed size; no tuning
+        size, target_seconds, min_size, max_size = probe.size, None, None, None
     sizer = _Sizer.of(size, target_seconds, min_size, max_size, revision)
     if throttle < 0:
         raise BatchingError(f"revision {revision}: batched() throttle must not be negative")
@@ -280,6 +311,8 @@ async def batched(
                     checkpoint["batch_size"] = limit
                 await save(session, checkpoint)
                 await session.commit()
+                if probe is not None and probe.committed is not None:
+                    probe.committed(context, checkpoint, batch.row_count)
             sizer.observe(batch.row_count, time.monotonic() - started)
             progress.advance(batch.row_count, batch_size=sizer.size)
             if finished:

@@ -75,6 +75,8 @@ class Revision:
     """Where it may run (None: everywhere); see ``dm.environments``."""
     transactional: bool
     """False: ``dm.batched`` commits per batch, and a failed attempt resumes."""
+    idempotent: bool
+    """True: running it again leaves the same data (dm's pytest plugin checks it)."""
     timeout: float | None
     """Its own time limit in seconds, overriding ``--timeout``."""
     description: str
@@ -126,7 +128,8 @@ class Revision:
             downgrade=downgrade,
             verify=verify,
             environments=_environments(module),
-            transactional=_transactional(module),
+            transactional=_flag(module, "transactional", default=True),
+            idempotent=_flag(module, "idempotent", default=False),
             timeout=_timeout(module),
             description=doc.splitlines()[0].strip() if doc else "",
             doc=doc,
@@ -492,11 +495,11 @@ def _requires_schema(module: ModuleType) -> tuple[str, ...]:
     return tuple(required)
 
 
-def _transactional(module: ModuleType) -> bool:
-    transactional = getattr(module, "transactional", True)
-    if not isinstance(transactional, bool):
-        raise _Problem("transactional must be True or False")
-    return transactional
+def _flag(module: ModuleType, name: str, *, default: bool) -> bool:
+    value = getattr(module, name, default)
+    if not isinstance(value, bool):
+        raise _Problem(f"{name} must be True or False")
+    return value
 
 
 def _is_revision_list(value: object) -> bool:

@@ -1,0 +1,201 @@
+"""dm's pytest plugin: fixtures for testing data migrations, and built-in tests under ``--dm``.
+
+Installed with dm (a ``pytest11`` entry point) and inert unless used: the fixtures do
+nothing until a test asks for one, and the built-in tests (``dm.pytest_builtins``) are
+collected only with ``pytest --dm``, attached to ``dm_tests_path`` (default
+``tests/conftest.py``).
+
+Fixtures, each overridable in a ``conftest.py``:
+
+- ``dm_config``: the project (:class:`dm.testing.ProjectConfig`: config file and section).
+- ``dm_databases``: makes fresh databases (SQLite files; with ``--dm-database-url`` or the
+  ini key ``dm_database_url``, databases created on that PostgreSQL server and dropped).
+- ``dm_database_url``: one fresh database for the test.
+- ``dm_runner``: a :class:`dm.testing.DmRunner` on that database.
+- ``dm_test_config``: the built-in tests' settings (:class:`DmTestConfig`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from .testing import Databases
+    from .testing import DmRunner
+    from .testing import ProjectConfig
+    from .testing import Seed
+
+DEFAULT_TESTS_PATH = "tests/conftest.py"
+
+
+@dataclass(frozen=True)
+class DmTestConfig:
+    """How the built-in tests treat the project.
+
+    :param minimum_downgrade_revision: the round trip goes down no further than this
+        revision (it stays applied).
+    :param skip_revisions: revisions left out of the per-revision checks (idempotency,
+        resume); the round trip ends above the highest of them.
+    :param seeds: rows to put in place right before a revision runs, by revision id (see
+        :data:`dm.testing.Seed`); used by every built-in test that runs that revision.
+    :param batch_size: the batch size of every ``dm.batched`` loop in the resume test, so
+        that a few seeded rows make several batches (None: the revision's own).
+    :param environments: environments to test besides those the revisions name and dm's
+        default (``production``).
+    """
+
+    minimum_downgrade_revision: str | None = None
+    skip_revisions: tuple[str, ...] = ()
+    seeds: Mapping[str, Seed] = field(default_factory=dict)
+    batch_size: int | None = 1
+    environments: tuple[str, ...] = ()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register ``--dm``, ``--dm-database-url`` and the ``dm_*`` ini keys."""
+    group = parser.getgroup("dm", "dm data migrations")
+    group.addoption(
+        "--dm",
+        action="store_true",
+        default=False,
+        help="run dm's built-in tests of the data migrations",
+    )
+    group.addoption(
+        "--dm-database-url",
+        default=None,
+        metavar="URL",
+        help="a PostgreSQL server (user allowed to create databases): each test gets a fresh "
+        "database there, dropped afterwards; default: a SQLite file per test",
+    )
+    parser.addini("dm_config", "dm's config file (default: alembic.ini in the rootdir)")
+    parser.addini("dm_ini_section", "dm's section in the config file (default: data_migrations)")
+    parser.addini("dm_database_url", "like --dm-database-url")
+    parser.addini("dm_tests_path", f"the file the built-in tests attach to ({DEFAULT_TESTS_PATH})")
+    parser.addini("dm_minimum_downgrade_revision", "the round trip's floor")
+    parser.addini("dm_skip_revisions", "revisions left out of the built-in tests", type="args")
+    parser.addini("dm_batch_size", "batch size in the resume test (default 1; 0: the revision's)")
+    parser.addini("dm_environments", "more environments to test the guards in", type="args")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Add the ``dm`` marker; with ``--dm``, check that the built-ins have a place."""
+    config.addinivalue_line("markers", "dm: dm's built-in data migration tests")
+    if config.getoption("--dm") and not _tests_path(config).is_file():
+        raise pytest.UsageError(
+            f"--dm: {_tests_path(config)} does not exist; the built-in tests attach to it "
+            "(create it, or set dm_tests_path in the pytest configuration)"
+        )
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
+    """With ``--dm``, collect the built-in tests under ``dm_tests_path``."""
+    config = parent.config
+    if config.getoption("--dm") and file_path.resolve() == _tests_path(config).resolve():
+        return DmBuiltins.from_parent(parent, path=file_path)
+    return None
+
+
+class DmBuiltins(pytest.File):
+    """The built-in tests (``dm.pytest_builtins``), as one collector."""
+
+    def collect(self) -> Iterator[pytest.Item]:
+        """Yield one test item per built-in test function."""
+        from .pytest_builtins import BUILTINS
+
+        # From sys.modules, as every module the tests run imports its neighbours (a package
+        # attribute may name a module object pytest's own tests have since unloaded).
+        builtins = sys.modules["dm.pytest_builtins"]
+        for name in BUILTINS:
+            function = pytest.Function.from_parent(
+                self, name=f"dm::{name}", callobj=getattr(builtins, name)
+            )
+            function.add_marker("dm")
+            yield function
+
+
+def _tests_path(config: pytest.Config) -> Path:
+    value = str(config.getini("dm_tests_path") or DEFAULT_TESTS_PATH)
+    return Path(config.rootpath) / value
+
+
+def _ini(config: pytest.Config, name: str) -> str | None:
+    """Return the ini key's value, None when it is unset or empty."""
+    value = str(config.getini(name) or "").strip()
+    return value or None
+
+
+@pytest.fixture
+def dm_config(pytestconfig: pytest.Config) -> ProjectConfig:
+    """Return the project under test: ``dm_config`` / ``dm_ini_section`` from the pytest
+    configuration, else ``DM_CONFIG`` / ``DM_INI_SECTION``, else ``alembic.ini`` in the
+    rootdir and its ``[data_migrations]`` section."""
+    import os
+
+    from .testing import ProjectConfig
+
+    file = _ini(pytestconfig, "dm_config") or os.environ.get("DM_CONFIG") or "alembic.ini"
+    section = (
+        _ini(pytestconfig, "dm_ini_section")
+        or os.environ.get("DM_INI_SECTION")
+        or "data_migrations"
+    )
+    return ProjectConfig(Path(pytestconfig.rootpath) / file, section)
+
+
+@pytest.fixture
+def dm_databases(pytestconfig: pytest.Config, tmp_path: Path) -> Iterator[Databases]:
+    """Make fresh databases for the test, dropped afterwards: SQLite files, or databases on
+    the PostgreSQL server of ``--dm-database-url`` (ini ``dm_database_url``)."""
+    from .testing import databases
+
+    server = pytestconfig.getoption("--dm-database-url") or _ini(pytestconfig, "dm_database_url")
+    with databases(tmp_path / "dm", server) as made:
+        yield made
+
+
+@pytest.fixture
+def dm_database_url(dm_databases: Databases) -> str:
+    """Return the URL of a fresh, empty database for the test."""
+    return dm_databases.create()
+
+
+@pytest.fixture
+def dm_runner(dm_config: ProjectConfig, dm_database_url: str) -> DmRunner:
+    """Return a :class:`dm.testing.DmRunner`: dm's commands on the test's database."""
+    from .testing import DmRunner
+
+    return DmRunner(dm_config, dm_database_url)
+
+
+@pytest.fixture
+def dm_test_config(pytestconfig: pytest.Config) -> DmTestConfig:
+    """Return the built-in tests' settings from the ``dm_*`` ini keys; override the fixture
+    to add seeds."""
+    size = _ini(pytestconfig, "dm_batch_size")
+    if size is not None and not size.isdigit():
+        raise pytest.UsageError(f"dm_batch_size must be a whole number, not {size!r}")
+    return DmTestConfig(
+        minimum_downgrade_revision=_ini(pytestconfig, "dm_minimum_downgrade_revision"),
+        skip_revisions=tuple(pytestconfig.getini("dm_skip_revisions") or ()),
+        batch_size=1 if size is None else (int(size) or None),
+        environments=tuple(pytestconfig.getini("dm_environments") or ()),
+    )
+
+
+__all__ = [
+    "DmBuiltins",
+    "DmTestConfig",
+    "dm_config",
+    "dm_database_url",
+    "dm_databases",
+    "dm_runner",
+    "dm_test_config",
+]
