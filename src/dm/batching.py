@@ -51,7 +51,8 @@ from .progress import clock
 
 log = logging.getLogger("dm.batched")
 
-SaveCheckpoint = Callable[[AsyncSession, dict[str, Any]], Awaitable[None]]
+SaveCheckpoint = Callable[[AsyncSession, dict[str, Any]], Awaitable[Any]]
+"""Writes a checkpoint in the batch's transaction; returns what ``after_checkpoint`` takes."""
 
 
 class BatchingError(RuntimeError):
@@ -75,6 +76,9 @@ class RunContext:
     loops: int = 0
     autocommit: Callable[[], AbstractAsyncContextManager[None]] | None = None
     """The runner's autocommit block (``dm.autocommit``), leaving and resuming its transaction."""
+    after_checkpoint: Callable[[Any], None] | None = None
+    """Called with what ``save_checkpoint`` returned once a batch (not the last) committed:
+    the runner's stop check (time up, ``dm pause``, ``dm cancel``), which raises to stop."""
 
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
@@ -309,10 +313,12 @@ async def batched(
                 }
                 if sizer.target is not None:  # a resumed loop goes on at the size reached
                     checkpoint["batch_size"] = limit
-                await save(session, checkpoint)
+                request = await save(session, checkpoint)
                 await session.commit()
                 if probe is not None and probe.committed is not None:
                     probe.committed(context, checkpoint, batch.row_count)
+                if context.after_checkpoint is not None and not finished:
+                    context.after_checkpoint(request)  # may stop the loop at this boundary
             sizer.observe(batch.row_count, time.monotonic() - started)
             progress.advance(batch.row_count, batch_size=sizer.size)
             if finished:

@@ -29,6 +29,7 @@ import click
 
 from . import __version__
 from .errors import DmError
+from .errors import Incomplete
 from .errors import RevisionFailed
 from .errors import TransientFailure
 from .errors import describe_error
@@ -37,6 +38,7 @@ from .transient import is_transient
 if TYPE_CHECKING:
     from .command import RevisionInfo
     from .command import RunResult
+    from .operations import ControlResult
     from .settings import Settings
 
 T = TypeVar("T")
@@ -181,7 +183,7 @@ def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> No
         trace = scrub("".join(traceback.format_exception(exc)).rstrip())
     elif code == 1 and not isinstance(exc, DmError):
         message += " (run with --verbose for the traceback)"
-    extra = {"revision": exc.revision} if isinstance(exc, RevisionFailed) else {}
+    extra = {"revision": exc.revision} if isinstance(exc, RevisionFailed | Incomplete) else {}
     _report(invocation, scrub(message), code, _kind(exc), trace, **extra)
     ctx.exit(code)
 
@@ -451,6 +453,13 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         type=click.FloatRange(min=0, min_open=True),
         help="Per-revision time limit in seconds (a revision's own `timeout` wins).",
     )(fn)
+    fn = click.option(
+        "--max-runtime",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Seconds the run may work: a batched revision then stops at a batch boundary "
+        "(exit 5; the next run resumes it), and no further revision starts.  "
+        "[env DM_MAX_RUNTIME]",
+    )(fn)
     fn = click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")(fn)
     return json_option(fn)
 
@@ -481,6 +490,7 @@ def upgrade(
     target: str,
     lock_timeout: float | None,
     timeout: float | None,
+    max_runtime: float | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -488,7 +498,9 @@ def upgrade(
     _check_target(target)
     from . import command
 
-    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    settings = invocation.settings(
+        lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
+    )
     result = _run(command.upgrade(settings, target, dry_run=dry_run))
     _render_run(result, "upgrade", as_json)
 
@@ -502,6 +514,7 @@ def downgrade(
     target: str,
     lock_timeout: float | None,
     timeout: float | None,
+    max_runtime: float | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -509,7 +522,9 @@ def downgrade(
     _check_target(target)
     from . import command
 
-    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    settings = invocation.settings(
+        lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
+    )
     result = _run(command.downgrade(settings, target, dry_run=dry_run))
     _render_run(result, "downgrade", as_json)
 
@@ -612,10 +627,19 @@ def status(invocation: Invocation, as_json: bool) -> None:
         note = row.reason if row.status == "skipped" else None
         if row.state == "died":
             note = "its run died; the next run marks it interrupted and retries it"
+        elif row.status in _STOPPED_NOTES:
+            note = (row.reason or row.status) + _STOPPED_NOTES[row.status].format(
+                direction=row.direction, revision=row.revision
+            )
+            if row.checkpoint:
+                note += "; checkpoint: " + _describe_checkpoint(row.checkpoint)
         elif row.checkpoint and row.status in ("pending", "failed"):
             note = "checkpoint: " + _describe_checkpoint(row.checkpoint)
             if row.status == "failed":
                 note += f"; the next {row.direction} resumes there"
+            elif row.request:
+                by = f" by {row.request_by}" if row.request_by else ""
+                note += f"; {_REQUESTED[row.request]}{by}, at its next batch boundary"
         table.append(
             (
                 row.revision,
@@ -631,6 +655,20 @@ def status(invocation: Invocation, as_json: bool) -> None:
             )
         )
     _print_table(table)
+
+
+# What happens next to a revision whose latest attempt stopped at a batch boundary.
+_STOPPED_NOTES = {
+    "stopped": "; the next {direction} resumes it",
+    "paused": "; dm resume {revision} or the next {direction} resumes it",
+    "cancelled": "; the next {direction} starts it over",
+    "abandoned": "; not run again",
+}
+_REQUESTED = {
+    "pause": "pause requested",
+    "cancel": "cancel requested",
+    "abandon": "cancel --skip requested",
+}
 
 
 def _describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
@@ -677,7 +715,8 @@ def check(
     interval: float | None,
     as_json: bool,
 ) -> None:
-    """Exit 0 when every revision is applied; exit 4 when any is pending, failed or running."""
+    """Exit 0 when every revision is applied; exit 4 when any is pending, failed, running or
+    stopped part-way (except revisions with blocks_deploy = False)."""
     from . import command
 
     if not wait and (timeout is not None or interval is not None):
@@ -702,9 +741,11 @@ def check(
                 "failed": result.failed,
                 "running": result.running,
                 "died": result.died,
+                "incomplete": result.incomplete,
                 "missing": result.missing,
                 "modified": result.modified,
                 "needs_schema": result.needs_schema,
+                "deferred": result.deferred,
             }
         )
     else:
@@ -715,6 +756,7 @@ def check(
             ("failed", result.failed),
             ("running", result.running),
             ("run died (the next run retries)", result.died),
+            ("incomplete, paused or cancelled (a later run takes it up)", result.incomplete),
             ("applied but file missing", result.missing),
             ("modified since applied", result.modified),
         ):
@@ -722,6 +764,8 @@ def check(
                 _echo(f"{label}: {', '.join(revisions)}")
         for line in result.needs_schema:
             _echo(f"needs schema: {line}; run the application's `alembic upgrade` first")
+        if result.deferred:
+            _echo(f"unfinished, not blocking (blocks_deploy = False): {', '.join(result.deferred)}")
     if not result.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
 
@@ -825,6 +869,7 @@ def run_revision(
     reason: str | None,
     lock_timeout: float | None,
     timeout: float | None,
+    max_runtime: float | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -832,7 +877,9 @@ def run_revision(
     _check_target(rev)
     from . import operations
 
-    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    settings = invocation.settings(
+        lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
+    )
     result = _run(operations.run(settings, rev, force=force, reason=reason, dry_run=dry_run))
     if result.nothing_to_do and not as_json:
         _echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
@@ -849,6 +896,7 @@ def rollback_revision(
     rev: str,
     lock_timeout: float | None,
     timeout: float | None,
+    max_runtime: float | None,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -856,12 +904,103 @@ def rollback_revision(
     _check_target(rev)
     from . import operations
 
-    settings = invocation.settings(lock_timeout=lock_timeout, timeout=timeout)
+    settings = invocation.settings(
+        lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
+    )
     result = _run(operations.rollback(settings, rev, dry_run=dry_run))
     if result.nothing_to_do and not as_json:
         _echo(f"nothing to roll back: {result.target} is not applied")
         return
     _render_run(result, "rollback", as_json)
+
+
+@main.command()
+@click.argument("rev")
+@click.option("--reason", help="Why it is paused (recorded, shown by dm status).")
+@json_option
+@pass_invocation
+def pause(invocation: Invocation, rev: str, reason: str | None, as_json: bool) -> None:
+    """Stop a running batched revision at its next batch boundary, checkpoint kept.
+
+    Works from any host (it writes a request to the tracker; no lock). The run exits 5 and
+    records the attempt paused; dm resume REV or the next dm upgrade resumes it.
+    """
+    from . import operations
+
+    result = _run(operations.pause(invocation.settings(), rev, reason=reason))
+    _render_control(result, as_json)
+
+
+@main.command()
+@click.argument("rev")
+@click.option("--reason", help="Why it is cancelled (recorded, shown by dm status).")
+@click.option(
+    "--skip", is_flag=True, help="Do not run it again: plans pass it (default: start over)."
+)
+@click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@json_option
+@pass_invocation
+def cancel(
+    invocation: Invocation,
+    rev: str,
+    reason: str | None,
+    skip: bool,
+    lock_timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Stop a batched revision and settle it: the next run starts it over (or, --skip,
+    does not run it again). Committed batches stay.
+
+    A running one stops at its next batch boundary (a request, no lock); one that stopped
+    earlier (incomplete, paused, partial) is settled at once under the lock.
+    """
+    from . import operations
+
+    settings = invocation.settings(lock_timeout=lock_timeout)
+    result = _run(operations.cancel(settings, rev, reason=reason, skip=skip))
+    _render_control(result, as_json)
+
+
+def _render_control(result: ControlResult, as_json: bool) -> None:
+    if as_json:
+        _emit_json(result)
+        return
+    why = f" ({result.reason})" if result.reason else ""
+    verb = {"pause": "pause", "cancel": "cancel", "abandon": "cancel --skip"}[result.action]
+    if result.outcome == "requested":
+        _echo(
+            f"{result.revision}: {verb} requested by {result.by}{why}; its run stops at the "
+            "next batch boundary (dm status shows it)"
+        )
+    elif result.outcome == "recorded":
+        _echo(f"{result.revision}: recorded {result.state} by {result.by}{why}")
+    else:
+        _echo(f"{result.revision}: already {result.state}; nothing changed")
+
+
+@main.command("resume", **_TARGET_COMMAND)
+@click.argument("rev")
+@_run_options
+@pass_invocation
+def resume_revision(
+    invocation: Invocation,
+    rev: str,
+    lock_timeout: float | None,
+    timeout: float | None,
+    max_runtime: float | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Resume a batched revision stopped part-way (paused, incomplete, partial) from its
+    checkpoint; nothing else runs."""
+    _check_target(rev)
+    from . import operations
+
+    settings = invocation.settings(
+        lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
+    )
+    result = _run(operations.resume(settings, rev, dry_run=dry_run))
+    _render_run(result, "resume", as_json)
 
 
 @main.command()

@@ -44,6 +44,7 @@ from .runtime import open_database
 from .runtime import planned
 from .runtime import recorded_status
 from .schema import AppSchema
+from .state import UNFINISHED
 from .state import State
 from .tracker import Attempt
 
@@ -129,7 +130,15 @@ class RevisionStatus:
     modified: bool = False
     """The file changed since the attempt that applied it (checksums differ)."""
     checkpoint: dict[str, Any] | None = None
-    """Where a non-transactional revision's batches stand (running or failed attempt)."""
+    """Where a non-transactional revision's batches stand (running, failed, stopped,
+    paused or cancelled attempt)."""
+    request: str | None = None
+    """``pause``, ``cancel`` or ``abandon``: what ``dm pause``/``dm cancel`` asked of the
+    latest attempt; with ``request_by`` (who) and ``request_reason`` (why)."""
+    request_by: str | None = None
+    request_reason: str | None = None
+    blocks_deploy: bool = True
+    """False: ``dm check`` passes while the revision is unfinished (``blocks_deploy = False``)."""
 
 
 @dataclass(frozen=True)
@@ -149,13 +158,19 @@ class CheckResult:
     needs_schema: list[str] = field(default_factory=list)
     """One line per pending revision that an upgrade would refuse: it requires application
     schema revisions the database lacks (``requires_schema``)."""
+    incomplete: list[str] = field(default_factory=list)
+    """Batched revisions stopped at a batch boundary: ``incomplete`` (time up), ``paused``
+    or ``cancelled``; a later run takes them up again."""
+    deferred: list[str] = field(default_factory=list)
+    """Unfinished revisions (not run, running, died, incomplete, paused, cancelled) that do
+    not fail the check because they say ``blocks_deploy = False``."""
 
     @property
     def ok(self) -> bool:
-        """Return whether nothing is pending, failed, running, died, missing or (unless
-        allowed) modified since it was applied."""
+        """Return whether nothing is pending, failed, running, died, incomplete, missing or
+        (unless allowed) modified since it was applied."""
         modified = self.modified and not self.allow_modified
-        unsettled = self.pending or self.failed or self.running or self.died
+        unsettled = self.pending or self.failed or self.running or self.died or self.incomplete
         return not (unsettled or self.missing or modified)
 
 
@@ -258,6 +273,7 @@ async def status(settings: Settings) -> list[RevisionStatus]:
             died,
             is_head=s.revision in heads,
             modified=_is_modified(s, latest.get(s.revision)),
+            blocks_deploy=graph.revision(s.revision).blocks_deploy,
         )
         for s in graph.walk()
     ]
@@ -288,9 +304,16 @@ def _revision_status(
     is_head: bool = False,
     modified: bool = False,
     missing_file: bool = False,
+    blocks_deploy: bool = True,
 ) -> RevisionStatus:
     if attempt is None:
-        return RevisionStatus(revision, description, is_head=is_head, missing_file=missing_file)
+        return RevisionStatus(
+            revision,
+            description,
+            is_head=is_head,
+            missing_file=missing_file,
+            blocks_deploy=blocks_deploy,
+        )
     return RevisionStatus(
         revision=revision,
         description=description,
@@ -310,6 +333,10 @@ def _revision_status(
         missing_file=missing_file,
         modified=modified,
         checkpoint=attempt.checkpoint,
+        request=attempt.request,
+        request_by=attempt.request_by,
+        request_reason=attempt.request_reason,
+        blocks_deploy=blocks_deploy,
     )
 
 
@@ -337,23 +364,36 @@ async def _check(
     def having(*states: State) -> list[str]:
         return sorted(r for r, a in latest.items() if a.state in states and r not in died)
 
+    def blocking(revisions: Collection[str]) -> list[str]:
+        return [r for r in revisions if not _deferrable(graph, r)]
+
     running = having(State.RUNNING)
     failed = having(State.FAILED, State.PARTIAL)
+    incomplete = having(*UNFINISHED)
     missing = sorted(r for r, a in latest.items() if a.is_applied and not graph.known(r))
     modified = sorted(
         r for r, a in latest.items() if graph.known(r) and _is_modified(graph.script(r), a)
     )
-    skip = set(running) | set(failed) | set(died)
+    skip = set(running) | set(failed) | set(died) | set(incomplete)
     steps = planning.plan_upgrade(graph, "heads", latest, settings.environment)
     pending = [s.revision for s in steps if s.revision not in skip]
     needs_schema = []
     if schema is not None and planning.needs_schema(steps):
         needs_schema = planning.schema_blocked(steps, await db.read_schema(schema))
+    unfinished = [*pending, *running, *sorted(died), *incomplete]
+    deferred = sorted(r for r in unfinished if _deferrable(graph, r))
     return CheckResult(
-        *(pending, failed, running, missing, modified, allow_modified),
-        died=sorted(died),
+        *(blocking(pending), failed, blocking(running), missing, modified, allow_modified),
+        died=blocking(sorted(died)),
         needs_schema=needs_schema,
+        incomplete=blocking(incomplete),
+        deferred=deferred,
     )
+
+
+def _deferrable(graph: Graph, revision: str) -> bool:
+    """Return whether ``revision`` says the application may start before it is done."""
+    return graph.known(revision) and not graph.revision(revision).blocks_deploy
 
 
 async def check_wait(
@@ -438,6 +478,7 @@ def _waiting_for(result: CheckResult) -> str:
             ("needing schema", [line.split()[1] for line in result.needs_schema]),
             ("running", result.running),
             ("died", result.died),
+            ("incomplete", result.incomplete),
             ("failed", result.failed),
             ("missing", result.missing),
             ("modified", [] if result.allow_modified else result.modified),

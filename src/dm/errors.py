@@ -16,6 +16,8 @@
     ├── TransientFailure (75)      a retry of the same run may succeed (EX_TEMPFAIL)
     │   ├── DatabaseUnreachable    connection refused, reset or timed out; DNS failure
     │   └── TransientRevisionFailure       (also a RevisionFailed)
+    ├── Incomplete (5)             a batched revision stopped at a batch boundary (max
+    │                              runtime, dm pause, dm cancel); later revisions did not run
     ├── LockTimeout (3)            another dm run held the lock for too long
     ├── LockLost (3)               the lock's connection died mid-run; the run stopped
     │   └── FenceLost              another run took the lock over; this run's write refused
@@ -96,6 +98,18 @@ class TransientRevisionFailure(RevisionFailed, TransientFailure):
     """A revision failed because of a transient database failure; it was rolled back."""
 
     exit_code = 75
+
+
+class Incomplete(DmError):
+    """The run stopped early on purpose: its time was up, or another shell paused or
+    cancelled the running batched revision. Committed batches stay, nothing failed, and
+    the revisions after it did not run."""
+
+    exit_code = 5
+
+    def __init__(self, revision: str, message: str) -> None:
+        super().__init__(message)
+        self.revision = revision
 
 
 class LockTimeout(DmError):

@@ -84,6 +84,12 @@ class Revision:
     doc: str
     requires_schema: tuple[str, ...] = ()
     """The application's Alembic schema revisions its upgrade needs (see ``dm.schema``)."""
+    max_runtime: float | None = None
+    """Seconds an attempt may run before its batched loop stops at a batch boundary
+    (``transactional = False`` only); the next run resumes it."""
+    blocks_deploy: bool = True
+    """False: ``dm check`` passes while it is unfinished (not run, running, stopped, paused
+    or cancelled); a failure still fails the check."""
 
     @property
     def id(self) -> str:
@@ -122,18 +128,21 @@ class Revision:
                 "missing 'async def upgrade(session)' (or Alembic-style 'def upgrade()')"
             )
         doc = (module.__doc__ or "").strip()
+        transactional = _flag(module, "transactional", default=True)
         return cls(
             script=script,
             upgrade=upgrade,
             downgrade=downgrade,
             verify=verify,
             environments=_environments(module),
-            transactional=_flag(module, "transactional", default=True),
+            transactional=transactional,
             idempotent=_flag(module, "idempotent", default=False),
             timeout=_timeout(module),
             description=doc.splitlines()[0].strip() if doc else "",
             doc=doc,
             requires_schema=_requires_schema(module),
+            max_runtime=_max_runtime(module, transactional),
+            blocks_deploy=_blocks_deploy(module),
         )
 
 
@@ -446,8 +455,8 @@ def _required_positional(fn: Callable[..., Any]) -> int:
     )
 
 
-def _timeout(module: ModuleType) -> float | None:
-    timeout = getattr(module, "timeout", None)
+def _timeout(module: ModuleType, name: str = "timeout") -> float | None:
+    timeout = getattr(module, name, None)
     if timeout is None:
         return None
     if (
@@ -456,9 +465,23 @@ def _timeout(module: ModuleType) -> float | None:
         or not 0 < timeout <= MAX_TIMEOUT
     ):
         raise _Problem(
-            f"timeout must be a number of seconds above 0 up to {MAX_TIMEOUT:.0f} (about 24 days)"
+            f"{name} must be a number of seconds above 0 up to {MAX_TIMEOUT:.0f} (about 24 days)"
         )
     return float(timeout)
+
+
+def _max_runtime(module: ModuleType, transactional: bool) -> float | None:
+    max_runtime = _timeout(module, "max_runtime")
+    if max_runtime is not None and transactional:
+        raise _Problem(
+            "max_runtime needs transactional = False: a transactional revision cannot stop "
+            "midway (bound it with timeout instead)"
+        )
+    return max_runtime
+
+
+def _blocks_deploy(module: ModuleType) -> bool:
+    return _flag(module, "blocks_deploy", default=True)
 
 
 def _environments(module: ModuleType) -> tuple[str, ...] | None:

@@ -262,6 +262,164 @@ async def resolve(
         )
 
 
+# -- pause, resume, cancel -----------------------------------------------------------------------
+
+_REQUESTS = {"pause": "pause", "cancel": "cancel", "cancel --skip": "abandon"}
+_SETTLED_BY = {"cancel": Status.CANCELLED, "abandon": Status.ABANDONED}
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    """What ``pause`` or ``cancel`` did to one revision.
+
+    ``outcome`` is ``requested`` (left on the running attempt: the run stops at its next
+    batch boundary), ``recorded`` (a stopped revision settled with a new row) or
+    ``unchanged`` (it already was so).
+    """
+
+    revision: str
+    action: str
+    outcome: str
+    state: str
+    by: str
+    reason: str | None
+
+
+async def pause(settings: Settings, revision: str, *, reason: str | None = None) -> ControlResult:
+    """Ask the run working on ``revision`` (any host: the request is a tracker write) to
+    stop its batched loop at the next batch boundary; the checkpoint is kept and the
+    attempt is recorded ``paused``. Needs no lock.
+
+    :raises UsageError: the revision is transactional, or not running (paused already is
+        no error), or its run died.
+    """
+    return await _control(settings, revision, "pause", reason)
+
+
+async def cancel(
+    settings: Settings, revision: str, *, reason: str | None = None, skip: bool = False
+) -> ControlResult:
+    """Stop a batched revision and settle its attempt: ``cancelled`` (the next run starts
+    it over) or, with ``skip``, ``abandoned`` (plans pass it; it does not run again).
+
+    A running one is asked to stop at its next batch boundary (no lock needed); one that
+    stopped earlier (``incomplete``, ``paused``, ``partial``; ``cancelled`` with ``skip``)
+    is settled at once with a new row, under the migration lock.
+
+    :raises UsageError: the revision is transactional, or has nothing to cancel.
+    """
+    return await _control(settings, revision, "cancel --skip" if skip else "cancel", reason)
+
+
+async def _control(
+    settings: Settings, revision: str, verb: str, reason: str | None
+) -> ControlResult:
+    from .runtime import run_info
+    from .state import State
+
+    graph = load_graph(settings)
+    rev = _one(graph, revision)
+    if rev.transactional:
+        raise UsageError(
+            f"cannot {verb} {rev.id}: it is transactional, so it cannot stop midway (only a "
+            "transactional = False revision stopping between batches can); SIGTERM to its "
+            "run rolls it back"
+        )
+    request = _REQUESTS[verb]
+    why = reason.strip() if reason and reason.strip() else None
+    run_by = run_info(settings).run_by
+    by = f"{run_by} ({settings.pod_name})" if settings.pod_name else run_by
+    async with open_database(settings) as db:
+        latest = await db.read_latest()
+        attempt = latest.get(rev.id)
+        state = attempt.state if attempt is not None else State.NOT_RUN
+        if attempt is not None and state is State.RUNNING:
+            if rev.id in await db.died(latest):
+                raise UsageError(
+                    f"cannot {verb} {rev.id}: its run died (state died); the next run marks "
+                    "the attempt interrupted and resumes it"
+                )
+            conn = await db.conn()
+            async with conn.begin():
+                layout = await db.tracker.layout(conn)
+                if layout is not None and layout < 3:
+                    raise UsageError(
+                        f"cannot {verb} {rev.id}: the tracker has layout {layout}, written by "
+                        "an older dm that does not read requests"
+                    )
+                left = await db.tracker.request(conn, attempt.id, request, by, why)
+            if not left:
+                raise UsageError(f"cannot {verb} {rev.id}: its attempt ended meanwhile")
+            log.info(
+                "%s: %s requested by %s; it stops at its next batch boundary", rev.id, verb, by
+            )
+            return ControlResult(rev.id, request, "requested", state.value, by, why)
+    if request == "pause":
+        if state is State.PAUSED:
+            return ControlResult(rev.id, request, "unchanged", state.value, by, why)
+        raise UsageError(
+            f"cannot pause {rev.id}: it is not running (state {state.value}); dm pause stops "
+            "a running batched revision at its next batch boundary"
+        )
+    return await _settle_stopped(settings, rev, request, by, why)
+
+
+async def _settle_stopped(
+    settings: Settings, rev: Revision, request: str, by: str, why: str | None
+) -> ControlResult:
+    """Record a stopped revision ``cancelled`` or ``abandoned``, under the lock."""
+    from .state import State
+
+    status = _SETTLED_BY[request]
+    settleable = {State.INCOMPLETE, State.PAUSED, State.PARTIAL}
+    if status is Status.ABANDONED:
+        settleable.add(State.CANCELLED)
+    async with open_database(settings) as db, db.locked() as (recorder, _interrupted):
+        attempt = recorder.latest.get(rev.id)
+        state = attempt.state if attempt is not None else State.NOT_RUN
+        if state is State.ABANDONED or (state is State.CANCELLED and status is Status.CANCELLED):
+            return ControlResult(rev.id, request, "unchanged", state.value, by, why)
+        if attempt is None or state not in settleable:
+            raise UsageError(
+                f"cannot cancel {rev.id}: it is {state.value}; dm cancel stops a running "
+                "batched revision, or settles one that stopped part-way (incomplete, paused, "
+                "partial)"
+            )
+        done = "cancelled (--skip)" if status is Status.ABANDONED else "cancelled"
+        text = f"{done} by {by}" + (f": {why}" if why else "")
+        step = Step(rev, attempt.direction == "upgrade")
+        async with recorder.conn.begin():
+            await recorder.record_step(step, status, reason=text, checkpoint=attempt.checkpoint)
+        log.info("%s: %s", rev.id, text)
+        return ControlResult(rev.id, request, "recorded", status.value, by, why)
+
+
+async def resume(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
+    """Resume a batched revision that stopped part-way (``paused``, ``incomplete`` or
+    ``partial``) from its checkpoint, in the direction it was going; nothing else runs.
+
+    :raises UsageError: it has nothing to resume, or (upgrade) an ancestor is not applied.
+    """
+    from .state import State
+
+    graph = load_graph(settings)
+    rev = _one(graph, revision)
+
+    def plan(latest: Mapping[str, Attempt]) -> list[Step]:
+        attempt = latest.get(rev.id)
+        state = attempt.state if attempt is not None else State.NOT_RUN
+        if attempt is None or state not in (State.PAUSED, State.INCOMPLETE, State.PARTIAL):
+            raise UsageError(
+                f"cannot resume {rev.id}: it is {state.value}; dm resume goes on with a "
+                "batched revision that stopped part-way (paused, incomplete, partial)"
+            )
+        if attempt.direction == "upgrade":
+            return planning.plan_run(graph, rev, latest, settings.environment, None)
+        return planning.with_decisions([Step(rev, False)], settings.environment, latest)
+
+    return await execute_plan(settings, rev.id, plan, dry_run=dry_run)
+
+
 # -- attempts -----------------------------------------------------------------------------------
 
 
@@ -283,8 +441,9 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
         if not db._file_missing():
             conn = await db.conn()
             async with conn.begin():
-                if await db.tracker.layout(conn) is not None:
-                    rows = await db.tracker.history(conn, rev)
+                layout = await db.tracker.layout(conn)
+                if layout is not None:
+                    rows = await db.tracker.history(conn, rev, layout)
     if not rows and not graph.known(rev):
         raise UnknownTarget(f"no revision matches {revision!r}, and the tracker has no rows of it")
     return [
@@ -444,14 +603,18 @@ async def lock_state(settings: Settings, tracker: Tracker) -> tuple[str, str | N
 
 __all__ = [
     "AttemptRecord",
+    "ControlResult",
     "InfoResult",
     "ResolveResult",
     "VerifyOutcome",
     "VerifyResult",
     "attempts",
+    "cancel",
     "info",
     "lock_state",
+    "pause",
     "resolve",
+    "resume",
     "rollback",
     "run",
     "verify",

@@ -9,6 +9,7 @@ lost the lock cannot record anything, so it cannot commit the work recorded with
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -139,21 +140,42 @@ class Recorder:
 
     async def save_checkpoint(
         self, attempt_id: int, session: AsyncSession, checkpoint: Mapping[str, Any]
-    ) -> None:
-        """Store a batched loop's checkpoint in the session's (the batch's) transaction.
+    ) -> Request | None:
+        """Store a batched loop's checkpoint in the session's (the batch's) transaction;
+        return the request another shell left on the attempt (``dm pause``, ``dm cancel``),
+        read by the same statement.
 
         :raises FenceLost: the attempt is no longer this run's; the batch must roll back.
         """
-        await self._update(session, attempt_id, {"checkpoint": dict(checkpoint)})
+        return await self._update(session, attempt_id, {"checkpoint": dict(checkpoint)})
 
     async def _update(
         self,
         executor: AsyncConnection | AsyncSession,
         attempt_id: int,
         values: Mapping[str, Any],
-    ) -> None:
-        """Update this run's pending attempt; exactly one row must match (the fence)."""
+    ) -> Request | None:
+        """Update this run's pending attempt; exactly one row must match (the fence).
+        Return the request left on it, if any."""
         params = {**values, "attempt_id": attempt_id, "fence": self.run.run_id}
         result = await executor.execute(self.tracker.update_attempt, params)
-        if getattr(result, "rowcount", 0) != 1:
+        rows = result.all()
+        if len(rows) != 1:
             raise FenceLost(f"attempt {attempt_id}: {FENCE_LOST}")
+        request, by, reason = rows[0]
+        return None if request is None else Request(request, by, reason)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What another shell asked of a running attempt: ``pause``, ``cancel`` or ``abandon``."""
+
+    action: str
+    by: str | None
+    reason: str | None
+
+    def describe(self) -> str:
+        """Return e.g. ``paused by ops@host: peak traffic``."""
+        done = {"pause": "paused", "cancel": "cancelled", "abandon": "cancelled (--skip)"}
+        text = f"{done.get(self.action, self.action)} by {self.by or 'unknown'}"
+        return f"{text}: {self.reason}" if self.reason else text

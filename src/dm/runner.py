@@ -14,6 +14,13 @@ dies instead, the row stays ``pending`` and the next run marks it failed (interr
 ``client_connection_check_interval`` makes PostgreSQL abort a statement whose client died
 within about a second, so the orphaned transaction cannot hold row locks for long.
 
+A batched revision can also stop early on purpose, at a batch boundary (its batch and
+checkpoint committed): when the run's ``--max-runtime`` or the revision's ``max_runtime`` is
+up, or when ``dm pause``/``dm cancel`` left a request on the attempt (the checkpoint update
+returns it). The attempt is recorded ``stopped``, ``paused``, ``cancelled`` or
+``abandoned`` and :class:`~dm.errors.Incomplete` (exit 5) ends the run. A transactional
+revision cannot stop midway: the run's time limit is checked before each revision starts.
+
 A failure caused by a transient database error (``dm.transient``: a lost connection, a
 deadlock, a serialization failure, a lock wait timing out) is recorded ``failed`` with an
 error starting "transient" and raised as ``TransientRevisionFailure`` (exit 75). If the work
@@ -51,6 +58,7 @@ from . import watchdog
 from .batching import RunContext
 from .batching import run_context
 from .errors import FenceLost
+from .errors import Incomplete
 from .errors import RevisionFailed
 from .errors import TransientRevisionFailure
 from .errors import UsageError
@@ -61,6 +69,7 @@ from .graph import checksum
 from .hooks import call_hook
 from .planning import Step
 from .recording import Recorder
+from .recording import Request
 from .tracker import Status
 from .transient import is_lock_timeout
 from .transient import is_transient
@@ -119,6 +128,26 @@ class LockWaitTimedOut(Exception):
     """A revision's lock waits timed out on every try; the driver's error is its cause."""
 
 
+class StopAtBoundary(BaseException):
+    """Raised by the stop check after a batch committed: the attempt ends ``status``.
+
+    A ``BaseException``, so revision code catching ``Exception`` around its loop cannot
+    swallow it and go on as if the loop had finished.
+    """
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+_STATUS_OF_REQUEST = {
+    "pause": Status.PAUSED,
+    "cancel": Status.CANCELLED,
+    "abandon": Status.ABANDONED,
+}
+
+
 class RevisionTimedOut(Exception):
     """The revision ran longer than its time limit."""
 
@@ -140,12 +169,16 @@ class Runner:
         joined: bool = False,
         lock_retries: int = 0,
         lock_retry_wait: float = 1.0,
+        max_runtime: float | None = None,
+        started: float | None = None,
     ) -> None:
         """:param shared: the connection is the caller's (``dm.shared``): its session
             settings are left alone (no ``lock_timeout`` or other ``SET``).
         :param joined: the connection is inside the caller's transaction: nothing may
             commit, so every revision runs as a transactional one (in a savepoint) and an
             autocommit block is refused.
+        :param max_runtime: seconds the run may work, counted from ``started`` (a
+            ``time.monotonic()`` value; default: now).
         """
         self.recorder = recorder
         self.conn = recorder.conn
@@ -159,11 +192,14 @@ class Runner:
         """The ``lock_timeout`` of the current try when it differs from the session's."""
         self._partly_committed = False
         """An autocommit block of the current try committed work: it is not retried."""
+        self.max_runtime = max_runtime
+        self._run_started = time.monotonic() if started is None else started
         self._postgres = self.conn.dialect.name == "postgresql"
         self._session_ready = False
         sync = self.conn.sync_connection
         self._isolation_level = sync.default_isolation_level if sync else None
         self._rescue: watchdog.Rescue | None = None
+        self._step_started: float | None = None
 
     async def run(self, steps: Sequence[Step]) -> list[StepResult]:
         """Run ``steps`` in order; stop at the first failure.
@@ -188,6 +224,7 @@ class Runner:
                 step.revision,
             )
             step = replace(step, rev=replace(step.rev, transactional=True))
+        self._check_run_time(step)
         prior = self.recorder.latest.get(step.revision)
         resume = None
         if not step.transactional and prior and prior.direction == step.direction:
@@ -200,8 +237,12 @@ class Runner:
         if step.description:
             label += f" ({step.description})"
         if resume and prior:
+            how = f" ({prior.reason})" if prior.status is not Status.FAILED and prior.reason else ""
             log.info(
-                "%s: running, resuming from the checkpoint of attempt %d", label, prior.attempt
+                "%s: running, resuming from the checkpoint of attempt %d%s",
+                label,
+                prior.attempt,
+                how,
             )
             if prior.checksum and prior.checksum != checksum(step.script):
                 log.warning(
@@ -213,6 +254,7 @@ class Runner:
         else:
             log.info("%s: running", label)
         started = time.perf_counter()
+        self._step_started = time.monotonic()
         final = Status.SUCCESS if step.is_upgrade else Status.ROLLED_BACK
         context = functools.partial(
             RunContext,
@@ -221,6 +263,10 @@ class Runner:
             step.transactional,
             resume=resume,
             save_checkpoint=functools.partial(self.recorder.save_checkpoint, attempt_id),
+        )
+        stops: list[StopAtBoundary] = []
+        context = functools.partial(
+            context, after_checkpoint=functools.partial(self._stop_check, step, stops)
         )
         dog = watchdog.active()
         if dog is not None:
@@ -240,8 +286,12 @@ class Runner:
                     if self._lock_timeout_is_dms and is_lock_timeout(exc):
                         raise LockWaitTimedOut(self._lock_advice(step, 1)) from exc
                     raise
+                if stops:  # the revision's code swallowed the stop: its loop did not finish
+                    raise stops[0]
                 async with self.conn.begin():
                     await self._finish(attempt_id, final, started)
+        except StopAtBoundary as stop:
+            await self._record_stop(step, label, attempt_id, stop, started)
         except FenceLost:
             await self._rollback()
             raise _taken_over(step, label) from None
@@ -351,6 +401,69 @@ class Runner:
             f"{settings}: raise DM_PG_LOCK_TIMEOUT or DM_LOCK_RETRIES, or find the session "
             "holding the lock (pg_locks)"
         )
+
+    def _check_run_time(self, step: Step) -> None:
+        """Refuse to start ``step`` once the run's ``max_runtime`` is up."""
+        if self.max_runtime is None:
+            return
+        if time.monotonic() - self._run_started >= self.max_runtime:
+            message = (
+                f"max runtime of {self.max_runtime:g}s reached before {step.direction} "
+                f"{step.revision} started: it and the revisions after it did not run; the "
+                "next run goes on from there"
+            )
+            log.warning("%s", message)
+            raise Incomplete(step.revision, message)
+
+    def _stop_check(self, step: Step, stops: list[StopAtBoundary], request: object) -> None:
+        """After a batch committed: stop there if another shell asked (``request``) or the
+        run's or the revision's time is up."""
+        stop = None
+        if isinstance(request, Request) and request.action in _STATUS_OF_REQUEST:
+            stop = StopAtBoundary(_STATUS_OF_REQUEST[request.action], request.describe())
+        else:
+            now = time.monotonic()
+            limits = []
+            if self.max_runtime is not None:
+                limits.append((self._run_started + self.max_runtime, self.max_runtime, "run's"))
+            if step.rev.max_runtime is not None and self._step_started is not None:
+                own = step.rev.max_runtime
+                limits.append((self._step_started + own, own, "revision's"))
+            for deadline, seconds, whose in limits:
+                if now >= deadline:
+                    reason = f"stopped: the {whose} max runtime of {seconds:g}s was reached"
+                    stop = StopAtBoundary(Status.STOPPED, reason)
+                    break
+        if stop is not None:
+            stops.append(stop)
+            raise stop
+
+    async def _record_stop(
+        self, step: Step, label: str, attempt_id: int, stop: StopAtBoundary, started: float
+    ) -> None:
+        """Record the attempt stopped at a batch boundary, then raise ``Incomplete``."""
+        await self._rollback()  # nothing is open after a batch's commit; be sure
+        duration = _elapsed_ms(started)
+        try:
+            async with self.conn.begin():
+                await self.recorder.finish(
+                    attempt_id, stop.status, duration_ms=duration, reason=stop.reason
+                )
+        except FenceLost:
+            raise _taken_over(step, label) from None
+        next_step = {
+            Status.STOPPED: f"the next dm {step.direction} resumes it",
+            Status.PAUSED: f"dm resume {step.revision} (or the next dm {step.direction}) "
+            "resumes it",
+            Status.CANCELLED: f"the next dm {step.direction} starts it over",
+            Status.ABANDONED: "plans pass it: it does not run again",
+        }[stop.status]
+        message = (
+            f"{label}: {stop.reason}, at a batch boundary after {duration} ms; its committed "
+            f"batches stay, {next_step}; the revisions after it did not run"
+        )
+        log.warning("%s", message)
+        raise Incomplete(step.revision, message)
 
     async def _finish(self, attempt_id: int, status: Status, started: float) -> None:
         await self.recorder.finish(attempt_id, status, duration_ms=_elapsed_ms(started))

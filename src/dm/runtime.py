@@ -12,6 +12,7 @@ import getpass
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Callable
@@ -130,6 +131,8 @@ class Database:
         """Who runs, stamped on every attempt; its run id is the fence while locked."""
         self._conn: AsyncConnection | None = None
         self._exit = contextlib.AsyncExitStack()
+        self.started = time.monotonic()
+        """When the command began: a run's ``max_runtime`` counts from here."""
 
     async def close(self) -> None:
         await self._exit.aclose()
@@ -145,6 +148,8 @@ class Database:
             pg_lock_timeout=self.settings.pg_lock_timeout,
             lock_retries=self.settings.lock_retries,
             lock_retry_wait=self.settings.lock_retry_wait,
+            max_runtime=self.settings.max_runtime,
+            started=self.started,
         )
 
     async def conn(self) -> AsyncConnection:

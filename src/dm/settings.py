@@ -66,6 +66,7 @@ _INI_KEYS = {
     "dm.lock_timeout": "lock_timeout",
     "dm.lock_database_url": "lock_database_url",
     "dm.timeout": "timeout",
+    "dm.max_runtime": "max_runtime",
     "dm.pg_lock_timeout": "pg_lock_timeout",
     "dm.lock_retries": "lock_retries",
     "dm.lock_retry_wait": "lock_retry_wait",
@@ -103,6 +104,8 @@ class Settings(BaseSettings):
     tracker_schema: str | None = None
     lock_timeout: float = 600.0
     timeout: float | None = None
+    max_runtime: float | None = None
+    """Seconds a run may work before its batched loop stops at a batch boundary (exit 5)."""
     pg_lock_timeout: float = 5.0
     lock_retries: int = Field(3, ge=0, le=20)
     """How many times a transactional revision is run again after a lock wait timed out."""
@@ -121,7 +124,7 @@ class Settings(BaseSettings):
     _url_source: str = PrivateAttr("the configuration")
     """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
 
-    @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout")
+    @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout", "max_runtime")
     @classmethod
     def _seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None:
@@ -131,9 +134,9 @@ class Settings(BaseSettings):
             math.isnan(value)
             or value > MAX_SECONDS
             or value < low
-            or (value == low and info.field_name == "timeout")
+            or (value == low and info.field_name in ("timeout", "max_runtime"))
         ):
-            bound = "above 0" if info.field_name == "timeout" else "from 0"
+            bound = "above 0" if info.field_name in ("timeout", "max_runtime") else "from 0"
             raise ValueError(
                 f"must be a number of seconds {bound} up to {MAX_SECONDS:.0f} (about 24 days)"
             )

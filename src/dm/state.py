@@ -13,7 +13,11 @@ effect (the *decisive* ones):
   ``applied`` before stays ``applied`` (a failed forced re-run, a failed downgrade); a
   revision with nothing in effect is ``failed``;
 - a ``pending`` attempt makes it ``running`` (or, when no run holds the migration lock, a
-  run that died: the next run marks the attempt interrupted and retries it).
+  run that died: the next run marks the attempt interrupted and retries it);
+- a batched attempt that stopped at a batch boundary, its checkpoint committed, makes it
+  ``incomplete`` (its time was up: ``stopped``), ``paused`` (``dm pause``), ``cancelled``
+  (``dm cancel``: the next run starts over) or ``abandoned`` (``dm cancel --skip``: plans
+  pass it, it does not run again).
 
 So the state follows from the revision's latest attempt and its latest decisive one.
 """
@@ -32,16 +36,39 @@ class Status(enum.StrEnum):
     FAILED = "failed"  # rolled back, except the batches a non-transactional attempt committed
     ROLLED_BACK = "rolled_back"  # downgrade committed, or stamped/resolved as not applied
     SKIPPED = "skipped"  # not run: the revision's `environments` exclude this environment
+    STOPPED = "stopped"  # stopped at a batch boundary when its time was up; resumes
+    PAUSED = "paused"  # stopped at a batch boundary by `dm pause`; resumes
+    CANCELLED = "cancelled"  # stopped by `dm cancel`; the next run starts over
+    ABANDONED = "abandoned"  # stopped by `dm cancel --skip`; not run again
 
 
 # The legal moves of one attempt row: it is born pending and ends once.
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
-    Status.PENDING: frozenset({Status.SUCCESS, Status.FAILED, Status.ROLLED_BACK}),
+    Status.PENDING: frozenset(
+        {
+            Status.SUCCESS,
+            Status.FAILED,
+            Status.ROLLED_BACK,
+            Status.STOPPED,
+            Status.PAUSED,
+            Status.CANCELLED,
+            Status.ABANDONED,
+        }
+    ),
     Status.SUCCESS: frozenset(),
     Status.FAILED: frozenset(),
     Status.ROLLED_BACK: frozenset(),
     Status.SKIPPED: frozenset(),  # inserted directly (like stamps), never from pending
+    Status.STOPPED: frozenset(),
+    Status.PAUSED: frozenset(),
+    Status.CANCELLED: frozenset(),  # also inserted directly by `dm cancel` of a stopped one
+    Status.ABANDONED: frozenset(),
 }
+
+STOPPED_AT_BOUNDARY = frozenset({Status.STOPPED, Status.PAUSED, Status.CANCELLED, Status.ABANDONED})
+"""The statuses of an attempt that stopped at a batch boundary, its checkpoint committed."""
+RESUMABLE = frozenset({Status.FAILED, Status.STOPPED, Status.PAUSED})
+"""The statuses whose checkpoint the next attempt in the same direction resumes from."""
 
 
 class State(enum.StrEnum):
@@ -54,6 +81,14 @@ class State(enum.StrEnum):
     FAILED = "failed"  # its attempts failed and were rolled back; nothing is in effect
     PARTIAL = "partial"  # a failed non-transactional attempt committed batches; resumable
     RUNNING = "running"  # an attempt is pending: running now, or its run died
+    INCOMPLETE = "incomplete"  # stopped at a batch boundary when its time was up; resumes
+    PAUSED = "paused"  # stopped at a batch boundary by `dm pause`; resumes
+    CANCELLED = "cancelled"  # stopped by `dm cancel`: batches stay, the next run starts over
+    ABANDONED = "abandoned"  # stopped by `dm cancel --skip`: plans pass it
+
+
+UNFINISHED = frozenset({State.INCOMPLETE, State.PAUSED, State.CANCELLED})
+"""States of a batched revision stopped part-way that a later run takes up again."""
 
 
 def is_decisive(status: Status, has_checkpoint: bool) -> bool:
@@ -84,4 +119,8 @@ _STATE_OF = {
     Status.SKIPPED: State.SKIPPED,
     Status.FAILED: State.PARTIAL,  # decisive only with a checkpoint
     Status.PENDING: State.RUNNING,
+    Status.STOPPED: State.INCOMPLETE,
+    Status.PAUSED: State.PAUSED,
+    Status.CANCELLED: State.CANCELLED,
+    Status.ABANDONED: State.ABANDONED,
 }

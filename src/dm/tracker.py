@@ -27,18 +27,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .errors import ConfigError
 from .errors import TrackerDamaged
+from .state import RESUMABLE
 from .state import TRANSITIONS as TRANSITIONS
+from .state import UNFINISHED
 from .state import State
 from .state import Status as Status
 from .state import derive
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Layout of the tracker written by this dm.
 
 1. pre-release prototype: ``id, revision, status, started_at, finished_at, error``.
 2. one row per attempt with direction, attempt number, timings, error message and
    traceback, who/where, dm version, environment, file checksum (sha256) and checkpoint.
+3. a request on a running attempt (``request``: ``pause``, ``cancel`` or ``abandon``), who
+   made it (``request_by``) and why (``request_reason``), written by ``dm pause`` and
+   ``dm cancel`` and returned to the running batched loop by its checkpoint update.
 """
+
+REQUEST_COLUMNS = ("request", "request_by", "request_reason")
+"""The columns layout 3 added (read as NULL from a layout 2 tracker)."""
 
 
 _REBUILD = (
@@ -97,6 +105,10 @@ class Attempt:
     """The status of the revision's latest decisive attempt (see ``dm.state``)."""
     in_effect_checksum: str | None = None
     """The file checksum that attempt recorded: what is in effect came from that file."""
+    request: str | None = None
+    """``pause``, ``cancel`` or ``abandon``, asked of this attempt from another shell."""
+    request_by: str | None = None
+    request_reason: str | None = None
 
     @property
     def state(self) -> State:
@@ -105,8 +117,9 @@ class Attempt:
 
     @property
     def can_resume(self) -> bool:
-        """Return whether a new attempt in the same direction starts at ``checkpoint``."""
-        return self.status is Status.FAILED and bool(self.checkpoint)
+        """Return whether a new attempt in the same direction starts at ``checkpoint``
+        (a failed, stopped or paused one; a cancelled one starts over)."""
+        return self.status in RESUMABLE and bool(self.checkpoint)
 
     @property
     def is_applied(self) -> bool:
@@ -118,7 +131,8 @@ class Attempt:
         state = self.state
         if state is State.APPLIED:
             return True
-        return self.direction == "downgrade" and state in (State.PARTIAL, State.RUNNING)
+        unfinished = state in (State.PARTIAL, State.RUNNING) or state in UNFINISHED
+        return self.direction == "downgrade" and unfinished
 
     @property
     def is_skipped(self) -> bool:
@@ -133,7 +147,12 @@ class Attempt:
         revisions after it: plans treat it as applied, and an upgrade in an environment
         that allows it schedules it again.
         """
-        return self.is_applied or self.is_skipped
+        return self.is_applied or self.is_skipped or self.is_abandoned_upgrade
+
+    @property
+    def is_abandoned_upgrade(self) -> bool:
+        """Return whether ``dm cancel --skip`` settled its upgrade: plans pass it."""
+        return self.state is State.ABANDONED and self.direction == "upgrade"
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,9 @@ class Tracker:
             sa.Column("environment", sa.String(64)),
             sa.Column("checksum", sa.String(64)),
             sa.Column("checkpoint", sa.JSON()),
+            sa.Column("request", sa.String(16)),
+            sa.Column("request_by", sa.String(255)),
+            sa.Column("request_reason", sa.Text()),
             sa.Index(f"ix_{table}_revision_id", "revision", "id"),
             sa.Index(f"ix_{table}_status", "status"),
         )
@@ -236,11 +258,18 @@ class Tracker:
             .from_select(list(_COLUMNS), sa.select(*values).where(self._fence_held))
             .returning(self.table.c.id)
         )
-        self.update_attempt = self.table.update().where(
-            self.table.c.id == sa.bindparam("attempt_id"),
-            self.table.c.run_id == sa.bindparam("fence"),
-            self.table.c.status == Status.PENDING.value,
-            self._fence_held,
+        # The update returns the request another shell left on the attempt (dm pause,
+        # dm cancel): the batched loop learns of it with the checkpoint it writes anyway.
+        t = self.table
+        self.update_attempt = (
+            t.update()
+            .where(
+                t.c.id == sa.bindparam("attempt_id"),
+                t.c.run_id == sa.bindparam("fence"),
+                t.c.status == Status.PENDING.value,
+                self._fence_held,
+            )
+            .returning(t.c.request, t.c.request_by, t.c.request_reason)
         )
 
     @property
@@ -329,11 +358,13 @@ class Tracker:
         if version is None:
             self.metadata.create_all(sync)
             self._write_version(sync, SCHEMA_VERSION, insert=True)
-        elif version < 2:
-            self.meta.create(sync)
-            self._write_version(sync, 1, insert=True)
-            self._upgrade_1_to_2(sync, sa.inspect(sync))
-            self._write_version(sync, 2)
+        elif version < SCHEMA_VERSION:
+            if version < 2:
+                self.meta.create(sync)
+                self._write_version(sync, 1, insert=True)
+                self._upgrade_1_to_2(sync, sa.inspect(sync))
+            self._add_missing_columns(sync)  # 2 -> 3: the request columns, all nullable
+            self._write_version(sync, SCHEMA_VERSION)
 
     def _version_query(self) -> sa.Select[tuple[Any]]:
         return sa.select(self.meta.c.value).where(self.meta.c.key == "schema_version")
@@ -348,13 +379,13 @@ class Tracker:
                 .values(value=str(version))
             )
 
-    def _upgrade_1_to_2(self, sync: sa.Connection, inspector: sa.Inspector) -> None:
+    def _add_missing_columns(self, sync: sa.Connection) -> None:
+        """Add the columns of this layout the table lacks (nullable, without defaults:
+        on PostgreSQL and SQLite a metadata-only change, however many rows)."""
+        inspector = sa.inspect(sync)
         present = {col["name"] for col in inspector.get_columns(self.name, schema=self.schema)}
         preparer = sync.dialect.identifier_preparer
         table = preparer.format_table(self.table)
-        if "error" in present and "error_message" not in present:
-            sync.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN error TO error_message")
-            present.add("error_message")
         for column in self.table.columns:
             if column.name in present:
                 continue
@@ -362,6 +393,14 @@ class Tracker:
             sync.exec_driver_sql(
                 f"ALTER TABLE {table} ADD COLUMN {preparer.format_column(column)} {kind}"
             )
+
+    def _upgrade_1_to_2(self, sync: sa.Connection, inspector: sa.Inspector) -> None:
+        present = {col["name"] for col in inspector.get_columns(self.name, schema=self.schema)}
+        preparer = sync.dialect.identifier_preparer
+        table = preparer.format_table(self.table)
+        if "error" in present and "error_message" not in present:
+            sync.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN error TO error_message")
+        self._add_missing_columns(sync)
         t = self.table
         older = t.alias("older")
         attempt_number = (
@@ -381,9 +420,15 @@ class Tracker:
 
     # -- reads ----------------------------------------------------------------------
 
-    async def latest(self, conn: AsyncConnection) -> dict[str, Attempt]:
-        """Return the latest attempt of every revision the tracker knows (read-only)."""
+    async def latest(
+        self, conn: AsyncConnection, layout: int = SCHEMA_VERSION
+    ) -> dict[str, Attempt]:
+        """Return the latest attempt of every revision the tracker knows (read-only).
+
+        :param layout: the tracker's layout (2 or later); layout 2 has no request columns.
+        """
         t = self.table
+        requests = [t.c[name] if layout >= 3 else sa.null().label(name) for name in REQUEST_COLUMNS]
         per_revision = _per_revision(t, _has_checkpoint(t.c.checkpoint))
         decisive = t.alias("decisive")
         query = sa.select(
@@ -405,6 +450,7 @@ class Tracker:
             per_revision.c.attempts,
             decisive.c.status.label("in_effect"),
             decisive.c.checksum.label("in_effect_checksum"),
+            *requests,
         ).select_from(
             t.join(per_revision, t.c.id == per_revision.c.last_id).outerjoin(
                 decisive, decisive.c.id == per_revision.c.decisive_id
@@ -431,6 +477,9 @@ class Tracker:
                 checkpoint=row.checkpoint,
                 in_effect=self._status(row.in_effect, row.revision),
                 in_effect_checksum=row.in_effect_checksum,
+                request=row.request,
+                request_by=row.request_by,
+                request_reason=row.request_reason,
             )
             for row in rows
         }
@@ -448,7 +497,7 @@ class Tracker:
         if version is None:
             return {}
         if version > 1:
-            return await self.latest(conn)
+            return await self.latest(conn, version)
         v1 = sa.table(
             self.name,
             sa.column("id"),
@@ -508,11 +557,33 @@ class Tracker:
                 f"row of revision {revision}: it was changed by hand; set it to one of {known}"
             ) from None
 
-    async def history(self, conn: AsyncConnection, revision: str) -> list[sa.Row[Any]]:
-        """Return every attempt of ``revision``, oldest first."""
+    async def history(
+        self, conn: AsyncConnection, revision: str, layout: int = SCHEMA_VERSION
+    ) -> list[sa.Row[Any]]:
+        """Return every attempt of ``revision``, oldest first (layout 2: no request columns)."""
         t = self.table
-        query = sa.select(t).where(t.c.revision == revision).order_by(t.c.id)
+        columns = [
+            c if layout >= 3 or c.name not in REQUEST_COLUMNS else sa.null().label(c.name)
+            for c in t.columns
+        ]
+        query = sa.select(*columns).where(t.c.revision == revision).order_by(t.c.id)
         return list((await conn.execute(query)).all())
+
+    async def request(
+        self, conn: AsyncConnection, attempt_id: int, request: str, by: str, reason: str | None
+    ) -> bool:
+        """Leave ``request`` on a running (pending) attempt, in the caller's transaction.
+
+        Not fenced and without the migration lock: the run holding the lock reads it back
+        with its next checkpoint. Return False when the attempt is no longer pending.
+        """
+        t = self.table
+        updated = await conn.execute(
+            t.update()
+            .where(t.c.id == attempt_id, t.c.status == Status.PENDING.value)
+            .values(request=request, request_by=by[:255], request_reason=reason)
+        )
+        return bool(updated.rowcount == 1)
 
     # -- writes (each call runs in the caller's transaction) --------------------------
 

@@ -1,0 +1,324 @@
+"""Time-boxed runs, and pause / resume / cancel of a running backfill from another shell.
+
+Real ``dm`` processes on SQLite and PostgreSQL. A ``transactional = False`` revision adds
+one to every row of a 60-row table in batches of 5; a second revision after it records
+that it ran. Where the interleaving matters, the backfill waits at the start of its fourth
+batch (three batches committed) until the test touches a go-file, so a request made from
+another process is always in place before that batch's checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Project
+from conftest import as_json
+from conftest import invoke
+from conftest import run_dm
+from conftest import spawn_dm
+from conftest import wait_for
+
+ROWS = 60
+SIZE = 5
+REV = "c0ffee000001"
+AFTER = "c0ffee000002"
+
+LOOP = f"""
+async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size={SIZE}):
+    if batch.first_key > 15 and not Path(GO).exists():
+        Path(STARTED).touch()
+        while not Path(GO).exists():
+            await asyncio.sleep(0.02)
+    await session.execute(
+        items.update()
+        .where(items.c.id.between(batch.first_key, batch.last_key))
+        .values(n=items.c.n + 1)
+    )
+    await asyncio.sleep(PAUSE)
+"""
+
+
+def make_project(
+    project: Project, files: Path, *, pause: float = 0.0, attributes: str = ""
+) -> None:
+    """The items table, the backfill ``REV`` and the revision ``AFTER`` that follows it."""
+    project.db.query("CREATE TABLE items (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+    project.db.query("CREATE TABLE after_ran (id INTEGER PRIMARY KEY)")
+    values = ", ".join(f"({i}, 0)" for i in range(1, ROWS + 1))
+    project.db.query(f"INSERT INTO items VALUES {values}")
+    extra = f"""
+import asyncio
+from pathlib import Path
+from dm import batched
+
+transactional = False
+{attributes}
+items = sa.table("items", sa.column("id"), sa.column("n"))
+STARTED = {str(files / "started")!r}
+GO = {str(files / "go")!r}
+PAUSE = {pause!r}
+"""
+    project.write(REV, None, LOOP, extra=extra)
+    project.write(AFTER, REV, "await session.execute(sa.text('INSERT INTO after_ran VALUES (1)'))")
+
+
+def counts(project: Project) -> dict[int, int]:
+    """How many rows were updated how many times."""
+    rows = project.db.query("SELECT n, count(*) AS c FROM items GROUP BY n")
+    return {row.n: row.c for row in rows}
+
+
+def after_ran(project: Project) -> bool:
+    return bool(project.db.query("SELECT id FROM after_ran"))
+
+
+def attempts(project: Project) -> list[str]:
+    return [row.status for row in project.db.tracker() if row.revision == REV]
+
+
+def status(project: Project) -> dict[str, dict[str, Any]]:
+    return {row["revision"]: row for row in as_json(invoke(project, "status", "--json"))}
+
+
+def check(project: Project) -> tuple[int, dict[str, Any]]:
+    result = invoke(project, "check", "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def last_line(process: subprocess.CompletedProcess[str] | tuple[str, str]) -> str:
+    stderr = process.stderr if isinstance(process, subprocess.CompletedProcess) else process[1]
+    return stderr.strip().splitlines()[-1]
+
+
+def started_and_waiting(project: Project, files: Path, *args: str) -> subprocess.Popen[str]:
+    """Start ``dm upgrade`` and wait until its backfill waits at the fourth batch."""
+    first = spawn_dm(project, "upgrade", *args, env={"DM_POD_NAME": "job-1"})
+    wait_for(lambda: (files / "started").exists() or first.poll() is not None, 60)
+    assert first.poll() is None, first.communicate()
+    return first
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, out, err
+
+
+def test_pause_from_another_process_stops_within_one_batch_and_resume_finishes(
+    project: Project, tmp_path: Path
+) -> None:
+    make_project(project, tmp_path)
+    first = started_and_waiting(project, tmp_path)
+    try:
+        paused = run_dm(project, "pause", REV, "--reason", "peak traffic", "--json")
+        assert paused.returncode == 0, paused.stderr
+        request = json.loads(paused.stdout)
+        assert (request["outcome"], request["action"], request["reason"]) == (
+            "requested",
+            "pause",
+            "peak traffic",
+        )
+        running = status(project)[REV]
+        assert (running["state"], running["request"]) == ("running", "pause")
+        (tmp_path / "go").touch()
+    finally:
+        code, _, stderr = finish(first)
+
+    # The batch in flight (keys 16-20) committed with its checkpoint, then the run stopped.
+    assert code == 5, stderr
+    assert "paused by" in last_line(("", stderr)) and "peak traffic" in stderr
+    assert counts(project) == {1: 20, 0: 40}
+    assert attempts(project) == ["paused"]
+    assert not after_ran(project)  # the revisions after it did not run
+    row = status(project)[REV]
+    assert (row["state"], row["status"]) == ("paused", "paused")
+    assert row["checkpoint"]["rows_done"] == 20
+    assert row["request_reason"] == "peak traffic" and row["request_by"]
+    assert "peak traffic" in row["reason"]
+    code, found = check(project)
+    assert code == 4 and found["incomplete"] == [REV] and found["pending"] == [AFTER]
+    text = invoke(project, "status").stdout
+    assert "paused" in text and "dm resume" in text and "20 rows done" in text
+
+    resumed = run_dm(project, "resume", REV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after key 20" in resumed.stderr
+    assert counts(project) == {1: ROWS}  # every row exactly once
+    assert attempts(project) == ["paused", "success"]
+    assert not after_ran(project)  # resume runs that revision only
+    upgraded = run_dm(project, "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert after_ran(project)
+    assert check(project)[0] == 0
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["start-over", "skip"])
+def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool) -> None:
+    make_project(project, tmp_path)
+    first = started_and_waiting(project, tmp_path)
+    try:
+        flags = ["--skip"] if skip else []
+        cancelled = run_dm(project, "cancel", REV, *flags, "--reason", "wrong column")
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert "requested" in cancelled.stdout
+        (tmp_path / "go").touch()
+    finally:
+        code, _, stderr = finish(first)
+
+    assert code == 5, stderr
+    assert counts(project) == {1: 20, 0: 40}
+    assert not after_ran(project)
+    state = "abandoned" if skip else "cancelled"
+    assert attempts(project) == [state]
+    assert status(project)[REV]["state"] == state
+
+    again = run_dm(project, "upgrade")
+    assert again.returncode == 0, again.stderr
+    assert after_ran(project)
+    if skip:  # not run again: plans pass it, and the check passes
+        assert attempts(project) == ["abandoned"]
+        assert counts(project) == {1: 20, 0: 40}
+        assert check(project)[0] == 0
+    else:  # started over from the first row: the first 20 rows were done twice
+        assert "resuming" not in again.stderr
+        assert attempts(project) == ["cancelled", "success"]
+        assert counts(project) == {2: 20, 1: 40}
+
+
+@pytest.mark.parametrize("how", ["option", "setting", "attribute"])
+def test_max_runtime_stops_at_a_boundary_and_the_next_runs_finish(
+    project: Project, tmp_path: Path, how: str
+) -> None:
+    (tmp_path / "go").touch()  # no waiting: each batch takes about 0.1 s
+    make_project(
+        project, tmp_path, pause=0.1, attributes="max_runtime = 0.35" if how == "attribute" else ""
+    )
+    args = ["--max-runtime", "0.35"] if how == "option" else []
+    env = {"DM_MAX_RUNTIME": "0.35"} if how == "setting" else {}
+
+    first = run_dm(project, "upgrade", *args, "--json", env=env)
+    assert first.returncode == 5, first.stderr
+    error = json.loads(first.stdout)["error"]
+    assert (error["kind"], error["exit_code"], error["revision"]) == ("incomplete", 5, REV)
+    assert "max runtime of 0.35s was reached" in error["message"]
+    done = status(project)[REV]["checkpoint"]["rows_done"]
+    assert 0 < done < ROWS and done % SIZE == 0
+    assert counts(project) == {1: done, 0: ROWS - done}  # stopped at a batch boundary
+    assert attempts(project) == ["stopped"]
+    assert status(project)[REV]["state"] == "incomplete"
+    assert not after_ran(project)
+    code, found = check(project)
+    assert code == 4 and found["incomplete"] == [REV]
+
+    runs = 1
+    while True:  # with the attribute, every attempt stops after its own 0.35 s
+        runs += 1
+        again = run_dm(project, "upgrade", *args, env=env)
+        assert f"resuming after key {counts(project).get(1, 0)}" in again.stderr
+        if again.returncode == 0:
+            break
+        assert again.returncode == 5, again.stderr
+        assert runs < 20
+    assert counts(project) == {1: ROWS}  # every row exactly once
+    assert attempts(project)[-1] == "success"
+    assert after_ran(project) and check(project)[0] == 0
+
+
+def test_max_runtime_between_transactional_revisions(project: Project) -> None:
+    """A transactional revision cannot stop midway: the time is checked before each starts."""
+    project.db.query("CREATE TABLE ran (rev TEXT)")
+    project.write(
+        "aaaa00000001",
+        None,
+        "import asyncio\nawait asyncio.sleep(0.5)\n"
+        "await session.execute(sa.text(\"INSERT INTO ran VALUES ('a')\"))",
+    )
+    project.write(
+        "aaaa00000002",
+        "aaaa00000001",
+        "await session.execute(sa.text(\"INSERT INTO ran VALUES ('b')\"))",
+    )
+    result = invoke(project, "upgrade", "--max-runtime", "0.2")
+    assert result.exit_code == 5, result.stderr
+    assert "before upgrade aaaa00000002 started" in result.stderr
+    assert [row.rev for row in project.db.query("SELECT rev FROM ran")] == ["a"]
+    assert ok_code(invoke(project, "upgrade")) == 0
+    assert sorted(row.rev for row in project.db.query("SELECT rev FROM ran")) == ["a", "b"]
+
+
+def ok_code(result: Any) -> int:
+    return int(result.exit_code)
+
+
+def test_check_passes_for_a_backfill_that_does_not_block_deploys(
+    project: Project, tmp_path: Path
+) -> None:
+    (tmp_path / "go").touch()
+    make_project(project, tmp_path, pause=0.1, attributes="blocks_deploy = False")
+    project.write(AFTER, REV, "pass")  # nothing after it needs the backfill either
+    (project.versions / f"{AFTER}_{AFTER}.py").write_text(
+        (project.versions / f"{AFTER}_{AFTER}.py").read_text()
+    )
+    stopped = run_dm(project, "upgrade", "--max-runtime", "0.3")
+    assert stopped.returncode == 5, stopped.stderr
+    code, found = check(project)
+    # AFTER still blocks (it did not run); the backfill itself is only deferred.
+    assert code == 4 and found["incomplete"] == [] and found["deferred"] == [REV]
+    assert found["pending"] == [AFTER]
+
+
+def test_check_wait_waits_for_an_incomplete_backfill(project: Project, tmp_path: Path) -> None:
+    (tmp_path / "go").touch()
+    make_project(project, tmp_path, pause=0.05)
+    stopped = run_dm(project, "upgrade", "--max-runtime", "0.2")
+    assert stopped.returncode == 5, stopped.stderr
+    gave_up = run_dm(project, "check", "--wait", "--timeout", "0.5", "--interval", "0.1")
+    assert gave_up.returncode == 4
+    assert "waiting for pending" in gave_up.stderr and f"incomplete {REV}" in gave_up.stderr
+
+    waiting = spawn_dm(project, "check", "--wait", "--timeout", "60", "--interval", "0.2")
+    try:
+        finished = run_dm(project, "upgrade")
+        assert finished.returncode == 0, finished.stderr
+        code, out, err = finish(waiting)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    assert code == 0, err
+    assert counts(project) == {1: ROWS}
+
+
+def test_pause_and_cancel_refuse_what_they_cannot_stop(project: Project, tmp_path: Path) -> None:
+    make_project(project, tmp_path)
+    not_running = invoke(project, "pause", REV)
+    assert not_running.exit_code == 2
+    assert f"cannot pause {REV}: it is not running (state not_run)" in not_running.stderr
+    transactional = invoke(project, "pause", AFTER)
+    assert transactional.exit_code == 2 and "it is transactional" in transactional.stderr
+    nothing = invoke(project, "cancel", REV)
+    assert nothing.exit_code == 2 and "it is not_run" in nothing.stderr
+    resume = invoke(project, "resume", REV)
+    assert resume.exit_code == 2 and f"cannot resume {REV}" in resume.stderr
+
+
+def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_path: Path) -> None:
+    (tmp_path / "go").touch()
+    make_project(project, tmp_path, pause=0.05)
+    assert run_dm(project, "upgrade", "--max-runtime", "0.2").returncode == 5
+    done = status(project)[REV]["checkpoint"]["rows_done"]
+    settled = invoke(project, "cancel", REV, "--skip", "--reason", "done by hand")
+    assert settled.exit_code == 0, settled.stderr
+    assert "recorded abandoned" in settled.stdout
+    assert attempts(project) == ["stopped", "abandoned"]
+    assert status(project)[REV]["state"] == "abandoned"
+    assert run_dm(project, "upgrade").returncode == 0
+    assert counts(project) == {1: done, 0: ROWS - done} and after_ran(project)
