@@ -76,7 +76,7 @@ class RunContext:
     loops: int = 0
     autocommit: Callable[[], AbstractAsyncContextManager[None]] | None = None
     """The runner's autocommit block (``dm.autocommit``), leaving and resuming its transaction."""
-    after_checkpoint: Callable[[Any], None] | None = None
+    after_checkpoint: Callable[[Any], Awaitable[None]] | None = None
     """Called with what ``save_checkpoint`` returned once a batch (not the last) committed:
     the runner's stop check (time up, ``dm pause``, ``dm cancel``), which raises to stop."""
 
@@ -318,7 +318,7 @@ async def batched(
                 if probe is not None and probe.committed is not None:
                     probe.committed(context, checkpoint, batch.row_count)
                 if context.after_checkpoint is not None and not finished:
-                    context.after_checkpoint(request)  # may stop the loop at this boundary
+                    await context.after_checkpoint(request)  # may stop the loop here
             sizer.observe(batch.row_count, time.monotonic() - started)
             progress.advance(batch.row_count, batch_size=sizer.size)
             if finished:

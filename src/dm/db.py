@@ -33,6 +33,12 @@ log = logging.getLogger("dm.db")
 
 CONNECT_TIMEOUT = 15.0
 SQLITE_BUSY_TIMEOUT = 30.0
+SQLITE_IMMEDIATE = "dm_sqlite_immediate"
+"""Execution option: begin each transaction of the connection with ``BEGIN IMMEDIATE``
+(SQLite's write lock from the start). A run's working connection sets it: a transaction
+that read first and then writes would fail at once ("database is locked") if another
+process (``dm pause``) took the write lock in between; holding it from the start makes
+the other process wait for the commit instead."""
 RETRY_FIRST_PAUSE = 0.25
 """Pause before the first retry of a connection (doubled each time, with jitter)."""
 RETRY_MAX_PAUSE = 4.0
@@ -86,8 +92,9 @@ def _emit_sqlite_begin(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Any) -> None:
-        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
-            conn.exec_driver_sql("BEGIN")
+        options = conn.get_execution_options()
+        if options.get("isolation_level") != "AUTOCOMMIT":
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(SQLITE_IMMEDIATE) else "BEGIN")
 
 
 def is_sqlite(url: URL) -> bool:

@@ -122,6 +122,16 @@ async def current_holder(url: URL, tracker: Tracker) -> str | None:
         await engine.dispose()
 
 
+def writer_waiting_path(url: URL, tracker: Tracker) -> Path | None:
+    """Return the file whose presence asks a SQLite run to let another writer in between
+    two batches (``dm pause``/``dm cancel``); None on PostgreSQL, where rows are locked,
+    not the database."""
+    if url.get_backend_name() == "postgresql":
+        return None
+    database = Path(url.database or "dm.sqlite3").resolve()
+    return database.with_name(f"{database.name}.{tracker.name}.writer-waiting")
+
+
 def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
     database = Path(url.database or "dm.sqlite3").resolve()
     return database.with_name(f"{database.name}.{tracker.name}.lock")

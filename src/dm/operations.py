@@ -29,6 +29,7 @@ from .graph import Graph
 from .graph import Revision
 from .graph import display_path
 from .planning import Step
+from .runtime import Database
 from .runtime import RunResult
 from .runtime import execute_plan
 from .runtime import load_graph
@@ -264,6 +265,8 @@ async def resolve(
 
 # -- pause, resume, cancel -----------------------------------------------------------------------
 
+SQLITE_REQUEST_SECONDS = 60.0
+"""How long ``dm pause``/``dm cancel`` try for SQLite's write lock between two batches."""
 _REQUESTS = {"pause": "pause", "cancel": "cancel", "cancel --skip": "abandon"}
 _SETTLED_BY = {"cancel": Status.CANCELLED, "abandon": Status.ABANDONED}
 
@@ -342,12 +345,12 @@ async def _control(
             conn = await db.conn()
             async with conn.begin():
                 layout = await db.tracker.layout(conn)
-                if layout is not None and layout < 3:
-                    raise UsageError(
-                        f"cannot {verb} {rev.id}: the tracker has layout {layout}, written by "
-                        "an older dm that does not read requests"
-                    )
-                left = await db.tracker.request(conn, attempt.id, request, by, why)
+            if layout is not None and layout < 3:
+                raise UsageError(
+                    f"cannot {verb} {rev.id}: the tracker has layout {layout}, written by "
+                    "an older dm that does not read requests"
+                )
+            left = await _leave_request(db, attempt.id, request, by, why)
             if not left:
                 raise UsageError(f"cannot {verb} {rev.id}: its attempt ended meanwhile")
             log.info(
@@ -362,6 +365,43 @@ async def _control(
             "a running batched revision at its next batch boundary"
         )
     return await _settle_stopped(settings, rev, request, by, why)
+
+
+async def _leave_request(
+    db: Database, attempt_id: int, request: str, by: str, why: str | None
+) -> bool:
+    """Write the request on the running attempt; return False if it is no longer pending.
+
+    On SQLite the running batch holds the database's write lock until it commits, and the
+    gap before the next batch is too short for SQLite's busy handler: the request creates
+    the run's "writer waiting" file (``dm.lock``), which makes the run hold off its next
+    batch until the write is done, and retries every millisecond meanwhile (up to
+    ``SQLITE_REQUEST_SECONDS``).
+    """
+    from sqlalchemy.exc import OperationalError
+
+    from .lock import writer_waiting_path
+
+    conn = await db.conn()
+    if conn.dialect.name != "sqlite":
+        async with conn.begin():
+            return await db.tracker.request(conn, attempt_id, request, by, why)
+    await conn.exec_driver_sql("PRAGMA busy_timeout = 1")
+    await conn.commit()
+    waiting = writer_waiting_path(db.settings.lock_url(), db.tracker)
+    assert waiting is not None
+    waiting.touch()  # the run lets us in after its next batch
+    try:
+        deadline = asyncio.get_running_loop().time() + SQLITE_REQUEST_SECONDS
+        while True:
+            try:
+                async with conn.begin():
+                    return await db.tracker.request(conn, attempt_id, request, by, why)
+            except OperationalError as exc:
+                if "locked" not in str(exc) or asyncio.get_running_loop().time() > deadline:
+                    raise
+    finally:
+        waiting.unlink(missing_ok=True)
 
 
 async def _settle_stopped(

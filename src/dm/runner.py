@@ -48,6 +48,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -93,6 +94,9 @@ MAX_LOCK_TIMEOUT = 2_147_483.0
 
 # After a cancellation, how often and how long to interrupt SQLite's running statement
 # before the hook's task is cancelled outright.
+_WRITER_GRACE = 1.0
+"""How long a SQLite run waits between two batches for a writer that asked to get in."""
+
 _INTERRUPT_ATTEMPTS = 5
 _INTERRUPT_PAUSE = 0.05
 
@@ -171,6 +175,7 @@ class Runner:
         lock_retry_wait: float = 1.0,
         max_runtime: float | None = None,
         started: float | None = None,
+        writer_waiting: Path | None = None,
     ) -> None:
         """:param shared: the connection is the caller's (``dm.shared``): its session
             settings are left alone (no ``lock_timeout`` or other ``SET``).
@@ -179,6 +184,8 @@ class Runner:
             autocommit block is refused.
         :param max_runtime: seconds the run may work, counted from ``started`` (a
             ``time.monotonic()`` value; default: now).
+        :param writer_waiting: (SQLite) a file another process creates while it waits for
+            the database's write lock: between two batches the run then lets it in.
         """
         self.recorder = recorder
         self.conn = recorder.conn
@@ -194,6 +201,7 @@ class Runner:
         """An autocommit block of the current try committed work: it is not retried."""
         self.max_runtime = max_runtime
         self._run_started = time.monotonic() if started is None else started
+        self._writer_waiting = writer_waiting
         self._postgres = self.conn.dialect.name == "postgresql"
         self._session_ready = False
         sync = self.conn.sync_connection
@@ -403,8 +411,9 @@ class Runner:
         )
 
     def _check_run_time(self, step: Step) -> None:
-        """Refuse to start ``step`` once the run's ``max_runtime`` is up."""
-        if self.max_runtime is None:
+        """Refuse to start ``step`` once the run's ``max_runtime`` is up (the run's first
+        step always starts, so every run makes progress)."""
+        if self.max_runtime is None or self._step_started is None:
             return
         if time.monotonic() - self._run_started >= self.max_runtime:
             message = (
@@ -415,9 +424,11 @@ class Runner:
             log.warning("%s", message)
             raise Incomplete(step.revision, message)
 
-    def _stop_check(self, step: Step, stops: list[StopAtBoundary], request: object) -> None:
+    async def _stop_check(self, step: Step, stops: list[StopAtBoundary], request: object) -> None:
         """After a batch committed: stop there if another shell asked (``request``) or the
-        run's or the revision's time is up."""
+        run's or the revision's time is up; on SQLite first let a waiting writer in."""
+        if self._writer_waiting is not None and self._writer_waiting.exists():
+            await _let_writer_in(self._writer_waiting)
         stop = None
         if isinstance(request, Request) and request.action in _STATUS_OF_REQUEST:
             stop = StopAtBoundary(_STATUS_OF_REQUEST[request.action], request.describe())
@@ -772,6 +783,15 @@ async def _finish_despite_cancel(work: Awaitable[None]) -> None:
     if cancelled:
         raise asyncio.CancelledError
     task.result()
+
+
+async def _let_writer_in(path: Path) -> None:
+    """Hold off the next batch (SQLite) while another process waits for the write lock:
+    until it removes ``path``, for at most ``_WRITER_GRACE`` seconds. Its request, if any,
+    comes back with the next checkpoint."""
+    deadline = time.monotonic() + _WRITER_GRACE
+    while path.exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
 
 
 def _taken_over(step: Step, label: str) -> FenceLost:

@@ -140,6 +140,7 @@ class Database:
 
     def runner(self, recorder: Recorder) -> Runner:
         """Return a runner recording through ``recorder`` (from :meth:`locked`)."""
+        from .lock import writer_waiting_path
         from .runner import Runner
 
         return Runner(
@@ -150,6 +151,7 @@ class Database:
             lock_retry_wait=self.settings.lock_retry_wait,
             max_runtime=self.settings.max_runtime,
             started=self.started,
+            writer_waiting=writer_waiting_path(self.settings.lock_url(), self.tracker),
         )
 
     async def conn(self) -> AsyncConnection:
@@ -224,6 +226,10 @@ class Database:
 
         async with self.migration_lock():
             conn = await self.conn()
+            if conn.dialect.name == "sqlite":
+                from .db import SQLITE_IMMEDIATE
+
+                await conn.execution_options(**{SQLITE_IMMEDIATE: True})
             await self.tracker.ensure(conn)
             async with conn.begin():
                 await self.tracker.claim(conn, self.run.run_id)
