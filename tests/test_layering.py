@@ -74,6 +74,7 @@ ALLOWED: dict[str, set[str]] = {
         "runtime",
         "schema",
         "settings",
+        "state",
         "tracker",
     },
     "alembic_env": {

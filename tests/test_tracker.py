@@ -133,17 +133,43 @@ def test_upgrade_from_layout_1(project: Project) -> None:
     assert {column.name for column in Tracker().table.columns} <= columns(
         project, "script_run_tracker"
     )
-    assert meta(project)["schema_version"] == "2"
+    assert meta(project)["schema_version"] == str(SCHEMA_VERSION)
     assert current_lines(project) == [f"{C} (head)"]
 
     # The upgraded tracker keeps working: a second run changes nothing, then a downgrade.
     assert "nothing to upgrade" in ok(invoke(project, "upgrade", "heads")).stdout
-    assert meta(project)["schema_version"] == "2"
+    assert meta(project)["schema_version"] == str(SCHEMA_VERSION)
     ok(invoke(project, "downgrade", "-1"))
     assert logged(project) == []
     assert rows(project)[-1] == (C, "downgrade", "rolled_back", 2)
     ok(invoke(project, "downgrade", A))
     assert rows(project)[-1] == (B, "downgrade", "rolled_back", 2)
+
+
+def test_upgrade_from_layout_2(project: Project) -> None:
+    """A tracker written by the dm before requests existed (layout 2, no request columns)
+    is read as it is, and upgraded in place by the next run that takes the lock."""
+    three_revisions(project)
+    ok(invoke(project, "upgrade", A))
+    for column in ("request", "request_by", "request_reason"):
+        project.db.query(f"ALTER TABLE script_run_tracker DROP COLUMN {column}")
+    project.db.query("UPDATE script_run_tracker_meta SET value = '2' WHERE key = 'schema_version'")
+
+    status = {s["revision"]: s for s in as_json(invoke(project, "status", "--json"))}
+    assert (status[A]["state"], status[A]["request"]) == ("applied", None)
+    assert json.loads(invoke(project, "check", "--json").stdout)["pending"] == [B, C]
+    assert ok(invoke(project, "log", A)).stdout.count("success") == 1
+    assert "request" not in columns(project, "script_run_tracker")
+
+    ok(invoke(project, "upgrade", "heads"))
+    assert meta(project)["schema_version"] == str(SCHEMA_VERSION)
+    assert {"request", "request_by", "request_reason"} <= columns(project, "script_run_tracker")
+    assert rows(project) == [
+        (A, "upgrade", "success", 1),
+        (B, "upgrade", "success", 1),
+        (C, "upgrade", "success", 1),
+    ]
+    assert logged(project) == [A, B, C]
 
 
 def test_newer_layout_is_refused(project: Project) -> None:
@@ -184,7 +210,7 @@ def test_custom_tracker_table(project: Project) -> None:
     three_revisions(project)
     ok(invoke(project, "upgrade", "heads", DM_TRACKER_TABLE=table))
     assert [r.revision for r in project.db.tracker(table)] == [A, B, C]
-    assert project.db.query(f"SELECT value FROM {table}_meta")[0].value == "2"
+    assert project.db.query(f"SELECT value FROM {table}_meta")[0].value == str(SCHEMA_VERSION)
     assert current_lines(project) == []  # the default table was never created
     assert as_json(invoke(project, "current", "--json", DM_TRACKER_TABLE=table)) == {"heads": [C]}
 
@@ -206,11 +232,11 @@ DAMAGE = {
     ),
     "column dropped": (
         "ALTER TABLE script_run_tracker DROP COLUMN checksum",
-        "lacks column(s) checksum of layout 2",
+        f"lacks column(s) checksum of layout {SCHEMA_VERSION}",
     ),
     "column renamed": (
         "ALTER TABLE script_run_tracker RENAME COLUMN run_by TO who",
-        "lacks column(s) run_by of layout 2",
+        f"lacks column(s) run_by of layout {SCHEMA_VERSION}",
     ),
     "unknown status": (
         "UPDATE script_run_tracker SET status = 'done'",

@@ -246,7 +246,8 @@ class Runner:
             label += f" ({step.description})"
         if resume and prior:
             how = f" ({prior.reason})" if prior.status is not Status.FAILED and prior.reason else ""
-            log.info(
+            log.log(
+                logging.WARNING if prior.status is Status.PAUSED else logging.INFO,
                 "%s: running, resuming from the checkpoint of attempt %d%s",
                 label,
                 prior.attempt,

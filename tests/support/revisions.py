@@ -118,6 +118,27 @@ BAD_REVISION_FILES = [
         {"timeout.py": _source("bad10001", "base0001", "timeout = -3\n" + _ASYNC_UPGRADE)},
         ("timeout.py", "timeout must be a number of seconds above 0"),
     ),
+    BadFiles(
+        "max-runtime-transactional",
+        {"boxed.py": _source("bad10001", "base0001", "max_runtime = 60\n" + _ASYNC_UPGRADE)},
+        ("boxed.py", "max_runtime needs transactional = False", "cannot stop midway"),
+    ),
+    BadFiles(
+        "bad-max-runtime",
+        {
+            "boxed.py": _source(
+                "bad10001",
+                "base0001",
+                "transactional = False\nmax_runtime = '1h'\n" + _ASYNC_UPGRADE,
+            )
+        },
+        ("boxed.py", "max_runtime must be a number of seconds above 0"),
+    ),
+    BadFiles(
+        "bad-blocks-deploy",
+        {"gate.py": _source("bad10001", "base0001", "blocks_deploy = 'no'\n" + _ASYNC_UPGRADE)},
+        ("gate.py", "blocks_deploy must be True or False"),
+    ),
 ]
 
 
