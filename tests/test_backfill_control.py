@@ -116,6 +116,11 @@ def request_at_the_wait(
     """
     if project.db.kind == "postgresql":
         done = run_dm(project, *args)
+        # Still running, with the request on its attempt (dm status shows both).
+        action = "abandon" if "--skip" in args else args[0]
+        running = status(project)[REV]
+        assert (running["state"], running["request"]) == ("running", action), done.stderr
+        assert running["request_by"]
         (files / "go").touch()
         return done, 20
     database = project.db.url.removeprefix("sqlite:///")
