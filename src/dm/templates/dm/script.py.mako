@@ -30,6 +30,11 @@ environments: Sequence[str] | None = None
 # after a failure or a kill the next run resumes after the last committed batch. Code
 # outside the batched() loops then runs again on resume: keep it idempotent.
 transactional: bool = True
+# With transactional = False: seconds an attempt may run before its batched loop stops at a
+# batch boundary (exit 5; the next run resumes). None: no limit of its own.
+max_runtime: float | None = None
+# False: dm check (an application's gate) passes while this revision is unfinished.
+blocks_deploy: bool = True
 
 # Keep module level light: every revision file is imported whenever dm loads the graph.
 
