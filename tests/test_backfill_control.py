@@ -30,15 +30,11 @@ AFTER = "c0ffee000002"
 
 LOOP = f"""
 async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size={SIZE}):
-    if batch.first_key > 15 and not Path(GO).exists():
+    if (batch.lower or 0) >= 15 and not Path(GO).exists():
         Path(STARTED).touch()
         while not Path(GO).exists():
             await asyncio.sleep(0.02)
-    await session.execute(
-        items.update()
-        .where(items.c.id.between(batch.first_key, batch.last_key))
-        .values(n=items.c.n + 1)
-    )
+    await session.execute(items.update().where(batch.where()).values(n=items.c.n + 1))
     await asyncio.sleep(PAUSE)
 """
 
