@@ -22,6 +22,8 @@ from conftest import invoke
 from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
+from dm import api
+from dm.errors import UsageError
 
 ROWS = 60
 SIZE = 5
@@ -328,6 +330,11 @@ def test_pause_and_cancel_refuse_what_they_cannot_stop(project: Project, tmp_pat
     assert nothing.exit_code == 2 and "it is not_run" in nothing.stderr
     resume = invoke(project, "resume", REV)
     assert resume.exit_code == 2 and f"cannot resume {REV}" in resume.stderr
+    # The programmatic API refuses the same way.
+    with pytest.raises(UsageError, match="it is not running"):
+        api.pause_sync(REV, settings=project.settings())
+    with pytest.raises(UsageError, match=f"cannot resume {REV}"):
+        api.resume_sync(REV, settings=project.settings())
 
 
 def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_path: Path) -> None:

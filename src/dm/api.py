@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .command import CurrentResult
     from .command import RevisionStatus
     from .command import RunResult
+    from .operations import ControlResult
     from .operations import InfoResult
     from .operations import ResolveResult
     from .operations import VerifyResult
@@ -169,6 +170,48 @@ async def resolve(
     return await operations.resolve(
         _settings(config, settings), revision, as_status=as_status, reason=reason
     )
+
+
+async def pause(
+    revision: str,
+    *,
+    reason: str | None = None,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> ControlResult:
+    """Ask the run working on a batched revision to stop at its next batch boundary, as
+    ``dm pause``."""
+    from . import operations
+
+    return await operations.pause(_settings(config, settings), revision, reason=reason)
+
+
+async def resume(
+    revision: str,
+    *,
+    dry_run: bool = False,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> RunResult:
+    """Resume a batched revision stopped part-way from its checkpoint, as ``dm resume``."""
+    from . import operations
+
+    return await operations.resume(_settings(config, settings), revision, dry_run=dry_run)
+
+
+async def cancel(
+    revision: str,
+    *,
+    reason: str | None = None,
+    skip: bool = False,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> ControlResult:
+    """Stop a batched revision and settle it (start over, or with ``skip`` never run it
+    again), as ``dm cancel``."""
+    from . import operations
+
+    return await operations.cancel(_settings(config, settings), revision, reason=reason, skip=skip)
 
 
 async def info(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
@@ -305,3 +348,37 @@ def resolve_sync(
 def info_sync(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
     """Blocking :func:`info`."""
     return blocking(info, config=config, settings=settings)
+
+
+def pause_sync(
+    revision: str,
+    *,
+    reason: str | None = None,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> ControlResult:
+    """Blocking :func:`pause`."""
+    return blocking(pause, revision, reason=reason, config=config, settings=settings)
+
+
+def resume_sync(
+    revision: str,
+    *,
+    dry_run: bool = False,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> RunResult:
+    """Blocking :func:`resume`."""
+    return blocking(resume, revision, dry_run=dry_run, config=config, settings=settings)
+
+
+def cancel_sync(
+    revision: str,
+    *,
+    reason: str | None = None,
+    skip: bool = False,
+    config: str | Path | None = None,
+    settings: Settings | None = None,
+) -> ControlResult:
+    """Blocking :func:`cancel`."""
+    return blocking(cancel, revision, reason=reason, skip=skip, config=config, settings=settings)
