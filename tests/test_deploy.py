@@ -81,7 +81,7 @@ def _readme_pod_failure_rules() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("variant", ["kubernetes", "argocd", "helm"])
 def test_job_follows_the_exit_code_contract(variant: str) -> None:
-    """podFailurePolicy as in the README (FailJob 1, 2, 4; Count 3, 5, 75, 143) plus an Ignore
+    """podFailurePolicy as in the README (FailJob 1, 2, 4, 5; Count 3, 75, 143) plus an Ignore
     rule for disruptions; everything a pre-deploy Job needs around it."""
     job = job_resources()[variant]
     spec = job["spec"]
