@@ -25,6 +25,8 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
@@ -199,16 +201,31 @@ async def _release(conn: AsyncConnection, key: int, *, unlock: bool) -> None:
         await conn.invalidate()
 
 
-async def _pg_acquire(conn: AsyncConnection, key: int, timeout: float) -> None:
+async def _pg_acquire(
+    conn: AsyncConnection,
+    key: int,
+    timeout: float,
+    *,
+    function: str = "pg_try_advisory_lock",
+    end_try: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Poll ``function`` (a ``pg_try_advisory*_lock``) until it takes ``key``, naming the
+    holder in the log now and then; ``end_try`` runs after each try (and its holder lookup).
+
+    :raises LockTimeout: not taken within ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     next_report = time.monotonic()
-    while not (
-        await conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key})
-    ).scalar_one():
+    while True:
+        taken = (await conn.execute(sa.text(f"SELECT {function}(:k)"), {"k": key})).scalar_one()
         now = time.monotonic()
         holder = None
-        if now >= next_report or now >= deadline:
+        if not taken and (now >= next_report or now >= deadline):
             holder = await _pg_holder(conn, key) or "a session that just released it"
+        if end_try is not None:
+            await end_try()
+        if taken:
+            return
         if now >= deadline:
             raise LockTimeout(f"migration lock not acquired within {timeout:g}s; held by {holder}")
         if holder is not None:
@@ -284,24 +301,9 @@ async def lock_on_connection(
     """
     key = lock_key(tracker)
     function = "pg_try_advisory_xact_lock" if joined else "pg_try_advisory_lock"
-    deadline = time.monotonic() + timeout
-    next_report = time.monotonic()
-    while True:
-        taken = (await conn.execute(sa.text(f"SELECT {function}(:k)"), {"k": key})).scalar_one()
-        holder = None
-        now = time.monotonic()
-        if not taken and (now >= next_report or now >= deadline):
-            holder = await _pg_holder(conn, key) or "a session that just released it"
-        if not joined:
-            await conn.commit()  # the autobegun transaction; a session lock outlives it
-        if taken:
-            break
-        if now >= deadline:
-            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; held by {holder}")
-        if holder is not None:
-            log.info("waiting for the migration lock, held by %s", holder)
-            next_report = now + REPORT_SECONDS
-        await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+    # Not joined: commit each try's autobegun transaction; a session lock outlives it.
+    end_try = None if joined else conn.commit
+    await _pg_acquire(conn, key, timeout, function=function, end_try=end_try)
     log.debug("migration lock %s acquired on the caller's connection", key)
     try:
         yield
