@@ -31,6 +31,8 @@ from sqlalchemy.util import await_only
 from .batching import BatchingError
 from .batching import RunContext
 from .batching import current_run
+from .errors import UsageError
+from .fence import script_commits
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -124,8 +126,16 @@ def _run_script(connection: Connection, sql: str) -> None:
     dialect = connection.dialect
     if dialect.name == "sqlite":
         for statement in _sqlite_statements(sql):
-            connection.exec_driver_sql(statement)
+            connection.exec_driver_sql(statement)  # a COMMIT among them passes the fence
         return
+    if script_commits(sql):
+        # Sent whole, a COMMIT inside the script would reach the server before dm's fence
+        # could check that this run still holds the migration lock.
+        raise UsageError(
+            "a multi-statement script with a COMMIT statement: run the COMMIT on its own "
+            "(op.execute(\"COMMIT\")), or put the statements that must run outside a "
+            "transaction in an autocommit block"
+        )
     if dialect.driver != "asyncpg":
         connection.exec_driver_sql(sql)
         return

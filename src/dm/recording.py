@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    from .fence import CommitFence
+
 
 class Recorder:
     """Writes the attempt rows of one run, on its working connection, fenced by its run id."""
@@ -38,8 +40,13 @@ class Recorder:
         tracker: Tracker,
         run: RunInfo,
         latest: Mapping[str, Attempt],
+        *,
+        fence: CommitFence | None = None,
     ) -> None:
+        """:param fence: the run's commit fence, told of each fenced write that matched
+        (that transaction's commit needs no other check)."""
         self.conn = conn
+        self.fence = fence
         self.tracker = tracker
         self.run = run
         self.latest: Mapping[str, Attempt] = dict(latest)
@@ -89,6 +96,8 @@ class Recorder:
         attempt_id = result.scalar_one_or_none()
         if attempt_id is None:
             raise FenceLost(f"revision {revision}: {FENCE_LOST}")
+        if self.fence is not None:
+            self.fence.hold()
         self._numbers[revision] = number
         return int(attempt_id)
 
@@ -162,6 +171,8 @@ class Recorder:
         rows = result.all()
         if len(rows) != 1:
             raise FenceLost(f"attempt {attempt_id}: {FENCE_LOST}")
+        if self.fence is not None:
+            self.fence.hold()
         request, by, reason = rows[0]
         return None if request is None else Request(request, by, reason)
 

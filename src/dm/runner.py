@@ -53,6 +53,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from . import watchdog
@@ -84,9 +85,9 @@ TRANSIENT_PREFIX = "transient (a retry may succeed): "
 # exist only as long as dm's transaction does (see TransactionEnded). On PostgreSQL a
 # transaction-local setting, which (unlike a query or a savepoint) still lets the revision
 # begin with SET TRANSACTION ISOLATION LEVEL; on SQLite a savepoint.
-_PG_MARK = sa.text("SET LOCAL dm.in_revision = 'on'")
+_PG_MARK = "SET LOCAL dm.in_revision = 'on'"
 _PG_MARKED = sa.text("SELECT current_setting('dm.in_revision', true)")
-_SQLITE_MARK = sa.text("SAVEPOINT dm_revision")
+_SQLITE_MARK = "SAVEPOINT dm_revision"
 _SQLITE_RELEASE = sa.text("RELEASE SAVEPOINT dm_revision")
 
 MAX_LOCK_TIMEOUT = 2_147_483.0
@@ -481,10 +482,10 @@ class Runner:
         await self.recorder.finish(attempt_id, status, duration_ms=_elapsed_ms(started))
 
     async def _rollback(self) -> None:
-        """Roll back whatever this run's connection still has open (nothing is recorded)."""
-        if self.conn.in_transaction():
-            with contextlib.suppress(Exception):
-                await _finish_despite_cancel(self.conn.rollback())
+        """Roll back whatever this run's connection still has open (nothing is recorded),
+        a transaction whose commit the fence refused included."""
+        with contextlib.suppress(Exception):
+            await _finish_despite_cancel(self.conn.rollback())
 
     async def _execute(
         self, step: Step, context: RunContext, *, remaining: float | None = None
@@ -492,12 +493,10 @@ class Runner:
         """Run the step's hooks (``remaining``: what its time limit leaves for this try)."""
         limit = _timeout_of(step, self.timeout)
         budget = limit if remaining is None else max(remaining, 0.001)
-        if self._postgres and step.transactional and not self.joined:
-            # Inside the caller's transaction a SET LOCAL would outlive the revision.
-            await self._set_local_timeouts(budget)
         interrupt = None if self._postgres else await self._sqlite_interrupt()
+        raw_commits = self._fence_raw_commits()
         if step.transactional:
-            await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
+            await self._set_up_transaction(budget)
         # Inside the caller's transaction dm's transactions are savepoints: the session
         # joins them rather than opening savepoints of its own (rolled back on close).
         session = AsyncSession(
@@ -514,7 +513,7 @@ class Runner:
                         await self._hooks(step, session)
                     else:
                         await _interruptible(self._hooks(step, session), interrupt)
-            await _settle(step, session)
+            await _settle(step, session, self.conn)
             if step.transactional:
                 await self._check_transaction_intact()
         except TimeoutError as exc:
@@ -527,6 +526,35 @@ class Runner:
             raise
         finally:
             await session.close()
+            if self.recorder.fence is not None:
+                self.recorder.fence.transaction_setup = ()
+            if self._fence_raw_commits() > raw_commits:
+                self._partly_committed = True
+                log.warning(
+                    "%s %s: the revision's code committed (a COMMIT statement or "
+                    "connection.commit()): its work before that was committed, the rest ran "
+                    "in a new transaction, so the revision was not atomic",
+                    step.direction,
+                    step.revision,
+                )
+
+    def _fence_raw_commits(self) -> int:
+        fence = self.recorder.fence
+        return 0 if fence is None else fence.raw_commits
+
+    async def _set_up_transaction(self, limit: float | None) -> None:
+        """Begin a transactional revision's transaction: its time and lock limits (``SET
+        LOCAL``, PostgreSQL) and the mark checked after its hooks; the fence applies them
+        again after a COMMIT statement of the revision's code."""
+        setup = []
+        if self._postgres and not self.joined:
+            # Inside the caller's transaction a SET LOCAL would outlive the revision.
+            setup += self._local_timeouts(limit)
+        setup.append(_PG_MARK if self._postgres else _SQLITE_MARK)
+        for statement in setup:
+            await self.conn.exec_driver_sql(statement)
+        if self.recorder.fence is not None:
+            self.recorder.fence.transaction_setup = tuple(setup)
 
     @contextlib.asynccontextmanager
     async def _autocommit_block(
@@ -540,12 +568,20 @@ class Runner:
                 "commit the caller's work; run this revision with dm upgrade, or give "
                 "Alembic a connection with no transaction begun"
             )
-        await self._end_transaction(session)
+        if self.recorder.fence is not None:
+            self.recorder.fence.transaction_setup = ()  # the commit below is dm's own
+        await self._end_transaction(session)  # passes the fence
         self._partly_committed = True
         await self.conn.execution_options(isolation_level="AUTOCOMMIT")
+        fenced = (
+            self.recorder.fence.autocommit_block()
+            if self.recorder.fence is not None
+            else contextlib.nullcontext()
+        )
         succeeded = False
         try:
-            yield
+            with fenced:
+                yield
             succeeded = True
         finally:
             with contextlib.suppress(Exception):  # SQLAlchemy's autobegun, no-op transaction
@@ -556,9 +592,7 @@ class Runner:
             return
         if step.transactional:
             await self.conn.begin()
-            if self._postgres:
-                await self._set_local_timeouts(limit)
-            await self.conn.execute(_PG_MARK if self._postgres else _SQLITE_MARK)
+            await self._set_up_transaction(limit)
         else:  # the session's transaction again, committed as the hook's work is
             await session.connection()
 
@@ -584,10 +618,10 @@ class Runner:
                 intact = False
         if not intact:
             raise TransactionEnded(
-                "the revision's code ended dm's transaction itself (a COMMIT or ROLLBACK "
-                "statement): what it did before a COMMIT is committed, so the revision was "
-                "not atomic; make it transactional = False (and use dm.batched) to commit "
-                "as it goes"
+                "the revision's code ended dm's transaction itself (a ROLLBACK statement, or "
+                "a COMMIT sent past SQLAlchemy on the driver's own connection); raise an "
+                "exception to undo a revision's work, or make it transactional = False "
+                "(and use dm.batched) to commit as it goes"
             )
 
     async def _hooks(self, step: Step, session: AsyncSession) -> None:
@@ -595,7 +629,7 @@ class Runner:
         assert hook is not None  # planning refuses to run a missing downgrade()
         await _call_hook(step.direction, hook, session)
         if step.is_upgrade and step.rev.verify is not None:
-            await _settle(step, session)
+            await _settle(step, session, self.conn)
             failure = await check_verify(step.rev, session)
             if failure is not None:
                 raise VerifyFailed(failure)
@@ -639,14 +673,16 @@ class Runner:
         await self.conn.commit()
         self._session_ready = True
 
-    async def _set_local_timeouts(self, limit: float | None) -> None:
-        # SET LOCAL: the value ends with the revision's transaction.
+    def _local_timeouts(self, limit: float | None) -> list[str]:
+        """Return the ``SET LOCAL`` statements of a try: they end with its transaction."""
+        statements = []
         if limit is not None:
             ms = max(int(limit * 1000), 1)
-            await self.conn.execute(sa.text(f"SET LOCAL statement_timeout = {ms}"))
+            statements.append(f"SET LOCAL statement_timeout = {ms}")
         if self._try_lock_timeout is not None:  # a retry after a lock wait timed out
             ms = max(int(self._try_lock_timeout * 1000), 1)
-            await self.conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
+            statements.append(f"SET LOCAL lock_timeout = {ms}")
+        return statements
 
     def _describe(self, step: Step, exc: BaseException) -> str:
         if isinstance(exc, RevisionTimedOut | TransactionEnded | HookExited):
@@ -684,8 +720,7 @@ class Runner:
     ) -> None:
         # A connection that died was invalidated by SQLAlchemy: after the rollback, begin()
         # opens a fresh one, so the failure is recorded even when the work connection died.
-        if self.conn.in_transaction():
-            await self.conn.rollback()
+        await self.conn.rollback()  # no-op when nothing is open
         async with self.conn.begin():
             await self.recorder.finish(
                 attempt_id,
@@ -730,13 +765,17 @@ async def _call_hook(name: str, hook: Hook, session: AsyncSession) -> Any:
         raise HookExited(f"{name}() raised {exc!r}") from exc
 
 
-async def _settle(step: Step, session: AsyncSession) -> None:
+async def _settle(step: Step, session: AsyncSession, conn: AsyncConnection) -> None:
     """Send the hook's work to the database: flushed into the revision's transaction, or
-    committed when the revision commits its own work (``transactional = False``)."""
-    if step.transactional:
-        await session.flush()
-    else:
-        await session.commit()
+    committed when the revision commits its own work (``transactional = False``).
+
+    The connection's transaction is committed, not the session's: revision code may have
+    committed the connection itself (``op.get_bind().commit()``) and begun another, which
+    the session does not know (closing the session afterwards sends nothing).
+    """
+    await session.flush()
+    if not step.transactional and conn.in_transaction():
+        await conn.commit()  # passes the fence
 
 
 async def _interruptible(work: Awaitable[None], interrupt: Callable[[], Awaitable[None]]) -> None:

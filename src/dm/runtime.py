@@ -221,7 +221,12 @@ class Database:
     @contextlib.asynccontextmanager
     async def locked(self) -> AsyncIterator[tuple[Recorder, list[str]]]:
         """Hold the migration lock and claim the fence; yield the recorder of this run (with
-        the fresh latest attempts) and the revisions whose runs were found interrupted."""
+        the fresh latest attempts) and the revisions whose runs were found interrupted.
+
+        While the block runs, every commit of the working connection passes the fence
+        (``dm.fence``), whoever asks for it.
+        """
+        from .fence import CommitFence
         from .recording import Recorder
 
         async with self.migration_lock():
@@ -240,7 +245,15 @@ class Database:
                 )
             async with conn.begin():
                 latest = await self.tracker.latest(conn)
-            yield Recorder(conn, self.tracker, self.run, latest), interrupted
+            assert conn.sync_connection is not None
+            fence = CommitFence(
+                conn.sync_connection,
+                self.tracker,
+                self.run.run_id,
+                joined=getattr(self, "joined", False),
+            )
+            with fence.installed():
+                yield Recorder(conn, self.tracker, self.run, latest, fence=fence), interrupted
 
 
 @contextlib.asynccontextmanager
