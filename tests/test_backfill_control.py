@@ -25,6 +25,9 @@ from conftest import wait_for
 from dm import api
 from dm.errors import UsageError
 
+POSTGRES_ONLY = pytest.mark.parametrize(
+    "db", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+)
 ROWS = 60
 SIZE = 5
 REV = "c0ffee000001"
@@ -117,7 +120,10 @@ def request_at_the_wait(
         # Still running, with the request on its attempt (dm status shows both).
         action = "abandon" if "--skip" in args else args[0]
         running = status(project)[REV]
-        assert (running["state"], running["request"]) == ("running", action), done.stderr
+        shown = "pausing" if action == "pause" else "cancelling"
+        assert (running["state"], running["request"]) == (shown, action), done.stderr
+        table = run_dm(project, "status").stdout  # the text view says so too
+        assert shown in table and "requested by" in table, table
         assert running["request_by"]
         (files / "go").touch()
         return done, 20
@@ -219,6 +225,61 @@ def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool)
         assert "resuming" not in again.stderr
         assert attempts(project) == ["cancelled", "success"]
         assert counts(project) == {2: done, 1: ROWS - done}
+
+
+@POSTGRES_ONLY
+def test_cancel_settles_a_run_that_no_longer_answers(project: Project, tmp_path: Path) -> None:
+    """A run stuck inside a batch (alive, holding the lock, committing nothing) is settled
+    by ``dm cancel --stuck-after``: its attempt is recorded cancelled, and when it wakes up
+    its batch is refused by the fence."""
+    make_project(project, tmp_path)
+    stuck = started_and_waiting(project, tmp_path)  # stuck in its fourth batch (keys 16-20)
+    try:
+        settled = run_dm(project, "cancel", REV, "--stuck-after", "1", "--reason", "hung")
+        assert settled.returncode == 0, settled.stderr
+        assert "did not answer" in settled.stdout
+        assert "stop it" in settled.stdout
+        assert attempts(project) == ["cancelled"]
+        (row,) = [r for r in project.db.tracker() if r.revision == REV]
+        assert "did not answer for 1s" in row.reason and "hung" in row.reason
+        assert status(project)[REV]["state"] == "cancelled"
+        (tmp_path / "go").touch()  # it wakes up: its batch and checkpoint are refused
+        code, _, stderr = finish(stuck)
+    finally:
+        if stuck.poll() is None:
+            finish(stuck)
+
+    assert code == 3, stderr
+    assert "lost the migration lock" in last_line(("", stderr))
+    assert counts(project) == {1: 15, 0: ROWS - 15}  # the stuck batch committed nothing
+    assert attempts(project) == ["cancelled"]
+
+    again = run_dm(project, "upgrade")  # the next run starts it over
+    assert again.returncode == 0, again.stderr
+    assert attempts(project) == ["cancelled", "success"]
+    assert counts(project) == {2: 15, 1: ROWS - 15}
+
+
+@POSTGRES_ONLY
+def test_cancel_stuck_after_leaves_a_run_that_answers_alone(
+    project: Project, tmp_path: Path
+) -> None:
+    """A run that commits batches is not settled from outside: it stops as asked."""
+    make_project(project, tmp_path, pause=0.5)
+    (tmp_path / "go").touch()  # no wait: it commits a batch every ~0.5 s
+    running = spawn_dm(project, "upgrade")
+    try:
+        wait_for(lambda: running.poll() is not None or status(project)[REV]["state"] == "running")
+        assert running.poll() is None, finish(running)
+        result = run_dm(project, "cancel", REV, "--stuck-after", "30", "--json")
+        code, _, stderr = finish(running)
+    finally:
+        if running.poll() is None:
+            finish(running)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["outcome"] == "honoured"
+    assert code == 5, stderr
+    assert attempts(project) == ["cancelled"]
 
 
 @pytest.mark.parametrize("how", ["option", "setting", "attribute"])

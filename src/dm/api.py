@@ -204,14 +204,17 @@ async def cancel(
     *,
     reason: str | None = None,
     skip: bool = False,
+    stuck_after: float | None = None,
     config: str | Path | None = None,
     settings: Settings | None = None,
 ) -> ControlResult:
     """Stop a batched revision and settle it (start over, or with ``skip`` never run it
-    again), as ``dm cancel``."""
+    again), as ``dm cancel``; ``stuck_after`` as ``--stuck-after``."""
     from . import operations
 
-    return await operations.cancel(_settings(config, settings), revision, reason=reason, skip=skip)
+    return await operations.cancel(
+        _settings(config, settings), revision, reason=reason, skip=skip, stuck_after=stuck_after
+    )
 
 
 async def info(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
@@ -377,8 +380,17 @@ def cancel_sync(
     *,
     reason: str | None = None,
     skip: bool = False,
+    stuck_after: float | None = None,
     config: str | Path | None = None,
     settings: Settings | None = None,
 ) -> ControlResult:
     """Blocking :func:`cancel`."""
-    return blocking(cancel, revision, reason=reason, skip=skip, config=config, settings=settings)
+    return blocking(
+        cancel,
+        revision,
+        reason=reason,
+        skip=skip,
+        stuck_after=stuck_after,
+        config=config,
+        settings=settings,
+    )

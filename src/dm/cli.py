@@ -633,13 +633,16 @@ def status(invocation: Invocation, as_json: bool) -> None:
             )
             if row.checkpoint:
                 note += "; checkpoint: " + _describe_checkpoint(row.checkpoint)
-        elif row.checkpoint and row.status in ("pending", "failed"):
-            note = "checkpoint: " + _describe_checkpoint(row.checkpoint)
-            if row.status == "failed":
-                note += f"; the next {row.direction} resumes there"
-            elif row.request:
+        elif row.status in ("pending", "failed") and (row.checkpoint or row.request):
+            notes = []
+            if row.checkpoint:
+                notes.append("checkpoint: " + _describe_checkpoint(row.checkpoint))
+            if row.status == "failed" and row.checkpoint:
+                notes.append(f"the next {row.direction} resumes there")
+            elif row.status == "pending" and row.request:
                 by = f" by {row.request_by}" if row.request_by else ""
-                note += f"; {_REQUESTED[row.request]}{by}, at its next batch boundary"
+                notes.append(f"{_REQUESTED[row.request]}{by}, at its next batch boundary")
+            note = "; ".join(notes) or None
         table.append(
             (
                 row.revision,
@@ -938,6 +941,13 @@ def pause(invocation: Invocation, rev: str, reason: str | None, as_json: bool) -
     "--skip", is_flag=True, help="Do not run it again: plans pass it (default: start over)."
 )
 @click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@click.option(
+    "--stuck-after",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="For a running one: wait this long for its run to stop; if it commits no batch "
+    "meanwhile, end its attempt without it (its run is fenced out).",
+)
 @json_option
 @pass_invocation
 def cancel(
@@ -946,18 +956,22 @@ def cancel(
     reason: str | None,
     skip: bool,
     lock_timeout: float | None,
+    stuck_after: float | None,
     as_json: bool,
 ) -> None:
     """Stop a batched revision and settle it: the next run starts it over (or, --skip,
     does not run it again). Committed batches stay.
 
     A running one stops at its next batch boundary (a request, no lock); one that stopped
-    earlier (incomplete, paused, partial) is settled at once under the lock.
+    earlier (incomplete, paused, partial) is settled at once under the lock. With
+    --stuck-after, a run that is alive but no longer answering is settled without it.
     """
     from . import operations
 
     settings = invocation.settings(lock_timeout=lock_timeout)
-    result = _run(operations.cancel(settings, rev, reason=reason, skip=skip))
+    result = _run(
+        operations.cancel(settings, rev, reason=reason, skip=skip, stuck_after=stuck_after)
+    )
     _render_control(result, as_json)
 
 
@@ -974,6 +988,14 @@ def _render_control(result: ControlResult, as_json: bool) -> None:
         )
     elif result.outcome == "recorded":
         _echo(f"{result.revision}: recorded {result.state} by {result.by}{why}")
+    elif result.outcome == "honoured":
+        _echo(f"{result.revision}: its run stopped as asked ({result.state})")
+    elif result.outcome == "settled":
+        _echo(
+            f"{result.revision}: its run did not answer: recorded {result.state} by "
+            f"{result.by}{why}; that run can commit nothing more, but it holds the migration "
+            "lock until its process ends: stop it so that the next run can start"
+        )
     else:
         _echo(f"{result.revision}: already {result.state}; nothing changed")
 

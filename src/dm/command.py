@@ -34,7 +34,6 @@ from .graph import check_new_revision_id
 from .graph import checksum
 from .graph import display_path
 from .planning import Step
-from .runtime import DIED
 from .runtime import Database
 from .runtime import PlannedStep as PlannedStep
 from .runtime import RunResult as RunResult
@@ -43,6 +42,7 @@ from .runtime import load_graph
 from .runtime import open_database
 from .runtime import planned
 from .runtime import recorded_status
+from .runtime import shown_state
 from .schema import AppSchema
 from .state import UNFINISHED
 from .state import State
@@ -114,7 +114,8 @@ class RevisionStatus:
     status: str | None = None
     """The latest attempt's status (None when it never ran)."""
     state: str = State.NOT_RUN.value
-    """What is in effect (``dm.state``); ``died`` is a ``running`` attempt whose run died."""
+    """What is in effect (``dm.state``); a ``running`` attempt shows ``died`` when its run
+    died, ``pausing`` or ``cancelling`` when ``dm pause`` or ``dm cancel`` asked it to stop."""
     direction: str | None = None
     applied: bool = False
     attempts: int = 0
@@ -318,7 +319,7 @@ def _revision_status(
         revision=revision,
         description=description,
         status=attempt.status.value,
-        state=DIED if revision in died else attempt.state.value,
+        state=shown_state(attempt, revision in died),
         direction=attempt.direction,
         applied=attempt.is_applied,
         attempts=attempt.attempts,

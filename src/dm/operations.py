@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from datetime import datetime
 from typing import TYPE_CHECKING
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -276,8 +277,10 @@ class ControlResult:
     """What ``pause`` or ``cancel`` did to one revision.
 
     ``outcome`` is ``requested`` (left on the running attempt: the run stops at its next
-    batch boundary), ``recorded`` (a stopped revision settled with a new row) or
-    ``unchanged`` (it already was so).
+    batch boundary), ``recorded`` (a stopped revision settled with a new row), ``unchanged``
+    (it already was so), ``honoured`` (with ``stuck_after``: the run stopped as asked) or
+    ``settled`` (with ``stuck_after``: the run did not answer, and its attempt was ended
+    without it; the run is fenced out but may still hold the migration lock).
     """
 
     revision: str
@@ -300,7 +303,12 @@ async def pause(settings: Settings, revision: str, *, reason: str | None = None)
 
 
 async def cancel(
-    settings: Settings, revision: str, *, reason: str | None = None, skip: bool = False
+    settings: Settings,
+    revision: str,
+    *,
+    reason: str | None = None,
+    skip: bool = False,
+    stuck_after: float | None = None,
 ) -> ControlResult:
     """Stop a batched revision and settle its attempt: ``cancelled`` (the next run starts
     it over) or, with ``skip``, ``abandoned`` (plans pass it; it does not run again).
@@ -309,13 +317,23 @@ async def cancel(
     stopped earlier (``incomplete``, ``paused``, ``partial``; ``cancelled`` with ``skip``)
     is settled at once with a new row, under the migration lock.
 
+    :param stuck_after: for a running one, wait up to this many seconds for its run to
+        stop; if it commits no batch meanwhile (alive, but no longer answering), end its
+        attempt without it: this command takes the fence, so that run can commit nothing
+        more, and records the attempt as asked.
     :raises UsageError: the revision is transactional, or has nothing to cancel.
     """
-    return await _control(settings, revision, "cancel --skip" if skip else "cancel", reason)
+    verb = "cancel --skip" if skip else "cancel"
+    return await _control(settings, revision, verb, reason, stuck_after=stuck_after)
 
 
 async def _control(
-    settings: Settings, revision: str, verb: str, reason: str | None
+    settings: Settings,
+    revision: str,
+    verb: str,
+    reason: str | None,
+    *,
+    stuck_after: float | None = None,
 ) -> ControlResult:
     from .runtime import run_info
     from .state import State
@@ -356,6 +374,8 @@ async def _control(
             log.info(
                 "%s: %s requested by %s; it stops at its next batch boundary", rev.id, verb, by
             )
+            if stuck_after is not None:
+                return await _settle_if_stuck(db, rev, attempt.id, request, by, why, stuck_after)
             return ControlResult(rev.id, request, "requested", state.value, by, why)
     if request == "pause":
         if state is State.PAUSED:
@@ -365,6 +385,81 @@ async def _control(
             "a running batched revision at its next batch boundary"
         )
     return await _settle_stopped(settings, rev, request, by, why)
+
+
+STUCK_POLL_SECONDS = 0.25
+"""How often ``dm cancel --stuck-after`` looks at the running attempt."""
+
+
+async def _settle_if_stuck(
+    db: Database,
+    rev: Revision,
+    attempt_id: int,
+    request: str,
+    by: str,
+    why: str | None,
+    stuck_after: float,
+) -> ControlResult:
+    """Wait up to ``stuck_after`` seconds for the run to stop at a batch boundary; if it
+    commits no batch meanwhile, end its attempt without it (see :func:`cancel`)."""
+    from .runtime import REQUESTED_STATES
+    from .runtime import run_info
+
+    loop = asyncio.get_running_loop()
+    conn = await db.conn()
+    if conn.dialect.name == "sqlite":
+        await conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(STUCK_POLL_SECONDS * 1000)}")
+        await conn.commit()
+
+    async def progress() -> tuple[str, Any] | None:
+        async with conn.begin():
+            return await db.tracker.attempt_progress(conn, attempt_id)
+
+    first = await progress()
+    deadline = loop.time() + stuck_after
+    answered = False
+    while first is not None and first[0] == Status.PENDING.value and loop.time() < deadline:
+        await asyncio.sleep(STUCK_POLL_SECONDS)
+        now = await progress()
+        if now is None or now[0] != Status.PENDING.value:
+            final = now[0] if now is not None else "gone"
+            log.info("%s: its run stopped as asked (%s)", rev.id, final)
+            return ControlResult(rev.id, request, "honoured", final, by, why)
+        answered = answered or now[1] != first[1]
+    if first is None or first[0] != Status.PENDING.value:
+        final = first[0] if first is not None else "gone"
+        return ControlResult(rev.id, request, "honoured", final, by, why)
+    if answered:  # it commits batches: it stops at the next boundary, as asked
+        return ControlResult(rev.id, request, "requested", REQUESTED_STATES[request], by, why)
+    status = _SETTLED_BY[request]
+    done = "cancelled (--skip)" if status is Status.ABANDONED else "cancelled"
+    text = (
+        f"{done} by {by}" + (f": {why}" if why else "") + f"; its run did not answer for "
+        f"{stuck_after:g}s (no batch committed), so the attempt was ended without it"
+    )
+    try:
+        async with conn.begin():
+            if conn.dialect.name == "postgresql":
+                ms = max(int(db.settings.lock_timeout * 1000), 1)
+                await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+            ended = await db.tracker.settle_stuck(
+                conn, attempt_id, run_info(db.settings).run_id, status, text
+            )
+    except sa.exc.DBAPIError as exc:
+        raise UsageError(
+            f"cannot settle {rev.id}: its run holds a lock this needs ({describe_error(exc)}); "
+            "stop its process (the next run marks the attempt interrupted), or retry with a "
+            "longer --lock-timeout"
+        ) from None
+    if not ended:
+        return ControlResult(rev.id, request, "honoured", "ended", by, why)
+    log.warning(
+        "%s: %s; that run can commit nothing more (it exits 3 if it wakes up), but it holds "
+        "the migration lock until its process ends: stop it so that the next run can start",
+        rev.id,
+        text,
+    )
+    return ControlResult(rev.id, request, "settled", status.value, by, why)
 
 
 async def _leave_request(

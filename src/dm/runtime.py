@@ -49,6 +49,18 @@ log = logging.getLogger("dm.runtime")
 INTERRUPTED = "interrupted: the run that made this attempt stopped before finishing it"
 DIED = "died"
 """The state shown for a ``running`` attempt whose run died (no run holds the lock)."""
+REQUESTED_STATES = {"pause": "pausing", "cancel": "cancelling", "abandon": "cancelling"}
+"""The states shown for a ``running`` attempt that ``dm pause`` or ``dm cancel`` asked to
+stop (it does so at its next batch boundary)."""
+
+
+def shown_state(attempt: Attempt, died: bool) -> str:
+    """Return the state ``dm status`` shows for a revision's latest attempt."""
+    if died:
+        return DIED
+    if attempt.state is State.RUNNING and attempt.request in REQUESTED_STATES:
+        return REQUESTED_STATES[attempt.request]
+    return attempt.state.value
 
 
 @dataclass(frozen=True)

@@ -585,6 +585,37 @@ class Tracker:
         )
         return bool(updated.rowcount == 1)
 
+    async def attempt_progress(
+        self, conn: AsyncConnection, attempt_id: int
+    ) -> tuple[str, Any] | None:
+        """Return an attempt's status and checkpoint (None when it is gone)."""
+        t = self.table
+        row = (
+            await conn.execute(
+                sa.select(t.c.status, t.c.checkpoint).where(t.c.id == attempt_id)
+            )
+        ).first()
+        return None if row is None else (row.status, row.checkpoint)
+
+    async def settle_stuck(
+        self, conn: AsyncConnection, attempt_id: int, run_id: str, status: Status, reason: str
+    ) -> bool:
+        """Take the fence for ``run_id`` and end the pending attempt with ``status``, in the
+        caller's transaction; return False when it is no longer pending.
+
+        For a run that is alive but no longer answering (``dm cancel --stuck-after``): it
+        still holds the migration lock, but from the commit on, every commit it tries is
+        refused by the fence, and it exits 3 if it ever wakes up.
+        """
+        await self.claim(conn, run_id)
+        t = self.table
+        updated = await conn.execute(
+            t.update()
+            .where(t.c.id == attempt_id, t.c.status == Status.PENDING.value)
+            .values(status=status.value, finished_at=utcnow(), reason=reason)
+        )
+        return bool(updated.rowcount == 1)
+
     # -- writes (each call runs in the caller's transaction) --------------------------
 
     async def claim(self, conn: AsyncConnection, run_id: str) -> None:
