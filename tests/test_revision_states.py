@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from conftest import Project
 from conftest import as_json
 from conftest import invoke
@@ -150,33 +148,40 @@ def test_skipped_revision_blocks_rolling_back_its_parent_as_skipped_not_applied(
     assert "applied revisions depend" not in refused.stderr
 
 
-RAW_COMMIT = """
+RAW_END = """
 await session.execute(sa.text('INSERT INTO t VALUES (1)'))
-await session.execute(sa.text('COMMIT'))
-{after}
+await session.execute(sa.text('{statement}'))
 await session.execute(sa.text('INSERT INTO t VALUES (2)'))
 """
 
 
-@pytest.mark.parametrize("after", ["", "await session.execute(sa.text('BEGIN'))"])
-def test_raw_commit_in_a_transactional_revision_fails_it_and_says_so(
-    project: Project, after: str
+def test_raw_commit_in_a_transactional_revision_commits_and_goes_on(project: Project) -> None:
+    project.write("a1", None, CREATE_T)
+    project.write("b2", "a1", RAW_END.format(statement="COMMIT"))
+    result = ok(invoke(project, "upgrade", "heads"))
+
+    assert "was not atomic" in result.stderr
+    assert status_of(project)["b2"]["state"] == "applied"
+    assert rows_in_t(project) == 2
+
+
+def test_raw_rollback_in_a_transactional_revision_fails_it_and_commits_nothing(
+    project: Project,
 ) -> None:
     project.write("a1", None, CREATE_T)
-    project.write("b2", "a1", RAW_COMMIT.format(after=after))
+    project.write("b2", "a1", RAW_END.format(statement="ROLLBACK"))
     result = invoke(project, "upgrade", "heads")
 
     assert result.exit_code == 1
     error = [line for line in result.stderr.splitlines() if line.startswith("dm: error:")]
     assert len(error) == 1 and "Traceback" not in result.stderr
-    assert "ended dm's transaction itself (a COMMIT or ROLLBACK statement)" in error[0]
-    assert "was not atomic" in error[0]
+    assert "ended dm's transaction itself (a ROLLBACK statement" in error[0]
     b2 = status_of(project)["b2"]
     assert (b2["state"], b2["status"]) == ("failed", "failed")
     assert "ended dm's transaction itself" in b2["error"]
-    # The work before the COMMIT is kept, as the message says; after it, each statement
-    # committed on its own, or (after a raw BEGIN) dm's rollback undid it.
-    assert rows_in_t(project) == (1 if after else 2)
+    # The ROLLBACK undid the first row, and dm's rollback the second: nothing committed
+    # on its own after it.
+    assert rows_in_t(project) == 0
 
 
 def test_rows_of_a_deleted_revision_are_settled_with_resolve(project: Project) -> None:

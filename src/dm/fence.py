@@ -17,6 +17,9 @@ the lock: dm's own, ``dm.batched``'s, an autocommit block's, ``session.commit()`
   follows it on SQLite), so the revision goes on in a new transaction, fenced in turn.
   Inside the caller's transaction (``config.attributes["connection"]``) a raw COMMIT is
   refused: it would commit the caller's work.
+- **A raw ROLLBACK statement** goes on in a new transaction too (``ROLLBACK AND CHAIN``;
+  ``BEGIN`` after it on SQLite), so nothing after it commits on its own; the revision's
+  mark went with the old transaction, so dm fails the revision.
 - **In a transactional revision**, a commit revision code asks for (a raw COMMIT,
   ``op.get_bind().commit()``) makes the revision not atomic: :attr:`CommitFence.raw_commits`
   counts them, and the revision's transaction-local settings and mark are applied again
@@ -54,6 +57,10 @@ _RAW_COMMIT = re.compile(
     r"^\s*(?:COMMIT|END)(?:\s+(?:WORK|TRANSACTION))?(?:\s+AND\s+(NO\s+)?CHAIN)?\s*;?\s*$",
     re.IGNORECASE,
 )
+_RAW_ROLLBACK = re.compile(
+    r"^\s*(?:ROLLBACK|ABORT)(?:\s+(?:WORK|TRANSACTION))?(?:\s+AND\s+(NO\s+)?CHAIN)?\s*;?\s*$",
+    re.IGNORECASE,
+)
 _BEGIN = re.compile(r"^\s*BEGIN\b", re.IGNORECASE)
 _SCRIPT_COMMIT = re.compile(r"(?:^|;)\s*COMMIT\b", re.IGNORECASE)
 _QUOTED = re.compile(
@@ -69,6 +76,11 @@ _QUOTED = re.compile(
 def is_raw_commit(statement: str) -> bool:
     """Return whether ``statement`` is a transaction-ending ``COMMIT`` (or ``END``)."""
     return _RAW_COMMIT.match(statement) is not None
+
+
+def is_raw_rollback(statement: str) -> bool:
+    """Return whether ``statement`` is a transaction-ending ``ROLLBACK`` (or ``ABORT``)."""
+    return _RAW_ROLLBACK.match(statement) is not None
 
 
 def script_commits(sql: str) -> bool:
@@ -180,6 +192,14 @@ class CommitFence:
     ) -> tuple[str, Any]:
         if is_raw_commit(statement):
             return self._raw_commit(conn, statement), parameters
+        if is_raw_rollback(statement) and not self._autocommit(conn):
+            # Go on in a new transaction, so nothing after it commits on its own; the
+            # revision's mark is gone with the old one, so dm fails the revision.
+            self.held = False
+            self._resume_setup = False
+            if self._postgres and "CHAIN" not in statement.upper():
+                return "ROLLBACK AND CHAIN", parameters
+            return statement, parameters
         if self._autocommit(conn):
             if self._per_statement:
                 self._check(conn, for_share=False, rollback=False)
@@ -198,9 +218,11 @@ class CommitFence:
         context: Any,
         executemany: bool,
     ) -> None:
-        if self._postgres or self._autocommit(conn) or not is_raw_commit(statement):
+        if self._postgres or self._autocommit(conn):
             return
-        # The COMMIT ended SQLite's transaction; SQLAlchemy still counts it as open.
+        if not (is_raw_commit(statement) or is_raw_rollback(statement)):
+            return
+        # The COMMIT or ROLLBACK ended SQLite's transaction; SQLAlchemy still counts it open.
         immediate = conn.get_execution_options().get("dm_sqlite_immediate")
         self._send(conn, "BEGIN IMMEDIATE" if immediate else "BEGIN")
 
