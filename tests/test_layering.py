@@ -77,6 +77,7 @@ ALLOWED: dict[str, set[str]] = {
         "settings",
         "state",
         "tracker",
+        "unit",  # dm verify runs check_verify
     },
     "alembic_env": {
         "_alembic_compat",
@@ -94,10 +95,12 @@ ALLOWED: dict[str, set[str]] = {
     },
     "shared": {"errors", "lock", "recording", "runner", "runtime", "settings"},
     "runner": {
-        *("batching", "graph", "hooks", "planning", "recording", "tracker", "errors"),
-        "transient",
-        "watchdog",
+        *("errors", "graph", "lock_retries", "planning", "recording", "stops", "tracker"),
+        *("transient", "unit", "watchdog"),
     },
+    "unit": {"batching", "errors", "graph", "hooks", "planning", "recording", "stops"},
+    "stops": {"errors", "planning", "recording", "tracker"},
+    "lock_retries": {"planning"},
     "recording": {"errors", "fence", "graph", "planning", "tracker"},
     "fence": {"errors", "tracker"},
     "watchdog": {"db", "errors", "recording", "tracker"},

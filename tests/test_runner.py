@@ -13,7 +13,7 @@ import asyncio
 import pytest
 
 from dm.runner import _finish_despite_cancel
-from dm.runner import _interruptible
+from dm.unit import _interruptible
 
 
 def test_finish_despite_cancel_completes_the_work_then_reports_the_cancellation() -> None:

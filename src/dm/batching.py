@@ -18,7 +18,7 @@ several ``batched`` loops one after the other; the checkpoint records which one 
 running, and the loops an earlier attempt finished are skipped.
 
 In a transactional revision ``batched`` only pages: the whole revision is one transaction
-and there is no checkpoint. The runner sets the run context ``batched`` reads; used outside
+and there is no checkpoint. The runner sets the unit of work ``batched`` reads; used outside
 a dm run, ``batched`` raises :class:`BatchingError`.
 """
 
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from datetime import date
 from datetime import datetime
 from typing import Any
+from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,37 +52,37 @@ from .progress import clock
 
 log = logging.getLogger("dm.batched")
 
-SaveCheckpoint = Callable[[AsyncSession, dict[str, Any]], Awaitable[Any]]
-"""Writes a checkpoint in the batch's transaction; returns what ``after_checkpoint`` takes."""
 
 
 class BatchingError(RuntimeError):
     """``batched`` was used wrongly: outside a dm run, or with an unusable key or option."""
 
 
-@dataclass
-class RunContext:
-    """What ``batched`` needs to know about the hook being run.
-
-    ``resume`` is the checkpoint an earlier failed attempt left (non-transactional
-    revisions only); ``save_checkpoint`` writes a checkpoint in the session's transaction.
-    ``loops`` counts the ``batched`` loops the hook has started.
-    """
+class RunUnit(Protocol):
+    """What ``batched`` and the autocommit blocks need of the attempt running the hook: the
+    runner's unit of work (``dm.unit.UnitOfWork``)."""
 
     revision: str
     direction: str
     transactional: bool
-    resume: Mapping[str, Any] | None = None
-    save_checkpoint: SaveCheckpoint | None = None
-    loops: int = 0
-    autocommit: Callable[[], AbstractAsyncContextManager[None]] | None = None
-    """The runner's autocommit block (``dm.autocommit``), leaving and resuming its transaction."""
-    after_checkpoint: Callable[[Any], Awaitable[None]] | None = None
-    """Called with what ``save_checkpoint`` returned once a batch (not the last) committed:
-    the runner's stop check (time up, ``dm pause``, ``dm cancel``), which raises to stop."""
+    resume: Mapping[str, Any] | None
+    """The checkpoint an earlier attempt left (``transactional = False`` revisions only)."""
+    loops: int
+    """How many ``batched`` loops the hook has started."""
+
+    async def save_checkpoint(self, session: AsyncSession, checkpoint: Mapping[str, Any]) -> Any:
+        """Write ``checkpoint`` in the batch's transaction; return what ``after_checkpoint``
+        takes (the request another shell left on the attempt)."""
+
+    async def after_checkpoint(self, request: Any) -> None:
+        """Called once a batch (not the last) and its checkpoint committed: the runner's
+        stop check (time up, ``dm pause``, ``dm cancel``), which raises to stop."""
+
+    def autocommit(self) -> AbstractAsyncContextManager[None]:
+        """Return a block that leaves the revision's transaction and resumes it after."""
 
 
-_current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[RunUnit | None] = contextvars.ContextVar(
     "dm_run_context", default=None
 )
 
@@ -96,7 +97,7 @@ class Probe:
     """
 
     size: int | None = None
-    committed: Callable[[RunContext, Mapping[str, Any], int], None] | None = None
+    committed: Callable[[RunUnit, Mapping[str, Any], int], None] | None = None
 
 
 _probes: list[Probe] = []
@@ -115,7 +116,7 @@ def probing(probe: Probe) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_context(context: RunContext) -> Iterator[None]:
+def run_context(context: RunUnit) -> Iterator[None]:
     """Make ``context`` the current run for ``batched`` while the hook runs."""
     token = _current.set(context)
     try:
@@ -124,8 +125,8 @@ def run_context(context: RunContext) -> Iterator[None]:
         _current.reset(token)
 
 
-def current_run() -> RunContext | None:
-    """Return the run context of the hook being run, or None outside a dm run."""
+def current_run() -> RunUnit | None:
+    """Return the unit of work of the hook being run, or None outside a dm run."""
     return _current.get()
 
 
@@ -317,7 +318,7 @@ async def batched(
                 await session.commit()
                 if probe is not None and probe.committed is not None:
                     probe.committed(context, checkpoint, batch.row_count)
-                if context.after_checkpoint is not None and not finished:
+                if not finished:
                     await context.after_checkpoint(request)  # may stop the loop here
             sizer.observe(batch.row_count, time.monotonic() - started)
             progress.advance(batch.row_count, batch_size=sizer.size)

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import await_only
 
 from .batching import BatchingError
-from .batching import RunContext
+from .batching import RunUnit
 from .batching import current_run
 from .errors import UsageError
 from .fence import script_commits
@@ -48,7 +48,7 @@ async def call_hook(hook: Hook, session: AsyncSession) -> Any:
     return await session.run_sync(_call_sync, hook, current_run())
 
 
-def _call_sync(sync_session: Session, hook: Hook, run: RunContext | None) -> Any:
+def _call_sync(sync_session: Session, hook: Hook, run: RunUnit | None) -> Any:
     connection = sync_session.connection()
     context = _DmMigrationContext(connection.dialect, connection, {}, None)
     context.dm_run = run
@@ -60,7 +60,7 @@ def _call_sync(sync_session: Session, hook: Hook, run: RunContext | None) -> Any
 class _DmMigrationContext(MigrationContext):
     """Alembic's migration context over dm's connection, with dm's autocommit block."""
 
-    dm_run: RunContext | None = None
+    dm_run: RunUnit | None = None
 
     @contextlib.contextmanager
     def autocommit_block(self) -> Iterator[None]:
@@ -185,7 +185,7 @@ async def autocommit(session: AsyncSession) -> AsyncIterator[None]:
         yield
 
 
-def _autocommit_of(run: RunContext | None) -> AbstractAsyncContextManager[None]:
-    if run is None or run.autocommit is None:
+def _autocommit_of(run: RunUnit | None) -> AbstractAsyncContextManager[None]:
+    if run is None:
         raise BatchingError("an autocommit block works only in a revision's hook during a dm run")
     return run.autocommit()

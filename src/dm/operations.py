@@ -648,7 +648,7 @@ async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyRes
 async def _verify_one(conn: AsyncConnection, rev: Revision, timeout: float | None) -> VerifyOutcome:
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from .runner import check_verify
+    from .unit import check_verify
 
     if rev.verify is None:
         return VerifyOutcome(rev.id, rev.description, "no verify()")

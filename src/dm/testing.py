@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 from .api import blocking
 from .batching import Probe
-from .batching import RunContext
+from .batching import RunUnit
 from .batching import probing
 from .errors import UsageError
 
@@ -329,7 +329,7 @@ class BatchLog:
         """Return the probe that fills this log (and interrupts, if asked)."""
         return Probe(size=size, committed=self._committed)
 
-    def _committed(self, context: RunContext, checkpoint: Mapping[str, Any], rows: int) -> None:
+    def _committed(self, context: RunUnit, checkpoint: Mapping[str, Any], rows: int) -> None:
         if context.revision != self.revision or context.direction != "upgrade":
             return
         self.rows[int(checkpoint["loop"])] += rows
