@@ -433,7 +433,7 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
         required = _required_positional(hook)
     except (TypeError, ValueError):
         raise _Problem(expected) from None
-    if inspect.iscoroutinefunction(hook):
+    if _is_coroutine_function(hook):
         if required > 1:
             raise _Problem(f"{expected}; it takes {required} arguments")
         return Hook(hook, "async")
@@ -444,6 +444,17 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
     if required == 1:
         return Hook(hook, "session")
     raise _Problem(f"{expected}; it takes {required} arguments")
+
+
+def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """Return whether calling ``fn`` gives a coroutine: an ``async def``, or a plain
+    function wrapping one with ``functools.wraps`` (an ordinary decorator)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    try:
+        return inspect.iscoroutinefunction(inspect.unwrap(fn))
+    except ValueError:  # a __wrapped__ loop
+        return False
 
 
 def _required_positional(fn: Callable[..., Any]) -> int:
