@@ -113,3 +113,55 @@ async def upgrade(session):
     last = project.db.tracker()[-1]
     assert (last.revision, last.status) == ("b2", "failed")
     assert "never awaited" in last.error_message
+
+
+# -- 2. a forced run in an environment the guard excludes ---------------------------------------
+
+
+def test_forced_run_never_records_an_applied_revision_skipped(project: Project) -> None:
+    project.write("a1", None, CREATE_T)
+    project.write("b2", "a1", INSERT_T, downgrade=DELETE_T, extra=DEV_ONLY)
+    ok(invoke(project, "upgrade", DM_ENVIRONMENT="development"))
+    assert count_t(project) == 1
+    before = rows(project)
+    assert before[-1] == ("b2", "upgrade", "success", None)
+
+    line = error_line(invoke(project, "run", "b2", "--force"), 2)
+    assert f"cannot run b2: {GUARD}, and it is applied here" in line
+    assert "--ignore-environment" in line
+    assert rows(project) == before  # nothing recorded: still applied
+    # So a rollback here cannot pretend there is nothing to undo: the guard refuses it.
+    line = error_line(invoke(project, "rollback", "b2"), 2)
+    assert f"cannot downgrade b2: {GUARD}" in line
+    assert rows(project) == before and count_t(project) == 1
+
+    # The explicit override runs it, and says so on the attempt.
+    result = as_json(
+        invoke(
+            project, "run", "b2", "--force", "--reason", "restore", "--ignore-environment", "--json"
+        )
+    )
+    assert [(s["revision"], s["status"]) for s in result["steps"]] == [("b2", "success")]
+    assert count_t(project) == 2
+    revision, direction, status, reason = rows(project)[-1]
+    assert (revision, direction, status) == ("b2", "upgrade", "success")
+    assert reason == (
+        f"forced: restore; environment guard overridden (--ignore-environment): {GUARD}"
+    )
+
+
+def test_ignore_environment_runs_a_guarded_revision_and_records_why(project: Project) -> None:
+    project.write("a1", None, CREATE_T)
+    project.write("b2", "a1", INSERT_T, extra=DEV_ONLY)
+    ok(invoke(project, "run", "a1"))
+    dry = ok(invoke(project, "run", "b2", "--ignore-environment", "--dry-run")).stdout
+    assert "[run: environment guard overridden (--ignore-environment)" in dry
+    assert count_t(project) == 0 and len(rows(project)) == 1
+    ok(invoke(project, "run", "b2", "--ignore-environment"))
+    assert count_t(project) == 1
+    assert rows(project)[-1] == (
+        "b2",
+        "upgrade",
+        "success",
+        f"environment guard overridden (--ignore-environment): {GUARD}",
+    )

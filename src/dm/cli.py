@@ -860,6 +860,11 @@ main.add_command(history, name="list")  # the old framework's name for it
 @click.argument("rev")
 @click.option("--force", is_flag=True, help="Run it again although it succeeded (a new attempt).")
 @click.option("--reason", help="Why it is forced (recorded with the attempt).")
+@click.option(
+    "--ignore-environment",
+    is_flag=True,
+    help="Run it although its `environments` exclude this one (recorded with the attempt).",
+)
 @_run_options
 @pass_invocation
 def run_revision(
@@ -867,6 +872,7 @@ def run_revision(
     rev: str,
     force: bool,
     reason: str | None,
+    ignore_environment: bool,
     lock_timeout: float | None,
     timeout: float | None,
     max_runtime: float | None,
@@ -880,7 +886,16 @@ def run_revision(
     settings = invocation.settings(
         lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
     )
-    result = _run(operations.run(settings, rev, force=force, reason=reason, dry_run=dry_run))
+    result = _run(
+        operations.run(
+            settings,
+            rev,
+            force=force,
+            reason=reason,
+            dry_run=dry_run,
+            ignore_environment=ignore_environment,
+        )
+    )
     if result.nothing_to_do and not as_json:
         _echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
         return

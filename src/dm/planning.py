@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import _alembic_compat as compat
+from .environments import OVERRIDDEN
 from .environments import Action
 from .environments import Decision
 from .environments import decide
@@ -144,13 +145,22 @@ def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
 
 
 def plan_run(
-    graph: Graph, rev: Revision, latest: Latest, environment: str, forced_reason: str | None
+    graph: Graph,
+    rev: Revision,
+    latest: Latest,
+    environment: str,
+    forced_reason: str | None,
+    *,
+    ignore_environment: bool = False,
 ) -> list[Step]:
     """Plan ``dm run REV``: its upgrade, once all its ancestors are applied.
 
-    Nothing when it is applied already, unless forced (then the step carries why).
+    Nothing when it is applied already, unless forced (then the step carries why). The
+    environment guard applies to a forced run too: an applied revision it excludes is
+    refused, unless ``ignore_environment`` (then the step's reason records the override).
 
-    :raises UsageError: an ancestor is not applied (each is named).
+    :raises UsageError: an ancestor is not applied (each is named); a forced run of an
+        applied revision the environment guard excludes.
     """
     applied = applied_revisions(latest)
     missing = [r for r in ancestors(graph, rev.id) if r not in applied]
@@ -160,11 +170,16 @@ def plan_run(
             f"(apply them first, e.g. dm upgrade {rev.id})"
         )
     attempt = latest.get(rev.id)
-    if attempt is not None and attempt.is_applied:
-        if forced_reason is None:
-            return []
-        return with_decisions([Step(rev, True, reason=forced_reason)], environment, latest)
-    return with_decisions([Step(rev, True)], environment, latest)
+    if attempt is not None and attempt.is_applied and forced_reason is None:
+        return []
+    why = forced_reason if attempt is not None and attempt.is_applied else None
+    step = Step(rev, True, reason=why)
+    decision = decide(
+        rev, True, environment, latest.get(rev.id), ignore_environment=ignore_environment
+    )
+    if decision.action is Action.RUN and decision.reason and decision.reason.startswith(OVERRIDDEN):
+        step = replace(step, reason="; ".join(filter(None, [why, decision.reason])))
+    return [replace(step, decision=decision)]
 
 
 def plan_rollback(graph: Graph, rev: Revision, latest: Latest, environment: str) -> list[Step]:
