@@ -165,3 +165,78 @@ def test_ignore_environment_runs_a_guarded_revision_and_records_why(project: Pro
         "success",
         f"environment guard overridden (--ignore-environment): {GUARD}",
     )
+
+
+# -- 3. stamp: the guard, what it records and why, --dry-run -----------------------------------
+
+STAMPED_UP = "stamped as applied; upgrade() not run"
+STAMPED_DOWN = "stamped as not applied; downgrade() not run"
+
+
+def guarded_chain(project: Project) -> None:
+    project.write("a1", None, CREATE_T)
+    project.write("b2", "a1", INSERT_T, downgrade=DELETE_T, extra=DEV_ONLY)
+    project.write("c3", "b2", "pass")
+
+
+def states(project: Project) -> dict[str, str]:
+    return {r["revision"]: r["state"] for r in as_json(invoke(project, "status", "--json"))}
+
+
+def test_stamp_follows_the_guard_and_says_what_it_records(project: Project) -> None:
+    guarded_chain(project)
+    dry = ok(invoke(project, "stamp", "c3", "--dry-run")).stdout.splitlines()
+    assert dry == [
+        f"stamp a1: would record success ({STAMPED_UP})",
+        f"stamp b2: would record skipped ({GUARD})",
+        f"stamp c3: would record success ({STAMPED_UP})",
+        "stamp: 2 success, 1 skipped; nothing written (dry run), target c3",
+    ]
+    planned = as_json(invoke(project, "stamp", "c3", "--dry-run", "--json"))["planned"]
+    assert [(p["revision"], p["action"], p["records"]) for p in planned] == [
+        ("a1", "record", "success"),
+        ("b2", "skip", "skipped"),
+        ("c3", "record", "success"),
+    ]
+    assert set(states(project).values()) == {"not_run"}  # the dry runs wrote nothing
+
+    # The staging-only revision that never ran is not recorded applied in production.
+    out = ok(invoke(project, "stamp", "c3")).stdout
+    assert f"stamp b2: recorded skipped ({GUARD})" in out
+    assert rows(project) == [
+        ("a1", "upgrade", "success", "stamped"),
+        ("b2", "upgrade", "skipped", f"stamped; {GUARD}"),
+        ("c3", "upgrade", "success", "stamped"),
+    ]
+    assert states(project) == {"a1": "applied", "b2": "skipped", "c3": "applied"}
+
+    # Stamping below the head says which way it went.
+    out = ok(invoke(project, "stamp", "base")).stdout.splitlines()
+    assert out == [
+        f"stamp c3: recorded rolled_back ({STAMPED_DOWN})",
+        "stamp b2: recorded rolled_back (its upgrade was skipped; nothing to undo)",
+        f"stamp a1: recorded rolled_back ({STAMPED_DOWN})",
+        "stamp: 3 rolled_back; done, target base",
+    ]
+    assert set(states(project).values()) == {"rolled_back"}
+
+
+def test_stamp_refuses_what_the_guard_refuses_unless_overridden(project: Project) -> None:
+    guarded_chain(project)
+    ok(invoke(project, "upgrade", DM_ENVIRONMENT="development"))
+    before = rows(project)
+    line = error_line(invoke(project, "stamp", "a1"), 2)
+    assert f"cannot stamp b2 as not applied: {GUARD}" in line and "--ignore-environment" in line
+    assert rows(project) == before  # all or nothing: c3 was not recorded either
+
+    out = ok(invoke(project, "stamp", "a1", "--ignore-environment")).stdout
+    overridden = f"environment guard overridden (--ignore-environment): {GUARD}"
+    assert f"stamp b2: recorded rolled_back ({overridden})" in out
+    assert rows(project)[-2:] == [
+        ("c3", "downgrade", "rolled_back", "stamped"),
+        ("b2", "downgrade", "rolled_back", f"stamped; {overridden}"),
+    ]
+    ok(invoke(project, "stamp", "c3", "--ignore-environment"))
+    assert rows(project)[-2][:3] == ("b2", "upgrade", "success")
+    assert states(project) == {"a1": "applied", "b2": "applied", "c3": "applied"}
+    assert count_t(project) == 1  # stamps ran no hook

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from collections.abc import Coroutine
 from collections.abc import Mapping
@@ -532,15 +533,48 @@ def downgrade(
 @main.command(**_TARGET_COMMAND)
 @click.argument("target")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@click.option(
+    "--ignore-environment",
+    is_flag=True,
+    help="Record revisions whose `environments` exclude this one as applied too (recorded).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be recorded and write nothing.")
 @json_option
 @pass_invocation
-def stamp(invocation: Invocation, target: str, lock_timeout: float | None, as_json: bool) -> None:
-    """Record revisions up to TARGET as applied without running them."""
+def stamp(
+    invocation: Invocation,
+    target: str,
+    lock_timeout: float | None,
+    ignore_environment: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Record revisions up to TARGET as applied (or down to it as not applied) without
+    running them; says per revision what it records and why."""
     _check_target(target)
     from . import command
 
-    result = _run(command.stamp(invocation.settings(lock_timeout=lock_timeout), target))
-    _render_run(result, "stamp", as_json)
+    result = _run(
+        command.stamp(
+            invocation.settings(lock_timeout=lock_timeout),
+            target,
+            dry_run=dry_run,
+            ignore_environment=ignore_environment,
+        )
+    )
+    if as_json:
+        _render_run(result, "stamp", as_json)
+        return
+    if not result.planned:
+        _echo(f"nothing to stamp: already at {result.target}")
+        return
+    verb = "would record" if result.dry_run else "recorded"
+    for step in result.planned:
+        _echo(f"stamp {step.revision}: {verb} {step.records} ({step.reason})")
+    counts = Counter(step.records for step in result.planned)
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    done = "nothing written (dry run)" if result.dry_run else "done"
+    _echo(f"stamp: {summary}; {done}, target {result.target}")
 
 
 def _render_run(result: RunResult, verb: str, as_json: bool) -> None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from . import _alembic_compat as compat
 from .environments import OVERRIDDEN
+from .environments import SKIPPED_NOTHING_TO_UNDO
 from .environments import Action
 from .environments import Decision
 from .environments import decide
@@ -125,9 +126,26 @@ def plan_downgrade(graph: Graph, target: str, latest: Latest, environment: str) 
     return steps
 
 
-def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
+def plan_stamp(
+    graph: Graph,
+    target: str,
+    latest: Latest,
+    environment: str,
+    *,
+    ignore_environment: bool = False,
+) -> list[Step]:
     """Plan ``dm stamp``: up to ``target`` if it lies ahead, else down to it (recorded only,
-    so irreversible revisions may be passed and no guard applies)."""
+    so irreversible revisions may be passed).
+
+    The environment guard decides as it does for a run: stamping up records a revision it
+    excludes ``skipped``, as an upgrade here would; stamping down records the undo of a
+    skipped upgrade (nothing to undo), and refuses an applied revision it excludes. With
+    ``ignore_environment`` every revision is recorded applied (or not), the override noted
+    in its reason.
+
+    :raises UnknownTarget: ``target`` is neither ahead of nor below the applied revisions.
+    :raises UsageError: stamping down an applied revision the guard excludes.
+    """
     applied = applied_revisions(latest)
     try:
         up = graph.upgrade_path(target, applied)
@@ -138,10 +156,45 @@ def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
             # Graph errors say "cannot upgrade to ...": say what the user asked for.
             reason = str(upward_error).partition(": ")[2] or str(upward_error)
             raise UnknownTarget(f"cannot stamp {target!r}: {reason}") from None
-        return _recorded(down, False)
-    if up or target == "heads":
-        return _recorded(up, True)
-    return _recorded(graph.downgrade_path(target, applied), False)
+        revisions, is_upgrade = down, False
+    else:
+        if up or target == "heads":
+            revisions, is_upgrade = up, True
+        else:
+            revisions, is_upgrade = graph.downgrade_path(target, applied), False
+    return [
+        _stamped(rev, is_upgrade, environment, latest.get(rev.id), ignore_environment)
+        for rev in revisions
+    ]
+
+
+STAMPED = "stamped"
+"""The recorded reason of a stamp the environment guard has nothing to say about."""
+
+
+def _stamped(
+    rev: Revision, is_upgrade: bool, environment: str, attempt: Attempt | None, ignore: bool
+) -> Step:
+    """Return the step recording ``rev`` stamped, with what it records and why."""
+    if not is_upgrade and attempt is not None and attempt.is_skipped:
+        why = SKIPPED_NOTHING_TO_UNDO
+        return Step(rev, False, reason=f"{STAMPED}; {why}", decision=Decision(Action.RECORD, why))
+    guard = guard_reason(rev, environment)
+    if guard is None:
+        hook = "upgrade" if is_upgrade else "downgrade"
+        why = f"stamped as {'applied' if is_upgrade else 'not applied'}; {hook}() not run"
+        return Step(rev, is_upgrade, reason=STAMPED, decision=Decision(Action.RECORD, why))
+    if ignore:
+        why = f"{OVERRIDDEN}: {guard}"
+        return Step(
+            rev, is_upgrade, reason=f"{STAMPED}; {why}", decision=Decision(Action.RECORD, why)
+        )
+    if is_upgrade:  # what an upgrade here would record
+        return Step(rev, True, reason=f"{STAMPED}; {guard}", decision=Decision(Action.SKIP, guard))
+    raise UsageError(
+        f"cannot stamp {rev.id} as not applied: {guard}; it may only be undone where it may "
+        "run (--ignore-environment records it anyway); nothing was recorded"
+    )
 
 
 def plan_run(
@@ -292,13 +345,6 @@ def with_decisions(steps: list[Step], environment: str, latest: Latest) -> list[
             decision=decide(step.rev, step.is_upgrade, environment, latest.get(step.revision)),
         )
         for step in steps
-    ]
-
-
-def _recorded(revisions: list[Revision], is_upgrade: bool) -> list[Step]:
-    return [
-        Step(rev, is_upgrade, reason="stamped", decision=Decision(Action.RECORD, "stamped"))
-        for rev in revisions
     ]
 
 

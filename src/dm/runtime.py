@@ -64,6 +64,9 @@ class PlannedStep:
     reason: str | None = None
     """Why: the environment guard's verdict on a guarded revision, or why a step is only
     recorded (None for an unguarded revision that runs)."""
+    records: str | None = None
+    """The status a step that does not run is recorded with (``success``, ``rolled_back``,
+    ``skipped``); None for a step that runs."""
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ def planned(steps: Sequence[Step]) -> list[PlannedStep]:
             step.reversible,
             step.decision.action.value,
             step.decision.reason,
+            None if step.runs else recorded_status(step).value,
         )
         for step in steps
     ]
