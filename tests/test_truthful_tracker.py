@@ -4,6 +4,7 @@ a backfill that does not block deploys lets the rest of the plan run."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 from click.testing import Result
@@ -12,6 +13,7 @@ from conftest import Project
 from conftest import as_json
 from conftest import invoke
 from conftest import ok
+from conftest import run_dm
 
 CREATE_T = "await session.execute(sa.text('CREATE TABLE t (x INTEGER)'))"
 INSERT_T = "await session.execute(sa.text('INSERT INTO t VALUES (1)'))"
@@ -240,3 +242,103 @@ def test_stamp_refuses_what_the_guard_refuses_unless_overridden(project: Project
     assert rows(project)[-2][:3] == ("b2", "upgrade", "success")
     assert states(project) == {"a1": "applied", "b2": "applied", "c3": "applied"}
     assert count_t(project) == 1  # stamps ran no hook
+
+
+# -- 4. a backfill that does not block the deploy ----------------------------------------------
+
+BACKFILL = "d0d0d0000001"
+AFTER = "d0d0d0000002"
+FINAL = "d0d0d0000003"
+ROWS = 60
+
+BACKFILL_LOOP = """
+async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=5):
+    await session.execute(items.update().where(batch.where()).values(n=items.c.n + 1))
+    await asyncio.sleep(0.1)
+"""
+BACKFILL_ATTRIBUTES = """
+import asyncio
+from dm import batched
+
+transactional = False
+blocks_deploy = False
+max_runtime = 0.3  # 12 batches of at least 0.1s: every attempt stops part-way
+items = sa.table("items", sa.column("id"), sa.column("n"))
+"""
+
+
+def backfill_project(project: Project) -> None:
+    """``BACKFILL`` (deferrable, time-boxed per attempt), then ``AFTER``, which needs only
+    the backfill's schema, not its data."""
+    project.db.query("CREATE TABLE items (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
+    project.db.query("CREATE TABLE ran (rev VARCHAR(20))")
+    values = ", ".join(f"({i}, 0)" for i in range(1, ROWS + 1))
+    project.db.query(f"INSERT INTO items VALUES {values}")
+    project.write(BACKFILL, None, BACKFILL_LOOP, extra=BACKFILL_ATTRIBUTES)
+    project.write(
+        AFTER, BACKFILL, f"await session.execute(sa.text(\"INSERT INTO ran VALUES ('{AFTER}')\"))"
+    )
+
+
+def insert_ran(rev: str) -> str:
+    return f"await session.execute(sa.text(\"INSERT INTO ran VALUES ('{rev}')\"))"
+
+
+def ran(project: Project) -> list[str]:
+    return [row.rev for row in project.db.query("SELECT rev FROM ran ORDER BY rev")]
+
+
+def check_json(project: Project) -> tuple[int, dict[str, object]]:
+    result = invoke(project, "check", "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_a_deferred_backfill_lets_the_plan_and_the_deploy_go_on(project: Project) -> None:
+    backfill_project(project)
+    first = run_dm(project, "upgrade")
+    # The backfill stopped at its time box; the revision after it ran; the deploy may go on.
+    assert first.returncode == 0, first.stderr
+    assert f"deferred {BACKFILL}: stopped part-way" in first.stdout
+    assert "does not block the deploy" in first.stderr
+    assert ran(project) == [AFTER]
+    code, found = check_json(project)
+    assert (code, found["ok"], found["deferred"], found["pending"]) == (0, True, [BACKFILL], [])
+    assert states(project) == {BACKFILL: "incomplete", AFTER: "applied"}
+
+    # A later deploy brings the revision that needs the backfill complete (GitLab's
+    # "finalize"): it waits, and so does the deploy, while each run goes on with the backfill.
+    project.write(
+        FINAL,
+        AFTER,
+        insert_ran(FINAL),
+        extra=f"requires_complete = ({BACKFILL!r},)\n",
+    )
+    waiting = run_dm(project, "upgrade")
+    assert waiting.returncode == 5, waiting.stderr
+    assert f"upgrade {FINAL} waits for {BACKFILL} to complete" in waiting.stderr
+    assert ran(project) == [AFTER]
+    code, found = check_json(project)
+    assert (code, found["pending"], found["deferred"]) == (4, [FINAL], [BACKFILL])
+    refused = invoke(project, "run", FINAL)
+    assert refused.exit_code == 2 and f"it requires {BACKFILL} complete" in refused.stderr
+
+    runs = [first, waiting]
+    while runs[-1].returncode != 0:  # each run resumes the backfill for its time box
+        assert len(runs) < 30, runs[-1].stderr
+        runs.append(run_dm(project, "upgrade"))
+        assert runs[-1].returncode in (0, 5), runs[-1].stderr
+    assert len(runs) > 3  # the backfill took several runs
+    assert ran(project) == [AFTER, FINAL]
+    counts = project.db.query("SELECT n, count(*) AS c FROM items GROUP BY n")
+    assert {row.n: row.c for row in counts} == {1: ROWS}  # every row once, none twice
+    assert states(project) == {BACKFILL: "applied", AFTER: "applied", FINAL: "applied"}
+    code, found = check_json(project)
+    assert (code, found["ok"], found["deferred"]) == (0, True, [])
+
+
+def test_requires_complete_must_name_an_ancestor(project: Project) -> None:
+    project.write("a1", None, "pass")
+    project.write("b2", None, "pass", extra="requires_complete = ('a1',)\n")
+    result = invoke(project, "upgrade")
+    assert result.exit_code == 2
+    assert "requires_complete 'a1' names no ancestor of this revision" in result.stderr

@@ -577,6 +577,9 @@ def stamp(
     _echo(f"stamp: {summary}; {done}, target {result.target}")
 
 
+_STOPPED = ("stopped", "paused", "cancelled", "abandoned")
+
+
 def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
     if as_json:
         _emit_json(
@@ -603,14 +606,23 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
         skipped = [s.revision for s in result.steps if s.status.value == "skipped"]
         # Undoing a skipped upgrade runs nothing: it is recorded, not done (stamp records all).
         recorded = [p for p in result.planned if p.action == "record" and verb != "stamp"]
-        ran = len(result.steps) - len(skipped) - len(recorded)
+        # A blocks_deploy = False backfill that stopped part-way: the run went on without it.
+        deferred = [s for s in result.steps if s.status.value in _STOPPED]
+        ran = len(result.steps) - len(skipped) - len(recorded) - len(deferred)
         also = f", {len(skipped)} skipped" if skipped else ""
         if recorded:
             also += f", {len(recorded)} recorded only (skipped here: nothing to undo)"
+        if deferred:
+            also += f", {len(deferred)} deferred"
         _echo(f"{verb}: {ran} revision(s) done{also}, target {result.target}")
         reasons = {p.revision: p.reason for p in result.planned}
         for revision in skipped:
             _echo(f"skipped {revision}: {reasons.get(revision)}")
+        for stopped in deferred:
+            _echo(
+                f"deferred {stopped.revision}: {stopped.status.value} part-way "
+                "(blocks_deploy = False); the run went on without it"
+            )
 
 
 # -- reading -----------------------------------------------------------------------------------

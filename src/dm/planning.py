@@ -31,6 +31,7 @@ from .errors import UsageError
 from .graph import Graph
 from .graph import Revision
 from .graph import display_path
+from .state import UNFINISHED
 
 if TYPE_CHECKING:
     from alembic.script import Script
@@ -96,14 +97,17 @@ class Step:
 
 
 def plan_upgrade(graph: Graph, target: str, latest: Latest, environment: str) -> list[Step]:
-    """Plan ``dm upgrade``: skipped revisions now allowed first, then the path to ``target``.
+    """Plan ``dm upgrade``: skipped revisions now allowed and deferred backfills first, then
+    the path to ``target``.
 
-    Retried skipped revisions are limited to those ``target`` includes (for ``heads``,
-    every one; for a relative target such as ``+1``, the ones below the revision it
-    reaches from base).
+    Retried revisions are limited to those ``target`` includes (for ``heads``, every one;
+    for a relative target such as ``+1``, the ones below the revision it reaches from
+    base). A deferred backfill (see :func:`deferred_revisions`) does not hold up the path:
+    the revisions after it are planned too (``dm.runtime`` holds back those that declare
+    ``requires_complete`` while it is unfinished).
     """
-    path = graph.upgrade_path(target, applied_revisions(latest))
-    retries = _allowed_again(graph, latest, environment)
+    path = graph.upgrade_path(target, passed_revisions(graph, latest))
+    retries = _allowed_again(graph, latest, environment) + deferred_revisions(graph, latest)
     if retries:
         try:
             scope = {rev.id for rev in graph.upgrade_path(target, ())}
@@ -215,14 +219,20 @@ def plan_run(
     :raises UsageError: an ancestor is not applied (each is named); a forced run of an
         applied revision the environment guard excludes.
     """
-    applied = applied_revisions(latest)
-    missing = [r for r in ancestors(graph, rev.id) if r not in applied]
+    passed = passed_revisions(graph, latest)
+    missing = [r for r in ancestors(graph, rev.id) if r not in passed]
     if missing:
         raise UsageError(
             f"cannot run {rev.id}: not applied yet: {', '.join(missing)} "
             f"(apply them first, e.g. dm upgrade {rev.id})"
         )
     attempt = latest.get(rev.id)
+    waiting = incomplete_requirements(rev, latest)
+    if waiting and not (attempt is not None and attempt.is_applied and forced_reason is None):
+        raise UsageError(
+            f"cannot run {rev.id}: it requires {', '.join(waiting)} complete "
+            "(requires_complete), and it is not; dm upgrade (or dm resume) finishes it first"
+        )
     if attempt is not None and attempt.is_applied and forced_reason is None:
         return []
     why = forced_reason if attempt is not None and attempt.is_applied else None
@@ -264,6 +274,46 @@ def applied_revisions(latest: Latest) -> set[str]:
     """Return the revisions plans pass: every applied one, and those the environment guard
     skipped (see ``Attempt.counts_as_applied``)."""
     return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
+
+
+def deferred_revisions(graph: Graph, latest: Latest) -> list[Revision]:
+    """Return the deferred backfills, parents before children: revisions that say
+    ``blocks_deploy = False`` whose upgrade stopped at a batch boundary (``incomplete``,
+    ``paused``, ``cancelled``). Plans pass them as if applied, and retry them."""
+    found = {
+        revision
+        for revision, attempt in latest.items()
+        if attempt.direction == "upgrade"
+        and attempt.state in UNFINISHED
+        and graph.known(revision)
+        and not graph.revision(revision).blocks_deploy
+    }
+    if not found:
+        return []  # the common case: no graph walk
+    return [graph.revision(s.revision) for s in graph.walk() if s.revision in found]
+
+
+DEFERRED = (
+    "it does not block the deploy (blocks_deploy = False): the run goes on with the "
+    "revisions after it, except those that declare requires_complete on it"
+)
+"""What happens after a deferred backfill stopped at a batch boundary."""
+
+
+def passed_revisions(graph: Graph, latest: Latest) -> set[str]:
+    """Return the revisions plans pass: :func:`applied_revisions` and the deferred
+    backfills (:func:`deferred_revisions`)."""
+    return applied_revisions(latest) | {rev.id for rev in deferred_revisions(graph, latest)}
+
+
+def incomplete_requirements(rev: Revision, latest: Latest) -> list[str]:
+    """Return the revisions ``rev`` declares ``requires_complete`` whose upgrade is not
+    complete (a skipped or abandoned one counts as complete: it will not run here)."""
+    return [
+        required
+        for required in rev.requires_complete
+        if (attempt := latest.get(required)) is None or not attempt.counts_as_applied
+    ]
 
 
 def require_reversible(steps: Iterable[Step], target: str) -> None:

@@ -68,6 +68,7 @@ from .graph import Hook
 from .graph import Revision
 from .graph import checksum
 from .hooks import call_hook
+from .planning import DEFERRED
 from .planning import Step
 from .recording import Recorder
 from .recording import Request
@@ -470,12 +471,14 @@ class Runner:
             Status.CANCELLED: f"the next dm {step.direction} starts it over",
             Status.ABANDONED: "plans pass it: it does not run again",
         }[stop.status]
+        deferred = step.is_upgrade and not step.rev.blocks_deploy
+        after = DEFERRED if deferred else "the revisions after it did not run"
         message = (
             f"{label}: {stop.reason}, at a batch boundary after {duration} ms; its committed "
-            f"batches stay, {next_step}; the revisions after it did not run"
+            f"batches stay, {next_step}; {after}"
         )
         log.warning("%s", message)
-        raise Incomplete(step.revision, message)
+        raise Incomplete(step.revision, message, stop.status.value)
 
     async def _finish(self, attempt_id: int, status: Status, started: float) -> None:
         await self.recorder.finish(attempt_id, status, duration_ms=_elapsed_ms(started))
