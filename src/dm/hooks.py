@@ -78,15 +78,18 @@ def _no_unawaited_coroutine(hook: Hook) -> Iterator[None]:
     freed; the warning is caught here and turned into the hook's failure. Other warnings
     raised in the block are passed on as they were.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.filterwarnings("always", _NEVER_AWAITED, RuntimeWarning)
-        yield
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", _NEVER_AWAITED, RuntimeWarning)
+            yield
+    finally:
+        for other in caught:
+            if not _is_never_awaited(other):
+                warnings.warn_explicit(
+                    other.message, other.category, other.filename, other.lineno, source=other.source
+                )
     dropped = [w for w in caught if _is_never_awaited(w)]
-    for other in caught:
-        if not _is_never_awaited(other):
-            warnings.warn_explicit(
-                other.message, other.category, other.filename, other.lineno, source=other.source
-            )
     if dropped:
         name = getattr(hook.fn, "__name__", "the hook")
         raise UnawaitedCoroutine(
