@@ -11,6 +11,7 @@ event loop (the schema state is read by the caller, ``dm.runtime``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -314,6 +315,24 @@ def incomplete_requirements(rev: Revision, latest: Latest) -> list[str]:
         for required in rev.requires_complete
         if (attempt := latest.get(required)) is None or not attempt.counts_as_applied
     ]
+
+
+def waits(step: Step, complete: Collection[str], held: Collection[str]) -> str | None:
+    """Return why an upgrade ``step`` may not run yet (None when it may): a revision it
+    declares ``requires_complete`` is not in ``complete``, or a parent of it is ``held``
+    back."""
+    if not step.is_upgrade:
+        return None
+    missing = [rev for rev in step.rev.requires_complete if rev not in complete]
+    if missing:
+        return (
+            f"waits for {', '.join(missing)} to complete (requires_complete; a deferred "
+            "backfill, resumed by each run)"
+        )
+    parents = [rev for rev in compat.all_down_revisions(step.script) if rev in held]
+    if parents:
+        return f"waits for {', '.join(parents)}, held back before it"
+    return None
 
 
 def require_reversible(steps: Iterable[Step], target: str) -> None:

@@ -288,7 +288,7 @@ async def run_steps(runner: Runner, steps: Sequence[Step]) -> list[StepResult]:
     complete = {rev for rev, attempt in runner.recorder.latest.items() if attempt.counts_as_applied}
     held: dict[str, str] = {}  # revision -> why it waits
     for step in steps:
-        waits = _waits(step, complete, held)
+        waits = planning.waits(step, complete, held)
         if waits is not None:
             held[step.revision] = waits
             log.warning("upgrade %s: not run: %s", step.revision, waits)
@@ -312,25 +312,6 @@ async def run_steps(runner: Runner, steps: Sequence[Step]) -> list[StepResult]:
         lines = "; ".join(f"upgrade {rev} {why}" for rev, why in held.items())
         raise Incomplete(first, f"{lines}; the next run goes on from there")
     return results
-
-
-def _waits(step: Step, complete: set[str], held: Mapping[str, str]) -> str | None:
-    """Return why ``step`` may not run yet (None when it may): a ``requires_complete``
-    revision is not complete, or a parent of it was held back."""
-    if not step.is_upgrade:
-        return None
-    missing = [rev for rev in step.rev.requires_complete if rev not in complete]
-    if missing:
-        return (
-            f"waits for {', '.join(missing)} to complete (requires_complete; a deferred "
-            "backfill, resumed by each run)"
-        )
-    from . import _alembic_compat as compat
-
-    parents = [rev for rev in compat.all_down_revisions(step.script) if rev in held]
-    if parents:
-        return f"waits for {', '.join(parents)}, held back before it"
-    return None
 
 
 async def record_unrun(recorder: Recorder, step: Step) -> StepResult:
