@@ -410,3 +410,31 @@ def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_
     assert status(project)[REV]["state"] == "abandoned"
     assert run_dm(project, "upgrade").returncode == 0
     assert counts(project) == {1: done, 0: ROWS - done} and after_ran(project)
+
+
+def test_a_paused_deferred_backfill_lets_the_run_and_the_deploy_go_on(
+    project: Project, tmp_path: Path
+) -> None:
+    """(#19) A pause of a ``blocks_deploy = False`` backfill defers it: the revisions after
+    it run, the run exits 0, ``dm check`` passes, and a later run finishes the backfill."""
+    make_project(project, tmp_path, attributes="blocks_deploy = False")
+    first = started_and_waiting(project, tmp_path)
+    try:
+        paused, done = request_at_the_wait(project, tmp_path, "pause", REV)
+        assert paused.returncode == 0, paused.stderr
+    finally:
+        code, out, err = finish(first)
+    assert code == 0, err
+    assert f"deferred {REV}: paused part-way" in out
+    assert counts(project) == {1: done, 0: ROWS - done}
+    assert after_ran(project)  # the run went on past the paused backfill
+    assert attempts(project) == ["paused"]
+    code, found = check(project)
+    assert (code, found["deferred"], found["pending"]) == (0, [REV], [])
+
+    finished = run_dm(project, "upgrade")
+    assert finished.returncode == 0, finished.stderr
+    assert counts(project) == {1: ROWS}  # resumed after the pause: every row exactly once
+    assert attempts(project) == ["paused", "success"]
+    code, found = check(project)
+    assert (code, found["ok"], found["deferred"]) == (0, True, [])

@@ -337,7 +337,8 @@ def test_failed_downgrade_keeps_revision_applied(project: Project) -> None:
 def test_stamp_records_without_running(project: Project) -> None:
     chain(project)
     result = ok(invoke(project, "stamp", B))
-    assert "stamp: 2 revision(s) done" in result.stdout
+    assert f"stamp {A}: recorded success (stamped as applied; upgrade() not run)" in result.stdout
+    assert "stamp: 2 success; done" in result.stdout
     assert logged(project) == []  # no upgrade() ran
     tracker = project.db.tracker()
     assert [(r.revision, r.direction, r.status, r.reason) for r in tracker] == [

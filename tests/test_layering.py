@@ -16,6 +16,7 @@ ALLOWED: dict[str, set[str]] = {
         "__init__",
         "db",
         "environments",
+        "errors",
         "fence",
         "graph",
         "lock",
@@ -62,7 +63,9 @@ ALLOWED: dict[str, set[str]] = {
         "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
     "environments": {"graph", "tracker", "errors"},
-    "planning": {"_alembic_compat", "environments", "errors", "graph", "schema", "tracker"},
+    "planning": {
+        *("_alembic_compat", "environments", "errors", "graph", "schema", "state", "tracker"),
+    },
     "schema": {"errors", "graph", "settings"},
     "slugs": {"errors"},
     "operations": {

@@ -70,10 +70,10 @@ def test_run_needs_applied_ancestors_and_force_to_repeat(tmp_path: Path) -> None
 
 def test_stamp_goes_up_or_down_and_only_records(tmp_path: Path) -> None:
     graph = graph_of(tmp_path, {"a1": (None, ""), "b2": ("a1", "")})
-    up = planning.plan_stamp(graph, "b2", {})
+    up = planning.plan_stamp(graph, "b2", {}, "production")
     assert [(s.revision, s.is_upgrade, s.runs, s.reason) for s in up] == [
         ("a1", True, False, "stamped"),
         ("b2", True, False, "stamped"),
     ]
-    down = planning.plan_stamp(graph, "a1", applied("a1", "b2"))
+    down = planning.plan_stamp(graph, "a1", applied("a1", "b2"), "production")
     assert [(s.revision, s.is_upgrade, s.runs) for s in down] == [("b2", False, False)]

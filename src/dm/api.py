@@ -122,12 +122,18 @@ async def run(
     force: bool = False,
     reason: str | None = None,
     dry_run: bool = False,
+    ignore_environment: bool = False,
 ) -> RunResult:
     """Run one revision's upgrade, as ``dm run`` (the old ``script.run_script()``)."""
     from . import operations
 
     return await operations.run(
-        _settings(config, settings), revision, force=force, reason=reason, dry_run=dry_run
+        _settings(config, settings),
+        revision,
+        force=force,
+        reason=reason,
+        dry_run=dry_run,
+        ignore_environment=ignore_environment,
     )
 
 
@@ -300,6 +306,7 @@ def run_sync(
     force: bool = False,
     reason: str | None = None,
     dry_run: bool = False,
+    ignore_environment: bool = False,
 ) -> RunResult:
     """Blocking :func:`run`."""
     return blocking(
@@ -310,6 +317,7 @@ def run_sync(
         force=force,
         reason=reason,
         dry_run=dry_run,
+        ignore_environment=ignore_environment,
     )
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from collections.abc import Coroutine
 from collections.abc import Mapping
@@ -532,15 +533,51 @@ def downgrade(
 @main.command(**_TARGET_COMMAND)
 @click.argument("target")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@click.option(
+    "--ignore-environment",
+    is_flag=True,
+    help="Record revisions whose `environments` exclude this one as applied too (recorded).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be recorded and write nothing.")
 @json_option
 @pass_invocation
-def stamp(invocation: Invocation, target: str, lock_timeout: float | None, as_json: bool) -> None:
-    """Record revisions up to TARGET as applied without running them."""
+def stamp(
+    invocation: Invocation,
+    target: str,
+    lock_timeout: float | None,
+    ignore_environment: bool,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Record revisions up to TARGET as applied (or down to it as not applied) without
+    running them; says per revision what it records and why."""
     _check_target(target)
     from . import command
 
-    result = _run(command.stamp(invocation.settings(lock_timeout=lock_timeout), target))
-    _render_run(result, "stamp", as_json)
+    result = _run(
+        command.stamp(
+            invocation.settings(lock_timeout=lock_timeout),
+            target,
+            dry_run=dry_run,
+            ignore_environment=ignore_environment,
+        )
+    )
+    if as_json:
+        _render_run(result, "stamp", as_json)
+        return
+    if not result.planned:
+        _echo(f"nothing to stamp: already at {result.target}")
+        return
+    verb = "would record" if result.dry_run else "recorded"
+    for step in result.planned:
+        _echo(f"stamp {step.revision}: {verb} {step.records} ({step.reason})")
+    counts = Counter(step.records for step in result.planned)
+    summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+    done = "nothing written (dry run)" if result.dry_run else "done"
+    _echo(f"stamp: {summary}; {done}, target {result.target}")
+
+
+_STOPPED = ("stopped", "paused", "cancelled", "abandoned")
 
 
 def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
@@ -569,14 +606,23 @@ def _render_run(result: RunResult, verb: str, as_json: bool) -> None:
         skipped = [s.revision for s in result.steps if s.status.value == "skipped"]
         # Undoing a skipped upgrade runs nothing: it is recorded, not done (stamp records all).
         recorded = [p for p in result.planned if p.action == "record" and verb != "stamp"]
-        ran = len(result.steps) - len(skipped) - len(recorded)
+        # A blocks_deploy = False backfill that stopped part-way: the run went on without it.
+        deferred = [s for s in result.steps if s.status.value in _STOPPED]
+        ran = len(result.steps) - len(skipped) - len(recorded) - len(deferred)
         also = f", {len(skipped)} skipped" if skipped else ""
         if recorded:
             also += f", {len(recorded)} recorded only (skipped here: nothing to undo)"
+        if deferred:
+            also += f", {len(deferred)} deferred"
         _echo(f"{verb}: {ran} revision(s) done{also}, target {result.target}")
         reasons = {p.revision: p.reason for p in result.planned}
         for revision in skipped:
             _echo(f"skipped {revision}: {reasons.get(revision)}")
+        for stopped in deferred:
+            _echo(
+                f"deferred {stopped.revision}: {stopped.status.value} part-way "
+                "(blocks_deploy = False); the run went on without it"
+            )
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -863,6 +909,11 @@ main.add_command(history, name="list")  # the old framework's name for it
 @click.argument("rev")
 @click.option("--force", is_flag=True, help="Run it again although it succeeded (a new attempt).")
 @click.option("--reason", help="Why it is forced (recorded with the attempt).")
+@click.option(
+    "--ignore-environment",
+    is_flag=True,
+    help="Run it although its `environments` exclude this one (recorded with the attempt).",
+)
 @_run_options
 @pass_invocation
 def run_revision(
@@ -870,6 +921,7 @@ def run_revision(
     rev: str,
     force: bool,
     reason: str | None,
+    ignore_environment: bool,
     lock_timeout: float | None,
     timeout: float | None,
     max_runtime: float | None,
@@ -883,7 +935,16 @@ def run_revision(
     settings = invocation.settings(
         lock_timeout=lock_timeout, timeout=timeout, max_runtime=max_runtime
     )
-    result = _run(operations.run(settings, rev, force=force, reason=reason, dry_run=dry_run))
+    result = _run(
+        operations.run(
+            settings,
+            rev,
+            force=force,
+            reason=reason,
+            dry_run=dry_run,
+            ignore_environment=ignore_environment,
+        )
+    )
     if result.nothing_to_do and not as_json:
         _echo(f"nothing to run: {result.target} already succeeded (--force runs it again)")
         return

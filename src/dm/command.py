@@ -222,24 +222,49 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
     return await execute_plan(settings, target, plan, dry_run=dry_run)
 
 
-async def stamp(settings: Settings, target: str) -> RunResult:
+async def stamp(
+    settings: Settings,
+    target: str,
+    *,
+    dry_run: bool = False,
+    ignore_environment: bool = False,
+) -> RunResult:
     """Record revisions as applied (or not) up to ``target`` without running them.
 
-    Moving up records ``success`` rows; moving down records ``rolled_back`` rows; each row
-    carries the reason ``stamped``.
+    Moving up records ``success`` rows, or ``skipped`` for a revision the environment
+    guard excludes (as an upgrade here would); moving down records ``rolled_back`` rows
+    and refuses an applied revision the guard excludes. Each row carries the reason
+    ``stamped`` (with the guard's verdict, if any); the result's plan says per revision what
+    is recorded and why.
+
+    :param dry_run: only return the plan; nothing is written.
+    :param ignore_environment: record every revision applied (or not) whatever its
+        ``environments``; the override is recorded in each such row's reason.
     """
     from .runner import StepResult
 
     graph = load_graph(settings)
+    environment = settings.environment
+
+    def plan(latest: Mapping[str, Attempt]) -> list[Step]:
+        return planning.plan_stamp(
+            graph, target, latest, environment, ignore_environment=ignore_environment
+        )
+
     async with open_database(settings) as probe:  # refuse a bad target before creating anything
-        planning.plan_stamp(graph, target, await probe.read_latest())
+        steps = plan(await probe.read_latest())
+    if dry_run:
+        return RunResult(target, planned(steps), dry_run=True)
     async with open_database(settings) as db, db.locked() as (recorder, interrupted):
-        steps = planning.plan_stamp(graph, target, recorder.latest)
+        steps = plan(recorder.latest)
         results = []
         async with recorder.conn.begin():  # all or nothing
             for step in steps:
                 status = recorded_status(step)
                 await recorder.record_step(step, status)
+                log.info(
+                    "stamp %s: recorded %s (%s)", step.revision, status.value, step.decision.reason
+                )
                 results.append(
                     StepResult(step.revision, step.direction, status, 0, step.description)
                 )

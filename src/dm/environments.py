@@ -2,9 +2,11 @@
 
 A revision may declare ``environments = ("development", "staging")``; anywhere else it
 does not run. Its upgrade is recorded ``skipped`` with the reason, it does not block the
-revisions after it, and an upgrade in an allowed environment runs it later. There is no
-override: the environment comes from ``DM_ENVIRONMENT``/``ENVIRONMENT`` only, and the
-default, ``production``, is the safe one.
+revisions after it, and an upgrade in an allowed environment runs it later. The
+environment comes from ``DM_ENVIRONMENT``/``ENVIRONMENT`` only, and the default,
+``production``, is the safe one. Only ``dm run`` and ``dm stamp`` take an override,
+``--ignore-environment``, recorded with the attempt (:data:`OVERRIDDEN`). An upgrade the guard
+excludes is never recorded ``skipped`` over an applied revision: its work is in effect.
 
 :func:`decide` is the one place the decision is made: ``dm.planning`` attaches it to each
 step, and ``--dry-run`` output and the recorded rows come from there. Pure: no database,
@@ -46,6 +48,8 @@ class Decision:
 
 
 SKIPPED_NOTHING_TO_UNDO = "its upgrade was skipped; nothing to undo"
+OVERRIDDEN = "environment guard overridden (--ignore-environment)"
+"""Starts the recorded reason of a step the guard excludes but an operator ran anyway."""
 
 
 def guard_reason(rev: Revision, environment: str) -> str | None:
@@ -55,11 +59,21 @@ def guard_reason(rev: Revision, environment: str) -> str | None:
     return f"environment {environment!r} not in {rev.environments!r}"
 
 
-def decide(rev: Revision, is_upgrade: bool, environment: str, latest: Attempt | None) -> Decision:
+def decide(
+    rev: Revision,
+    is_upgrade: bool,
+    environment: str,
+    latest: Attempt | None,
+    *,
+    ignore_environment: bool = False,
+) -> Decision:
     """Decide what to do with ``rev`` in ``environment``, given its latest attempt.
 
+    :param ignore_environment: run what the guard excludes (``--ignore-environment``); the
+        decision's reason then starts with :data:`OVERRIDDEN`.
     :raises UsageError: a downgrade of a revision whose upgrade ran, in an environment
-        where the revision may not run (no flag overrides the guard).
+        where the revision may not run; an upgrade of an applied revision there (a forced
+        run: recording it ``skipped`` would hide work that is in effect).
     """
     if not is_upgrade and latest is not None and latest.is_skipped:
         return Decision(Action.RECORD, SKIPPED_NOTHING_TO_UNDO)
@@ -68,6 +82,14 @@ def decide(rev: Revision, is_upgrade: bool, environment: str, latest: Attempt | 
         if rev.environments is None:
             return Decision(Action.RUN)
         return Decision(Action.RUN, f"environment {environment!r} in {rev.environments!r}")
+    if ignore_environment:
+        return Decision(Action.RUN, f"{OVERRIDDEN}: {reason}")
+    if is_upgrade and latest is not None and latest.is_applied:
+        raise UsageError(
+            f"cannot run {rev.id}: {reason}, and it is applied here (recording it skipped "
+            "would hide work that is in effect); --ignore-environment runs it anyway "
+            "(recorded with the attempt); nothing was run"
+        )
     if is_upgrade:
         return Decision(Action.SKIP, reason)
     raise UsageError(f"cannot downgrade {rev.id}: {reason}; it may only be undone where it may run")

@@ -107,9 +107,12 @@ class Incomplete(DmError):
 
     exit_code = 5
 
-    def __init__(self, revision: str, message: str) -> None:
+    def __init__(self, revision: str, message: str, stopped: str | None = None) -> None:
+        """:param stopped: the status the revision's attempt was recorded with when it
+        stopped at a batch boundary (None: it did not start)."""
         super().__init__(message)
         self.revision = revision
+        self.stopped = stopped
 
 
 class LockTimeout(DmError):

@@ -89,7 +89,11 @@ class Revision:
     (``transactional = False`` only); the next run resumes it."""
     blocks_deploy: bool = True
     """False: ``dm check`` passes while it is unfinished (not run, running, stopped, paused
-    or cancelled); a failure still fails the check."""
+    or cancelled), and when it stops at a batch boundary the run goes on with the revisions
+    after it; a failure still fails the check."""
+    requires_complete: tuple[str, ...] = ()
+    """Ancestors (``blocks_deploy = False`` backfills) whose upgrade must be complete
+    before this revision's upgrade runs: until then it waits, and so does ``dm check``."""
 
     @property
     def id(self) -> str:
@@ -143,6 +147,7 @@ class Revision:
             requires_schema=_requires_schema(module),
             max_runtime=_max_runtime(module, transactional),
             blocks_deploy=_blocks_deploy(module),
+            requires_complete=_revision_ids(module, "requires_complete"),
         )
 
 
@@ -202,6 +207,7 @@ class Graph:
             raise RevisionFileError(
                 f"{display_path(script_dir.versions)}: {one_line(exc)}{files}"
             ) from None
+        _check_requires_complete(revisions)
         return cls(script_dir, revisions)
 
     @property
@@ -433,7 +439,7 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
         required = _required_positional(hook)
     except (TypeError, ValueError):
         raise _Problem(expected) from None
-    if inspect.iscoroutinefunction(hook):
+    if _is_coroutine_function(hook):
         if required > 1:
             raise _Problem(f"{expected}; it takes {required} arguments")
         return Hook(hook, "async")
@@ -444,6 +450,17 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
     if required == 1:
         return Hook(hook, "session")
     raise _Problem(f"{expected}; it takes {required} arguments")
+
+
+def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """Return whether calling ``fn`` gives a coroutine: an ``async def``, or a plain
+    function wrapping one with ``functools.wraps`` (an ordinary decorator)."""
+    if inspect.iscoroutinefunction(fn):
+        return True
+    try:
+        return inspect.iscoroutinefunction(inspect.unwrap(fn))
+    except ValueError:  # a __wrapped__ loop
+        return False
 
 
 def _required_positional(fn: Callable[..., Any]) -> int:
@@ -498,6 +515,43 @@ def _environments(module: ModuleType) -> tuple[str, ...] | None:
             "e.g. ('development', 'staging'), or None for every environment"
         )
     return tuple(environments)
+
+
+def _revision_ids(module: ModuleType, name: str) -> tuple[str, ...]:
+    value = getattr(module, name, None)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, tuple | list) or not all(
+        isinstance(rev, str) and rev.strip() == rev and rev for rev in value
+    ):
+        raise _Problem(
+            f"{name} must be a revision id or a tuple of them, e.g. ('ae1027a6acf',), or None"
+        )
+    return tuple(value)
+
+
+def _check_requires_complete(revisions: list[Revision]) -> None:
+    """Refuse a ``requires_complete`` that names no ancestor of its revision (it would wait
+    forever, or for something that runs after it)."""
+    by_id = {rev.id: rev for rev in revisions}
+    for rev in revisions:
+        if not rev.requires_complete:
+            continue
+        ancestors: set[str] = set()
+        todo = list(compat.all_down_revisions(rev.script))
+        while todo:
+            parent = todo.pop()
+            if parent not in ancestors and parent in by_id:
+                ancestors.add(parent)
+                todo.extend(compat.all_down_revisions(by_id[parent].script))
+        for required in rev.requires_complete:
+            if required not in ancestors:
+                raise RevisionFileError(
+                    f"{display_path(rev.path)}: requires_complete {required!r} names no "
+                    "ancestor of this revision (give the full id of a revision it comes after)"
+                )
 
 
 def _requires_schema(module: ModuleType) -> tuple[str, ...]:

@@ -15,7 +15,10 @@ statements outside the revision's transaction (``CREATE INDEX CONCURRENTLY``, ``
 from __future__ import annotations
 
 import contextlib
+import inspect
+import re
 import sqlite3
+import warnings
 from collections.abc import AsyncIterator
 from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
@@ -41,10 +44,21 @@ if TYPE_CHECKING:
     from .graph import Hook
 
 
+class UnawaitedCoroutine(Exception):
+    """A hook created a coroutine and dropped it: the work it stood for never ran."""
+
+
 async def call_hook(hook: Hook, session: AsyncSession) -> Any:
-    """Call ``hook`` with ``session`` (async) or through ``run_sync`` with ``op`` bound."""
+    """Call ``hook`` with ``session`` (async) or through ``run_sync`` with ``op`` bound.
+
+    Whatever the hook returns is awaited if it is awaitable (a decorator may hide an
+    ``async def``). A coroutine the call created and dropped unawaited is an error
+    (:class:`UnawaitedCoroutine`): the hook did not do its work, so it must not succeed.
+    """
     if hook.is_async:
-        return await hook.fn(session)
+        with _no_unawaited_coroutine(hook):
+            outcome = hook.fn(session)
+            return await outcome if inspect.isawaitable(outcome) else outcome
     return await session.run_sync(_call_sync, hook, current_run())
 
 
@@ -53,8 +67,47 @@ def _call_sync(sync_session: Session, hook: Hook, run: RunUnit | None) -> Any:
     context = _DmMigrationContext(connection.dialect, connection, {}, None)
     context.dm_run = run
     _route_scripts(context, connection)
-    with Operations.context(context):
-        return hook.fn(sync_session) if hook.kind == "session" else hook.fn()
+    with Operations.context(context), _no_unawaited_coroutine(hook):
+        outcome = hook.fn(sync_session) if hook.kind == "session" else hook.fn()
+        return await_only(outcome) if inspect.isawaitable(outcome) else outcome
+
+
+@contextlib.contextmanager
+def _no_unawaited_coroutine(hook: Hook) -> Iterator[None]:
+    """Raise :class:`UnawaitedCoroutine` when the block drops a coroutine unawaited.
+
+    Python only warns ("coroutine ... was never awaited") when such a coroutine is
+    freed; the warning is caught here and turned into the hook's failure. Other warnings
+    raised in the block are passed on as they were.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", _NEVER_AWAITED, RuntimeWarning)
+            yield
+    finally:
+        for other in caught:
+            if not _is_never_awaited(other):
+                warnings.warn_explicit(
+                    other.message, other.category, other.filename, other.lineno, source=other.source
+                )
+    dropped = [w for w in caught if _is_never_awaited(w)]
+    if dropped:
+        name = getattr(hook.fn, "__name__", "the hook")
+        raise UnawaitedCoroutine(
+            f"{name}() dropped a coroutine without awaiting it ({dropped[0].message}): the "
+            "work it stands for did not run; a decorator around an async hook must return "
+            "(or await) the coroutine, e.g. 'return await fn(*args, **kwargs)'"
+        )
+
+
+_NEVER_AWAITED = r"coroutine .* was never awaited"
+
+
+def _is_never_awaited(caught: warnings.WarningMessage) -> bool:
+    return issubclass(caught.category, RuntimeWarning) and bool(
+        re.match(_NEVER_AWAITED, str(caught.message))
+    )
 
 
 class _DmMigrationContext(MigrationContext):

@@ -145,14 +145,18 @@ async def run(
     force: bool = False,
     reason: str | None = None,
     dry_run: bool = False,
+    ignore_environment: bool = False,
 ) -> RunResult:
     """Run one revision's upgrade (and verify) when its ancestors are applied.
 
     :param force: run it again, as a new attempt, even though it already succeeded; the
         attempt's reason is ``forced`` (``forced: <reason>`` when a reason is given).
     :param dry_run: only return the plan.
-    :raises UsageError: an ancestor is not applied (each is named), or a reason was given
-        without ``force``.
+    :param ignore_environment: run it although its ``environments`` exclude this one; the
+        attempt's reason records the override.
+    :raises UsageError: an ancestor is not applied (each is named), a reason was given
+        without ``force``, or a forced run of an applied revision the environment guard
+        excludes (without ``ignore_environment``).
     """
 
     if reason is not None and not force:
@@ -163,7 +167,9 @@ async def run(
     why = forced_reason if force else None
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
-        return planning.plan_run(graph, rev, latest, settings.environment, why)
+        return planning.plan_run(
+            graph, rev, latest, settings.environment, why, ignore_environment=ignore_environment
+        )
 
     schema = AppSchema.for_graph(settings, graph)
     return await execute_plan(settings, rev.id, plan, dry_run=dry_run, schema=schema)

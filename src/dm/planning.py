@@ -11,6 +11,7 @@ event loop (the schema state is read by the caller, ``dm.runtime``).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from . import _alembic_compat as compat
+from .environments import OVERRIDDEN
+from .environments import SKIPPED_NOTHING_TO_UNDO
 from .environments import Action
 from .environments import Decision
 from .environments import decide
@@ -29,6 +32,7 @@ from .errors import UsageError
 from .graph import Graph
 from .graph import Revision
 from .graph import display_path
+from .state import UNFINISHED
 
 if TYPE_CHECKING:
     from alembic.script import Script
@@ -94,14 +98,17 @@ class Step:
 
 
 def plan_upgrade(graph: Graph, target: str, latest: Latest, environment: str) -> list[Step]:
-    """Plan ``dm upgrade``: skipped revisions now allowed first, then the path to ``target``.
+    """Plan ``dm upgrade``: skipped revisions now allowed and deferred backfills first, then
+    the path to ``target``.
 
-    Retried skipped revisions are limited to those ``target`` includes (for ``heads``,
-    every one; for a relative target such as ``+1``, the ones below the revision it
-    reaches from base).
+    Retried revisions are limited to those ``target`` includes (for ``heads``, every one;
+    for a relative target such as ``+1``, the ones below the revision it reaches from
+    base). A deferred backfill (see :func:`deferred_revisions`) does not hold up the path:
+    the revisions after it are planned too (``dm.runtime`` holds back those that declare
+    ``requires_complete`` while it is unfinished).
     """
-    path = graph.upgrade_path(target, applied_revisions(latest))
-    retries = _allowed_again(graph, latest, environment)
+    path = graph.upgrade_path(target, passed_revisions(graph, latest))
+    retries = _allowed_again(graph, latest, environment) + deferred_revisions(graph, latest)
     if retries:
         try:
             scope = {rev.id for rev in graph.upgrade_path(target, ())}
@@ -124,9 +131,26 @@ def plan_downgrade(graph: Graph, target: str, latest: Latest, environment: str) 
     return steps
 
 
-def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
+def plan_stamp(
+    graph: Graph,
+    target: str,
+    latest: Latest,
+    environment: str,
+    *,
+    ignore_environment: bool = False,
+) -> list[Step]:
     """Plan ``dm stamp``: up to ``target`` if it lies ahead, else down to it (recorded only,
-    so irreversible revisions may be passed and no guard applies)."""
+    so irreversible revisions may be passed).
+
+    The environment guard decides as it does for a run: stamping up records a revision it
+    excludes ``skipped``, as an upgrade here would; stamping down records the undo of a
+    skipped upgrade (nothing to undo), and refuses an applied revision it excludes. With
+    ``ignore_environment`` every revision is recorded applied (or not), the override noted
+    in its reason.
+
+    :raises UnknownTarget: ``target`` is neither ahead of nor below the applied revisions.
+    :raises UsageError: stamping down an applied revision the guard excludes.
+    """
     applied = applied_revisions(latest)
     try:
         up = graph.upgrade_path(target, applied)
@@ -137,34 +161,89 @@ def plan_stamp(graph: Graph, target: str, latest: Latest) -> list[Step]:
             # Graph errors say "cannot upgrade to ...": say what the user asked for.
             reason = str(upward_error).partition(": ")[2] or str(upward_error)
             raise UnknownTarget(f"cannot stamp {target!r}: {reason}") from None
-        return _recorded(down, False)
-    if up or target == "heads":
-        return _recorded(up, True)
-    return _recorded(graph.downgrade_path(target, applied), False)
+        revisions, is_upgrade = down, False
+    else:
+        if up or target == "heads":
+            revisions, is_upgrade = up, True
+        else:
+            revisions, is_upgrade = graph.downgrade_path(target, applied), False
+    return [
+        _stamped(rev, is_upgrade, environment, latest.get(rev.id), ignore_environment)
+        for rev in revisions
+    ]
+
+
+STAMPED = "stamped"
+"""The recorded reason of a stamp the environment guard has nothing to say about."""
+
+
+def _stamped(
+    rev: Revision, is_upgrade: bool, environment: str, attempt: Attempt | None, ignore: bool
+) -> Step:
+    """Return the step recording ``rev`` stamped, with what it records and why."""
+    if not is_upgrade and attempt is not None and attempt.is_skipped:
+        why = SKIPPED_NOTHING_TO_UNDO
+        return Step(rev, False, reason=f"{STAMPED}; {why}", decision=Decision(Action.RECORD, why))
+    guard = guard_reason(rev, environment)
+    if guard is None:
+        hook = "upgrade" if is_upgrade else "downgrade"
+        why = f"stamped as {'applied' if is_upgrade else 'not applied'}; {hook}() not run"
+        return Step(rev, is_upgrade, reason=STAMPED, decision=Decision(Action.RECORD, why))
+    if ignore:
+        why = f"{OVERRIDDEN}: {guard}"
+        return Step(
+            rev, is_upgrade, reason=f"{STAMPED}; {why}", decision=Decision(Action.RECORD, why)
+        )
+    if is_upgrade:  # what an upgrade here would record
+        return Step(rev, True, reason=f"{STAMPED}; {guard}", decision=Decision(Action.SKIP, guard))
+    raise UsageError(
+        f"cannot stamp {rev.id} as not applied: {guard}; it may only be undone where it may "
+        "run (--ignore-environment records it anyway); nothing was recorded"
+    )
 
 
 def plan_run(
-    graph: Graph, rev: Revision, latest: Latest, environment: str, forced_reason: str | None
+    graph: Graph,
+    rev: Revision,
+    latest: Latest,
+    environment: str,
+    forced_reason: str | None,
+    *,
+    ignore_environment: bool = False,
 ) -> list[Step]:
     """Plan ``dm run REV``: its upgrade, once all its ancestors are applied.
 
-    Nothing when it is applied already, unless forced (then the step carries why).
+    Nothing when it is applied already, unless forced (then the step carries why). The
+    environment guard applies to a forced run too: an applied revision it excludes is
+    refused, unless ``ignore_environment`` (then the step's reason records the override).
 
-    :raises UsageError: an ancestor is not applied (each is named).
+    :raises UsageError: an ancestor is not applied (each is named); a forced run of an
+        applied revision the environment guard excludes.
     """
-    applied = applied_revisions(latest)
-    missing = [r for r in ancestors(graph, rev.id) if r not in applied]
+    passed = passed_revisions(graph, latest)
+    missing = [r for r in ancestors(graph, rev.id) if r not in passed]
     if missing:
         raise UsageError(
             f"cannot run {rev.id}: not applied yet: {', '.join(missing)} "
             f"(apply them first, e.g. dm upgrade {rev.id})"
         )
     attempt = latest.get(rev.id)
-    if attempt is not None and attempt.is_applied:
-        if forced_reason is None:
-            return []
-        return with_decisions([Step(rev, True, reason=forced_reason)], environment, latest)
-    return with_decisions([Step(rev, True)], environment, latest)
+    waiting = incomplete_requirements(rev, latest)
+    if waiting and not (attempt is not None and attempt.is_applied and forced_reason is None):
+        raise UsageError(
+            f"cannot run {rev.id}: it requires {', '.join(waiting)} complete "
+            "(requires_complete), and it is not; dm upgrade (or dm resume) finishes it first"
+        )
+    if attempt is not None and attempt.is_applied and forced_reason is None:
+        return []
+    why = forced_reason if attempt is not None and attempt.is_applied else None
+    step = Step(rev, True, reason=why)
+    decision = decide(
+        rev, True, environment, latest.get(rev.id), ignore_environment=ignore_environment
+    )
+    if decision.action is Action.RUN and decision.reason and decision.reason.startswith(OVERRIDDEN):
+        step = replace(step, reason="; ".join(filter(None, [why, decision.reason])))
+    return [replace(step, decision=decision)]
 
 
 def plan_rollback(graph: Graph, rev: Revision, latest: Latest, environment: str) -> list[Step]:
@@ -196,6 +275,64 @@ def applied_revisions(latest: Latest) -> set[str]:
     """Return the revisions plans pass: every applied one, and those the environment guard
     skipped (see ``Attempt.counts_as_applied``)."""
     return {revision for revision, attempt in latest.items() if attempt.counts_as_applied}
+
+
+def deferred_revisions(graph: Graph, latest: Latest) -> list[Revision]:
+    """Return the deferred backfills, parents before children: revisions that say
+    ``blocks_deploy = False`` whose upgrade stopped at a batch boundary (``incomplete``,
+    ``paused``, ``cancelled``). Plans pass them as if applied, and retry them."""
+    found = {
+        revision
+        for revision, attempt in latest.items()
+        if attempt.direction == "upgrade"
+        and attempt.state in UNFINISHED
+        and graph.known(revision)
+        and not graph.revision(revision).blocks_deploy
+    }
+    if not found:
+        return []  # the common case: no graph walk
+    return [graph.revision(s.revision) for s in graph.walk() if s.revision in found]
+
+
+DEFERRED = (
+    "it does not block the deploy (blocks_deploy = False): the run goes on with the "
+    "revisions after it, except those that declare requires_complete on it"
+)
+"""What happens after a deferred backfill stopped at a batch boundary."""
+
+
+def passed_revisions(graph: Graph, latest: Latest) -> set[str]:
+    """Return the revisions plans pass: :func:`applied_revisions` and the deferred
+    backfills (:func:`deferred_revisions`)."""
+    return applied_revisions(latest) | {rev.id for rev in deferred_revisions(graph, latest)}
+
+
+def incomplete_requirements(rev: Revision, latest: Latest) -> list[str]:
+    """Return the revisions ``rev`` declares ``requires_complete`` whose upgrade is not
+    complete (a skipped or abandoned one counts as complete: it will not run here)."""
+    return [
+        required
+        for required in rev.requires_complete
+        if (attempt := latest.get(required)) is None or not attempt.counts_as_applied
+    ]
+
+
+def waits(step: Step, complete: Collection[str], held: Collection[str]) -> str | None:
+    """Return why an upgrade ``step`` may not run yet (None when it may): a revision it
+    declares ``requires_complete`` is not in ``complete``, or a parent of it is ``held``
+    back."""
+    if not step.is_upgrade:
+        return None
+    missing = [rev for rev in step.rev.requires_complete if rev not in complete]
+    if missing:
+        return (
+            f"waits for {', '.join(missing)} to complete (requires_complete; a deferred "
+            "backfill, resumed by each run)"
+        )
+    parents = [rev for rev in compat.all_down_revisions(step.script) if rev in held]
+    if parents:
+        return f"waits for {', '.join(parents)}, held back before it"
+    return None
 
 
 def require_reversible(steps: Iterable[Step], target: str) -> None:
@@ -277,13 +414,6 @@ def with_decisions(steps: list[Step], environment: str, latest: Latest) -> list[
             decision=decide(step.rev, step.is_upgrade, environment, latest.get(step.revision)),
         )
         for step in steps
-    ]
-
-
-def _recorded(revisions: list[Revision], is_upgrade: bool) -> list[Step]:
-    return [
-        Step(rev, is_upgrade, reason="stamped", decision=Decision(Action.RECORD, "stamped"))
-        for rev in revisions
     ]
 
 

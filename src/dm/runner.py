@@ -57,6 +57,7 @@ from .errors import describe_error
 from .graph import checksum
 from .lock_retries import LockRetries
 from .lock_retries import LockWaitTimedOut
+from .planning import DEFERRED
 from .planning import Step
 from .recording import Recorder
 from .stops import StopAtBoundary
@@ -327,12 +328,14 @@ class Runner:
                 )
         except FenceLost:
             raise _taken_over(step, label) from None
+        deferred = step.is_upgrade and not step.rev.blocks_deploy
+        after = DEFERRED if deferred else "the revisions after it did not run"
         message = (
             f"{label}: {stop.reason}, at a batch boundary after {duration} ms; its committed "
-            f"batches stay, {next_step_after(stop, step)}; the revisions after it did not run"
+            f"batches stay, {next_step_after(stop, step)}; {after}"
         )
         log.warning("%s", message)
-        raise Incomplete(step.revision, message)
+        raise Incomplete(step.revision, message, stop.status.value)
 
     async def _fail(
         self, step: Step, label: str, attempt_id: int, exc: BaseException, started: float

@@ -76,6 +76,9 @@ class PlannedStep:
     reason: str | None = None
     """Why: the environment guard's verdict on a guarded revision, or why a step is only
     recorded (None for an unguarded revision that runs)."""
+    records: str | None = None
+    """The status a step that does not run is recorded with (``success``, ``rolled_back``,
+    ``skipped``); None for a step that runs."""
 
 
 @dataclass(frozen=True)
@@ -288,19 +291,51 @@ def planned(steps: Sequence[Step]) -> list[PlannedStep]:
             step.reversible,
             step.decision.action.value,
             step.decision.reason,
+            None if step.runs else recorded_status(step).value,
         )
         for step in steps
     ]
 
 
 async def run_steps(runner: Runner, steps: Sequence[Step]) -> list[StepResult]:
-    """Run ``steps`` in order, recording instead of running what the plan decided."""
-    results = []
+    """Run ``steps`` in order, recording instead of running what the plan decided.
+
+    A backfill that says ``blocks_deploy = False`` and stops at a batch boundary (its time
+    box, ``dm pause``, ``dm cancel``) is deferred: the run goes on with the steps after it.
+    A step that declares ``requires_complete`` on a revision not complete, and every step
+    after it in the graph, is held back; when any is, the run ends with
+    :class:`~dm.errors.Incomplete` (exit 5) naming them, after the other steps ran.
+    """
+    from .errors import Incomplete
+    from .runner import StepResult
+
+    results: list[StepResult] = []
+    complete = {rev for rev, attempt in runner.recorder.latest.items() if attempt.counts_as_applied}
+    held: dict[str, str] = {}  # revision -> why it waits
     for step in steps:
-        if step.runs:
-            results.append(await runner.run_step(step))
-        else:
+        waits = planning.waits(step, complete, held)
+        if waits is not None:
+            held[step.revision] = waits
+            log.warning("upgrade %s: not run: %s", step.revision, waits)
+            continue
+        if not step.runs:
             results.append(await record_unrun(runner.recorder, step))
+            continue
+        try:
+            result = await runner.run_step(step)
+        except Incomplete as stop:
+            if stop.stopped is None or not step.is_upgrade or step.rev.blocks_deploy:
+                raise
+            status = Status(stop.stopped)
+            results.append(StepResult(step.revision, step.direction, status, 0, step.description))
+            continue
+        results.append(result)
+        if step.is_upgrade and result.status is Status.SUCCESS:
+            complete.add(step.revision)
+    if held:
+        first = next(iter(held))
+        lines = "; ".join(f"upgrade {rev} {why}" for rev, why in held.items())
+        raise Incomplete(first, f"{lines}; the next run goes on from there")
     return results
 
 

@@ -33,8 +33,12 @@ transactional: bool = True
 # With transactional = False: seconds an attempt may run before its batched loop stops at a
 # batch boundary (exit 5; the next run resumes). None: no limit of its own.
 max_runtime: float | None = None
-# False: dm check (an application's gate) passes while this revision is unfinished.
+# False: dm check (an application's gate) passes while this revision is unfinished, and
+# when it stops part-way (its max_runtime, dm pause) the run goes on with later revisions.
 blocks_deploy: bool = True
+# Ancestor backfills (blocks_deploy = False) whose upgrade must be complete before this one
+# runs, e.g. ("c0ffee000001",): until then it waits, and so does dm check. None: none.
+requires_complete: Sequence[str] | None = None
 
 # Keep module level light: every revision file is imported whenever dm loads the graph.
 
