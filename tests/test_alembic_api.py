@@ -206,6 +206,28 @@ def test_autocommit_block_is_refused_inside_the_callers_transaction(
     engine.dispose()
 
 
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK"])
+def test_commit_or_rollback_statement_is_refused_inside_the_callers_transaction(
+    project: Project, bystanders: list[Path], statement: str
+) -> None:
+    """A raw COMMIT or ROLLBACK would end the caller's own transaction: refused, and the
+    caller's work before dm stays the caller's to commit or roll back."""
+    project.write("a1", None, f"await session.execute(sa.text({statement!r}))")
+    cfg = config_of(project)
+    engine = sa.create_engine(sync_url(project.db))
+    with engine.connect() as conn:
+        transaction = conn.begin()
+        conn.execute(sa.text("CREATE TABLE callers (id INTEGER)"))
+        cfg.attributes["connection"] = conn
+        with pytest.raises(CommandError, match=f"sent a {statement} statement inside the caller"):
+            command.upgrade(cfg, "heads")
+        assert tracker_rows(conn) == [("a1", "upgrade", "failed")]
+        transaction.rollback()
+    engine.dispose()
+    if project.db.kind == "postgresql":  # (sqlite3 commits DDL at once)
+        assert "callers" not in table_names(project.db)  # the caller's rollback undid it all
+
+
 @pytest.mark.postgres
 def test_lock_is_held_until_the_caller_ends_its_transaction(
     postgres_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

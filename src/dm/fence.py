@@ -193,6 +193,12 @@ class CommitFence:
         if is_raw_commit(statement):
             return self._raw_commit(conn, statement), parameters
         if is_raw_rollback(statement) and not self._autocommit(conn):
+            if self.joined:
+                raise UsageError(
+                    "the revision's code sent a ROLLBACK statement inside the caller's "
+                    "transaction (config.attributes['connection']): it would roll back the "
+                    "caller's work, so it was refused; raise an exception instead"
+                )
             # Go on in a new transaction, so nothing after it commits on its own; the
             # revision's mark is gone with the old one, so dm fails the revision.
             self.held = False
@@ -232,12 +238,11 @@ class CommitFence:
         """Check the fence before a COMMIT statement; return the statement to send."""
         if self._autocommit(conn):
             return statement  # nothing to commit: each statement committed on its own
-        if self.joined:
-            self._rollback(conn)
+        if self.joined:  # the caller's transaction stays the caller's to end
             raise UsageError(
                 "the revision's code sent a COMMIT statement inside the caller's "
                 "transaction (config.attributes['connection']): it would commit the "
-                "caller's work, so it was refused and the transaction rolled back"
+                "caller's work, so it was refused"
             )
         if not self.held:
             self._check(conn, for_share=self._postgres)
