@@ -473,9 +473,13 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
     from .tracker import as_utc
 
     graph = load_graph(settings)
-    rev = revision if not graph.known(revision) and _plain_id(revision) else None
-    if rev is None:
+    unknown: UnknownTarget | None = None
+    try:
         rev = _one(graph, revision).id
+    except UnknownTarget as exc:
+        if not _plain_id(revision):
+            raise
+        unknown, rev = exc, revision  # a revision whose file is gone, named by its full id
     async with open_database(settings) as db:
         rows = []
         if not db._file_missing():
@@ -484,8 +488,8 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
                 layout = await db.tracker.layout(conn)
                 if layout is not None:
                     rows = await db.tracker.history(conn, rev, layout)
-    if not rows and not graph.known(rev):
-        raise UnknownTarget(f"no revision matches {revision!r}, and the tracker has no rows of it")
+    if not rows and unknown is not None:
+        raise UnknownTarget(f"{unknown}, and the tracker has no rows of it")
     return [
         AttemptRecord(
             id=row.id,
@@ -563,13 +567,17 @@ async def _verify_one(conn: AsyncConnection, rev: Revision, timeout: float | Non
         if conn.dialect.name == "postgresql":
             await conn.execute(sa.text("SET TRANSACTION READ ONLY"))
         session = AsyncSession(bind=conn)
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with deadline:
                 failure = await check_verify(rev, session)
         finally:
             await session.close()
-    except TimeoutError:
-        failure = f"verify() timed out after {limit:g}s"
+    except TimeoutError as exc:
+        if limit is not None and deadline.expired():
+            failure = f"verify() timed out after {limit:g}s"
+        else:  # verify() itself raised it (e.g. a client call of its own timed out)
+            failure = f"verify() raised {describe_error(exc)}"
     except Exception as exc:  # a database error (a hook's own error is check_verify's)
         failure = f"verify() raised {describe_error(exc)}"
     finally:
