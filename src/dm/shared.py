@@ -143,6 +143,11 @@ class SharedDatabase(Database):
     def _file_missing(self) -> bool:
         return False
 
+    def claim_timeout(self) -> float | None:
+        """Inside the caller's transaction, set no ``lock_timeout``: it would outlive dm's
+        savepoint and bound the caller's own statements."""
+        return None if self.joined else self.settings.lock_timeout
+
     def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Return the lock on the caller's connection (PostgreSQL) or beside its file."""
         from .lock import lock_on_connection
