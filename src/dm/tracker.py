@@ -56,11 +56,11 @@ _REBUILD = (
 )
 
 FENCE_KEY = "fence"
+"""The meta row naming the run id that holds the migration lock (see "Fencing" above)."""
 MIN_CLAIM_SECONDS = 1.0
 """The shortest wait for the fence row (``--lock-timeout 0`` still lets a fenced write of the
 previous holder that is in flight finish)."""
 _LOCK_NOT_AVAILABLE = "55P03"
-"""The meta row naming the run id that holds the migration lock (see "Fencing" above)."""
 
 FENCE_LOST = "another run took the migration lock over; this run's write was refused"
 
@@ -642,8 +642,8 @@ class Tracker:
         rows = (
             await conn.execute(
                 sa.text(
-                    "SELECT a.pid, a.application_name, a.state, "
-                    "CAST(EXTRACT(EPOCH FROM now() - a.xact_start) AS INTEGER) AS seconds "
+                    "SELECT DISTINCT a.pid, a.application_name, a.state, CAST(EXTRACT(EPOCH "
+                    "FROM clock_timestamp() - a.xact_start) AS INTEGER) AS seconds "
                     "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'relation' AND l.granted "
                     "AND l.mode <> 'AccessShareLock' AND l.pid <> pg_backend_pid() "
@@ -655,8 +655,9 @@ class Tracker:
         if not rows:
             return "a transaction that has ended since"
         return ", ".join(
-            f"backend {row.pid} (application_name {row.application_name!r}, {row.state}, "
-            f"in its transaction for {row.seconds}s)"
+            f"backend {row.pid} (application_name {row.application_name!r}, {row.state}"
+            + ("" if row.seconds is None else f", in its transaction for {row.seconds}s")
+            + ")"
             for row in rows
         )
 
