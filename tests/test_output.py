@@ -224,6 +224,18 @@ def test_log_accepts_a_partial_revision_id_as_every_command_does(project: Projec
     assert "f6e5: no attempt recorded" in never.stdout + never.stderr
 
 
+def test_log_of_a_gone_revision_wins_over_a_partial_id_of_a_file(project: Project) -> None:
+    path = project.write("ab", None, "pass")
+    assert run_dm(project, "upgrade", "heads").returncode == 0
+    path.unlink()
+    project.write("abc123", None, "pass")
+    result = run_dm(project, "log", "ab", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [(r["revision"], r["status"]) for r in json.loads(result.stdout)] == [
+        ("ab", "success")
+    ]
+
+
 # -- item 20: one line per verify result -----------------------------------------------------------
 
 

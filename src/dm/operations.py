@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from datetime import datetime
 from typing import TYPE_CHECKING
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -473,23 +474,19 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
     from .tracker import as_utc
 
     graph = load_graph(settings)
-    unknown: UnknownTarget | None = None
-    try:
-        rev = _one(graph, revision).id
-    except UnknownTarget as exc:
-        if not _plain_id(revision):
-            raise
-        unknown, rev = exc, revision  # a revision whose file is gone, named by its full id
+    # A revision whose file is gone is named by its full id, which wins over a partial id
+    # of a file (a tracker row of "ab" over the file "abc123").
+    gone = _plain_id(revision) and not graph.known(revision)
     async with open_database(settings) as db:
-        rows = []
-        if not db._file_missing():
-            conn = await db.conn()
-            async with conn.begin():
-                layout = await db.tracker.layout(conn)
-                if layout is not None:
-                    rows = await db.tracker.history(conn, rev, layout)
-    if not rows and unknown is not None:
-        raise UnknownTarget(f"{unknown}, and the tracker has no rows of it")
+        rows = await _history(db, revision) if gone else []
+        if not rows:
+            try:
+                rev = _one(graph, revision).id
+            except UnknownTarget as exc:
+                if gone:
+                    raise UnknownTarget(f"{exc}, and the tracker has no rows of it") from None
+                raise
+            rows = await _history(db, rev)
     return [
         AttemptRecord(
             id=row.id,
@@ -513,6 +510,16 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
         )
         for row in rows
     ]
+
+
+async def _history(db: Database, revision: str) -> list[sa.Row[Any]]:
+    """Return the tracker rows of ``revision``, oldest first (none without a tracker)."""
+    if db._file_missing():
+        return []
+    conn = await db.conn()
+    async with conn.begin():
+        layout = await db.tracker.layout(conn)
+        return [] if layout is None else await db.tracker.history(conn, revision, layout)
 
 
 def _plain_id(revision: str) -> bool:
