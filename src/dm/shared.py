@@ -193,20 +193,24 @@ async def open_shared(
 ) -> AsyncIterator[SharedDatabase]:
     """Yield a :class:`SharedDatabase` on ``given`` (a connection, or one opened from an engine).
 
-    :param own_loop: dm runs on a loop of its own, not the caller's: it connects through a
-        pool of its own (see ``_own_pool``), closed afterwards, whatever the outcome.
+    :param own_loop: dm runs on a loop of its own, not the caller's: on PostgreSQL it
+        connects through a pool of its own (see ``_own_pool``), closed afterwards, whatever
+        the outcome.
     """
     if isinstance(given, Engine) and given.dialect.is_async:
         given = AsyncEngine(given)
     if isinstance(given, AsyncEngine):
-        engine = _own_pool(given) if own_loop else given
+        # asyncpg's connections belong to the loop that opened them; aiosqlite's work from
+        # any loop (and an in-memory database lives in its pool's one connection).
+        own_pool = own_loop and given.dialect.name == "postgresql"
+        engine = _own_pool(given) if own_pool else given
         try:
             async with engine.connect() as conn:
                 assert conn.sync_connection is not None
                 async with _shared(settings, conn.sync_connection) as db:
                     yield db
         finally:
-            if own_loop:
+            if own_pool:
                 await engine.dispose()
     elif isinstance(given, AsyncConnection):
         assert given.sync_connection is not None
