@@ -394,6 +394,47 @@ def test_async_engine(project: Project, bystanders: list[Path], where: str) -> N
     assert rows(project) == APPLIED
 
 
+@pytest.mark.parametrize("outcome", ["success", "failure"])
+@pytest.mark.parametrize("used", [True, False])
+def test_an_async_engine_from_async_code_leaves_the_apps_pool_usable(
+    project: Project, bystanders: list[Path], outcome: str, used: bool
+) -> None:
+    """From async code dm runs on a loop of its own: it neither takes a connection of the
+    app's loop from the app's pool nor leaves one of its own loop there, failed or not."""
+    project.write("a1", None, CREATE_T, downgrade=DROP_T)
+    project.write("b2", "a1", "raise ValueError('bad row')" if outcome == "failure" else "pass")
+    cfg = config_of(project)
+
+    async def main() -> tuple[str | None, int]:
+        engine = create_async_engine(project.db.async_url)
+        try:
+            if used:
+                async with engine.connect() as conn:  # the app's pool now holds a connection
+                    await conn.execute(sa.text("SELECT 1"))
+            cfg.attributes["connection"] = engine
+            error = None
+            try:
+                command.upgrade(cfg, "heads")  # a sync call from async code
+            except CommandError as exc:
+                error = str(exc)
+            async with engine.connect() as conn:  # the app goes on with its engine
+                count = (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar_one()
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+            return error, count
+        finally:
+            await engine.dispose()
+
+    error, count = asyncio.run(main())
+    assert count == 1
+    if outcome == "success":
+        assert error is None
+        assert rows(project) == [("a1", "upgrade", "success"), ("b2", "upgrade", "success")]
+    else:
+        assert error is not None and "bad row" in error
+        assert rows(project) == [("a1", "upgrade", "success"), ("b2", "upgrade", "failed")]
+
+
 def test_async_connection_outside_its_loop_is_refused(
     project: Project, bystanders: list[Path]
 ) -> None:

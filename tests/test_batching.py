@@ -524,3 +524,30 @@ def test_batched_outside_a_run_is_an_error() -> None:
 
     with pytest.raises(BatchingError, match="inside a revision run by dm"):
         asyncio.run(use())
+
+
+@pytest.mark.parametrize(("size", "rows"), [(7, False), (7, True), (50, False), (1, False)])
+@pytest.mark.parametrize("composite", [False, True])
+def test_a_null_key_anywhere_fails_the_loop_before_any_batch(
+    project: Project, size: int, rows: bool, composite: bool
+) -> None:
+    """SQLite sorts a NULL key first, PostgreSQL last, and ``key > last`` never selects it:
+    whatever the batch size, the loop must refuse it rather than leave its row undone."""
+    project.db.query(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, k INTEGER, hits INTEGER NOT NULL)"
+    )
+    values = ", ".join(f"({i}, {i}, 0)" for i in range(1, 21))
+    project.db.query(f"INSERT INTO items (id, k, hits) VALUES {values}, (21, NULL, 0)")
+    key = "(items.c.id, items.c.k)" if composite else "items.c.k"
+    body = f"""
+    from dm import batched
+    items = sa.table("items", sa.column("id"), sa.column("k"), sa.column("hits"))
+    query = sa.select(items.c.id, items.c.k)
+    async for batch in batched(session, query, key={key}, size={size}, rows={rows}):
+        await session.execute(items.update().where(batch.where()).values(hits=1))
+    """
+    project.write(A, None, body)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "is NULL in some rows of the query" in result.stderr
+    assert hits(project) == [(0, 21)]

@@ -369,3 +369,26 @@ def _tables(project: Project) -> list[str]:
             "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 1"
         )
     return [row[0] for row in project.db.query(sql)]
+
+
+@PG_ONLY
+def test_double_dash_options_keep_the_dashes_of_their_values(project: Project) -> None:
+    project.write(
+        "a1",
+        None,
+        """\
+        row = (await session.execute(sa.text(
+            "SELECT current_setting('application_name'), current_setting('search_path')"
+        ))).one()
+        await session.execute(sa.text("CREATE TABLE seen (app text, sp text)"))
+        await session.execute(sa.text("INSERT INTO seen VALUES (:a, :b)"),
+                              {"a": row[0], "b": row[1]})
+        """,
+    )
+    # libpq's --name=value: a dash in the name means an underscore, one in the value is kept.
+    url = project.db.url + "?options=--application-name%3Dbilling-jobs%20--search-path%3Dpublic"
+    result = run_dm(project, "upgrade", env={"DM_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert [tuple(r) for r in project.db.query("SELECT app, sp FROM seen")] == [
+        ("billing-jobs", "public")
+    ]

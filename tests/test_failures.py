@@ -160,6 +160,32 @@ def test_timeout_ends_a_hook_that_blocks_the_event_loop(project: Project, blocke
     assert [r.status for r in project.db.tracker() if r.revision == "r2"] == ["failed"] * 2
 
 
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_the_watchdog_records_the_attempt_where_the_urls_options_put_the_tracker(
+    project: Project,
+) -> None:
+    """The rescue connection keeps the URL's ``options``: with ``search_path=app`` the
+    tracker lives in ``app``, and the timed-out attempt is recorded there, not left pending."""
+    project.db.query("CREATE SCHEMA app")
+    blocking_project(project, "sleep")
+    url = project.db.url + "?options=-c%20search_path%3Dapp"
+    result = run_dm(
+        project, "upgrade", "heads", "--timeout", "2", env={"DM_DATABASE_URL": url}, timeout=60
+    )
+
+    assert result.returncode == 1, result.stderr
+    [line] = error_lines(result.stderr)
+    assert line.startswith("dm: error: revision r2 failed: timed out after 2s"), line
+    assert "could not be recorded" not in result.stderr
+    rows = project.db.query(
+        "SELECT status, error_message FROM app.script_run_tracker WHERE revision = 'r2' "
+        "ORDER BY id"
+    )
+    assert [r.status for r in rows] == ["failed"], result.stderr
+    assert rows[0].error_message.startswith("timed out after 2s")
+    assert project.db.query("SELECT x FROM app.t") == []
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_ends_a_hook_that_blocks_the_event_loop(
     project: Project, signum: signal.Signals, code: int

@@ -121,6 +121,65 @@ def test_lock_held_by_another_session_times_out_naming_it(project: Project) -> N
     assert_lock_free(project)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_claiming_the_fence_is_bounded_by_the_lock_timeout(project: Project) -> None:
+    """A session that lost the migration lock but keeps a fenced write's transaction open
+    holds the fence row (``FOR SHARE``): the next run's claim waits at most --lock-timeout,
+    then exits 3 naming that session, instead of waiting forever."""
+    import asyncpg
+
+    chain = write_chain(project, 2)
+    assert run_dm(project, "upgrade", "r00").returncode == 0  # the tracker and its fence
+    url = sa.make_url(project.db.url)
+
+    async def scenario() -> tuple[int | None, str, int, float]:
+        holder = await asyncpg.connect(
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            database=url.database,
+            server_settings={"application_name": "stuck-run"},
+        )
+        try:
+            transaction = holder.transaction()
+            await transaction.start()
+            # What a fenced tracker write of a run still in flight holds.
+            await holder.execute(
+                "SELECT key FROM script_run_tracker_meta WHERE key = 'fence' FOR SHARE"
+            )
+            began = time.monotonic()
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *("-m", "dm", "upgrade", "heads", "--lock-timeout", "2"),
+                cwd=project.root,
+                env={**_environ(), **project.env()},
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+            except TimeoutError:  # waiting for the fence row for ever
+                proc.kill()
+                _, stderr = await proc.communicate()
+            seconds = time.monotonic() - began
+            return proc.returncode, stderr.decode(), holder.get_server_pid(), seconds
+        finally:
+            await holder.close()
+
+    code, stderr, holder_pid, seconds = asyncio.run(scenario())
+
+    assert code == 3, f"exit {code} after {seconds:.1f}s: {stderr}"
+    assert seconds < 20
+    [line] = [line for line in stderr.splitlines() if line.startswith("dm: error:")]
+    assert "fence" in line and "not claimed within 2s" in line
+    assert f"backend {holder_pid} (application_name 'stuck-run'" in line
+    assert "Traceback" not in stderr
+    assert "upgrade r01" not in stderr  # nothing ran
+    assert chain.rows() == Counter({"r00": 3})
+    assert_lock_free(project)  # the holder's session ended; the next run applies r01
+    assert chain.rows() == Counter({"r00": 3, "r01": 3})
+
+
 def _environ() -> dict[str, str]:
     import os
 

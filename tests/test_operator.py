@@ -304,6 +304,22 @@ def test_verify_is_read_only(project: Project, tmp_path: Path) -> None:
     assert project.db.query("SELECT count(*) AS n FROM t")[0].n == 0  # SQLite: rolled back
 
 
+def test_verify_that_raises_timeout_error_without_a_time_limit_is_a_failure(
+    project: Project,
+) -> None:
+    project.write("a1", None, CREATE_T, verify="return True")
+    project.write("b2", "a1", INSERT_T, verify="return True")
+    ok(invoke(project, "upgrade"))
+    project.write("b2", "a1", INSERT_T, verify="raise TimeoutError('billing API did not answer')")
+    result = invoke(project, "verify", "--json")
+    assert result.exit_code == 1, result.stdout + result.stderr
+    outcomes = {o["revision"]: o for o in json.loads(result.stdout)["outcomes"]}
+    assert outcomes["a1"]["result"] == "passed"
+    assert outcomes["b2"]["result"] == "failed"
+    assert "TimeoutError: billing API did not answer" in outcomes["b2"]["error"]
+    assert "timed out after" not in outcomes["b2"]["error"]
+
+
 def test_verify_refuses_a_revision_that_is_not_applied(project: Project) -> None:
     project.write("a1", None, verify="return True")
     assert "not applied" in one_error_line(invoke(project, "verify", "a1"), 2)

@@ -208,6 +208,34 @@ def test_log_of_a_revision_whose_file_is_gone(project: Project) -> None:
     assert unknown.stderr.strip().startswith("dm: error:") and "zz9" in unknown.stderr
 
 
+def test_log_accepts_a_partial_revision_id_as_every_command_does(project: Project) -> None:
+    project.write("a1b2c3d4e5f6", None, "raise ValueError('bad row 7')")
+    project.write("f6e5d4c3b2a1", "a1b2c3d4e5f6", "pass")
+    assert run_dm(project, "upgrade", "heads").returncode == 1
+    result = run_dm(project, "log", "a1b2", "--json")
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads(result.stdout)
+    assert (record["revision"], record["status"]) == ("a1b2c3d4e5f6", "failed")
+    assert record["error_message"] == "ValueError: bad row 7"
+    text = run_dm(project, "log", "a1b2")
+    assert text.returncode == 0 and "attempt 1: upgrade failed" in text.stdout, text.stderr
+    never = run_dm(project, "log", "f6e5")
+    assert never.returncode == 0, never.stderr
+    assert "f6e5: no attempt recorded" in never.stdout + never.stderr
+
+
+def test_log_of_a_gone_revision_wins_over_a_partial_id_of_a_file(project: Project) -> None:
+    path = project.write("ab", None, "pass")
+    assert run_dm(project, "upgrade", "heads").returncode == 0
+    path.unlink()
+    project.write("abc123", None, "pass")
+    result = run_dm(project, "log", "ab", "--json")
+    assert result.returncode == 0, result.stderr
+    assert [(r["revision"], r["status"]) for r in json.loads(result.stdout)] == [
+        ("ab", "success")
+    ]
+
+
 # -- item 20: one line per verify result -----------------------------------------------------------
 
 

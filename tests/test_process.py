@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -193,6 +194,69 @@ def test_signal_handling_in_process_restores_the_previous_handlers() -> None:
 
     assert run_until_signal(finished()) == "done"
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# Runs ``dm ARGS`` with a signal raised in the main thread at the moment dm's signal
+# listener sets its wakeup fd (just before the call, or just after it): the moment a signal
+# could slip between the plain handlers and the listener.
+_SIGNAL_AT_LISTENER_START = """
+import runpy
+import signal
+import sys
+
+real = signal.set_wakeup_fd
+when = sys.argv.pop(1)
+raised = []
+
+
+def set_wakeup_fd(fd, **kwargs):
+    if fd < 0 or raised:
+        return real(fd, **kwargs)
+    raised.append(True)
+    if when == "before":
+        signal.raise_signal(signal.SIGTERM)
+    previous = real(fd, **kwargs)
+    if when == "after":
+        signal.raise_signal(signal.SIGTERM)
+    return previous
+
+
+signal.set_wakeup_fd = set_wakeup_fd
+sys.argv[0] = "dm"
+runpy.run_module("dm", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_signal_while_the_listener_starts_is_not_lost(
+    project: Project, tmp_path: Path, when: str
+) -> None:
+    chain = write_chain(project, 2)
+    out, err = tmp_path / "dm.out", tmp_path / "dm.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SIGNAL_AT_LISTENER_START, when, "upgrade", "heads"],
+            cwd=project.root,
+            env={**os.environ, **project.env(), "DM_TEST_BLOCK": "r00"},
+            stdout=stdout,
+            stderr=stderr,
+        )
+    try:
+        # Lost, the signal lets the run go on into r00, which waits there for a minute.
+        exit_code = proc.wait(30)
+    except subprocess.TimeoutExpired:
+        exit_code = None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert exit_code == 143, f"the signal was lost (exit {exit_code}): {err.read_text()}"
+    assert "interrupted by SIGTERM" in err.read_text()
+    assert chain.rows() == Counter()  # stopped before r00, or r00 rolled back
+    assert "r01" not in chain.executions()
+    assert_lock_free(project)
+    assert chain.rows() == Counter(dict.fromkeys(chain.revisions, 3))
+    assert [chain.latest_status(rev) for rev in chain.revisions] == ["success", "success"]
 
 
 # -- reading while a run works ---------------------------------------------------------------------

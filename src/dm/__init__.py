@@ -1,8 +1,8 @@
 """dm: data migrations and maintenance scripts, run the way Alembic runs schema revisions.
 
 The programmatic API (``dm.api``): ``upgrade``, ``downgrade``, ``current``, ``status``,
-``check``, ``run``, ``rollback``, ``resolve``, ``verify`` and ``info`` are coroutines; each
-has a blocking ``*_sync`` twin. See ``dm.api`` for the details.
+``check``, ``run``, ``rollback``, ``resolve``, ``verify``, ``info``, ``pause``, ``resume`` and
+``cancel`` are coroutines; each has a blocking ``*_sync`` twin. See ``dm.api`` for the details.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import typing as _typing
 from .errors import DmError
 
 if _typing.TYPE_CHECKING:
+    from .api import cancel
+    from .api import cancel_sync
     from .api import check
     from .api import check_sync
     from .api import current
@@ -20,8 +22,12 @@ if _typing.TYPE_CHECKING:
     from .api import downgrade_sync
     from .api import info
     from .api import info_sync
+    from .api import pause
+    from .api import pause_sync
     from .api import resolve
     from .api import resolve_sync
+    from .api import resume
+    from .api import resume_sync
     from .api import rollback
     from .api import rollback_sync
     from .api import run
@@ -43,6 +49,8 @@ __all__ = [
     "__version__",
     "autocommit",
     "batched",
+    "cancel",
+    "cancel_sync",
     "check",
     "check_sync",
     "current",
@@ -52,8 +60,12 @@ __all__ = [
     "execute_script",
     "info",
     "info_sync",
+    "pause",
+    "pause_sync",
     "resolve",
     "resolve_sync",
+    "resume",
+    "resume_sync",
     "rollback",
     "rollback_sync",
     "run",

@@ -283,6 +283,7 @@ async def batched(
         return unordered if last is None else unordered.where(keyset.after(last))
 
     fetch = _fetch_rows if rows else _fetch_bounds
+    await _refuse_null_keys(session, unordered, keyset, revision)
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
         total = done + await _count(session, after(last))
@@ -585,6 +586,26 @@ async def _fetch_bounds(
 def _key_of(row: Any) -> Any:
     """Return the key a row of key columns holds: a value, or a tuple for several."""
     return row[0] if len(row) == 1 else tuple(row)
+
+
+async def _refuse_null_keys(
+    session: AsyncSession, query: sa.Select[Any], keyset: _Keyset, revision: str
+) -> None:
+    """Raise when a row of ``query`` has a NULL key, before the loop's first batch.
+
+    A NULL key sorts first on SQLite and last on PostgreSQL, and ``key > last`` never
+    selects it: checked per page, the row would be skipped silently unless it happened to
+    end a page. One indexed ``IS NULL`` probe finds it wherever it is.
+    """
+    selected = tuple(query.subquery().c)
+    keys = [selected[position] for position in keyset.positions]
+    probe = sa.select(sa.literal(1)).where(sa.or_(*(key.is_(None) for key in keys))).limit(1)
+    if (await session.execute(probe)).first() is not None:
+        names = ", ".join(str(column) for column in keyset.columns)
+        raise BatchingError(
+            f"revision {revision}: the batched() key ({names}) is NULL in some rows of the "
+            "query; use a key that is never null, or exclude those rows from the query"
+        )
 
 
 async def _count(session: AsyncSession, query: sa.Select[Any]) -> int:

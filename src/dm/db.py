@@ -12,11 +12,13 @@ import contextlib
 import logging
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,6 +32,8 @@ from .urls import connect_arguments
 from .urls import mask_urls_in
 
 log = logging.getLogger("dm.db")
+
+_configured_urls: weakref.WeakKeyDictionary[Engine, URL] = weakref.WeakKeyDictionary()
 
 CONNECT_TIMEOUT = 15.0
 SQLITE_BUSY_TIMEOUT = 30.0
@@ -58,6 +62,7 @@ def create_engine(
     """
     connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    configured = url
     if url.get_backend_name() == "postgresql":
         url, from_url = connect_arguments(url)
         connect_args["timeout"] = timeout or CONNECT_TIMEOUT
@@ -72,9 +77,16 @@ def create_engine(
     if autocommit:
         options["isolation_level"] = "AUTOCOMMIT"
     engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args, **options)
+    _configured_urls[engine.sync_engine] = configured
     if is_sqlite(url) and not autocommit:
         _emit_sqlite_begin(engine)
     return engine
+
+
+def configured_url(engine: AsyncEngine) -> URL:
+    """Return the URL ``engine`` was made from, with the query parameters (``options``,
+    SSL, ``connect_timeout``) that left ``engine.url`` for the driver's arguments."""
+    return _configured_urls.get(engine.sync_engine, engine.url)
 
 
 def _emit_sqlite_begin(engine: AsyncEngine) -> None:

@@ -445,11 +445,12 @@ async def _settle_if_stuck(
     )
     try:
         async with conn.begin():
-            if conn.dialect.name == "postgresql":
+            if conn.dialect.name == "postgresql":  # the attempt row too
                 ms = max(int(db.settings.lock_timeout * 1000), 1)
                 await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
+            run_id = run_info(db.settings).run_id
             ended = await db.tracker.settle_stuck(
-                conn, attempt_id, run_info(db.settings).run_id, status, text
+                conn, attempt_id, run_id, status, text, timeout=db.settings.lock_timeout
             )
     except sa.exc.DBAPIError as exc:
         raise UsageError(
@@ -574,19 +575,19 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
     from .tracker import as_utc
 
     graph = load_graph(settings)
-    rev = revision if not graph.known(revision) and _plain_id(revision) else None
-    if rev is None:
-        rev = _one(graph, revision).id
+    # A revision whose file is gone is named by its full id, which wins over a partial id
+    # of a file (a tracker row of "ab" over the file "abc123").
+    gone = _plain_id(revision) and not graph.known(revision)
     async with open_database(settings) as db:
-        rows = []
-        if not db._file_missing():
-            conn = await db.conn()
-            async with conn.begin():
-                layout = await db.tracker.layout(conn)
-                if layout is not None:
-                    rows = await db.tracker.history(conn, rev, layout)
-    if not rows and not graph.known(rev):
-        raise UnknownTarget(f"no revision matches {revision!r}, and the tracker has no rows of it")
+        rows = await _history(db, revision) if gone else []
+        if not rows:
+            try:
+                rev = _one(graph, revision).id
+            except UnknownTarget as exc:
+                if gone:
+                    raise UnknownTarget(f"{exc}, and the tracker has no rows of it") from None
+                raise
+            rows = await _history(db, rev)
     return [
         AttemptRecord(
             id=row.id,
@@ -610,6 +611,16 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
         )
         for row in rows
     ]
+
+
+async def _history(db: Database, revision: str) -> list[sa.Row[Any]]:
+    """Return the tracker rows of ``revision``, oldest first (none without a tracker)."""
+    if db._file_missing():
+        return []
+    conn = await db.conn()
+    async with conn.begin():
+        layout = await db.tracker.layout(conn)
+        return [] if layout is None else await db.tracker.history(conn, revision, layout)
 
 
 def _plain_id(revision: str) -> bool:
@@ -664,13 +675,17 @@ async def _verify_one(conn: AsyncConnection, rev: Revision, timeout: float | Non
         if conn.dialect.name == "postgresql":
             await conn.execute(sa.text("SET TRANSACTION READ ONLY"))
         session = AsyncSession(bind=conn)
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with deadline:
                 failure = await check_verify(rev, session)
         finally:
             await session.close()
-    except TimeoutError:
-        failure = f"verify() timed out after {limit:g}s"
+    except TimeoutError as exc:
+        if limit is not None and deadline.expired():
+            failure = f"verify() timed out after {limit:g}s"
+        else:  # verify() itself raised it (e.g. a client call of its own timed out)
+            failure = f"verify() raised {describe_error(exc)}"
     except Exception as exc:  # a database error (a hook's own error is check_verify's)
         failure = f"verify() raised {describe_error(exc)}"
     finally:

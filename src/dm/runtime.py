@@ -221,6 +221,10 @@ class Database:
         holder = await current_holder(self.settings.lock_url(), self.tracker)
         return running if holder is None else set()
 
+    def claim_timeout(self) -> float | None:
+        """Return how long claiming the fence may wait for the previous holder's write."""
+        return self.settings.lock_timeout
+
     def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Return the migration lock of this database (held while the context runs)."""
         from .lock import migration_lock
@@ -252,7 +256,7 @@ class Database:
                 await conn.execution_options(**{SQLITE_IMMEDIATE: True})
             await self.tracker.ensure(conn)
             async with conn.begin():
-                await self.tracker.claim(conn, self.run.run_id)
+                await self.tracker.claim(conn, self.run.run_id, self.claim_timeout())
                 interrupted = await self.tracker.fail_pending(conn, self.run, INTERRUPTED)
             for revision in interrupted:
                 log.warning(

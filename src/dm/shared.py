@@ -143,6 +143,11 @@ class SharedDatabase(Database):
     def _file_missing(self) -> bool:
         return False
 
+    def claim_timeout(self) -> float | None:
+        """Inside the caller's transaction, set no ``lock_timeout``: it would outlive dm's
+        savepoint and bound the caller's own statements."""
+        return None if self.joined else self.settings.lock_timeout
+
     def migration_lock(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Return the lock on the caller's connection (PostgreSQL) or beside its file."""
         from .lock import lock_on_connection
@@ -188,18 +193,25 @@ async def open_shared(
 ) -> AsyncIterator[SharedDatabase]:
     """Yield a :class:`SharedDatabase` on ``given`` (a connection, or one opened from an engine).
 
-    :param own_loop: dm runs on a loop of its own, not the caller's: a connection it opens
-        from an async engine is dropped afterwards, not pooled for the caller's loop.
+    :param own_loop: dm runs on a loop of its own, not the caller's: on PostgreSQL it
+        connects through a pool of its own (see ``_own_pool``), closed afterwards, whatever
+        the outcome.
     """
     if isinstance(given, Engine) and given.dialect.is_async:
         given = AsyncEngine(given)
     if isinstance(given, AsyncEngine):
-        async with given.connect() as conn:
-            assert conn.sync_connection is not None
-            async with _shared(settings, conn.sync_connection) as db:
-                yield db
-            if own_loop and db.url.get_backend_name() == "postgresql":
-                await conn.invalidate()
+        # asyncpg's connections belong to the loop that opened them; aiosqlite's work from
+        # any loop (and an in-memory database lives in its pool's one connection).
+        own_pool = own_loop and given.dialect.name == "postgresql"
+        engine = _own_pool(given) if own_pool else given
+        try:
+            async with engine.connect() as conn:
+                assert conn.sync_connection is not None
+                async with _shared(settings, conn.sync_connection) as db:
+                    yield db
+        finally:
+            if own_pool:
+                await engine.dispose()
     elif isinstance(given, AsyncConnection):
         assert given.sync_connection is not None
         async with _shared(settings, given.sync_connection) as db:
@@ -225,6 +237,28 @@ async def _shared(settings: Settings, sync: Connection) -> AsyncIterator[SharedD
         yield db
     finally:
         await db.close()
+
+
+def _own_pool(given: AsyncEngine) -> AsyncEngine:
+    """Return the caller's async engine with a pool of dm's own (the same creator, pool
+    events and dialect).
+
+    An async driver's connection belongs to the event loop that opened it. The caller's
+    pool holds connections of the caller's loop, which dm, on a loop of its own, cannot
+    use; and a connection dm opened must not go back to that pool, where the caller's next
+    query would meet a connection of dm's closed loop.
+    """
+    sync = given.sync_engine
+    engine = Engine(
+        sync.pool.recreate(),
+        sync.dialect,
+        sync.url,
+        logging_name=sync.logging_name,
+        echo=sync.echo,
+        execution_options=sync.get_execution_options(),
+        hide_parameters=sync.hide_parameters,
+    )
+    return AsyncEngine(engine)
 
 
 def _async_engine(sync_engine: Engine) -> AsyncEngine:

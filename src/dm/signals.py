@@ -79,8 +79,8 @@ async def _guarded(coro: Coroutine[Any, Any, T]) -> T:
         received.append(signum)
 
     listener = _Listener(loop, on_signal)
-    listener.start()
     try:
+        listener.start()
         return await coro
     except asyncio.CancelledError:
         if received:
@@ -107,22 +107,36 @@ class _Listener:
         self._read, self._write = socket.socketpair()
         self._write.setblocking(False)
         self._thread = threading.Thread(target=self._listen, name="dm-signals", daemon=True)
-        self._previous_fd = -1
+        self._previous_fd: int | None = None
 
     def start(self) -> None:
-        """Route SIGTERM and SIGINT to the listening thread."""
-        for signum in _SIGNALS:
-            signal.signal(signum, _noted)  # the number reaches the socket; nothing else to do
-        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-        self._thread.start()
+        """Route SIGTERM and SIGINT to the listening thread.
+
+        The signals are held back meanwhile: one that arrives before the socket is the
+        wakeup fd and the plain handlers are replaced would reach neither the socket nor a
+        handler that acts on it. Held back, it is delivered once both are in place.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            self._previous_fd = signal.set_wakeup_fd(
+                self._write.fileno(), warn_on_full_buffer=False
+            )
+            for signum in _SIGNALS:
+                signal.signal(signum, _noted)  # the number reaches the socket; nothing to do
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     def stop(self) -> None:
-        """Restore the plain handlers and end the listening thread."""
+        """Restore the plain handlers and end the listening thread (also after a partial
+        ``start``)."""
         for signum in _SIGNALS:
             signal.signal(signum, _raise_interrupted)
-        signal.set_wakeup_fd(self._previous_fd)
+        if self._previous_fd is not None:
+            signal.set_wakeup_fd(self._previous_fd)
         self._write.close()  # the thread reads the end of the stream and returns
-        self._thread.join(timeout=1.0)
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
         self._read.close()
 
     def _listen(self) -> None:

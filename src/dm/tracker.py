@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .errors import ConfigError
+from .errors import LockTimeout
 from .errors import TrackerDamaged
 from .state import RESUMABLE
 from .state import TRANSITIONS as TRANSITIONS
@@ -56,6 +57,10 @@ _REBUILD = (
 
 FENCE_KEY = "fence"
 """The meta row naming the run id that holds the migration lock (see "Fencing" above)."""
+MIN_CLAIM_SECONDS = 1.0
+"""The shortest wait for the fence row (``--lock-timeout 0`` still lets a fenced write of the
+previous holder that is in flight finish)."""
+_LOCK_NOT_AVAILABLE = "55P03"
 
 FENCE_LOST = "another run took the migration lock over; this run's write was refused"
 
@@ -188,6 +193,19 @@ def _per_revision(
 def _has_checkpoint(column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
     """Return whether a checkpoint is stored (a JSON ``null`` counts as none)."""
     return sa.and_(column.is_not(None), sa.cast(column, sa.Text) != "null")
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """Return the SQLSTATE of a PostgreSQL error wrapped by SQLAlchemy, if it has one."""
+    seen: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and link not in seen:
+        seen.append(link)
+        code = getattr(link, "sqlstate", None) or getattr(link, "pgcode", None)
+        if isinstance(code, str):
+            return code
+        link = getattr(link, "orig", None) or link.__cause__
+    return None
 
 
 def utcnow() -> datetime:
@@ -598,7 +616,14 @@ class Tracker:
         return None if row is None else (row.status, row.checkpoint)
 
     async def settle_stuck(
-        self, conn: AsyncConnection, attempt_id: int, run_id: str, status: Status, reason: str
+        self,
+        conn: AsyncConnection,
+        attempt_id: int,
+        run_id: str,
+        status: Status,
+        reason: str,
+        *,
+        timeout: float | None = None,
     ) -> bool:
         """Take the fence for ``run_id`` and end the pending attempt with ``status``, in the
         caller's transaction; return False when it is no longer pending.
@@ -607,7 +632,7 @@ class Tracker:
         still holds the migration lock, but from the commit on, every commit it tries is
         refused by the fence, and it exits 3 if it ever wakes up.
         """
-        await self.claim(conn, run_id)
+        await self.claim(conn, run_id, timeout)
         t = self.table
         updated = await conn.execute(
             t.update()
@@ -618,17 +643,61 @@ class Tracker:
 
     # -- writes (each call runs in the caller's transaction) --------------------------
 
-    async def claim(self, conn: AsyncConnection, run_id: str) -> None:
+    async def claim(self, conn: AsyncConnection, run_id: str, timeout: float | None = None) -> None:
         """Make ``run_id`` the fence: from now on only its writes match (call under the lock).
 
         On PostgreSQL the update waits for a fenced write of the previous holder that is
-        still in flight, so that write either commits before the takeover or matches nothing.
+        still in flight, so that write either commits before the takeover or matches nothing;
+        with ``timeout`` it waits at most that long (at least ``MIN_CLAIM_SECONDS``), for
+        the rest of the caller's transaction too.
+
+        :raises LockTimeout: a transaction of another session still holds the fence row after
+            ``timeout``; the message names its backend.
         """
-        updated = await conn.execute(
-            self.meta.update().where(self.meta.c.key == FENCE_KEY).values(value=run_id)
-        )
+        claim = self.meta.update().where(self.meta.c.key == FENCE_KEY).values(value=run_id)
+        if timeout is None or conn.dialect.name != "postgresql":
+            updated = await conn.execute(claim)
+        else:
+            limit = max(timeout, MIN_CLAIM_SECONDS)
+            await conn.execute(sa.text(f"SET LOCAL lock_timeout = {int(limit * 1000)}"))
+            try:
+                async with conn.begin_nested():  # the transaction stays usable after a timeout
+                    updated = await conn.execute(claim)
+            except sa.exc.DBAPIError as exc:
+                if _sqlstate(exc) != _LOCK_NOT_AVAILABLE:
+                    raise
+                holders = await self._fence_holders(conn)
+                raise LockTimeout(
+                    f"the fence of {self.qualified_name} was not claimed within {limit:g}s: its "
+                    f"row is locked by {holders} (a run that lost the migration lock may still "
+                    "be writing); end that session, or run again once it has ended"
+                ) from None
         if updated.rowcount == 0:
             await conn.execute(self.meta.insert().values(key=FENCE_KEY, value=run_id))
+
+    async def _fence_holders(self, conn: AsyncConnection) -> str:
+        """Describe the other sessions whose open transaction locked rows of the meta table."""
+        rows = (
+            await conn.execute(
+                sa.text(
+                    "SELECT DISTINCT a.pid, a.application_name, a.state, CAST(EXTRACT(EPOCH "
+                    "FROM clock_timestamp() - a.xact_start) AS INTEGER) AS seconds "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'relation' AND l.granted "
+                    "AND l.mode <> 'AccessShareLock' AND l.pid <> pg_backend_pid() "
+                    "AND l.relation = to_regclass(:meta) ORDER BY a.pid"
+                ),
+                {"meta": conn.dialect.identifier_preparer.format_table(self.meta)},
+            )
+        ).all()
+        if not rows:
+            return "a transaction that has ended since"
+        return ", ".join(
+            f"backend {row.pid} (application_name {row.application_name!r}, {row.state}"
+            + ("" if row.seconds is None else f", in its transaction for {row.seconds}s")
+            + ")"
+            for row in rows
+        )
 
     async def fail_pending(self, conn: AsyncConnection, run: RunInfo, reason: str) -> list[str]:
         """Mark every pending attempt failed with ``reason``; return their revisions.

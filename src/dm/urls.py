@@ -230,7 +230,10 @@ def _server_options(value: str, setting: str) -> dict[str, str]:
         elif word.startswith("-c"):
             word = word[2:]
         elif word.startswith("--"):
-            word = word[2:].replace("-", "_")
+            # As the server reads ``--name=value``: dashes in the name are underscores; the
+            # value is kept as written.
+            name, equals, rest = word[2:].partition("=")
+            word = name.replace("-", "_") + equals + rest
         else:
             raise ConfigError(
                 f"{setting}: options supports only '-c name=value' pairs (as in "

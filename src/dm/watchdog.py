@@ -115,14 +115,21 @@ class Rescue:
 
 
 async def rescue_for(conn: AsyncConnection, tracker: Tracker, run: RunInfo) -> Rescue:
-    """Return how to stop the revisions that run on ``conn`` from another thread."""
+    """Return how to stop the revisions that run on ``conn`` from another thread.
+
+    The rescue connects with the URL as configured (``configured_url``), not the engine's
+    stripped one: ``options`` such as ``search_path`` decide where the tracker is.
+    """
+    from .db import configured_url
+
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
+    url = configured_url(conn.engine)
     if conn.dialect.name == "postgresql":
         get_pid = getattr(driver, "get_server_pid", None)
         pid = get_pid() if callable(get_pid) else None
-        return Rescue(conn.engine.url, tracker, run, backend_pid=pid)
-    return Rescue(conn.engine.url, tracker, run, sqlite_driver=driver)
+        return Rescue(url, tracker, run, backend_pid=pid)
+    return Rescue(url, tracker, run, sqlite_driver=driver)
 
 
 async def _terminate(conn: AsyncConnection, pid: int) -> None:
