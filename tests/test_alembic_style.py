@@ -539,7 +539,7 @@ def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) ->
     def sleeping() -> bool:
         rows = project.db.query(
             "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' "
-            "AND state = 'active'"
+            "AND state = 'active' AND datname = current_database()"
         )
         return bool(rows)
 

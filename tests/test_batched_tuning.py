@@ -236,6 +236,7 @@ def test_a_long_transaction_elsewhere_holds_the_loop(project: Project, spawn: An
             lambda: (
                 project.db.query(
                     "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND datname = current_database() "
                     "AND xact_start < now() - interval '1 second' AND query LIKE '%pg_sleep(60)%'"
                 )[0].n
             )
@@ -249,7 +250,7 @@ def test_a_long_transaction_elsewhere_holds_the_loop(project: Project, spawn: An
         other.wait(10)
     project.db.query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%'"
-        " AND pid <> pg_backend_pid()"
+        " AND pid <> pg_backend_pid() AND datname = current_database()"
     )
     assert dm.wait(30) == 0, dm.stderr()
     assert hits(project) == {1: 30}

@@ -194,7 +194,7 @@ def test_work_connection_terminated_while_waiting_for_the_lock(
     assert second.running(), second.stderr()
     (work,) = project.db.query(
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'dm:pod-b' "
-        "AND query NOT LIKE '%advisory%'"
+        "AND query NOT LIKE '%advisory%' AND datname = current_database()"
     )  # its work connection, idle since it read the tracker (the other one polls the lock)
 
     project.db.query("SELECT pg_terminate_backend(:pid)", pid=work.pid)
