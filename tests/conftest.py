@@ -233,6 +233,25 @@ def invoke(project: Project, *args: str, **env: str) -> Result:
     return runner.invoke(main, list(args), env=project.env(**env), catch_exceptions=False)
 
 
+@dataclass
+class Ran:
+    """What a finished dm command left: exit code, stdout, stderr (as ``run_dm`` returns)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(project: Project, *args: str, env: dict[str, str] | None = None) -> Ran:
+    """Run ``dm ARGS`` in-process, like ``run_dm`` but without starting a process.
+
+    For checks of text and exit codes; a real process (``run_dm``) is for what only one can
+    show: stdout and stderr of the process itself, signals, ``os._exit``, the environment.
+    """
+    result = invoke(project, *args, **(env or {}))
+    return Ran(result.exit_code, result.stdout, result.stderr)
+
+
 def attempt_of(rev: str, status: Any, direction: str = "upgrade") -> Any:
     """A revision's latest tracker attempt, as ``Tracker.latest`` returns it, for planners."""
     from datetime import UTC
