@@ -521,6 +521,7 @@ def test_autocommit_outside_a_run_is_refused() -> None:
 
 
 @POSTGRES_ONLY
+@pytest.mark.process
 def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) -> None:
     write(project, "a1", None, CREATE)
     write(

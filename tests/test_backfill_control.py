@@ -140,6 +140,8 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_pause_from_another_process_stops_within_one_batch_and_resume_finishes(
     project: Project, tmp_path: Path
 ) -> None:
@@ -188,6 +190,8 @@ def test_pause_from_another_process_stops_within_one_batch_and_resume_finishes(
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["start-over", "skip"])
+@pytest.mark.process
+@pytest.mark.slow
 def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool) -> None:
     make_project(project, tmp_path)
     first = started_and_waiting(project, tmp_path)
@@ -222,6 +226,8 @@ def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool)
 
 
 @pytest.mark.parametrize("how", ["option", "setting", "attribute"])
+@pytest.mark.process
+@pytest.mark.slow
 def test_max_runtime_stops_at_a_boundary_and_the_next_runs_finish(
     project: Project, tmp_path: Path, how: str
 ) -> None:
@@ -285,6 +291,8 @@ def test_max_runtime_between_transactional_revisions(project: Project) -> None:
     assert sorted(row.rev for row in project.db.query("SELECT rev FROM ran")) == ["a", "b"]
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_check_passes_for_a_backfill_that_does_not_block_deploys(
     project: Project, tmp_path: Path
 ) -> None:
@@ -298,6 +306,8 @@ def test_check_passes_for_a_backfill_that_does_not_block_deploys(
     assert found["pending"] == [AFTER]
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_check_wait_waits_for_an_incomplete_backfill(project: Project, tmp_path: Path) -> None:
     (tmp_path / "go").touch()
     make_project(project, tmp_path, pause=0.05)
@@ -337,6 +347,7 @@ def test_pause_and_cancel_refuse_what_they_cannot_stop(project: Project, tmp_pat
         api.resume_sync(REV, settings=project.settings())
 
 
+@pytest.mark.process
 def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_path: Path) -> None:
     (tmp_path / "go").touch()
     make_project(project, tmp_path, pause=0.05)

@@ -110,6 +110,7 @@ AWKWARD = [
 
 @PG_ONLY
 @pytest.mark.parametrize("case", AWKWARD, ids=lambda case: case.name)
+@pytest.mark.process
 def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case: Awkward) -> None:
     project.write("a1", None, "await session.execute(sa.text('SELECT 1'))")
     parsed = make_url(project.db.url)
@@ -210,6 +211,7 @@ def test_unsupported_libpq_parameters_are_refused_before_connecting(
 
 
 @PG_ONLY
+@pytest.mark.process
 def test_dotenv_beside_the_config_is_read_from_any_directory(
     project: Project, tmp_path: Path
 ) -> None:

@@ -17,6 +17,8 @@ from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
 
+pytestmark = [pytest.mark.process]
+
 
 @pytest.fixture(autouse=True)
 def _no_bytecode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +47,7 @@ EXITS = {
 
 
 @pytest.mark.parametrize("statement", list(EXITS))
+@pytest.mark.slow
 def test_exit_or_cancel_raised_by_a_hook_fails_the_revision(
     project: Project, statement: str
 ) -> None:
@@ -140,6 +143,7 @@ def assert_stopped_cleanly(project: Project) -> None:
 
 
 @pytest.mark.parametrize("blocker", list(BLOCKERS))
+@pytest.mark.slow
 def test_timeout_ends_a_hook_that_blocks_the_event_loop(project: Project, blocker: str) -> None:
     """A 2 s time limit used to run 15 s until killed, leaving the row pending."""
     blocking_project(project, blocker)

@@ -24,7 +24,11 @@ from support.network import tcp_proxy
 from support.network import through
 from support.processes import advisory_locks
 
-pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("db", ["postgresql"], indirect=True)]
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.postgres,
+    pytest.mark.parametrize("db", ["postgresql"], indirect=True),
+]
 
 ROWS = 60
 REV = "f3c1a0b2c4d5"

@@ -65,6 +65,7 @@ def test_json_option_prints_the_error_as_json_on_stdout(
 
 
 @pytest.mark.parametrize(("args", "code"), [(("upgrade", "nope"), 2), (("upgrade", "heads"), 1)])
+@pytest.mark.process
 def test_json_logs_print_the_final_error_as_json(
     project: Project, args: tuple[str, ...], code: int
 ) -> None:
@@ -84,6 +85,7 @@ def test_json_logs_print_usage_errors_as_json(project: Project) -> None:
     assert entry["kind"] == "usage_error" and "frobnicate" in entry["message"]
 
 
+@pytest.mark.process
 def test_json_logs_print_interrupted_by_sigterm_as_json(project: Project) -> None:
     started = project.root / "started"
     release = project.root / "release"
@@ -133,6 +135,7 @@ def printing_project(project: Project) -> None:
 @pytest.mark.parametrize(
     "args", [("upgrade", "heads"), ("status",), ("history",), ("current",), ("log", "r1")]
 )
+@pytest.mark.process
 def test_prints_in_revision_code_do_not_corrupt_json_output(
     project: Project, args: tuple[str, ...]
 ) -> None:
@@ -276,6 +279,7 @@ def test_relative_targets_still_work(project: Project) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.process
 def test_init_in_another_directory_says_cd_first(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dm", "init", "my project"],
@@ -350,6 +354,7 @@ def test_merge_refuses_a_single_head_and_names_itself(project: Project) -> None:
     assert sorted(info["down_revisions"]) == ["r2", "r3"]
 
 
+@pytest.mark.process
 def test_info_inside_kubernetes_without_a_url(project: Project) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dm", "info"],
