@@ -783,6 +783,7 @@ def _alembic(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.process
 def test_alembic_cli_shares_graph_and_tracker(project: Project) -> None:
     chain(project)
     ok(invoke(project, "upgrade", A))
