@@ -139,7 +139,8 @@ class _Databases:
         self._jobs: queue.Queue[str | None] = queue.Queue()  # "" makes one, a name drops it
         self._thread = threading.Thread(target=self._work, name="test-databases", daemon=True)
         self._thread.start()
-        self._jobs.put("")
+        for _ in range(2):  # two spares: a run of short tests outpaces one CREATE at a time
+            self._jobs.put("")
 
     def take(self) -> str:
         """Return a new empty database's name, and start making the next one."""

@@ -347,6 +347,11 @@ def test_pause_and_cancel_refuse_what_they_cannot_stop(project: Project, tmp_pat
         api.resume_sync(REV, settings=project.settings())
 
 
+@pytest.mark.parametrize(
+    "db",
+    ["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.slow])],
+    indirect=True,
+)
 @pytest.mark.process
 def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_path: Path) -> None:
     (tmp_path / "go").touch()

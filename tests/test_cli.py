@@ -784,6 +784,7 @@ def _alembic(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.process
+@pytest.mark.slow
 def test_alembic_cli_shares_graph_and_tracker(project: Project) -> None:
     chain(project)
     ok(invoke(project, "upgrade", A))

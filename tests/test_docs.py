@@ -42,6 +42,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 @pytest.mark.process
+@pytest.mark.slow
 def test_readme_main_command_upgrades_the_example_project(tmp_path: Path) -> None:
     """The main command's `dm upgrade heads`, on a copy of the example project, on SQLite."""
     command = _command_after("main-command")

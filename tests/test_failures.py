@@ -168,7 +168,10 @@ def test_timeout_ends_a_hook_that_blocks_the_event_loop(project: Project, blocke
     assert [r.status for r in project.db.tracker() if r.revision == "r2"] == ["failed"] * 2
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)
 def test_signal_ends_a_hook_that_blocks_the_event_loop(
     project: Project, signum: signal.Signals, code: int
 ) -> None:

@@ -105,7 +105,7 @@ def lose_the_lock(project: Project, proxy: TcpProxy) -> None:
     wait_for(lambda: not advisory_locks(project), timeout=10)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [pytest.param("batched", marks=pytest.mark.slow), "transactional"])
 def test_a_run_that_lost_its_lock_commits_nothing_more(
     project: Project, tmp_path: Path, kind: str
 ) -> None:

@@ -85,6 +85,8 @@ def test_lock_timeout_exits_3_and_names_the_holder(project: Project, spawn: Spaw
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
+@pytest.mark.slow
 def test_lock_held_by_another_session_times_out_naming_it(project: Project) -> None:
     """Any session holding dm's key (here a raw asyncpg one) blocks dm, named in the error."""
     import asyncpg
@@ -163,6 +165,8 @@ def test_run_stops_when_its_lock_connection_dies(project: Project, spawn: Spawn)
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
+@pytest.mark.slow
 def test_revision_waiting_for_a_row_lock_fails_after_pg_lock_timeout(project: Project) -> None:
     """``DM_PG_LOCK_TIMEOUT`` bounds how long a revision queues behind another session's
     locks (here an open transaction holding the table), instead of hanging the deploy; the

@@ -470,6 +470,7 @@ def test_info_reports_an_unreachable_lock_database(project: Project) -> None:
 
 
 @pytest.mark.process
+@pytest.mark.slow
 def test_concurrent_runs_of_one_revision_apply_it_once(project: Project, tmp_path: Path) -> None:
     flag = tmp_path / "release"
     project.write(

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from conftest import Project
 from conftest import run_dm
 from conftest import run_in_process
 from conftest import spawn_dm
 from conftest import wait_for
+from dm.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -279,22 +281,15 @@ def test_relative_targets_still_work(project: Project) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.process
-def test_init_in_another_directory_says_cd_first(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dm", "init", "my project"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
+def test_init_in_another_directory_says_cd_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["init", "my project"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
     assert "next: cd 'my project', dm revision" in result.stdout
-    here = subprocess.run(
-        [sys.executable, "-m", "dm", "init"],
-        cwd=tmp_path / "my project" / "data_migrations",
-        capture_output=True,
-        text=True,
-    )
+    monkeypatch.chdir(tmp_path / "my project" / "data_migrations")
+    here = CliRunner().invoke(main, ["init"], catch_exceptions=False)
     assert "next: dm revision" in here.stdout
 
 

@@ -43,6 +43,14 @@ def run_concurrently(chain: Chain, spawn: Spawn, processes: int) -> list[Dm]:
     return procs
 
 
+@pytest.mark.parametrize(
+    "db",
+    [
+        pytest.param("sqlite", marks=pytest.mark.slow),
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ],
+    indirect=True,
+)
 @pytest.mark.process
 def test_concurrent_upgrades_run_each_revision_exactly_once(project: Project, spawn: Spawn) -> None:
     """Six pods start ``dm upgrade heads`` at once: one does the work, all exit 0."""
@@ -57,7 +65,7 @@ def test_concurrent_upgrades_run_each_revision_exactly_once(project: Project, sp
 # -- SIGKILL ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["asyncio", "statement"])
+@pytest.mark.parametrize("mode", ["asyncio", pytest.param("statement", marks=pytest.mark.slow)])
 @pytest.mark.process
 def test_sigkill_mid_revision_then_next_run_recovers(
     project: Project, spawn: Spawn, mode: str
@@ -93,7 +101,10 @@ def test_sigkill_mid_revision_then_next_run_recovers(
 # -- SIGTERM / SIGINT ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)
 @pytest.mark.process
 def test_signal_mid_revision_rolls_back_records_and_frees_the_lock(
     project: Project, spawn: Spawn, signum: signal.Signals, code: int
