@@ -23,9 +23,9 @@ import dm
 from conftest import REPO
 from conftest import Project
 from conftest import run_dm
-from helm_render import Unsupported
-from helm_render import render
-from helm_render import render_chart
+from support.helm_render import Unsupported
+from support.helm_render import render
+from support.helm_render import render_chart
 
 DEPLOY = REPO / "deploy"
 CHART = DEPLOY / "helm" / "dm"
