@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -124,17 +126,77 @@ def make_sqlite(tmp_path: Path) -> Database:
     return Database("sqlite", f"sqlite:///{path}", f"sqlite:///{path}")
 
 
+class _Databases:
+    """Fresh PostgreSQL databases, made and dropped on a thread of their own.
+
+    ``CREATE DATABASE`` and ``DROP DATABASE`` take about a second each on a busy server; the
+    thread makes the next test's database while a test runs and drops the finished ones
+    meanwhile, so a test waits for neither. Each test still gets a new, empty database.
+    """
+
+    def __init__(self) -> None:
+        self._spare: queue.Queue[str | BaseException] = queue.Queue()
+        self._jobs: queue.Queue[str | None] = queue.Queue()  # "" makes one, a name drops it
+        self._thread = threading.Thread(target=self._work, name="test-databases", daemon=True)
+        self._thread.start()
+        for _ in range(2):  # two spares: a run of short tests outpaces one CREATE at a time
+            self._jobs.put("")
+
+    def take(self) -> str:
+        """Return a new empty database's name, and start making the next one."""
+        name = self._spare.get(timeout=120)
+        if isinstance(name, BaseException):
+            raise name
+        self._jobs.put("")
+        return name
+
+    def drop(self, name: str) -> None:
+        self._jobs.put(name)
+
+    def close(self) -> None:
+        """Drop every database made, in use or spare; return when done."""
+        self._jobs.put(None)
+        self._thread.join(300)
+        while not self._spare.empty():
+            spare = self._spare.get_nowait()
+            if isinstance(spare, str):
+                _pg_admin(f'DROP DATABASE IF EXISTS "{spare}" WITH (FORCE)')
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job:
+                _pg_admin(f'DROP DATABASE IF EXISTS "{job}" WITH (FORCE)')
+                continue
+            name = f"dm_t_{uuid.uuid4().hex[:12]}"
+            try:
+                _pg_admin(f'CREATE DATABASE "{name}"')
+            except BaseException as exc:
+                self._spare.put(exc)
+            else:
+                self._spare.put(name)
+
+
+_DATABASES: list[_Databases] = []
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop the test databases still left (each pytest-xdist worker drops its own)."""
+    for databases in _DATABASES:
+        databases.close()
+
+
 @pytest.fixture
 def postgres_db() -> Iterator[Database]:
     """A fresh PostgreSQL database, dropped afterwards."""
     user = pg_user()
-    name = f"dm_t_{uuid.uuid4().hex[:12]}"
-    _pg_admin(f'CREATE DATABASE "{name}"')
+    if not _DATABASES:
+        _DATABASES.append(_Databases())
+    name = _DATABASES[0].take()
     url = f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
     try:
         yield Database("postgresql", url, url)
     finally:
-        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _DATABASES[0].drop(name)
 
 
 @pytest.fixture
@@ -231,6 +293,25 @@ def invoke(project: Project, *args: str, **env: str) -> Result:
     """Run ``dm ARGS`` in-process with CliRunner; stdout and stderr stay apart."""
     runner = CliRunner()
     return runner.invoke(main, list(args), env=project.env(**env), catch_exceptions=False)
+
+
+@dataclass
+class Ran:
+    """What a finished dm command left: exit code, stdout, stderr (as ``run_dm`` returns)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(project: Project, *args: str, env: dict[str, str] | None = None) -> Ran:
+    """Run ``dm ARGS`` in-process, like ``run_dm`` but without starting a process.
+
+    For checks of text and exit codes; a real process (``run_dm``) is for what only one can
+    show: stdout and stderr of the process itself, signals, ``os._exit``, the environment.
+    """
+    result = invoke(project, *args, **(env or {}))
+    return Ran(result.exit_code, result.stdout, result.stderr)
 
 
 def attempt_of(rev: str, status: Any, direction: str = "upgrade") -> Any:

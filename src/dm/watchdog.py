@@ -50,9 +50,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dm.watchdog")
 
-GRACE_SECONDS = 4.0
+
+def _seconds(name: str, default: float) -> float:
+    """Return the positive number of seconds in environment variable ``name``, else ``default``.
+
+    For dm's own tests only (a blocked-loop case need not wait the full periods out); an
+    unset, unparsable or non-positive value keeps the default.
+    """
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+GRACE_SECONDS = _seconds("DM_WATCHDOG_GRACE_SECONDS", 4.0)
 """How long dm may take to stop by itself after a deadline or a signal."""
-RESCUE_SECONDS = 4.0
+RESCUE_SECONDS = _seconds("DM_WATCHDOG_RESCUE_SECONDS", 4.0)
 """How long the watchdog may take to stop the revision and record its failure."""
 
 Reporter = Callable[[str, int, str], None]

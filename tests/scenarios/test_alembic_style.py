@@ -521,6 +521,7 @@ def test_autocommit_outside_a_run_is_refused() -> None:
 
 
 @POSTGRES_ONLY
+@pytest.mark.process
 def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) -> None:
     write(project, "a1", None, CREATE)
     write(
@@ -539,7 +540,7 @@ def test_sigterm_cancels_a_sync_hook_blocked_in_a_statement(project: Project) ->
     def sleeping() -> bool:
         rows = project.db.query(
             "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' "
-            "AND state = 'active'"
+            "AND state = 'active' AND datname = current_database()"
         )
         return bool(rows)
 

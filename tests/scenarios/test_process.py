@@ -44,6 +44,15 @@ def run_concurrently(chain: Chain, spawn: Spawn, processes: int) -> list[Dm]:
     return procs
 
 
+@pytest.mark.parametrize(
+    "db",
+    [
+        pytest.param("sqlite", marks=pytest.mark.slow),
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ],
+    indirect=True,
+)
+@pytest.mark.process
 def test_concurrent_upgrades_run_each_revision_exactly_once(project: Project, spawn: Spawn) -> None:
     """Six pods start ``dm upgrade heads`` at once: one does the work, all exit 0."""
     chain = write_chain(project, 20)
@@ -57,7 +66,8 @@ def test_concurrent_upgrades_run_each_revision_exactly_once(project: Project, sp
 # -- SIGKILL ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["asyncio", "statement"])
+@pytest.mark.parametrize("mode", ["asyncio", pytest.param("statement", marks=pytest.mark.slow)])
+@pytest.mark.process
 def test_sigkill_mid_revision_then_next_run_recovers(
     project: Project, spawn: Spawn, mode: str
 ) -> None:
@@ -92,7 +102,11 @@ def test_sigkill_mid_revision_then_next_run_recovers(
 # -- SIGTERM / SIGINT ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)
+@pytest.mark.process
 def test_signal_mid_revision_rolls_back_records_and_frees_the_lock(
     project: Project, spawn: Spawn, signum: signal.Signals, code: int
 ) -> None:
@@ -113,6 +127,8 @@ def test_signal_mid_revision_rolls_back_records_and_frees_the_lock(
     assert chain.rows() == Counter(dict.fromkeys(chain.revisions, 3))
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_sigterm_cancels_a_running_statement(project: Project, spawn: Spawn) -> None:
     """SIGTERM while one long SQL statement runs: it is cancelled (PostgreSQL: asyncpg's
     cancel request; SQLite: interrupt()), recorded, and dm exits 143 within seconds."""
@@ -140,6 +156,8 @@ def _pid1_supported() -> bool:
 
 
 @pytest.mark.skipif(not _pid1_supported(), reason="needs unshare --pid (root or user namespaces)")
+@pytest.mark.process
+@pytest.mark.slow
 def test_sigterm_as_pid_1_of_a_container(project: Project, spawn: Spawn) -> None:
     """As PID 1 (no tini) the kernel drops signals without a handler; dm handles SIGTERM."""
     chain = write_chain(project, 3)
@@ -262,6 +280,8 @@ def test_a_signal_while_the_listener_starts_is_not_lost(
 # -- reading while a run works ---------------------------------------------------------------------
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_read_only_commands_do_not_wait_for_the_lock(project: Project, spawn: Spawn) -> None:
     """``status``, ``current`` and ``check`` answer at once while a run is inside r02."""
     chain = write_chain(project, 4)
@@ -290,6 +310,8 @@ def test_read_only_commands_do_not_wait_for_the_lock(project: Project, spawn: Sp
 # -- per-revision time limit -----------------------------------------------------------------------
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_revision_timeout_attribute_stops_a_slow_revision(project: Project) -> None:
     project.write("t1", None, "await session.execute(sa.text('CREATE TABLE slow (x INTEGER)'))")
     project.write(
@@ -309,6 +331,8 @@ def test_revision_timeout_attribute_stops_a_slow_revision(project: Project) -> N
     assert project.db.query("SELECT COUNT(*) AS n FROM slow")[0].n == 0
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_timeout_option_cancels_a_running_statement(project: Project) -> None:
     """``--timeout 1`` stops a revision stuck in one SQL statement, which is cancelled."""
     chain = write_chain(project, 3)
@@ -352,6 +376,7 @@ def _reset(project: Project, chain: Chain) -> None:
 @pytest.mark.stress
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
 def test_stress_concurrent_rounds_stay_exactly_once(project: Project, spawn: Spawn) -> None:
     """Round after round, six pods race on a fresh tracker: never a duplicate or a failure."""
     chain = write_chain(project, 20)

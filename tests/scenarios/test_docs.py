@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 
 from conftest import REPO
 from dm.cli import main
@@ -40,6 +41,8 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert 'eval "$test_command"' in (REPO / ".ci" / "run").read_text()
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_readme_main_command_upgrades_the_example_project(tmp_path: Path) -> None:
     """The main command's `dm upgrade heads`, on a copy of the example project, on SQLite."""
     command = _command_after("main-command")

@@ -32,6 +32,8 @@ from support.processes import block_in
 from support.processes import has_table
 from support.processes import write_chain
 
+pytestmark = [pytest.mark.process]
+
 TRANSIENT = "transient (a retry may succeed): "
 
 
@@ -53,6 +55,7 @@ def latest(project: Project, revision: str) -> sa.Row[object]:
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_startup_retries_until_the_server_listens(
     project: Project, spawn: Spawn, proxy: TcpProxy
 ) -> None:
@@ -99,6 +102,7 @@ def test_startup_retry_gives_up_with_exit_75(project: Project, proxy: TcpProxy) 
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_startup_retry_is_bounded_when_the_server_never_answers(project: Project) -> None:
     """A port that accepts TCP but never answers (a hung server, a black hole): each attempt
     is cut at the retry window's end, so dm gives up on time with 75."""
@@ -122,6 +126,7 @@ def test_startup_retry_is_bounded_when_the_server_never_answers(project: Project
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
 @pytest.mark.parametrize("fault", ["database", "role"])
+@pytest.mark.slow
 def test_login_refused_or_missing_database_fails_at_once_with_2(
     project: Project, fault: str
 ) -> None:
@@ -146,6 +151,7 @@ def test_login_refused_or_missing_database_fails_at_once_with_2(
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
 @pytest.mark.parametrize("mode", ["statement", "asyncio"])
+@pytest.mark.slow
 def test_work_connection_terminated_mid_revision(project: Project, spawn: Spawn, mode: str) -> None:
     """``pg_terminate_backend`` of the work connection (failover, PgBouncer restart): mid-
     statement (``admin_shutdown``) or between statements ("connection was closed in the
@@ -182,6 +188,7 @@ def test_work_connection_terminated_mid_revision(project: Project, spawn: Spawn,
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_work_connection_terminated_while_waiting_for_the_lock(
     project: Project, spawn: Spawn
 ) -> None:
@@ -194,7 +201,7 @@ def test_work_connection_terminated_while_waiting_for_the_lock(
     assert second.running(), second.stderr()
     (work,) = project.db.query(
         "SELECT pid FROM pg_stat_activity WHERE application_name = 'dm:pod-b' "
-        "AND query NOT LIKE '%advisory%'"
+        "AND query NOT LIKE '%advisory%' AND datname = current_database()"
     )  # its work connection, idle since it read the tracker (the other one polls the lock)
 
     project.db.query("SELECT pg_terminate_backend(:pid)", pid=work.pid)
@@ -282,6 +289,7 @@ def _assert_transient_failure(project: Project, proc_stderr: str, needle: str) -
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_deadlock_exits_75(project: Project, spawn: Spawn) -> None:
     """The revision and the test's connection lock two rows in opposite orders; the
     revision, last to wait, is the deadlock's victim."""
@@ -319,6 +327,7 @@ def test_deadlock_exits_75(project: Project, spawn: Spawn) -> None:
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_serialization_failure_exits_75(project: Project, spawn: Spawn) -> None:
     """The revision reads row 1 in REPEATABLE READ; the test commits a change to it; the
     revision's update of row 1 cannot be serialized."""

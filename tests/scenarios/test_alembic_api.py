@@ -229,6 +229,7 @@ def test_commit_or_rollback_statement_is_refused_inside_the_callers_transaction(
 
 
 @pytest.mark.postgres
+@pytest.mark.process
 def test_lock_is_held_until_the_caller_ends_its_transaction(
     postgres_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

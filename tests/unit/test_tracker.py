@@ -10,7 +10,7 @@ from conftest import Project
 from conftest import as_json
 from conftest import invoke
 from conftest import ok
-from conftest import run_dm
+from conftest import run_in_process
 from dm.tracker import SCHEMA_VERSION
 from dm.tracker import Tracker
 from support.revisions import current_lines
@@ -264,7 +264,7 @@ def test_damaged_tracker_is_explained_and_left_as_it_is(project: Project, damage
     before = tables(project)
 
     for args in (("upgrade", "heads"), ("status",), ("check",), ("current",)):
-        result = run_dm(project, *args)
+        result = run_in_process(project, *args)
         assert result.returncode == 2, (args, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("dm: error: "), (args, result.stderr)
@@ -278,7 +278,7 @@ def test_a_damaged_tracker_rebuilt_on_purpose_as_the_message_says(project: Proje
     three_revisions(project)
     ok(invoke(project, "upgrade", B))
     project.db.query("DROP TABLE script_run_tracker")
-    message = run_dm(project, "status").stderr
+    message = run_in_process(project, "status").stderr
     assert "drop both tables (DROP TABLE script_run_tracker, script_run_tracker_meta)" in message
     assert "dm stamp" in message
 

@@ -146,6 +146,8 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_pause_from_another_process_stops_within_one_batch_and_resume_finishes(
     project: Project, tmp_path: Path
 ) -> None:
@@ -194,6 +196,8 @@ def test_pause_from_another_process_stops_within_one_batch_and_resume_finishes(
 
 
 @pytest.mark.parametrize("skip", [False, True], ids=["start-over", "skip"])
+@pytest.mark.process
+@pytest.mark.slow
 def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool) -> None:
     make_project(project, tmp_path)
     first = started_and_waiting(project, tmp_path)
@@ -228,6 +232,7 @@ def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool)
 
 
 @POSTGRES_ONLY
+@pytest.mark.process
 def test_cancel_settles_a_run_that_no_longer_answers(project: Project, tmp_path: Path) -> None:
     """A run stuck inside a batch (alive, holding the lock, committing nothing) is settled
     by ``dm cancel --stuck-after``: its attempt is recorded cancelled, and when it wakes up
@@ -261,6 +266,8 @@ def test_cancel_settles_a_run_that_no_longer_answers(project: Project, tmp_path:
 
 
 @POSTGRES_ONLY
+@pytest.mark.process
+@pytest.mark.slow
 def test_cancel_stuck_after_leaves_a_run_that_answers_alone(
     project: Project, tmp_path: Path
 ) -> None:
@@ -283,6 +290,8 @@ def test_cancel_stuck_after_leaves_a_run_that_answers_alone(
 
 
 @pytest.mark.parametrize("how", ["option", "setting", "attribute"])
+@pytest.mark.process
+@pytest.mark.slow
 def test_max_runtime_stops_at_a_boundary_and_the_next_runs_finish(
     project: Project, tmp_path: Path, how: str
 ) -> None:
@@ -346,6 +355,8 @@ def test_max_runtime_between_transactional_revisions(project: Project) -> None:
     assert sorted(row.rev for row in project.db.query("SELECT rev FROM ran")) == ["a", "b"]
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_check_passes_for_a_backfill_that_does_not_block_deploys(
     project: Project, tmp_path: Path
 ) -> None:
@@ -359,6 +370,8 @@ def test_check_passes_for_a_backfill_that_does_not_block_deploys(
     assert found["pending"] == [AFTER]
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_check_wait_waits_for_an_incomplete_backfill(project: Project, tmp_path: Path) -> None:
     (tmp_path / "go").touch()
     make_project(project, tmp_path, pause=0.05)
@@ -398,6 +411,12 @@ def test_pause_and_cancel_refuse_what_they_cannot_stop(project: Project, tmp_pat
         api.resume_sync(REV, settings=project.settings())
 
 
+@pytest.mark.parametrize(
+    "db",
+    ["sqlite", pytest.param("postgresql", marks=[pytest.mark.postgres, pytest.mark.slow])],
+    indirect=True,
+)
+@pytest.mark.process
 def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_path: Path) -> None:
     (tmp_path / "go").touch()
     make_project(project, tmp_path, pause=0.05)
@@ -412,6 +431,8 @@ def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_
     assert counts(project) == {1: done, 0: ROWS - done} and after_ran(project)
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_a_paused_deferred_backfill_lets_the_run_and_the_deploy_go_on(
     project: Project, tmp_path: Path
 ) -> None:

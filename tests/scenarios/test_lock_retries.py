@@ -22,7 +22,12 @@ from conftest import run_dm
 from conftest import wait_for
 from support.processes import Spawn
 
-pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("db", ["postgresql"], indirect=True)]
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.slow,
+    pytest.mark.postgres,
+    pytest.mark.parametrize("db", ["postgresql"], indirect=True),
+]
 
 
 class RowLock:

@@ -137,6 +137,8 @@ def checkpoint_of(project: Project) -> dict[str, Any]:
     return json.loads(value) if isinstance(value, str) else dict(value)
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_pause_when_holds_the_loop_until_the_flag_is_cleared(project: Project, spawn: Any) -> None:
     make_items(project, 50)
     project.db.query("CREATE TABLE pause_flag (reason VARCHAR(100))")
@@ -157,6 +159,8 @@ def test_pause_when_holds_the_loop_until_the_flag_is_cleared(project: Project, s
     assert checkpoint_of(project)["rows_done"] == 50
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_sigterm_while_waiting_stops_at_once_and_the_next_run_resumes(
     project: Project, spawn: Any
 ) -> None:
@@ -196,6 +200,8 @@ async for batch in batched(
 """
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_the_reason_to_wait_is_a_field_of_json_logs(project: Project, spawn: Any) -> None:
     make_items(project, 30)
     project.db.query("CREATE TABLE pause_flag (reason VARCHAR(100))")
@@ -222,6 +228,8 @@ def test_the_ready_made_predicates_let_an_idle_database_run(project: Project) ->
 
 
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.process
+@pytest.mark.slow
 def test_a_long_transaction_elsewhere_holds_the_loop(project: Project, spawn: Any) -> None:
     make_items(project, 30)
     project.write(A, None, BACKOFF, extra=EXTRA)
@@ -236,6 +244,7 @@ def test_a_long_transaction_elsewhere_holds_the_loop(project: Project, spawn: An
             lambda: (
                 project.db.query(
                     "SELECT count(*) AS n FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND datname = current_database() "
                     "AND xact_start < now() - interval '1 second' AND query LIKE '%pg_sleep(60)%'"
                 )[0].n
             )
@@ -249,7 +258,7 @@ def test_a_long_transaction_elsewhere_holds_the_loop(project: Project, spawn: An
         other.wait(10)
     project.db.query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%'"
-        " AND pid <> pg_backend_pid()"
+        " AND pid <> pg_backend_pid() AND datname = current_database()"
     )
     assert dm.wait(30) == 0, dm.stderr()
     assert hits(project) == {1: 30}

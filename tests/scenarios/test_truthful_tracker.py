@@ -293,6 +293,7 @@ def check_json(project: Project) -> tuple[int, dict[str, object]]:
     return result.exit_code, json.loads(result.stdout)
 
 
+@pytest.mark.process
 def test_a_deferred_backfill_lets_the_plan_and_the_deploy_go_on(project: Project) -> None:
     backfill_project(project)
     first = run_dm(project, "upgrade")

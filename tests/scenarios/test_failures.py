@@ -17,6 +17,8 @@ from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
 
+pytestmark = [pytest.mark.process]
+
 
 @pytest.fixture(autouse=True)
 def _no_bytecode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +47,7 @@ EXITS = {
 
 
 @pytest.mark.parametrize("statement", list(EXITS))
+@pytest.mark.slow
 def test_exit_or_cancel_raised_by_a_hook_fails_the_revision(
     project: Project, statement: str
 ) -> None:
@@ -109,6 +112,8 @@ BLOCKERS = {
     ),
 }
 BOUND = 10.0  # seconds from the deadline or the signal to the end of dm
+# dm's 4 s grace period shortened (a setting for tests only) so each case takes ~1 s, not ~14 s.
+FAST_WATCHDOG = {"DM_WATCHDOG_GRACE_SECONDS": "0.5"}
 
 
 def blocking_project(project: Project, blocker: str) -> Path:
@@ -138,11 +143,12 @@ def assert_stopped_cleanly(project: Project) -> None:
 
 
 @pytest.mark.parametrize("blocker", list(BLOCKERS))
+@pytest.mark.slow
 def test_timeout_ends_a_hook_that_blocks_the_event_loop(project: Project, blocker: str) -> None:
     """A 2 s time limit used to run 15 s until killed, leaving the row pending."""
     blocking_project(project, blocker)
     began = time.monotonic()
-    result = run_dm(project, "upgrade", "heads", "--timeout", "2", timeout=60)
+    result = run_dm(project, "upgrade", "heads", "--timeout", "2", env=FAST_WATCHDOG, timeout=60)
     elapsed = time.monotonic() - began
 
     assert result.returncode == 1, result.stderr
@@ -155,7 +161,9 @@ def test_timeout_ends_a_hook_that_blocks_the_event_loop(project: Project, blocke
     assert row.error_message.startswith("timed out after 2s")
     assert_stopped_cleanly(project)
     # The next run acquires the lock at once and fails r2 the same way, as a new attempt.
-    again = run_dm(project, "upgrade", "heads", "--timeout", "1", "--lock-timeout", "0")
+    again = run_dm(
+        project, "upgrade", "heads", "--timeout", "1", "--lock-timeout", "0", env=FAST_WATCHDOG
+    )
     assert again.returncode == 1, again.stderr
     assert [r.status for r in project.db.tracker() if r.revision == "r2"] == ["failed"] * 2
 
@@ -170,7 +178,13 @@ def test_the_watchdog_records_the_attempt_where_the_urls_options_put_the_tracker
     blocking_project(project, "sleep")
     url = project.db.url + "?options=-c%20search_path%3Dapp"
     result = run_dm(
-        project, "upgrade", "heads", "--timeout", "2", env={"DM_DATABASE_URL": url}, timeout=60
+        project,
+        "upgrade",
+        "heads",
+        "--timeout",
+        "2",
+        env={"DM_DATABASE_URL": url, **FAST_WATCHDOG},
+        timeout=60,
     )
 
     assert result.returncode == 1, result.stderr
@@ -186,13 +200,16 @@ def test_the_watchdog_records_the_attempt_where_the_urls_options_put_the_tracker
     assert project.db.query("SELECT x FROM app.t") == []
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+)
 def test_signal_ends_a_hook_that_blocks_the_event_loop(
     project: Project, signum: signal.Signals, code: int
 ) -> None:
     """SIGTERM used to take effect only when the hook gave the event loop back."""
     started = blocking_project(project, "sleep")
-    proc = spawn_dm(project, "upgrade", "heads")
+    proc = spawn_dm(project, "upgrade", "heads", env=FAST_WATCHDOG)
     try:
         wait_for(lambda: started.exists() or proc.poll() is not None, timeout=60)
         assert proc.poll() is None

@@ -22,6 +22,8 @@ def poll_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if " poll " in line]
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_wait_passes_once_an_upgrade_in_another_process_finishes(
     project: Project, spawn: Spawn
 ) -> None:
@@ -46,6 +48,7 @@ def test_wait_passes_once_an_upgrade_in_another_process_finishes(
     chain.assert_exactly_once()
 
 
+@pytest.mark.process
 def test_wait_gives_up_after_the_timeout_with_exit_4(project: Project, spawn: Spawn) -> None:
     """Nothing runs the pending revision: the waiter exits 4 after the timeout, with the
     last state on stdout."""

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import Result
 
 from conftest import Project
@@ -449,6 +450,7 @@ def test_downgrade_past_a_skipped_irreversible_revision_needs_no_downgrade(
     assert "no downgrade() in b2" in line
 
 
+@pytest.mark.process
 def test_alembic_command_line_honours_the_environment_guard(project: Project) -> None:
     guarded_chain(project)
     alembic = Path(sys.executable).parent / "alembic"
@@ -483,6 +485,8 @@ def test_info_reports_an_unreachable_lock_database(project: Project) -> None:
     assert info["database_url"] == "postgresql+asyncpg://dm:***@127.0.0.1:1/nowhere"
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_concurrent_runs_of_one_revision_apply_it_once(project: Project, tmp_path: Path) -> None:
     flag = tmp_path / "release"
     project.write(

@@ -1,4 +1,4 @@
-"""A walk of bad inputs through the real ``dm`` process (issue #9).
+"""A walk of bad inputs through ``dm``, in-process and as a real process (issue #9).
 
 Each case is one mistake a person makes: a URL, a setting, a config file, a revision file,
 a target. For every one dm must print exactly one ``dm: error:`` line naming what is wrong,
@@ -21,6 +21,7 @@ import pytest
 from conftest import Project
 from conftest import invoke
 from conftest import run_dm
+from conftest import run_in_process
 
 POSTGRES = pytest.mark.postgres
 SECRET = "Zq7Secret"
@@ -371,8 +372,16 @@ def _params() -> list[Any]:
     return params
 
 
+# The fast suite walks the cases in-process; the full suite walks them again through the real
+# ``dm`` process (everything it writes, Python's own warnings included).
+RUNNERS = ["in-process", pytest.param("process", marks=[pytest.mark.process, pytest.mark.slow])]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize(("db", "case"), _params(), indirect=["db"])
-def test_bad_input_gets_one_line_and_changes_nothing(applied: Project, case: Bad) -> None:
+def test_bad_input_gets_one_line_and_changes_nothing(
+    applied: Project, case: Bad, runner: str
+) -> None:
     project = applied
     # Pending work: a command that went ahead despite the bad input would change the data.
     project.write(
@@ -381,7 +390,8 @@ def test_bad_input_gets_one_line_and_changes_nothing(applied: Project, case: Bad
     if case.setup is not None:
         case.setup(project)
     before = _snapshot(project)
-    result = run_dm(project, *case.args, env=dict(case.env))
+    run = run_dm if runner == "process" else run_in_process
+    result = run(project, *case.args, env=dict(case.env))
     after = _snapshot(project)
 
     shown = result.stdout + result.stderr

@@ -784,6 +784,8 @@ def _alembic(project: Project, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.process
+@pytest.mark.slow
 def test_alembic_cli_shares_graph_and_tracker(project: Project) -> None:
     chain(project)
     ok(invoke(project, "upgrade", A))
@@ -808,6 +810,7 @@ def test_alembic_cli_shares_graph_and_tracker(project: Project) -> None:
     assert current_lines(project) == [f"{C} (head)"]
 
 
+@pytest.mark.process
 def test_python_m_dm(project: Project) -> None:
     chain(project)
     result = run_dm(project, "upgrade", "heads")

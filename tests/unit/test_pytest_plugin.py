@@ -235,6 +235,7 @@ def test_dm_without_its_conftest_is_a_usage_error(pytester: pytest.Pytester) -> 
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_good_project_passes_every_builtin_test_on_postgresql(pytester: pytest.Pytester) -> None:
 
     server = f"postgresql://{pg_user()}@{PG_HOST}:{PG_PORT}/postgres"
@@ -452,6 +453,7 @@ def test_skipped_revisions_are_left_out(pytester: pytest.Pytester) -> None:
 # -- the repository's example project ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester) -> None:
     shutil.copy(REPO / "alembic.ini", pytester.path / "alembic.ini")
     shutil.copytree(

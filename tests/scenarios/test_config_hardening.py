@@ -17,12 +17,14 @@ from sqlalchemy.engine import make_url
 from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import Project
+from conftest import Ran
 from conftest import run_dm
+from conftest import run_in_process
 
 PG_ONLY = pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 
 
-def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+def _one_error_line(result: subprocess.CompletedProcess[str] | Ran) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("dm: error: "), result.stderr
@@ -106,8 +108,21 @@ AWKWARD = [
 ]
 
 
+# Two cases in the fast suite (a URL that connects, one that cannot); the others in the full one.
+FAST_AWKWARD = {"unencoded @", "unreachable, @ in password"}
+
+
 @PG_ONLY
-@pytest.mark.parametrize("case", AWKWARD, ids=lambda case: case.name)
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(
+            case, id=case.name, marks=() if case.name in FAST_AWKWARD else pytest.mark.slow
+        )
+        for case in AWKWARD
+    ],
+)
+@pytest.mark.process
 def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case: Awkward) -> None:
     project.write("a1", None, "await session.execute(sa.text('SELECT 1'))")
     parsed = make_url(project.db.url)
@@ -120,10 +135,11 @@ def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case:
     if case.lock_url:
         env["DM_LOCK_DATABASE_URL"] = case.lock_url.format(user=user, db=database)
     runs = {
+        # a real process: everything it writes, logs and warnings included; the rest in-process
         "upgrade": run_dm(project, "--verbose", "--log-format", "json", "upgrade", env=env),
-        "info": run_dm(project, "info", env=env),
-        "info --json": run_dm(project, "info", "--json", env=env),
-        "verbose status": run_dm(project, "--verbose", "status", env=env),
+        "info": run_in_process(project, "info", env=env),
+        "info --json": run_in_process(project, "info", "--json", env=env),
+        "verbose status": run_in_process(project, "--verbose", "status", env=env),
     }
     for name, result in runs.items():
         assert "Traceback" not in result.stdout, (name, result.stdout)
@@ -141,7 +157,7 @@ def test_no_output_path_shows_a_secret_of_an_awkward_url(project: Project, case:
                 assert secret not in repr(tuple(row))
     if case.reachable is False:
         assert upgrade.returncode == 75  # unreachable is transient
-        assert _one_error_line(run_dm(project, "upgrade", env=env)).startswith(
+        assert _one_error_line(run_in_process(project, "upgrade", env=env)).startswith(
             "dm: error: cannot connect to PostgreSQL at 127.0.0.1:1/"
         )
     assert json.loads(runs["info --json"].stdout)["database_url"].startswith("postgresql+asyncpg")
@@ -170,7 +186,7 @@ def test_libpq_parameters_reach_the_server(project: Project) -> None:
         "&options=-c%20statement_timeout%3D4321%20-c%20search_path%3Dpublic"
         "&sslmode=prefer&target_session_attrs=read-write"
     )
-    result = run_dm(project, "upgrade", env={"DM_DATABASE_URL": url})
+    result = run_in_process(project, "upgrade", env={"DM_DATABASE_URL": url})
     assert result.returncode == 0, result.stderr
     assert [tuple(r) for r in project.db.query("SELECT app, st, sp FROM seen")] == [
         ("billing_jobs", "4321ms", "public")
@@ -196,7 +212,7 @@ def test_unsupported_libpq_parameters_are_refused_before_connecting(
 ) -> None:
     # Port 1 refuses connections: a refusal that came after connecting would say so.
     url = project.db.url.replace(f":{PG_PORT}/", ":1/") + "?" + query
-    result = run_dm(project, "upgrade", env={"DM_DATABASE_URL": url})
+    result = run_in_process(project, "upgrade", env={"DM_DATABASE_URL": url})
     assert result.returncode == 2
     line = _one_error_line(result)
     assert named in line
@@ -207,6 +223,7 @@ def test_unsupported_libpq_parameters_are_refused_before_connecting(
 
 
 @PG_ONLY
+@pytest.mark.process
 def test_dotenv_beside_the_config_is_read_from_any_directory(
     project: Project, tmp_path: Path
 ) -> None:
@@ -255,14 +272,14 @@ def test_settings_out_of_range_exit_2_before_writing(
     project: Project, env: dict[str, str], named: str
 ) -> None:
     project.write("a1", None, "await session.execute(sa.text('CREATE TABLE t1 (x int)'))")
-    result = run_dm(project, "upgrade", env=env)
+    result = run_in_process(project, "upgrade", env=env)
     assert result.returncode == 2
     assert named in _one_error_line(result)
     assert _tables(project) == []
 
 
 def test_an_empty_environment_variable_means_unset(project: Project) -> None:
-    result = run_dm(project, "info", "--json", env={"DM_ENVIRONMENT": "", "DM_TIMEOUT": ""})
+    result = run_in_process(project, "info", "--json", env={"DM_ENVIRONMENT": "", "DM_TIMEOUT": ""})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["environment"] == "production"
 
@@ -270,7 +287,7 @@ def test_an_empty_environment_variable_means_unset(project: Project) -> None:
 @PG_ONLY
 def test_over_long_revision_id_is_refused_naming_its_file(project: Project) -> None:
     path = project.write("r" * 70, None)
-    result = run_dm(project, "upgrade")
+    result = run_in_process(project, "upgrade")
     assert result.returncode == 2
     line = _one_error_line(result)
     assert path.name in line and "at most 64" in line
@@ -281,11 +298,11 @@ def test_non_utf8_and_unreadable_config_files_are_named(project: Project) -> Non
     ini = project.config
     original = ini.read_bytes()
     ini.write_bytes(original.replace(b"# dm.timeout =", b"# dm.timeout \xff="))
-    line = _one_error_line(bad := run_dm(project, "upgrade"))
+    line = _one_error_line(bad := run_in_process(project, "upgrade"))
     assert bad.returncode == 2 and "alembic.ini" in line and "UTF-8" in line
     ini.write_bytes(original)
     (project.root / ".env").write_bytes(b"DM_ENVIRONMENT=caf\xe9\n")
-    line = _one_error_line(bad := run_dm(project, "upgrade"))
+    line = _one_error_line(bad := run_in_process(project, "upgrade"))
     assert bad.returncode == 2 and ".env" in line and "UTF-8" in line
     assert _tables(project) == []
 
@@ -294,7 +311,7 @@ def test_non_utf8_and_unreadable_config_files_are_named(project: Project) -> Non
 def test_unreadable_config_file_is_not_reported_as_a_missing_section(project: Project) -> None:
     project.config.chmod(0)
     try:
-        result = run_dm(project, "upgrade")
+        result = run_in_process(project, "upgrade")
     finally:
         project.config.chmod(0o644)
     assert result.returncode == 2
@@ -308,7 +325,7 @@ def test_unreadable_config_file_is_not_reported_as_a_missing_section(project: Pr
 def test_missing_revision_directory_exits_2_naming_it(project: Project) -> None:
     project.versions.rename(project.root / "moved")
     for args in (("upgrade",), ("current",), ("heads",)):
-        result = run_dm(project, *args)
+        result = run_in_process(project, *args)
         assert result.returncode == 2, (args, result.stdout)
         assert "data_migrations/versions does not exist" in _one_error_line(result)
     assert _tables(project) == []
@@ -317,7 +334,7 @@ def test_missing_revision_directory_exits_2_naming_it(project: Project) -> None:
 def test_missing_script_location_exits_2_naming_it(project: Project) -> None:
     text = project.config.read_text()
     project.config.write_text(text.replace("/data_migrations\n", "/nowhere\n", 1))
-    result = run_dm(project, "upgrade")
+    result = run_in_process(project, "upgrade")
     assert result.returncode == 2
     assert "nowhere does not exist" in _one_error_line(result)
 
@@ -332,25 +349,25 @@ def test_rev_id_that_exists_is_refused_before_writing(project: Project) -> None:
         ("--rev-id", "x" * 65),
         ("--rev-id", "heads"),
     ):
-        result = run_dm(project, "revision", "-m", "another change", *args)
+        result = run_in_process(project, "revision", "-m", "another change", *args)
         assert result.returncode == 2, (args, result.stdout)
         line = _one_error_line(result)
         assert "--rev-id" in line
         if args[1] == "feed01":
             assert first.name in line
         assert sorted(p.name for p in project.versions.iterdir()) == before
-    assert run_dm(project, "heads").returncode == 0
+    assert run_in_process(project, "heads").returncode == 0
 
 
 def test_cycles_and_duplicates_name_their_files(project: Project) -> None:
     a = project.write("cyc_a", "cyc_b")
     b = project.write("cyc_b", "cyc_a")
-    line = _one_error_line(result := run_dm(project, "heads"))
+    line = _one_error_line(result := run_in_process(project, "heads"))
     assert result.returncode == 2 and a.name in line and b.name in line
     a.unlink()
     b.unlink()
     loop = project.write("self1", "self1")
-    line = _one_error_line(result := run_dm(project, "heads"))
+    line = _one_error_line(result := run_in_process(project, "heads"))
     assert result.returncode == 2 and loop.name in line and "itself" in line
 
 

@@ -173,6 +173,7 @@ def test_api_takes_the_migration_lock(project: Project) -> None:
     assert dm.upgrade_sync(settings=settings).steps[0].status is Status.SUCCESS
 
 
+@pytest.mark.process
 def test_importing_dm_is_light() -> None:
     heavy = ("sqlalchemy", "alembic", "click", "pydantic")
     code = f"import sys, dm; print(sorted(m for m in {heavy!r} if m in sys.modules))"

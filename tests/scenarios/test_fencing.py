@@ -24,7 +24,11 @@ from support.network import tcp_proxy
 from support.network import through
 from support.processes import advisory_locks
 
-pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("db", ["postgresql"], indirect=True)]
+pytestmark = [
+    pytest.mark.process,
+    pytest.mark.postgres,
+    pytest.mark.parametrize("db", ["postgresql"], indirect=True),
+]
 
 ROWS = 60
 REV = "f3c1a0b2c4d5"
@@ -101,7 +105,7 @@ def lose_the_lock(project: Project, proxy: TcpProxy) -> None:
     wait_for(lambda: not advisory_locks(project), timeout=10)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("kind", [pytest.param("batched", marks=pytest.mark.slow), "transactional"])
 def test_a_run_that_lost_its_lock_commits_nothing_more(
     project: Project, tmp_path: Path, kind: str
 ) -> None:
