@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import pytest
 from click.testing import Result
 
 from conftest import Project
