@@ -30,6 +30,8 @@ from support.pgbouncer import PgBouncer
 from support.pgbouncer import running_pgbouncer
 from support.processes import Spawn
 from support.processes import advisory_locks
+from support.processes import block_in
+from support.processes import write_chain
 
 pytestmark = pytest.mark.postgres
 
@@ -320,3 +322,32 @@ def test_stress_rounds_through_session_pooling(
         rounds.run(spawn, {"DM_DATABASE_URL": session_pool.url(pg_project.db.url)})
         rounds.assert_once_and_apart()
         assert advisory_locks(pg_project) == []
+
+
+def test_lock_transaction_holds_no_snapshot(pg_project: Project, spawn: Spawn) -> None:
+    """While a run works, its lock transaction is idle in transaction with no snapshot and
+    no transaction id: it holds back neither VACUUM nor CREATE INDEX CONCURRENTLY."""
+    chain = write_chain(pg_project, 1)
+    proc = block_in(chain, spawn, chain.revisions[0])
+    rows = pg_project.db.query(
+        "SELECT a.state, a.backend_xmin, a.backend_xid FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    assert [(r.state, r.backend_xmin, r.backend_xid) for r in rows] == [
+        ("idle in transaction", None, None)
+    ]
+    chain.release()
+    assert proc.wait() == 0, proc.stderr()
+    assert advisory_locks(pg_project) == []
+
+
+def test_autocommit_block_refused_on_a_pooled_url(pg_project: Project) -> None:
+    """An autocommit block's statements would run outside a transaction, which a pooler
+    may split: on a URL marked statement_cache_size=0 the revision fails with the reason."""
+    pg_project.write("a1", None, "async with dm.autocommit(session):\n    pass", extra="import dm")
+    url = pg_project.db.url + "?statement_cache_size=0"
+    result = run_dm(pg_project, "upgrade", "heads", env={"DM_DATABASE_URL": url})
+    assert result.returncode == 1, result.stderr
+    assert "cannot run through a transaction pooler" in result.stderr
+    assert "bug in dm" not in result.stderr
