@@ -275,6 +275,29 @@ def test_unmarked_pooled_url_names_the_setting(
     assert marked.returncode == 0, marked.stderr
 
 
+@pytest.fixture
+def impatient_one_server_pool() -> Iterator[PgBouncer]:
+    yield from running_pgbouncer("transaction", pool_size=1, query_wait_timeout="2")
+
+
+def test_pool_too_small_is_named(pg_project: Project, impatient_one_server_pool: PgBouncer) -> None:
+    """One server connection, and the lock through the pool: the run's lock transaction
+    takes it, its work waits past the pooler's query_wait_timeout. One line names the
+    exhausted pool and the budget; never "a bug in dm"."""
+    Rounds(pg_project).add(1)
+    env = {
+        "DM_DATABASE_URL": impatient_one_server_pool.url(pg_project.db.url, **POOLED),
+        "DM_CONNECT_RETRY_SECONDS": "0",
+    }
+    result = run_dm(pg_project, "upgrade", "heads", env=env)
+    assert result.returncode == 75, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "the connection pool is exhausted" in lines[-1], result.stderr
+    assert "2 server connections" in lines[-1]
+    assert "bug in dm" not in result.stderr
+    assert advisory_locks(pg_project) == []
+
+
 def test_killed_holder_leaves_no_lock_on_the_pool(
     pg_project: Project, transaction_pool: PgBouncer, spawn: Spawn
 ) -> None:

@@ -77,8 +77,9 @@ class PgBouncer:
                 self.process.wait(10)
 
 
-def start_pgbouncer(mode: str, pool_size: int = 2) -> PgBouncer:
-    """Start a PgBouncer in ``mode`` (transaction or session) and wait until it listens."""
+def start_pgbouncer(mode: str, pool_size: int = 2, **settings: str) -> PgBouncer:
+    """Start a PgBouncer in ``mode`` (transaction or session) and wait until it listens;
+    ``settings`` go into its ``[pgbouncer]`` section as they are."""
     binary = pgbouncer_binary()
     user = pg_user()
     work = Path(tempfile.mkdtemp(prefix=f"dm-pgbouncer-{mode}-"))
@@ -105,6 +106,7 @@ def start_pgbouncer(mode: str, pool_size: int = 2) -> PgBouncer:
                 "server_check_delay = 0",
                 f"logfile = {work / 'pgbouncer.log'}",
                 f"pidfile = {work / 'pgbouncer.pid'}",
+                *(f"{name} = {value}" for name, value in settings.items()),
                 "",
             ]
         )
@@ -133,9 +135,9 @@ def start_pgbouncer(mode: str, pool_size: int = 2) -> PgBouncer:
             time.sleep(0.05)
 
 
-def running_pgbouncer(mode: str, pool_size: int = 2) -> Iterator[PgBouncer]:
+def running_pgbouncer(mode: str, pool_size: int = 2, **settings: str) -> Iterator[PgBouncer]:
     """Yield a running PgBouncer; stop it afterwards."""
-    bouncer = start_pgbouncer(mode, pool_size)
+    bouncer = start_pgbouncer(mode, pool_size, **settings)
     try:
         yield bouncer
     finally:
