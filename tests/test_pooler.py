@@ -26,6 +26,8 @@ from conftest import Project
 from conftest import run_dm
 from conftest import wait_for
 from dm import command
+from dm.lock import lock_key
+from dm.tracker import Tracker
 from support.pgbouncer import PgBouncer
 from support.pgbouncer import running_pgbouncer
 from support.processes import Spawn
@@ -36,6 +38,7 @@ from support.processes import write_chain
 pytestmark = pytest.mark.postgres
 
 RUNS = 5
+WAITING = "waiting for the migration lock, held by"
 HOOK_SECONDS = 0.3
 POOLED = {"statement_cache_size": "0"}
 # Every setting dm sets on a connection of its own: none may reach the pool's next client.
@@ -79,6 +82,13 @@ def transaction_pool() -> Iterator[PgBouncer]:
 @pytest.fixture
 def session_pool() -> Iterator[PgBouncer]:
     yield from running_pgbouncer("session", pool_size=2)
+
+
+@pytest.fixture
+def impatient_session_pool() -> Iterator[PgBouncer]:
+    """A session pool of two whose clients wait 10 s at most for a server connection: runs
+    that deadlock on the pool fail within seconds instead of PgBouncer's 120."""
+    yield from running_pgbouncer("session", pool_size=2, query_wait_timeout="10")
 
 
 class Rounds:
@@ -217,14 +227,41 @@ def test_no_lock_url_still_one_run_at_a_time(
 
 
 def test_session_pooling_with_a_pool_of_two(
-    pg_project: Project, session_pool: PgBouncer, spawn: Spawn
+    pg_project: Project, impatient_session_pool: PgBouncer, spawn: Spawn
 ) -> None:
-    """Session pooling, two server connections, five runs, no lock URL: a waiting run holds
-    at most one server connection, so the holder can open its second; all exit 0."""
-    rounds = Rounds(pg_project)
-    rounds.add(2)
-    rounds.run(spawn, {"DM_DATABASE_URL": session_pool.url(pg_project.db.url)})
-    rounds.assert_once_and_apart()
+    """Session pooling, two server connections, no lock URL, five runs that all see work to
+    do while another session holds the lock: each waits its turn holding no server
+    connection between tries, so none is stuck without the second one it needs once the
+    lock is free (before, two waiting runs each held one for their work connection and
+    queued for another: all timed out). All five exit 0, each revision once."""
+    import asyncpg
+
+    pool = impatient_session_pool
+    chain = write_chain(pg_project, 2)
+    env = {"DM_DATABASE_URL": pool.url(pg_project.db.url)}
+
+    async def scenario() -> list[int]:
+        holder = await asyncpg.connect(
+            host=PG_HOST, port=PG_PORT, user="postgres", database=pg_project.db.url.rsplit("/")[-1]
+        )
+        try:
+            await holder.execute("BEGIN")
+            await holder.execute(f"SELECT pg_advisory_xact_lock({lock_key(Tracker())})")
+            procs = [spawn(pg_project, "upgrade", "heads", env=env) for _ in range(RUNS)]
+            await asyncio.to_thread(
+                wait_for,
+                lambda: all(WAITING in p.stderr() or not p.running() for p in procs),
+                60,
+            )
+            assert all(p.running() for p in procs), [p.stderr() for p in procs]
+        finally:
+            await holder.close()  # ends the transaction: the lock is free
+        codes = [await asyncio.to_thread(p.wait, 120) for p in procs]
+        assert codes == [0] * RUNS, [p.stderr()[-1500:] for p in procs]
+        return codes
+
+    asyncio.run(scenario())
+    chain.assert_exactly_once()
     assert advisory_locks(pg_project) == []
 
 

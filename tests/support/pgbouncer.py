@@ -4,8 +4,8 @@
 tests skip, and fail under ``CI=true``. Each instance gets its own directory, port and
 pool mode, with ``default_pool_size`` server connections per database and user, and
 forwards every database name to the test server (so the per-test databases need no
-entry). It runs as the ``postgres`` system user when started by root (PgBouncer refuses
-to run as root).
+entry). Its admin console (``SHOW POOLS``) is read with ``psql``. It runs as the
+``postgres`` system user when started by root (PgBouncer refuses to run as root).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class PgBouncer:
     pool_size: int
     process: subprocess.Popen[bytes]
     log: Path
+    user: str
 
     def url(self, database_url: str, **query: str) -> str:
         """Return ``database_url`` pointed at this PgBouncer, with ``query`` added."""
@@ -64,6 +65,20 @@ class PgBouncer:
         if query:
             url = url.update_query_dict(query)
         return url.render_as_string(hide_password=False)
+
+    def waiting_clients(self) -> int:
+        """Return how many clients wait for a server connection (``SHOW POOLS``, summed)."""
+        result = subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, "-d", "pgbouncer"]
+            + ["-A", "-F", "|", "-c", "SHOW POOLS"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        lines = [line.split("|") for line in result.stdout.splitlines() if "|" in line]
+        column = lines[0].index("cl_waiting")
+        return sum(int(row[column]) for row in lines[1:] if row[0] != "pgbouncer")
 
     def stop(self) -> None:
         if self.process.stderr is not None:
@@ -96,6 +111,7 @@ def start_pgbouncer(mode: str, pool_size: int = 2, **settings: str) -> PgBouncer
                 f"listen_port = {port}",
                 "unix_socket_dir =",
                 "auth_type = trust",
+                f"admin_users = {user}",
                 f"auth_file = {work / 'users.txt'}",
                 f"pool_mode = {mode}",
                 f"default_pool_size = {pool_size}",
@@ -119,7 +135,7 @@ def start_pgbouncer(mode: str, pool_size: int = 2, **settings: str) -> PgBouncer
             os.chown(path, account.pw_uid, account.pw_gid)
         command = [binary, "-u", "postgres", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    bouncer = PgBouncer(port, mode, pool_size, process, work / "pgbouncer.log")
+    bouncer = PgBouncer(port, mode, pool_size, process, work / "pgbouncer.log", user)
     deadline = time.monotonic() + 15
     while True:
         if process.poll() is not None:
