@@ -3,6 +3,13 @@
 A run's first connections retry a transient failure (refused, reset, timed out, DNS) with
 exponential backoff and jitter for up to ``DM_CONNECT_RETRY_SECONDS``, logging each retry;
 a login refused, a missing database or a bad URL fails at once.
+
+A PostgreSQL URL marked as going through a transaction pooler (``statement_cache_size=0``,
+see ``dm.urls.through_pooler``) gets connections on which nothing outlives its
+transaction: statements are prepared unnamed and cached nowhere, and settings are applied
+per transaction (``transaction_settings``) instead of to the session. On such a URL dm
+also runs no statement outside a transaction: a pooler may send an autocommit statement's
+Parse and Bind to two different server connections.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import random
 import time
 import weakref
 from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import event
@@ -27,6 +35,7 @@ from sqlalchemy.pool import NullPool
 
 from .errors import DatabaseUnavailable
 from .errors import DatabaseUnreachable
+from .pooler import pooler_problem
 from .transient import is_transient
 from .urls import connect_arguments
 from .urls import mask_urls_in
@@ -124,14 +133,15 @@ async def connect(
     :raises DatabaseUnavailable: the login was refused, the database is missing, or the
         URL cannot be used (not retried: a person must fix it).
     """
-    conn = await _open(engine, retry_seconds)
+    conn = await open_connection(engine, retry_seconds=retry_seconds)
     try:
         yield conn
     finally:
         await conn.close()
 
 
-async def _open(engine: AsyncEngine, retry_seconds: float) -> AsyncConnection:
+async def open_connection(engine: AsyncEngine, *, retry_seconds: float = 0.0) -> AsyncConnection:
+    """Return a new connection (the caller closes it), retrying as :func:`connect` does."""
     deadline = time.monotonic() + retry_seconds
     attempt = 0
     while True:
@@ -169,10 +179,34 @@ def _backoff(attempt: int) -> float:
     return pause * random.uniform(0.5, 1.0)
 
 
+def transaction_settings(conn: AsyncConnection, settings: Mapping[str, str]) -> None:
+    """Apply ``settings`` to every later transaction of ``conn``, each ending with it.
+
+    For a connection that may be pooled: a session ``SET`` would stay on the server
+    connection for the pooler's next client. Each transaction begins with one
+    ``set_config(name, value, true)`` per setting, in a single statement; an autocommit
+    connection gets none.
+    """
+    if not settings:
+        return
+    calls = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in settings.items())
+    statement = f"SELECT {calls}"
+    sync = conn.sync_connection
+    assert sync is not None
+
+    @event.listens_for(sync, "begin")
+    def _apply(begun: Any) -> None:
+        if begun.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            begun.exec_driver_sql(statement)
+
+
 def describe_connect_error(url: URL, exc: BaseException) -> str:
     """Return one line naming the database (password hidden) and why it failed."""
     cause: BaseException = exc.orig if isinstance(exc, DBAPIError) and exc.orig else exc
     reason = " ".join(str(cause).split())
+    problem = pooler_problem(exc)
+    if problem is not None:
+        reason = str(problem)
     if not reason:
         reason = "timed out" if isinstance(cause, TimeoutError) else type(cause).__name__
     secrets = [str(url.password)] if url.password else []

@@ -10,12 +10,14 @@
     │   ├── UnknownTarget          a target/revision does not resolve
     │   ├── IrreversiblePlan       a downgrade path holds a revision without downgrade()
     │   ├── SchemaNotReady         the database lacks a schema revision a revision requires
-    │   └── DatabaseUnavailable    the database refused the login or does not exist
+    │   ├── DatabaseUnavailable    the database refused the login or does not exist
+    │   └── PoolerMisconfigured    a connection pooler needs a setting dm lacks
     ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
     │   └── TransientRevisionFailure (75)  it failed on a transient database error
     ├── TransientFailure (75)      a retry of the same run may succeed (EX_TEMPFAIL)
     │   ├── DatabaseUnreachable    connection refused, reset or timed out; DNS failure
-    │   └── TransientRevisionFailure       (also a RevisionFailed)
+    │   ├── TransientRevisionFailure       (also a RevisionFailed)
+    │   └── PoolExhausted          the connection pooler had no server connection free
     ├── Incomplete (5)             a batched revision stopped at a batch boundary (max
     │                              runtime, dm pause, dm cancel); later revisions did not run
     ├── LockTimeout (3)            another dm run held the lock for too long
@@ -70,6 +72,10 @@ class DatabaseUnavailable(UsageError):
     """The database refused the login, does not exist, or the URL cannot be used."""
 
 
+class PoolerMisconfigured(UsageError):
+    """A connection pooler between dm and PostgreSQL needs a setting dm was not given."""
+
+
 class RevisionFailed(DmError):
     """A revision raised, or its ``verify()`` returned False; its work was rolled back."""
 
@@ -92,6 +98,10 @@ class TransientFailure(DmError):
 
 class DatabaseUnreachable(TransientFailure):
     """The database could not be reached, even after the start-up retries."""
+
+
+class PoolExhausted(TransientFailure):
+    """The connection pooler gave no server connection in time; a later run may get one."""
 
 
 class TransientRevisionFailure(RevisionFailed, TransientFailure):

@@ -1,13 +1,22 @@
 """The migration lock: one writing dm run per tracker at a time.
 
-PostgreSQL: a session advisory lock, polled with ``pg_try_advisory_lock`` on a dedicated
-autocommit connection, so no backend ever waits inside a lock queue and a killed client
-frees it at once (the lock connection is idle while the run works). That connection sets
-``application_name`` (shown as the holder to waiting runs), ``client_connection_check_
-interval`` and TCP keepalives (a dead node frees the lock within about half a minute) and
-turns ``idle_session_timeout`` off. While the lock is held a watchdog pings the connection;
-if it dies the lock is gone, so the run is stopped (``LockLost``) rather than go on
-unprotected.
+PostgreSQL: a transaction-level advisory lock (``pg_try_advisory_xact_lock``) held in a
+transaction left open on a dedicated connection for the whole run. An open transaction
+keeps its server connection, whatever sits in between: a connection pooler in
+transaction or session mode cannot hand it to another client, and the lock ends with the
+transaction (at the end of the run, or when the client dies or its connection is closed:
+the server or the pooler then rolls it back). No session state is used, so nothing is
+left on a pooled server connection.
+
+While waiting, each try is a short transaction on a fresh connection: a waiting run holds
+no server connection between tries (in a small session pool the holder can still open
+its working connection). The lock transaction sets, with ``SET LOCAL``,
+``client_connection_check_interval`` and TCP keepalives (a dead client or node frees the
+lock within seconds or about half a minute) and turns the idle-in-transaction timeouts
+off. It runs its last statement of each round trip in the simple query protocol, so no
+snapshot stays open (it holds back neither ``VACUUM`` nor ``CREATE INDEX CONCURRENTLY``).
+While the lock is held a watchdog pings the connection; if it dies the lock is gone, so
+the run is stopped (``LockLost``) rather than go on unprotected.
 
 SQLite: an exclusive ``flock`` on ``<database>.<table>.lock``, which the kernel releases
 when the process dies; the file names the holder.
@@ -33,12 +42,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 
 from .errors import ConfigError
 from .errors import FenceLost
 from .errors import LockLost
 from .errors import LockTimeout
+from .errors import PoolExhausted
 from .errors import describe_error
+from .pooler import pooler_problem
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -60,18 +72,29 @@ HEARTBEAT_TIMEOUT = 30.0
 UNLOCK_TIMEOUT = 5.0
 """How long releasing the lock may take before its connection is dropped instead."""
 
-# Session settings of the lock connection, each applied on its own (older servers may
-# lack some); all are user-settable, so no privilege is needed.
-_PG_LOCK_SETTINGS = (
-    # A client that died mid-statement is noticed within a second (PostgreSQL 14+).
-    "SET client_connection_check_interval = 1000",
-    # A dead node (no FIN/RST) is noticed within about 10 + 5 * 3 seconds.
-    "SET tcp_keepalives_idle = 10",
-    "SET tcp_keepalives_interval = 5",
-    "SET tcp_keepalives_count = 3",
-    # The lock connection is idle for the whole run; it must not be closed for that.
-    "SET idle_session_timeout = 0",
-)
+POOL_WAIT_MIN = 5.0
+"""Shortest time one try may wait for the pooler to give it a server connection."""
+
+
+def _lock_settings(version: tuple[int | str, ...]) -> str:
+    """Return the ``SET LOCAL`` statements of the lock transaction for server ``version``.
+
+    All are user-settable, so no privilege is needed; each ends with the transaction.
+    """
+    settings = [
+        # A dead node (no FIN/RST) is noticed within about 10 + 5 * 3 seconds.
+        "tcp_keepalives_idle = 10",
+        "tcp_keepalives_interval = 5",
+        "tcp_keepalives_count = 3",
+        # The lock transaction is idle for the whole run; it must not be ended for that.
+        "idle_in_transaction_session_timeout = 0",
+    ]
+    if version >= (14,):
+        # A client that died is noticed within a second.
+        settings.append("client_connection_check_interval = 1000")
+    if version >= (17,):
+        settings.append("transaction_timeout = 0")
+    return "; ".join(f"SET LOCAL {setting}" for setting in settings)
 
 
 def lock_key(tracker: Tracker) -> int:
@@ -146,59 +169,140 @@ def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
 async def _advisory_lock(
     url: URL, key: int, timeout: float, application_name: str, connect_retry: float
 ) -> AsyncIterator[None]:
-    from .db import connect
-
     engine = _lock_engine(url, application_name)
     try:
-        async with connect(engine, retry_seconds=connect_retry) as conn:
-            await _pg_settings(conn)
-            await _pg_acquire(conn, key, timeout)
-            log.debug("migration lock %s acquired", key)
-            owner = asyncio.current_task()
-            assert owner is not None
-            lost: list[BaseException] = []
-            watchdog = asyncio.create_task(_watch(conn, owner, lost), name="dm-lock-watchdog")
-            try:
-                yield
-            except asyncio.CancelledError:
-                if lost and owner.uncancel() == 0:
-                    raise LockLost(
-                        "lost the migration lock: its connection died "
-                        f"({describe_error(lost[0])}); the work in progress was rolled back "
-                        "(batches a non-transactional revision committed stay, and the next run "
-                        "resumes after them)"
-                    ) from None
-                raise
-            except FenceLost as exc:
-                # Another run holds the lock now: this connection's lock is gone (or about
-                # to be), whatever it looks like from here.
-                lost.append(exc)
-                if owner.cancelling():  # the watchdog's cancel, if it fired meanwhile
-                    owner.uncancel()
-                raise
-            finally:
-                watchdog.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watchdog
-                await _release(conn, key, unlock=not lost)
+        conn = await _pg_wait(engine, key, timeout, connect_retry)
+        log.debug("migration lock %s acquired", key)
+        owner = asyncio.current_task()
+        assert owner is not None
+        lost: list[BaseException] = []
+        watchdog = asyncio.create_task(_watch(conn, owner, lost), name="dm-lock-watchdog")
+        try:
+            yield
+        except asyncio.CancelledError:
+            if lost and owner.uncancel() == 0:
+                raise LockLost(
+                    "lost the migration lock: its connection died "
+                    f"({describe_error(lost[0])}); the work in progress was rolled back "
+                    "(batches a non-transactional revision committed stay, and the next run "
+                    "resumes after them)"
+                ) from None
+            raise
+        except FenceLost as exc:
+            # Another run holds the lock now: this connection's lock is gone (or about
+            # to be), whatever it looks like from here.
+            lost.append(exc)
+            if owner.cancelling():  # the watchdog's cancel, if it fired meanwhile
+                owner.uncancel()
+            raise
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            await _release(conn, rollback=not lost)
     finally:
         await engine.dispose()
 
 
-async def _release(conn: AsyncConnection, key: int, *, unlock: bool) -> None:
-    """Unlock (bounded: the network may hang), or just drop a connection whose lock is gone.
+async def _pg_wait(
+    engine: AsyncEngine, key: int, timeout: float, connect_retry: float
+) -> AsyncConnection:
+    """Try to take ``key`` until it is taken: return the connection whose open transaction
+    holds it. Each try is a transaction on a connection of its own, closed when the lock
+    was not free; the holder is named in the log now and then.
 
-    Dropping the connection ends its session, which frees a session lock in any case.
+    :raises LockTimeout: not taken within ``timeout`` seconds (the message says so when
+        the pooler had no server connection free for the tries).
     """
-    if unlock:
+    from .db import open_connection
+
+    deadline = time.monotonic() + timeout
+    next_report = time.monotonic()
+    starved: str | None = None
+    while True:
+        conn = await open_connection(engine, retry_seconds=connect_retry)
+        taken = False
+        holder = None
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), POOL_WAIT_MIN)):
+                taken = await _try(conn, key)
+                now = time.monotonic()
+                if not taken and (now >= next_report or now >= deadline):
+                    holder = await _pg_holder(conn, key) or "a session that just released it"
+            starved = None
+        except TimeoutError:
+            starved = "no server connection came free for a try (is the pool exhausted?)"
+        except DBAPIError as exc:
+            problem = pooler_problem(exc)
+            if problem is None or not isinstance(problem, PoolExhausted):
+                raise
+            starved = str(problem)
+        finally:
+            if not taken:
+                await _discard(conn)
+        if taken:
+            return conn
+        now = time.monotonic()
+        if now >= deadline:
+            why = f"held by {holder}" if starved is None else starved
+            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; {why}")
+        if starved is not None:
+            log.warning("waiting for the migration lock: %s", starved)
+        elif holder is not None:
+            log.info("waiting for the migration lock, held by %s", holder)
+            next_report = now + REPORT_SECONDS
+        await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+
+
+async def _try(conn: AsyncConnection, key: int) -> bool:
+    """Take ``key`` in the connection's (new) transaction if it is free; when taken, set
+    the lock transaction's settings, which also ends the statement's snapshot."""
+    taken = bool(
+        (
+            await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})
+        ).scalar_one()
+    )
+    if taken:
+        version = conn.dialect.server_version_info or (0,)
+        await _simple(conn, _lock_settings(version))
+    return taken
+
+
+async def _simple(conn: AsyncConnection, sql: str) -> None:
+    """Run ``sql`` (no parameters) in the simple query protocol: one round trip, no
+    prepared statement, and no snapshot left open after it."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert driver is not None
+    await driver.execute(sql)
+
+
+async def _discard(conn: AsyncConnection) -> None:
+    """Roll back and close a try's connection; drop it if that fails."""
+    try:
+        async with asyncio.timeout(UNLOCK_TIMEOUT):
+            await conn.close()  # rolls back the open transaction
+    except Exception:
+        with contextlib.suppress(Exception):
+            await conn.invalidate()
+
+
+async def _release(conn: AsyncConnection, *, rollback: bool) -> None:
+    """End the lock transaction (bounded: the network may hang), or drop a connection
+    whose lock is gone. Either ends the transaction, and with it the lock: a dropped
+    client's open transaction is rolled back by the server or the pooler."""
+    if rollback:
         try:
             async with asyncio.timeout(UNLOCK_TIMEOUT):
-                await conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                await conn.rollback()
+                await conn.close()
             return
         except Exception as exc:
             log.warning("could not release the migration lock (%s); dropping its connection", exc)
     with contextlib.suppress(Exception):
         await conn.invalidate()
+    with contextlib.suppress(Exception):
+        await conn.close()
 
 
 async def _pg_acquire(
@@ -242,7 +346,7 @@ async def _watch(
         await asyncio.sleep(HEARTBEAT_SECONDS)
         try:
             async with asyncio.timeout(HEARTBEAT_TIMEOUT):
-                await conn.execute(sa.text("SELECT 1"))
+                await _simple(conn, "SELECT 1")
         except Exception as exc:
             log.error("the migration lock's connection failed: %s; stopping", describe_error(exc))
             lost.append(exc)
@@ -253,13 +357,8 @@ async def _watch(
 def _lock_engine(url: URL, application_name: str) -> AsyncEngine:
     from .db import create_engine
 
-    return create_engine(url, application_name=application_name, autocommit=True)
-
-
-async def _pg_settings(conn: AsyncConnection) -> None:
-    for statement in _PG_LOCK_SETTINGS:
-        with contextlib.suppress(Exception):
-            await conn.execute(sa.text(statement))
+    # Not autocommit: every statement runs in a transaction, as a pooler needs.
+    return create_engine(url, application_name=application_name)
 
 
 async def _pg_holder(conn: AsyncConnection, key: int) -> str | None:

@@ -49,16 +49,19 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import watchdog
+from .db import transaction_settings
 from .errors import FenceLost
 from .errors import Incomplete
 from .errors import RevisionFailed
 from .errors import TransientRevisionFailure
+from .errors import UsageError
 from .errors import describe_error
 from .graph import checksum
 from .lock_retries import LockRetries
 from .lock_retries import LockWaitTimedOut
 from .planning import DEFERRED
 from .planning import Step
+from .pooler import pooler_problem
 from .recording import Recorder
 from .stops import StopAtBoundary
 from .stops import StopPolicy
@@ -70,6 +73,7 @@ from .unit import HookExited
 from .unit import RevisionTimedOut
 from .unit import TransactionEnded
 from .unit import UnitOfWork
+from .urls import through_pooler
 
 log = logging.getLogger("dm.runner")
 
@@ -128,6 +132,8 @@ class Runner:
         self.stops = StopPolicy(
             max_runtime=max_runtime, started=started, writer_waiting=writer_waiting
         )
+        self._pooled = self._postgres and through_pooler(self.conn.engine.url)
+        """The connection may be pooled: nothing may outlive a transaction, nothing autocommits."""
         self._session_ready = False
         sync = self.conn.sync_connection
         self._isolation_level = sync.default_isolation_level if sync else None
@@ -242,6 +248,7 @@ class Runner:
             remaining=remaining,
             lock_timeout=lock_timeout,
             joined=self.joined,
+            pooled=self._pooled,
             isolation_level=self._isolation_level,
         )
 
@@ -352,6 +359,9 @@ class Runner:
         except FenceLost:
             raise _taken_over(step, label) from exc
         log.error("%s: FAILED after %d ms: %s", label, duration, message)
+        problem = pooler_problem(exc) if isinstance(exc, Exception) else None
+        if isinstance(problem, UsageError):  # a configuration problem, not the revision's
+            raise problem from exc
         if transient:
             raise TransientRevisionFailure(step.revision, message) from exc
         if isinstance(exc, Exception):
@@ -373,7 +383,7 @@ class Runner:
         In autocommit mode the INSERT is its own transaction, so no BEGIN and COMMIT
         round trips are paid for it on every revision.
         """
-        if not self._postgres or self.shared:
+        if not self._postgres or self.shared or self._pooled:
             async with self.conn.begin():
                 yield
             return
@@ -385,16 +395,25 @@ class Runner:
             await self.conn.execution_options(isolation_level=self._isolation_level)
 
     async def _prepare_session(self) -> None:
-        """Apply the settings every revision on this connection runs with, once."""
+        """Apply the settings every revision on this connection runs with, once: to the
+        session, or to each transaction on a connection that may be pooled."""
         version = self.conn.dialect.server_version_info or (0,)
+        settings: dict[str, str] = {}
         if version >= (14,):
             # A statement whose client died (SIGKILL) is aborted within about a second,
             # instead of running on and holding its locks against the next run.
-            await self.conn.execute(sa.text("SET client_connection_check_interval = 1000"))
+            settings["client_connection_check_interval"] = "1000"
         if self.pg_lock_timeout:
             # A data migration never queues behind live traffic's locks for long.
-            ms = max(int(self.pg_lock_timeout * 1000), 1)
-            await self.conn.execute(sa.text(f"SET lock_timeout = {ms}"))
+            settings["lock_timeout"] = str(max(int(self.pg_lock_timeout * 1000), 1))
+        if self._pooled:
+            if self.conn.in_transaction():
+                await self.conn.commit()
+            transaction_settings(self.conn, settings)
+            self._session_ready = True
+            return
+        for name, value in settings.items():
+            await self.conn.execute(sa.text(f"SET {name} = {value}"))
         await self.conn.commit()
         self._session_ready = True
 

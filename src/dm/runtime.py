@@ -145,11 +145,13 @@ class Database:
         self.run = run_info(settings)
         """Who runs, stamped on every attempt; its run id is the fence while locked."""
         self._conn: AsyncConnection | None = None
+        self._conn_exit = contextlib.AsyncExitStack()
         self._exit = contextlib.AsyncExitStack()
         self.started = time.monotonic()
         """When the command began: a run's ``max_runtime`` counts from here."""
 
     async def close(self) -> None:
+        await self._conn_exit.aclose()
         await self._exit.aclose()
         await self.engine.dispose()
 
@@ -174,10 +176,15 @@ class Database:
             from .db import connect
 
             retry = self.settings.connect_retry_seconds
-            self._conn = await self._exit.enter_async_context(
+            self._conn = await self._conn_exit.enter_async_context(
                 connect(self.engine, retry_seconds=retry)
             )
         return self._conn
+
+    async def _close_conn(self) -> None:
+        """Close the working connection (the next :meth:`conn` opens a new one)."""
+        self._conn = None
+        await self._conn_exit.aclose()
 
     def _file_missing(self) -> bool:
         from .db import is_sqlite
@@ -245,9 +252,14 @@ class Database:
         While the block runs, every commit of the working connection passes the fence
         (``dm.fence``), whoever asks for it.
         """
+        from .db import is_sqlite
         from .fence import CommitFence
         from .recording import Recorder
 
+        if not is_sqlite(self.url):
+            # A waiting run holds no server connection it does not need: in a small
+            # session pool, the run holding the lock must be able to open this one.
+            await self._close_conn()
         async with self.migration_lock():
             conn = await self.conn()
             if conn.dialect.name == "sqlite":

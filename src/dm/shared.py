@@ -140,6 +140,9 @@ class SharedDatabase(Database):
     async def conn(self) -> AsyncConnection:
         return self._given
 
+    async def _close_conn(self) -> None:
+        """Keep the caller's connection open while waiting for the lock: it is theirs."""
+
     def _file_missing(self) -> bool:
         return False
 

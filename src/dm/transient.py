@@ -68,6 +68,12 @@ def is_lock_timeout(exc: BaseException) -> bool:
     )
 
 
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """Return ``exc`` and every exception it was raised from or while handling (with
+    SQLAlchemy's ``orig``), nearest first."""
+    return _chain(exc)
+
+
 def _chain(exc: BaseException) -> list[BaseException]:
     """Return ``exc`` and every exception it was raised from or while handling."""
     seen: list[BaseException] = []

@@ -100,6 +100,7 @@ class UnitOfWork:
         remaining: float | None = None,
         lock_timeout: float | None = None,
         joined: bool = False,
+        pooled: bool = False,
         isolation_level: str | None = None,
     ) -> None:
         """:param limit: the revision's time limit, in seconds; ``remaining``: what it
@@ -108,6 +109,8 @@ class UnitOfWork:
             connection's (a retry after a lock wait timed out).
         :param joined: the connection is inside the caller's transaction: nothing commits
             (dm's transactions are savepoints), and an autocommit block is refused.
+        :param pooled: the connection may go through a transaction pooler: an autocommit
+            block is refused (its statements run outside a transaction).
         :param isolation_level: the connection's own, restored after an autocommit block.
         """
         self.revision = step.revision
@@ -131,6 +134,7 @@ class UnitOfWork:
         self._budget = limit if remaining is None else max(remaining, 0.001)
         self._lock_timeout = lock_timeout
         self._joined = joined
+        self._pooled = pooled
         self._isolation_level = isolation_level
         self._postgres = self.conn.dialect.name == "postgresql"
         self._session: AsyncSession | None = None
@@ -290,6 +294,13 @@ class UnitOfWork:
                 "an autocommit block cannot run inside the caller's transaction: it would "
                 "commit the caller's work; run this revision with dm upgrade, or give "
                 "Alembic a connection with no transaction begun"
+            )
+        if self._pooled:
+            raise UsageError(
+                "an autocommit block cannot run through a transaction pooler (the database "
+                "URL has statement_cache_size=0): its statements run outside a transaction, "
+                "which the pooler may split across server connections; run this revision "
+                "with DM_DATABASE_URL pointing at PostgreSQL directly"
             )
         fence = self.recorder.fence
         if fence is not None:

@@ -6,6 +6,9 @@ Two rules users meet here:
   before the host, so ``postgresql://u:p@ss@host/db`` logs in as ``u`` with ``p@ss``.
 - **libpq query parameters are translated** to asyncpg's ``connect()`` arguments
   (``LIBPQ_PARAMETERS``); any other parameter is refused before dm connects.
+- **``statement_cache_size=0``** (or ``prepared_statement_cache_size=0``) says the URL goes
+  through a transaction pooler such as PgBouncer: dm then uses no named prepared statement
+  on it (``through_pooler``, and ``dm.db`` for what else changes).
 
 Every URL dm shows (errors, ``dm info``, logs) goes through ``redact`` or ``mask_url``:
 the password and secret query values (``SECRET_QUERY_KEYS``) become ``***``.
@@ -67,8 +70,11 @@ LIBPQ_PARAMETERS = {
     "user": "the user name",
     "password": "the password",
     "ssl": "asyncpg ssl mode (asyncpg's own name for sslmode)",
-    "prepared_statement_cache_size": "SQLAlchemy's asyncpg statement cache",
+    "prepared_statement_cache_size": "SQLAlchemy's asyncpg statement cache (0: pooled)",
+    "statement_cache_size": "asyncpg's statement cache (0: through a transaction pooler)",
 }
+POOLER_KEYS = ("statement_cache_size", "prepared_statement_cache_size")
+"""Query parameters whose value 0 marks a URL that goes through a transaction pooler."""
 _SSL_DSN_KEYS = (
     "sslmode",
     "sslrootcert",
@@ -195,6 +201,12 @@ def _postgres(url: URL, setting: str) -> URL:
         )
     if "connect_timeout" in query:
         _connect_timeout(query["connect_timeout"], setting)
+    for key in POOLER_KEYS:
+        if key in query and not query[key].isdigit():
+            raise ConfigError(
+                f"{setting}: {key} must be a whole number (0 when the URL goes through a "
+                "transaction pooler such as PgBouncer)"
+            )
     if "options" in query:
         _server_options(query["options"], setting)
     if not url.database:
@@ -271,7 +283,29 @@ def connect_arguments(url: URL) -> tuple[URL, dict[str, Any]]:
     if ssl:
         args["dsn"] = "postgresql://?" + urllib.parse.urlencode(ssl)
     kept = {key: value for key, value in query.items() if key in _SQLALCHEMY_KEYS}
+    if through_pooler(url):
+        # No statement outlives its transaction: asyncpg caches none, SQLAlchemy caches
+        # none, and each is prepared unnamed (replaced by the next one on that server
+        # connection, never bound by name from another transaction).
+        args["statement_cache_size"] = 0
+        args["prepared_statement_name_func"] = _unnamed
+        kept["prepared_statement_cache_size"] = "0"
+    elif "statement_cache_size" in query:
+        args["statement_cache_size"] = int(str(query["statement_cache_size"]))
     return url.set(query=kept), args
+
+
+def through_pooler(url: URL) -> bool:
+    """Return whether ``url`` is marked as going through a transaction pooler
+    (``statement_cache_size=0`` or ``prepared_statement_cache_size=0``)."""
+    return url.get_backend_name() == "postgresql" and any(
+        str(url.query.get(key, "")).strip() == "0" for key in POOLER_KEYS
+    )
+
+
+def _unnamed() -> str:
+    """Name every prepared statement "" (PostgreSQL's unnamed statement)."""
+    return ""
 
 
 # -- showing URLs ------------------------------------------------------------------------------

@@ -95,9 +95,15 @@ class Rescue:
         self, attempt_id: int, message: str, reason: str | None, duration: int
     ) -> None:
         from .db import create_engine
+        from .urls import through_pooler
 
+        # Through a pooler every statement needs a transaction (and there is no backend
+        # of dm's own to terminate): one transaction, committed at the end.
         engine = create_engine(
-            self.url, application_name="dm:watchdog", autocommit=True, timeout=2.0
+            self.url,
+            application_name="dm:watchdog",
+            autocommit=not through_pooler(self.url),
+            timeout=2.0,
         )
         try:
             async with engine.connect() as conn, conn.begin():  # autocommit: each statement
@@ -140,8 +146,11 @@ async def rescue_for(conn: AsyncConnection, tracker: Tracker, run: RunInfo) -> R
     driver = raw.driver_connection
     url = configured_url(conn.engine)
     if conn.dialect.name == "postgresql":
+        from .urls import through_pooler
+
         get_pid = getattr(driver, "get_server_pid", None)
-        pid = get_pid() if callable(get_pid) else None
+        # Through a pooler that pid is the pooler's own number, or a backend serving others.
+        pid = get_pid() if callable(get_pid) and not through_pooler(url) else None
         return Rescue(url, tracker, run, backend_pid=pid)
     return Rescue(url, tracker, run, sqlite_driver=driver)
 

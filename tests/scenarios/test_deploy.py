@@ -37,6 +37,12 @@ CHART_VALUES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "secret-from-chart": {"database": {"url": "postgresql://dm:s3cret@db:5432/app"}},
     "lock-url": {"database": {"lockUrlKey": "lock-url"}, "image": {"tag": "1.2.3"}},
+    "pooled-from-chart": {
+        "database": {
+            "url": "postgresql://dm:s3cret@pgbouncer:6432/app?statement_cache_size=0",
+            "lockUrl": "postgresql://dm:s3cret@db:5432/app",
+        }
+    },
 }
 
 
@@ -155,6 +161,28 @@ def test_helm_lock_url_key_sets_the_lock_connection() -> None:
     env = {e["name"]: e for e in container["env"]}
     assert env["DM_LOCK_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"] == "lock-url"
     assert container["image"] == "registry.example.com/dm:1.2.3"
+
+
+def test_helm_pooled_url_and_direct_lock_url_from_the_chart() -> None:
+    """Behind a pooler (#29): both URLs go into the chart's Secret and the Job's env."""
+    resources = render_chart(CHART, CHART_VALUES["pooled-from-chart"])
+    secret = next(r for r in resources if r["kind"] == "Secret")
+    job = next(r for r in resources if r["kind"] == "Job")
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name, key in (("DM_DATABASE_URL", "url"), ("DM_LOCK_DATABASE_URL", "lock-url")):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], key)
+    assert secret["stringData"]["url"].endswith("?statement_cache_size=0")
+
+
+def test_manifests_show_the_optional_lock_url() -> None:
+    """The plain and Argo CD Jobs read DM_LOCK_DATABASE_URL from an optional key (#29)."""
+    for name, job in job_resources().items():
+        if name == "helm":
+            continue
+        env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        ref = env["DM_LOCK_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+        assert (ref["key"], ref["optional"]) == ("lock-url", True)
 
 
 def test_argocd_job_is_a_presync_hook() -> None:

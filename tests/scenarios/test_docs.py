@@ -143,7 +143,7 @@ def test_operations_guide_covers_what_operators_meet() -> None:
         "Exit codes and podFailurePolicy",
         "What `kubectl logs` shows",
         "Helm",
-        "PgBouncer and `DM_LOCK_DATABASE_URL`",
+        "Behind a connection pooler",
         "a revision failed",
         "a lock is held",
         "a run was killed",

@@ -189,29 +189,28 @@ def test_work_connection_terminated_mid_revision(project: Project, spawn: Spawn,
 @pytest.mark.parametrize("db", ["postgresql"], indirect=True)
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_work_connection_terminated_while_waiting_for_the_lock(
-    project: Project, spawn: Spawn
-) -> None:
-    """A failover while a run waits for the lock kills its idle work connection; outside
-    any revision, that too is transient: exit 75, one line, nothing recorded by it."""
+def test_waiting_run_holds_no_idle_work_connection(project: Project, spawn: Spawn) -> None:
+    """A run waiting for the lock holds at most one connection, only during a try: its work
+    connection is closed before the wait (#29), so a failover meanwhile finds nothing of it
+    idle, and a small session pool is not filled by waiters. It exits 0 having run nothing."""
     chain = write_chain(project, 3)
     first = block_in(chain, spawn, "r01", DM_POD_NAME="pod-a")
     second = spawn(project, "upgrade", "heads", env={"DM_POD_NAME": "pod-b"})
     wait_for(lambda: "waiting for the migration lock" in second.stderr() or not second.running())
     assert second.running(), second.stderr()
-    (work,) = project.db.query(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'dm:pod-b' "
-        "AND query NOT LIKE '%advisory%' AND datname = current_database()"
-    )  # its work connection, idle since it read the tracker (the other one polls the lock)
+    seen = []
+    for _ in range(20):
+        rows = project.db.query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'dm:pod-b' "
+            "AND datname = current_database()"
+        )
+        seen.append(len(rows))
+        time.sleep(0.1)
+    assert max(seen) <= 1, seen
 
-    project.db.query("SELECT pg_terminate_backend(:pid)", pid=work.pid)
     chain.release()
-
     assert first.wait(60) == 0, first.stderr()
-    assert second.wait(60) == 75, second.stderr()
-    line = error_line(second.stderr())
-    assert line.startswith("dm: error: transient database failure: ")
-    assert line.endswith("(a retry may succeed)")
+    assert second.wait(60) == 0, second.stderr()
     chain.assert_exactly_once()
     assert {r.pod_name for r in project.db.tracker()} == {"pod-a"}
 

@@ -18,6 +18,7 @@ from dm.urls import mask_url
 from dm.urls import mask_urls_in
 from dm.urls import normalise_url
 from dm.urls import redact
+from dm.urls import through_pooler
 
 
 @pytest.fixture(autouse=True)
@@ -404,6 +405,27 @@ def test_libpq_parameters_become_asyncpg_arguments() -> None:
         "target_session_attrs": "primary",
         "dsn": "postgresql://?sslmode=verify-full&sslrootcert=%2Fca.pem",
     }
+
+
+@pytest.mark.parametrize("key", ["statement_cache_size", "prepared_statement_cache_size"])
+def test_statement_cache_size_0_marks_a_url_through_a_pooler(key: str) -> None:
+    """asyncpg's usual PgBouncer switch is accepted and makes every statement unnamed and
+    uncached (#29); a direct URL keeps the named, cached statements."""
+    url = normalise_url(f"postgresql://u@pgbouncer:6432/app?{key}=0", "X")
+    assert through_pooler(url)
+    clean, args = connect_arguments(url)
+    assert dict(clean.query) == {"prepared_statement_cache_size": "0"}
+    assert args["statement_cache_size"] == 0
+    assert args["prepared_statement_name_func"]() == ""
+    direct = normalise_url("postgresql://u@db/app?statement_cache_size=50", "X")
+    assert not through_pooler(direct)
+    assert connect_arguments(direct)[1] == {"statement_cache_size": 50}
+    assert not through_pooler(normalise_url("postgresql://u@db/app", "X"))
+
+
+def test_statement_cache_size_must_be_a_number() -> None:
+    with pytest.raises(ConfigError, match="DM_DATABASE_URL: statement_cache_size must be"):
+        normalise_url("postgresql://u@db/app?statement_cache_size=off", "DM_DATABASE_URL")
 
 
 def test_dotenv_in_the_working_directory_is_not_read(
