@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli_runner
 from conftest import make_sqlite
 from dm import command
 from dm.cli import main
@@ -153,7 +153,7 @@ def test_cli_option_wins_end_to_end(ini: Path, tmp_path: Path) -> None:
     chosen, ignored = make_sqlite(tmp_path / "a"), make_sqlite(tmp_path / "b")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main,
         ["--database-url", chosen.url, "upgrade"],
         env={"DM_CONFIG": str(ini), "DM_DATABASE_URL": ignored.url},
