@@ -60,6 +60,7 @@ async for batch in batched(
 """
 
 
+@pytest.mark.matrix
 def test_the_batch_size_adapts_toward_the_target_time(project: Project) -> None:
     make_items(project, SLOW_FROM + 2400)
     project.write(A, None, ADAPTIVE, extra=EXTRA)

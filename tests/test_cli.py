@@ -819,6 +819,7 @@ def test_python_m_dm(project: Project) -> None:
     assert version.returncode == 0 and version.stdout.startswith("dm, version ")
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", [None, *sorted(main.commands)])
 def test_help(name: str | None) -> None:
     args = ["--help"] if name is None else [name, "--help"]

@@ -19,6 +19,8 @@ from dm.urls import mask_urls_in
 from dm.urls import normalise_url
 from dm.urls import redact
 
+pytestmark = pytest.mark.matrix  # also runs in the version matrix (tests/README.md)
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
