@@ -227,23 +227,28 @@ def test_cancel_a_running_backfill(project: Project, tmp_path: Path, skip: bool)
         assert counts(project) == {2: done, 1: ROWS - done}
 
 
+Beats = list[tuple[float, float]]
+
+
 def timed_run(
     project: Project, *args: str, env: dict[str, str]
-) -> tuple[subprocess.CompletedProcess[str], float, list[tuple[float, float]]]:
-    """Run ``dm ARGS``; return its outcome, when it was started and its batches' times.
+) -> tuple[subprocess.CompletedProcess[str], tuple[float, float, Beats]]:
+    """Run ``dm ARGS``; return its outcome, and when it was launched, when it had exited and
+    when each of its batches began and ended.
 
     The batches' times (``time.monotonic()`` in the dm process, the same clock as here on
     one host) are those the backfill recorded with each committed batch.
     """
     launched = time.monotonic()
     result = run_dm(project, *args, env=env)
+    returned = time.monotonic()
     rows = project.db.query(
         "SELECT began, ended FROM beats WHERE began >= :t ORDER BY began", t=launched
     )
-    return result, launched, [(row.began, row.ended) for row in rows]
+    return result, (launched, returned, [(row.began, row.ended) for row in rows])
 
 
-def longest_cycle(runs: list[list[tuple[float, float]]]) -> float:
+def longest_cycle(runs: list[Beats]) -> float:
     """Return the longest measured time from one batch's end to the next one's (its commit,
     the next page, the work), or the longest batch when no run did two."""
     cycles = [b[1] - a[1] for batches in runs for a, b in zip(batches, batches[1:], strict=False)]
@@ -262,37 +267,37 @@ def test_max_runtime_stops_at_a_boundary_and_the_next_runs_finish(
     args = ["--max-runtime", str(limit)] if how == "option" else []
     env = {"DM_MAX_RUNTIME": str(limit)} if how == "setting" else {}
 
-    first, launched, batches = timed_run(project, "upgrade", *args, "--json", env=env)
+    first, run = timed_run(project, "upgrade", *args, "--json", env=env)
     assert first.returncode == 5, first.stderr
     error = json.loads(first.stdout)["error"]
     assert (error["kind"], error["exit_code"], error["revision"]) == ("incomplete", 5, REV)
     assert "max runtime of 1s was reached" in error["message"]
     done = status(project)[REV]["checkpoint"]["rows_done"]
     assert 0 < done < ROWS and done % SIZE == 0
-    assert done == SIZE * len(batches)
+    assert done == SIZE * len(run[2])
     assert counts(project) == {1: done, 0: ROWS - done}  # stopped at a batch boundary
     assert attempts(project) == ["stopped"]
     assert status(project)[REV]["state"] == "incomplete"
     assert not after_ran(project)
     code, found = check(project)
     assert code == 4 and found["incomplete"] == [REV]
-    stopped = [(launched, batches)]
+    stopped = [run]
 
     runs = 1
     while True:  # each run stops after its 1 s, having done one batch at least
         runs += 1
         before = counts(project).get(1, 0)
         resumes = attempts(project)[-1] == "stopped"
-        again, launched, batches = timed_run(project, "upgrade", *args, env=env)
+        again, run = timed_run(project, "upgrade", *args, env=env)
         if resumes:
             assert f"resuming after key {before}" in again.stderr
         else:  # the backfill finished in the last run, past the run's limit: only AFTER is left
-            assert how != "attribute" and not batches, again.stderr
+            assert how != "attribute" and not run[2], again.stderr
         if again.returncode == 0:
             break
         assert again.returncode == 5, again.stderr
         if "max runtime of 1s was reached" in again.stderr:
-            stopped.append((launched, batches))
+            stopped.append(run)
         else:  # the run's limit was up when the backfill ended: AFTER waits for the next run
             assert f"before upgrade {AFTER} started" in again.stderr, again.stderr
         assert runs < 20
@@ -300,15 +305,17 @@ def test_max_runtime_stops_at_a_boundary_and_the_next_runs_finish(
     assert attempts(project)[-1] == "success"
     assert after_ran(project) and check(project)[0] == 0
 
-    # Each time-boxed run stopped at the first batch boundary past its limit. The limit counts
-    # from a moment between the run's launch and its first batch: the batch before the last
-    # ended inside it, and the last ended at most one measured batch cycle before it was up.
-    cycle = longest_cycle([batches for _, batches in stopped])
-    for launched, batches in stopped:
+    # Each time-boxed run stopped at the first batch boundary past its limit, which counts
+    # from a moment between the run's launch and its first batch: it did not stop before the
+    # limit was up, and it went on past it by one batch at most, as long as the longest batch
+    # cycle measured (a run's first batch always runs, however late it starts).
+    cycle = longest_cycle([batches for _, _, batches in stopped])
+    for launched, returned, batches in stopped:
         assert batches, "a time-boxed run does one batch at least"
+        assert returned >= launched + limit, (launched, returned, batches)
         if len(batches) > 1:
             assert batches[-2][1] < batches[0][0] + limit, (batches, cycle)
-        assert batches[-1][1] + cycle >= launched + limit, (launched, batches, cycle)
+            assert batches[-1][1] < batches[0][0] + limit + cycle, (batches, cycle)
 
 
 def test_max_runtime_between_transactional_revisions(project: Project) -> None:
