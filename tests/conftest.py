@@ -4,6 +4,7 @@ a real dm project made by ``dm init``, and helpers to write revisions and run dm
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import queue
@@ -289,9 +290,19 @@ def project(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Pr
     return Project(root, db)
 
 
+def cli_runner() -> CliRunner:
+    """Return a CliRunner that keeps stdout and stderr apart on every supported click.
+
+    click 8.2 always does; click 8.1 mixes them unless told ``mix_stderr=False``.
+    """
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        return CliRunner(mix_stderr=False)
+    return CliRunner()
+
+
 def invoke(project: Project, *args: str, **env: str) -> Result:
     """Run ``dm ARGS`` in-process with CliRunner; stdout and stderr stay apart."""
-    runner = CliRunner()
+    runner = cli_runner()
     return runner.invoke(main, list(args), env=project.env(**env), catch_exceptions=False)
 
 

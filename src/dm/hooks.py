@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import cast
 
 import sqlalchemy as sa
 from alembic.operations import Operations
@@ -201,7 +202,7 @@ def _run_script(connection: Connection, sql: str) -> None:
         await_only(driver.execute(sql))
     except Exception as exc:
         try:
-            adapted._handle_exception(exc)  # raises the DB-API shaped error
+            cast(Any, adapted)._handle_exception(exc)  # raises the DB-API shaped error
         except Exception as translated:
             raise sa.exc.DBAPIError.instance(
                 sql, None, translated, dialect.loaded_dbapi.Error, dialect=dialect

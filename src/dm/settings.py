@@ -229,7 +229,7 @@ class Settings(BaseSettings):
         config = given.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini"
         dotenv = _dotenv_beside(Path(config))
         try:
-            settings = cls(_env_file=dotenv, **given)  # type: ignore[call-arg]
+            settings = cls(_env_file=dotenv, **_under_aliases(cls, given))  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
         if dotenv is not None and Path(settings.config_file) != Path(config):
@@ -428,6 +428,23 @@ def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
             if values.get(name):
                 return f"{name} in {dotenv}"
     return f"sqlalchemy.url in {config}"
+
+
+def _under_aliases(cls: type[BaseSettings], given: dict[str, Any]) -> dict[str, Any]:
+    """Return explicit values keyed by their field's first alias, as the environment's are.
+
+    pydantic-settings before 2.9 merges an explicit ``database_url=`` and an environment
+    ``DM_DATABASE_URL`` as two keys, and pydantic then takes the alias listed first: the
+    environment would win. Under the same key the explicit value wins on every version.
+    """
+    keyed: dict[str, Any] = {}
+    for name, value in given.items():
+        field = cls.model_fields.get(name)
+        alias = field.validation_alias if field is not None else None
+        if isinstance(alias, AliasChoices):
+            alias = alias.choices[0]
+        keyed[alias if isinstance(alias, str) else name] = value
+    return keyed
 
 
 def _dotenv_beside(config: Path) -> Path | None:

@@ -371,7 +371,9 @@ class Tracker:
 
     def _ensure_sync(self, sync: sa.Connection) -> None:
         if self.schema and sync.dialect.name == "postgresql":
-            sync.execute(sa.schema.CreateSchema(self.schema, if_not_exists=True))
+            # SQLAlchemy 2.0.30, the lowest supported, leaves these DDL calls unannotated.
+            create = sa.schema.CreateSchema(self.schema, if_not_exists=True)  # type: ignore[no-untyped-call, unused-ignore]
+            sync.execute(create)
         version = self._layout(sync)
         if version is None:
             self.metadata.create_all(sync)
@@ -403,19 +405,20 @@ class Tracker:
         inspector = sa.inspect(sync)
         present = {col["name"] for col in inspector.get_columns(self.name, schema=self.schema)}
         preparer = sync.dialect.identifier_preparer
-        table = preparer.format_table(self.table)
+        table = preparer.format_table(self.table)  # type: ignore[no-untyped-call, unused-ignore]
         for column in self.table.columns:
             if column.name in present:
                 continue
             kind = column.type.compile(dialect=sync.dialect)
+            name = preparer.format_column(column)  # type: ignore[no-untyped-call, unused-ignore]
             sync.exec_driver_sql(
-                f"ALTER TABLE {table} ADD COLUMN {preparer.format_column(column)} {kind}"
+                f"ALTER TABLE {table} ADD COLUMN {name} {kind}"
             )
 
     def _upgrade_1_to_2(self, sync: sa.Connection, inspector: sa.Inspector) -> None:
         present = {col["name"] for col in inspector.get_columns(self.name, schema=self.schema)}
         preparer = sync.dialect.identifier_preparer
-        table = preparer.format_table(self.table)
+        table = preparer.format_table(self.table)  # type: ignore[no-untyped-call, unused-ignore]
         if "error" in present and "error_message" not in present:
             sync.exec_driver_sql(f"ALTER TABLE {table} RENAME COLUMN error TO error_message")
         self._add_missing_columns(sync)

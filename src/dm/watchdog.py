@@ -184,8 +184,23 @@ def _rollback_sqlite(driver: Any) -> None:
         finally:
             done.set()
 
-    queue.put_nowait((None, rollback))
+    queue.put_nowait((_Unawaited(), rollback))
     done.wait(2.0)
+
+
+class _Unawaited:
+    """Stand in for the future aiosqlite's thread reports a result to: none is awaited here.
+
+    aiosqlite 0.20 calls ``future.get_loop()`` unconditionally, so ``None`` in its place
+    ended that thread with a traceback; later versions skip a ``None`` future.
+    """
+
+    def get_loop(self) -> _Unawaited:
+        """Return this stand-in, whose ``call_soon_threadsafe`` drops the result."""
+        return self
+
+    def call_soon_threadsafe(self, *args: Any) -> None:
+        """Drop the result or the exception (the rollback's caller waits on an event)."""
 
 
 @dataclass(frozen=True)

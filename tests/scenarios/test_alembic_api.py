@@ -90,6 +90,7 @@ APPLIED = [("a1", "upgrade", "success"), ("b2", "upgrade", "success"), ("c3", "u
 # -- the caller's connection ---------------------------------------------------------------------
 
 
+@pytest.mark.matrix
 def test_caller_transaction_rolled_back_leaves_nothing(
     project: Project, bystanders: list[Path], capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -126,6 +127,7 @@ def test_caller_transaction_committed_keeps_the_work(
     assert project.db.query("SELECT count(*) FROM t")[0][0] == 2
 
 
+@pytest.mark.matrix
 def test_caller_engine_commits_each_revision(project: Project, bystanders: list[Path]) -> None:
     """An engine (pytest-alembic's way): dm opens one connection and commits per revision."""
     chain(project)
@@ -262,6 +264,7 @@ def test_lock_is_held_until_the_caller_ends_its_transaction(
 # -- a Config built in code; precedence ----------------------------------------------------------
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("file", ["none", "without the section"])
 def test_config_built_in_code(
     project: Project,
@@ -284,6 +287,7 @@ def test_config_built_in_code(
     assert "(from sqlalchemy.url set on the Alembic Config)" in capfd.readouterr().err
 
 
+@pytest.mark.matrix
 def test_set_main_option_url_beats_the_environment(
     project: Project, bystanders: list[Path]
 ) -> None:
@@ -294,6 +298,7 @@ def test_set_main_option_url_beats_the_environment(
     assert rows(project) == APPLIED
 
 
+@pytest.mark.matrix
 def test_the_environment_beats_the_files_url_as_for_dm(
     project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -313,6 +318,7 @@ def test_the_environment_beats_the_files_url_as_for_dm(
 # -- a running event loop ------------------------------------------------------------------------
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize(
     ("outcome", "given"),
     [("commit", "sync"), ("rollback", "sync"), ("rollback", "async")],
@@ -375,6 +381,7 @@ def test_no_connection_inside_a_running_loop(
     assert rows(project) == APPLIED
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("where", ["sync code", "a running loop"])
 def test_async_engine(project: Project, bystanders: list[Path], where: str) -> None:
     """pytest-alembic's async mode hands over an AsyncEngine."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,10 @@ async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=
         Path(STARTED).touch()
         while not Path(GO).exists():
             await asyncio.sleep(0.02)
+    began = time.monotonic()
     await session.execute(items.update().where(batch.where()).values(n=items.c.n + 1))
     await asyncio.sleep(PAUSE)
+    await session.execute(beats.insert().values(began=began, ended=time.monotonic()))
 """
 
 
@@ -50,16 +53,19 @@ def make_project(
     """The items table, the backfill ``REV`` and the revision ``AFTER`` that follows it."""
     project.db.query("CREATE TABLE items (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)")
     project.db.query("CREATE TABLE after_ran (id INTEGER PRIMARY KEY)")
+    project.db.query("CREATE TABLE beats (began FLOAT NOT NULL, ended FLOAT NOT NULL)")
     values = ", ".join(f"({i}, 0)" for i in range(1, ROWS + 1))
     project.db.query(f"INSERT INTO items VALUES {values}")
     extra = f"""
 import asyncio
+import time
 from pathlib import Path
 from dm import batched
 
 transactional = False
 {attributes}
 items = sa.table("items", sa.column("id"), sa.column("n"))
+beats = sa.table("beats", sa.column("began"), sa.column("ended"))
 STARTED = {str(files / "started")!r}
 GO = {str(files / "go")!r}
 PAUSE = {pause!r}
@@ -289,47 +295,97 @@ def test_cancel_stuck_after_leaves_a_run_that_answers_alone(
     assert attempts(project) == ["cancelled"]
 
 
+Beats = list[tuple[float, float]]
+
+
+def timed_run(
+    project: Project, *args: str, env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], tuple[float, float, Beats]]:
+    """Run ``dm ARGS``; return its outcome, and when it was launched, when it had exited and
+    when each of its batches began and ended.
+
+    The batches' times (``time.monotonic()`` in the dm process, the same clock as here on
+    one host) are those the backfill recorded with each committed batch.
+    """
+    launched = time.monotonic()
+    result = run_dm(project, *args, env=env)
+    returned = time.monotonic()
+    rows = project.db.query(
+        "SELECT began, ended FROM beats WHERE began >= :t ORDER BY began", t=launched
+    )
+    return result, (launched, returned, [(row.began, row.ended) for row in rows])
+
+
+def longest_cycle(runs: list[Beats]) -> float:
+    """Return the longest measured time from one batch's end to the next one's (its commit,
+    the next page, the work), or the longest batch when no run did two."""
+    cycles = [b[1] - a[1] for batches in runs for a, b in zip(batches, batches[1:], strict=False)]
+    return max(cycles or [ended - began for batches in runs for began, ended in batches])
+
+
 @pytest.mark.parametrize("how", ["option", "setting", "attribute"])
 @pytest.mark.process
 @pytest.mark.slow
 def test_max_runtime_stops_at_a_boundary_and_the_next_runs_finish(
     project: Project, tmp_path: Path, how: str
 ) -> None:
-    (tmp_path / "go").touch()  # no waiting: each batch takes about 0.15 s
-    make_project(
-        project, tmp_path, pause=0.15, attributes="max_runtime = 1" if how == "attribute" else ""
-    )
+    (tmp_path / "go").touch()  # no waiting: each batch takes 0.15 s and its commit
+    limit = 1.0
+    attributes = f"max_runtime = {limit}" if how == "attribute" else ""
+    make_project(project, tmp_path, pause=0.15, attributes=attributes)
     # The run's limit counts from dm's start, the revision's from its attempt's start.
-    args = ["--max-runtime", "1"] if how == "option" else []
-    env = {"DM_MAX_RUNTIME": "1"} if how == "setting" else {}
+    args = ["--max-runtime", str(limit)] if how == "option" else []
+    env = {"DM_MAX_RUNTIME": str(limit)} if how == "setting" else {}
 
-    first = run_dm(project, "upgrade", *args, "--json", env=env)
+    first, run = timed_run(project, "upgrade", *args, "--json", env=env)
     assert first.returncode == 5, first.stderr
     error = json.loads(first.stdout)["error"]
     assert (error["kind"], error["exit_code"], error["revision"]) == ("incomplete", 5, REV)
     assert "max runtime of 1s was reached" in error["message"]
     done = status(project)[REV]["checkpoint"]["rows_done"]
     assert 0 < done < ROWS and done % SIZE == 0
+    assert done == SIZE * len(run[2])
     assert counts(project) == {1: done, 0: ROWS - done}  # stopped at a batch boundary
     assert attempts(project) == ["stopped"]
     assert status(project)[REV]["state"] == "incomplete"
     assert not after_ran(project)
     code, found = check(project)
     assert code == 4 and found["incomplete"] == [REV]
+    stopped = [run]
 
     runs = 1
     while True:  # each run stops after its 1 s, having done one batch at least
         runs += 1
         before = counts(project).get(1, 0)
-        again = run_dm(project, "upgrade", *args, env=env)
-        assert f"resuming after key {before}" in again.stderr
+        resumes = attempts(project)[-1] == "stopped"
+        again, run = timed_run(project, "upgrade", *args, env=env)
+        if resumes:
+            assert f"resuming after key {before}" in again.stderr
+        else:  # the backfill finished in the last run, past the run's limit: only AFTER is left
+            assert how != "attribute" and not run[2], again.stderr
         if again.returncode == 0:
             break
         assert again.returncode == 5, again.stderr
+        if "max runtime of 1s was reached" in again.stderr:
+            stopped.append(run)
+        else:  # the run's limit was up when the backfill ended: AFTER waits for the next run
+            assert f"before upgrade {AFTER} started" in again.stderr, again.stderr
         assert runs < 20
     assert counts(project) == {1: ROWS}  # every row exactly once
     assert attempts(project)[-1] == "success"
     assert after_ran(project) and check(project)[0] == 0
+
+    # Each time-boxed run stopped at the first batch boundary past its limit, which counts
+    # from a moment between the run's launch and its first batch: it did not stop before the
+    # limit was up, and it went on past it by one batch at most, as long as the longest batch
+    # cycle measured (a run's first batch always runs, however late it starts).
+    cycle = longest_cycle([batches for _, _, batches in stopped])
+    for launched, returned, batches in stopped:
+        assert batches, "a time-boxed run does one batch at least"
+        assert returned >= launched + limit, (launched, returned, batches)
+        if len(batches) > 1:
+            assert batches[-2][1] < batches[0][0] + limit, (batches, cycle)
+            assert batches[-1][1] < batches[0][0] + limit + cycle, (batches, cycle)
 
 
 def test_max_runtime_between_transactional_revisions(project: Project) -> None:

@@ -142,7 +142,9 @@ def assert_stopped_cleanly(project: Project) -> None:
         assert locks == []
 
 
-@pytest.mark.parametrize("blocker", list(BLOCKERS))
+@pytest.mark.parametrize(
+    "blocker", [pytest.param(b, marks=pytest.mark.matrix) if b == "sleep" else b for b in BLOCKERS]
+)
 @pytest.mark.slow
 def test_timeout_ends_a_hook_that_blocks_the_event_loop(project: Project, blocker: str) -> None:
     """A 2 s time limit used to run 15 s until killed, leaving the row pending."""

@@ -40,6 +40,7 @@ def make_items(project: Project, n: int) -> None:
     project.db.query(f"INSERT INTO items (id, hits) VALUES {values}")
 
 
+@pytest.mark.matrix
 def test_batched_visits_every_row_once(project: Project) -> None:
     make_items(project, 50)
     project.write(A, None, LOOP + "assert seen == [7] * 7 + [1], seen", extra=SETUP)
@@ -177,6 +178,7 @@ def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+@pytest.mark.matrix
 def test_non_transactional_failure_keeps_committed_batches_and_resumes(project: Project) -> None:
     make_items(project, 50)
     project.write(A, None, FAILING_LOOP, extra=NON_TRANSACTIONAL + AENUMERATE)
@@ -310,6 +312,7 @@ def test_a_timed_out_non_transactional_revision_keeps_its_batches(project: Proje
     assert hits(project) == [(0, 40 - done), (1, done)]
 
 
+@pytest.mark.matrix
 def test_key_range_batches_skip_unselected_rows_and_resume(project: Project) -> None:
     make_items(project, 50)
     project.db.query("UPDATE items SET hits = 5 WHERE id IN (3, 4, 30)")  # not selected
@@ -361,6 +364,7 @@ async for batch in batched(session, query, key=key, size=4, rows=ROWS):
 """
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("rows", [False, True])
 def test_a_composite_key_pages_by_row_value_and_resumes(project: Project, rows: bool) -> None:
     project.db.query(
@@ -435,6 +439,7 @@ def test_a_progress_line_shows_the_batch_size_rate_and_eta() -> None:
     assert describe(figures) == expected
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize(
     "value",
     [

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from click.testing import Result
 
 from conftest import PG_HOST
@@ -26,6 +25,7 @@ from conftest import PG_PORT
 from conftest import Database
 from conftest import Project
 from conftest import as_json
+from conftest import cli_runner
 from conftest import invoke
 from conftest import ok
 from conftest import pg_user
@@ -726,7 +726,7 @@ def test_generated_revision_runs_as_is(project: Project) -> None:
 
 def _bare_invoke(*args: str) -> Result:
     env = {name: None for name in ("DM_CONFIG", "DM_DATABASE_URL", "DATABASE_URL")}
-    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return cli_runner().invoke(main, list(args), env=env, catch_exceptions=False)
 
 
 def test_init_appends_to_existing_alembic_ini(
@@ -823,10 +823,11 @@ def test_python_m_dm(project: Project) -> None:
     assert version.returncode == 0 and version.stdout.startswith("dm, version ")
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", [None, *sorted(main.commands)])
 def test_help(name: str | None) -> None:
     args = ["--help"] if name is None else [name, "--help"]
-    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    result = cli_runner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.stderr
     assert result.stdout.startswith("Usage: ")
     if name is not None:

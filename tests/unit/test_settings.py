@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli_runner
 from conftest import make_sqlite
 from dm import command
 from dm.cli import main
@@ -19,6 +19,8 @@ from dm.urls import mask_urls_in
 from dm.urls import normalise_url
 from dm.urls import redact
 from dm.urls import through_pooler
+
+pytestmark = pytest.mark.matrix  # also runs in the version matrix (tests/README.md)
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +156,7 @@ def test_cli_option_wins_end_to_end(ini: Path, tmp_path: Path) -> None:
     chosen, ignored = make_sqlite(tmp_path / "a"), make_sqlite(tmp_path / "b")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    result = CliRunner().invoke(
+    result = cli_runner().invoke(
         main,
         ["--database-url", chosen.url, "upgrade"],
         env={"DM_CONFIG": str(ini), "DM_DATABASE_URL": ignored.url},

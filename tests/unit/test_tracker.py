@@ -74,6 +74,7 @@ def meta(project: Project) -> dict[str, str]:
     return {r.key: r.value for r in project.db.query("SELECT * FROM script_run_tracker_meta")}
 
 
+@pytest.mark.matrix
 def test_fresh_tracker_has_current_layout(project: Project) -> None:
     three_revisions(project)
     ok(invoke(project, "upgrade", A))
@@ -84,6 +85,7 @@ def test_fresh_tracker_has_current_layout(project: Project) -> None:
     assert meta(project) == {"schema_version": str(SCHEMA_VERSION), "fence": run_id}
 
 
+@pytest.mark.matrix
 def test_upgrade_from_layout_1(project: Project) -> None:
     three_revisions(project)
     project.db.query(V1_TRACKER[project.db.kind])
@@ -205,6 +207,7 @@ def test_pending_row_of_a_dead_run_is_marked_failed(project: Project) -> None:
     assert dead.finished_at is not None
 
 
+@pytest.mark.matrix
 def test_custom_tracker_table(project: Project) -> None:
     table = "dm_runs"
     three_revisions(project)
