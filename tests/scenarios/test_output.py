@@ -234,6 +234,7 @@ def test_log_accepts_a_partial_revision_id_as_every_command_does(project: Projec
     assert "f6e5: no attempt recorded" in never.stdout + never.stderr
 
 
+@pytest.mark.slow
 def test_log_of_a_gone_revision_wins_over_a_partial_id_of_a_file(project: Project) -> None:
     path = project.write("ab", None, "pass")
     assert run_dm(project, "upgrade", "heads").returncode == 0

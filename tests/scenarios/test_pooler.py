@@ -211,6 +211,7 @@ def test_documented_setup_through_transaction_pooling(
     assert plain_settings(transaction_pool, pg_project.db) == [defaults, defaults]
 
 
+@pytest.mark.slow
 def test_no_lock_url_still_one_run_at_a_time(
     pg_project: Project, transaction_pool: PgBouncer, spawn: Spawn
 ) -> None:
@@ -226,6 +227,7 @@ def test_no_lock_url_still_one_run_at_a_time(
     assert plain_settings(transaction_pool, pg_project.db) == [defaults, defaults]
 
 
+@pytest.mark.slow
 def test_session_pooling_with_a_pool_of_two(
     pg_project: Project, impatient_session_pool: PgBouncer, spawn: Spawn
 ) -> None:
@@ -317,6 +319,7 @@ def impatient_one_server_pool() -> Iterator[PgBouncer]:
     yield from running_pgbouncer("transaction", pool_size=1, query_wait_timeout="2")
 
 
+@pytest.mark.slow
 def test_pool_too_small_is_named(pg_project: Project, impatient_one_server_pool: PgBouncer) -> None:
     """One server connection, and the lock through the pool: the run's lock transaction
     takes it, its work waits past the pooler's query_wait_timeout. One line names the

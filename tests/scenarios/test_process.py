@@ -245,7 +245,7 @@ runpy.run_module("dm", run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("when", ["before", pytest.param("after", marks=pytest.mark.slow)])
 def test_a_signal_while_the_listener_starts_is_not_lost(
     project: Project, tmp_path: Path, when: str
 ) -> None:

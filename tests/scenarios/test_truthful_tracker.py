@@ -295,6 +295,14 @@ def check_json(project: Project) -> tuple[int, dict[str, object]]:
 
 
 @pytest.mark.process
+@pytest.mark.parametrize(
+    "db",
+    [
+        pytest.param("sqlite", marks=pytest.mark.slow),
+        pytest.param("postgresql", marks=pytest.mark.postgres),
+    ],
+    indirect=True,
+)
 def test_a_deferred_backfill_lets_the_plan_and_the_deploy_go_on(project: Project) -> None:
     backfill_project(project)
     first = run_dm(project, "upgrade")
