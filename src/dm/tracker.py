@@ -678,6 +678,11 @@ class Tracker:
         if updated.rowcount == 0:
             await conn.execute(self.meta.insert().values(key=FENCE_KEY, value=run_id))
 
+    def _quoted_meta(self, conn: AsyncConnection) -> str:
+        """Return the meta table's name as SQL quotes it (schema included)."""
+        preparer = conn.dialect.identifier_preparer
+        return str(preparer.format_table(self.meta))  # type: ignore[no-untyped-call, unused-ignore]
+
     async def _fence_holders(self, conn: AsyncConnection) -> str:
         """Describe the other sessions whose open transaction locked rows of the meta table."""
         rows = (
@@ -690,7 +695,7 @@ class Tracker:
                     "AND l.mode <> 'AccessShareLock' AND l.pid <> pg_backend_pid() "
                     "AND l.relation = to_regclass(:meta) ORDER BY a.pid"
                 ),
-                {"meta": conn.dialect.identifier_preparer.format_table(self.meta)},
+                {"meta": self._quoted_meta(conn)},
             )
         ).all()
         if not rows:
