@@ -62,6 +62,7 @@ _RAW_ROLLBACK = re.compile(
     re.IGNORECASE,
 )
 _BEGIN = re.compile(r"^\s*BEGIN\b", re.IGNORECASE)
+_LEADING_COMMENTS = re.compile(r"^(?:\s*(?:--[^\n]*(?:\n|$)|/\*.*?\*/))*", re.DOTALL)
 _SCRIPT_COMMIT = re.compile(r"(?:^|;)\s*COMMIT\b", re.IGNORECASE)
 _QUOTED = re.compile(
     r"\$(?P<tag>[A-Za-z_]*)\$.*?\$(?P=tag)\$"  # a dollar-quoted body (DO $$ ... END $$)
@@ -75,12 +76,12 @@ _QUOTED = re.compile(
 
 def is_raw_commit(statement: str) -> bool:
     """Return whether ``statement`` is a transaction-ending ``COMMIT`` (or ``END``)."""
-    return _RAW_COMMIT.match(statement) is not None
+    return _RAW_COMMIT.match(_LEADING_COMMENTS.sub("", statement)) is not None
 
 
 def is_raw_rollback(statement: str) -> bool:
     """Return whether ``statement`` is a transaction-ending ``ROLLBACK`` (or ``ABORT``)."""
-    return _RAW_ROLLBACK.match(statement) is not None
+    return _RAW_ROLLBACK.match(_LEADING_COMMENTS.sub("", statement)) is not None
 
 
 def script_commits(sql: str) -> bool:
