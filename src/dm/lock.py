@@ -36,6 +36,7 @@ import time
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
@@ -209,49 +210,40 @@ async def _pg_wait(
 ) -> AsyncConnection:
     """Try to take ``key`` until it is taken: return the connection whose open transaction
     holds it. Each try is a transaction on a connection of its own, closed when the lock
-    was not free; the holder is named in the log now and then.
+    was not free.
 
     :raises LockTimeout: not taken within ``timeout`` seconds (the message says so when
         the pooler had no server connection free for the tries).
     """
     from .db import open_connection
 
-    deadline = time.monotonic() + timeout
-    next_report = time.monotonic()
-    starved: str | None = None
-    while True:
+    held: list[AsyncConnection] = []
+
+    async def try_once(report_due: Callable[[], bool], deadline: float) -> _Try:
         conn = await open_connection(engine, retry_seconds=connect_retry)
-        taken = False
-        holder = None
+        outcome = _Try(taken=False)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), POOL_WAIT_MIN)):
-                taken = await _try(conn, key)
-                now = time.monotonic()
-                if not taken and (now >= next_report or now >= deadline):
-                    holder = await _pg_holder(conn, key) or "a session that just released it"
-            starved = None
+                if await _try(conn, key):
+                    held.append(conn)
+                    outcome = _Try(taken=True)
+                elif report_due():
+                    outcome = _Try(taken=False, holder=await _pg_holder_or_gone(conn, key))
         except TimeoutError:
             starved = "no server connection came free for a try (is the pool exhausted?)"
+            outcome = _Try(taken=False, starved=starved)
         except DBAPIError as exc:
             problem = pooler_problem(exc)
             if problem is None or not isinstance(problem, PoolExhausted):
                 raise
-            starved = str(problem)
+            outcome = _Try(taken=False, starved=str(problem))
         finally:
-            if not taken:
+            if not held:
                 await _discard(conn)
-        if taken:
-            return conn
-        now = time.monotonic()
-        if now >= deadline:
-            why = f"held by {holder}" if starved is None else starved
-            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; {why}")
-        if starved is not None:
-            log.warning("waiting for the migration lock: %s", starved)
-        elif holder is not None:
-            log.info("waiting for the migration lock, held by %s", holder)
-            next_report = now + REPORT_SECONDS
-        await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+        return outcome
+
+    await _poll(try_once, timeout)
+    return held[0]
 
 
 async def _try(conn: AsyncConnection, key: int) -> bool:
@@ -313,29 +305,69 @@ async def _pg_acquire(
     function: str = "pg_try_advisory_lock",
     end_try: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Poll ``function`` (a ``pg_try_advisory*_lock``) until it takes ``key``, naming the
-    holder in the log now and then; ``end_try`` runs after each try (and its holder lookup).
+    """Poll ``function`` (a ``pg_try_advisory*_lock``) on ``conn`` until it takes ``key``;
+    ``end_try`` runs after each try (and its holder lookup).
+
+    :raises LockTimeout: not taken within ``timeout`` seconds.
+    """
+
+    async def try_once(report_due: Callable[[], bool], deadline: float) -> _Try:
+        taken = (await conn.execute(sa.text(f"SELECT {function}(:k)"), {"k": key})).scalar_one()
+        holder = None if taken or not report_due() else await _pg_holder_or_gone(conn, key)
+        if end_try is not None:
+            await end_try()
+        return _Try(taken=bool(taken), holder=holder)
+
+    await _poll(try_once, timeout)
+
+
+@dataclass(frozen=True)
+class _Try:
+    """What one try to take the PostgreSQL lock found."""
+
+    taken: bool
+    holder: str | None = None
+    """Who holds the lock, when the try looked (see :func:`_poll`)."""
+    starved: str | None = None
+    """Why the try could not even ask (no server connection came free)."""
+
+
+async def _poll(
+    try_once: Callable[[Callable[[], bool], float], Awaitable[_Try]], timeout: float
+) -> None:
+    """Call ``try_once`` until it takes the lock, with a jittered pause between tries,
+    logging the holder now and then (and each try the pooler starved).
+
+    ``try_once`` gets a predicate that says whether this try should look up the holder
+    (due every ``REPORT_SECONDS``, and at the deadline), and the deadline itself.
 
     :raises LockTimeout: not taken within ``timeout`` seconds.
     """
     deadline = time.monotonic() + timeout
     next_report = time.monotonic()
-    while True:
-        taken = (await conn.execute(sa.text(f"SELECT {function}(:k)"), {"k": key})).scalar_one()
+
+    def report_due() -> bool:
         now = time.monotonic()
-        holder = None
-        if not taken and (now >= next_report or now >= deadline):
-            holder = await _pg_holder(conn, key) or "a session that just released it"
-        if end_try is not None:
-            await end_try()
-        if taken:
+        return now >= next_report or now >= deadline
+
+    while True:
+        outcome = await try_once(report_due, deadline)
+        if outcome.taken:
             return
+        now = time.monotonic()
         if now >= deadline:
-            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; held by {holder}")
-        if holder is not None:
-            log.info("waiting for the migration lock, held by %s", holder)
+            why = outcome.starved or f"held by {outcome.holder}"
+            raise LockTimeout(f"migration lock not acquired within {timeout:g}s; {why}")
+        if outcome.starved is not None:
+            log.warning("waiting for the migration lock: %s", outcome.starved)
+        elif outcome.holder is not None:
+            log.info("waiting for the migration lock, held by %s", outcome.holder)
             next_report = now + REPORT_SECONDS
         await asyncio.sleep(min(_jittered(), max(deadline - now, 0.05)))
+
+
+async def _pg_holder_or_gone(conn: AsyncConnection, key: int) -> str:
+    return await _pg_holder(conn, key) or "a session that just released it"
 
 
 async def _watch(
