@@ -30,6 +30,7 @@ from .graph import Graph
 from .graph import Revision
 from .graph import display_path
 from .planning import Step
+from .recording import Request
 from .runtime import Database
 from .runtime import RunResult
 from .runtime import execute_plan
@@ -438,9 +439,8 @@ async def _settle_if_stuck(
     if answered:  # it commits batches: it stops at the next boundary, as asked
         return ControlResult(rev.id, request, "requested", REQUESTED_STATES[request], by, why)
     status = _SETTLED_BY[request]
-    done = "cancelled (--skip)" if status is Status.ABANDONED else "cancelled"
     text = (
-        f"{done} by {by}" + (f": {why}" if why else "") + f"; its run did not answer for "
+        f"{Request(request, by, why).describe()}; its run did not answer for "
         f"{stuck_after:g}s (no batch committed), so the attempt was ended without it"
     )
     try:
@@ -527,8 +527,7 @@ async def _settle_stopped(
                 "batched revision, or settles one that stopped part-way (incomplete, paused, "
                 "partial)"
             )
-        done = "cancelled (--skip)" if status is Status.ABANDONED else "cancelled"
-        text = f"{done} by {by}" + (f": {why}" if why else "")
+        text = Request(request, by, why).describe()
         step = Step(rev, attempt.direction == "upgrade")
         async with recorder.conn.begin():
             await recorder.record_step(step, status, reason=text, checkpoint=attempt.checkpoint)

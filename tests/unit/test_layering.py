@@ -81,6 +81,7 @@ ALLOWED: dict[str, set[str]] = {
         "settings",
         "state",
         "tracker",
+        "recording",  # the wording of a settled request (Request.describe)
         "unit",  # dm verify runs check_verify
     },
     "alembic_env": {
