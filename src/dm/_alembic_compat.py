@@ -7,10 +7,14 @@ drops one fails at once with a clear message instead of in the middle of a run.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
+from alembic import context as alembic_context
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.runtime.migration import RevisionStep
 from alembic.script import Script
@@ -23,6 +27,8 @@ _REQUIRED = (
     (ScriptDirectory, "_upgrade_revs"),
     (ScriptDirectory, "_catch_revision_errors"),
     (Revision, "_all_down_revisions"),
+    (EnvironmentContext, "_install_proxy"),
+    (EnvironmentContext, "_remove_proxy"),
 )
 for _owner, _name in _REQUIRED:
     if not hasattr(_owner, _name):  # pragma: no cover - only with an unsupported Alembic
@@ -88,3 +94,27 @@ def invoked_plan(context: MigrationContext) -> tuple[str | None, str | None]:
     verb = name if name in ("upgrade", "downgrade") else None
     target = context.opts.get("destination_rev")
     return verb, None if target is None else str(target)
+
+
+def set_migration_context(context: EnvironmentContext, migration: MigrationContext) -> None:
+    """Make ``migration`` what ``context.get_context()`` returns (``configure`` would make a
+    new one)."""
+    context._migration_context = migration
+
+
+@contextlib.contextmanager
+def environment_installed(context: EnvironmentContext) -> Iterator[None]:
+    """Make ``context`` the one ``from alembic import context`` proxies inside the block.
+
+    Unlike ``with context:``, an environment installed before (Alembic's own, under its
+    command API) is reinstalled afterwards instead of being removed.
+    """
+    previous = getattr(alembic_context, "_proxy", None)
+    context._install_proxy()
+    try:
+        yield
+    finally:
+        if isinstance(previous, EnvironmentContext):
+            previous._install_proxy()
+        else:
+            context._remove_proxy()

@@ -282,6 +282,13 @@ def _note(message: str) -> None:
     show_default=True,
     help="Log lines on stderr as text or JSON.",
 )
+@click.option(
+    "-x",
+    "x_arguments",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Argument for revision code, read with context.get_x_argument() (as alembic -x).",
+)
 @click.version_option(__version__, prog_name="dm")
 @click.pass_context
 def main(
@@ -291,6 +298,7 @@ def main(
     database_url: str | None,
     verbose: bool,
     log_format: str,
+    x_arguments: tuple[str, ...],
 ) -> None:
     """Run data migrations and maintenance scripts the way Alembic runs schema revisions."""
     from . import log
@@ -307,6 +315,10 @@ def main(
         verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=mask_urls_in
     )
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
+    if x_arguments or "dm.alembic_context" in sys.modules:  # Alembic loads only when needed
+        from .alembic_context import set_x_arguments
+
+        set_x_arguments(x_arguments)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:

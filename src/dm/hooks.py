@@ -29,9 +29,11 @@ from typing import cast
 import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.util import await_only
 
+from . import alembic_context
 from .batching import BatchingError
 from .batching import RunUnit
 from .batching import current_run
@@ -60,15 +62,27 @@ async def call_hook(hook: Hook, session: AsyncSession) -> Any:
         with _no_unawaited_coroutine(hook):
             outcome = hook.fn(session)
             return await outcome if inspect.isawaitable(outcome) else outcome
-    return await session.run_sync(_call_sync, hook, current_run())
+    env = alembic_context.current()
+    conn = await session.connection() if env is not None else None
+    return await session.run_sync(_call_sync, hook, current_run(), env, conn)
 
 
-def _call_sync(sync_session: Session, hook: Hook, run: RunUnit | None) -> Any:
+def _call_sync(
+    sync_session: Session,
+    hook: Hook,
+    run: RunUnit | None,
+    env: alembic_context.HookEnvironment | None = None,
+    conn: AsyncConnection | None = None,
+) -> Any:
     connection = sync_session.connection()
     context = _DmMigrationContext(connection.dialect, connection, {}, None)
     context.dm_run = run
     _route_scripts(context, connection)
-    with Operations.context(context), _no_unawaited_coroutine(hook):
+    with (
+        alembic_context.established(env, context, conn),
+        Operations.context(context),
+        _no_unawaited_coroutine(hook),
+    ):
         outcome = hook.fn(sync_session) if hook.kind == "session" else hook.fn()
         return await_only(outcome) if inspect.isawaitable(outcome) else outcome
 

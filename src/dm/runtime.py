@@ -290,9 +290,12 @@ class Database:
 @contextlib.asynccontextmanager
 async def open_database(settings: Settings) -> AsyncIterator[Database]:
     """Yield a :class:`Database` for the settings; close it afterwards."""
+    from .alembic_context import environment
+
     db = Database(settings, tracker_for(settings))
     try:
-        yield db
+        with environment(settings, db.tracker):
+            yield db
     finally:
         await db.close()
 

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )
     _url_source: str = PrivateAttr("the configuration")
+    _alembic_config: Any = PrivateAttr(None)
     """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
 
     @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout", "max_runtime")
@@ -271,6 +272,7 @@ class Settings(BaseSettings):
         )
         if explicit is not None:
             settings._url_source = "sqlalchemy.url set on the Alembic Config"
+        settings._alembic_config = config
         return settings
 
     @property
@@ -340,6 +342,12 @@ class Settings(BaseSettings):
         if not location:
             raise ConfigError(f"{path}: [{self.ini_section}] has no script_location")
         return Config(str(path), ini_section=self.ini_section)
+
+    def hook_config(self) -> Config:
+        """Return the ``Config`` revision hooks see as ``context.config``: the caller's own
+        under Alembic's command API, else a new one for dm's section."""
+        given: Config | None = self._alembic_config
+        return given if given is not None else self.alembic_config()
 
 
 class _IniSettingsSource(PydanticBaseSettingsSource):

@@ -234,10 +234,13 @@ async def open_shared(
 
 @contextlib.asynccontextmanager
 async def _shared(settings: Settings, sync: Connection) -> AsyncIterator[SharedDatabase]:
+    from .alembic_context import environment
+
     db = SharedDatabase(settings, sync)
     try:
         await db.prepare()
-        yield db
+        with environment(settings, db.tracker):
+            yield db
     finally:
         await db.close()
 
