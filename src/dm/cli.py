@@ -770,6 +770,14 @@ def _print_table(rows: Sequence[Sequence[str]]) -> None:
     type=click.FloatRange(min=0.1),
     help="With --wait: seconds between polls.  [default: 5]",
 )
+@click.option(
+    "--offline",
+    is_flag=True,
+    help="Check the revision files and the graph only, without a database (exit 4: several heads).",
+)
+@click.option(
+    "--allow-multiple-heads", is_flag=True, help="With --offline: pass with several heads."
+)
 @json_option
 @pass_invocation
 def check(
@@ -778,6 +786,8 @@ def check(
     wait: bool,
     timeout: float | None,
     interval: float | None,
+    offline: bool,
+    allow_multiple_heads: bool,
     as_json: bool,
 ) -> None:
     """Exit 0 when every revision is applied; exit 4 when any is pending, failed, running or
@@ -786,7 +796,14 @@ def check(
 
     if not wait and (timeout is not None or interval is not None):
         raise click.UsageError("--timeout and --interval go with --wait")
+    if offline and (wait or allow_modified):
+        raise click.UsageError("--offline reads no database: not with --wait or --allow-modified")
+    if allow_multiple_heads and not offline:
+        raise click.UsageError("--allow-multiple-heads goes with --offline")
     settings = invocation.settings()
+    if offline:
+        _check_offline(settings, allow_multiple_heads, as_json)
+        return
     if wait:
         result = _run(
             command.check_wait(
@@ -832,6 +849,30 @@ def check(
         if result.deferred:
             _echo(f"unfinished, not blocking (blocks_deploy = False): {', '.join(result.deferred)}")
     if not result.ok:
+        raise click.exceptions.Exit(EXIT_CHECK_FAILED)
+
+
+def _check_offline(settings: Settings, allow_multiple_heads: bool, as_json: bool) -> None:
+    from .validate import check_offline
+
+    found = check_offline(settings, allow_multiple_heads=allow_multiple_heads)
+    if as_json:
+        _emit_json({"ok": found.ok, "revisions": found.revisions, "heads": list(found.heads)})
+    elif len(found.heads) > 1:
+        verdict = "ok (allowed)" if found.ok else "error"
+        _echo(
+            f"{verdict}: {len(found.heads)} heads ({', '.join(found.heads)}) in "
+            f"{found.revisions} revisions; join them with 'dm merge heads', or pass "
+            "--allow-multiple-heads for independent branches"
+        )
+    else:
+        what = (
+            f"{found.revisions} revisions load, one head {found.heads[0]}"
+            if found.heads
+            else "no revisions"
+        )
+        _echo(f"ok: {what} (no database used)")
+    if not found.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
 
 

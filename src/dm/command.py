@@ -618,6 +618,15 @@ def revision(
                 )
             )
         loaded = Graph.from_config(_quiet(settings.alembic_config()))  # the new file must load
+    if len(loaded.heads) > max(len(graph.heads), 1):
+        log.warning(
+            "revision %s makes a new head: the graph now has %d heads (%s); 'dm upgrade heads' "
+            "runs every branch, in no set order, and 'dm upgrade head' refuses; join them "
+            "with 'dm merge heads' if one needs the other",
+            script.revision,
+            len(loaded.heads),
+            ", ".join(loaded.heads),
+        )
     return RevisionInfo.of(loaded.revision(script.revision))
 
 

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "__init__": {"api", "batching", "errors", "hooks"},
     "hooks": {"alembic_context", "batching", "errors", "fence", "graph"},
+    "validate": {"graph", "schema", "settings"},
     "alembic_context": {"_alembic_compat", "graph", "planning", "settings", "tracker"},
     "batching": {"progress"},
     "backoff": set(),
@@ -40,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {
         "__init__",
         "alembic_context",  # dm -x
+        "validate",  # dm check --offline
         "command",
         "operations",
         "settings",
