@@ -86,6 +86,7 @@ def test_dm_upgrade_establishes_alembic_environment_with_x_arguments(project: Pr
     assert seen(project) == expected(project, {"tenant": "acme", "dry": "1"})
 
 
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 def test_dm_without_x_gives_no_x_arguments(project: Project) -> None:
     probes(project)
     ok_run = run_in_process(project, "upgrade", "heads")
