@@ -68,7 +68,9 @@ Usage (PostgreSQL at 127.0.0.1:5432 as postgres by default; the database
 Exit status: 1 when a variant left the table wrong or a run failed (or, with ``--strict``,
 when a target failed); 0 otherwise. ``--transactional`` runs (e) with ``transactional =
 True`` instead (one transaction, no checkpoints), to see what the checkpoints cost.
-``--variants`` runs some of the variants only (e.g. ``--variants abf``).
+``--variants`` runs some of the variants only (e.g. ``--variants abf``). (h) and (i) are
+(e) and (f) with dm on psycopg 3 (``postgresql+psycopg://``) instead of asyncpg, to compare
+the drivers in the same run. ``--database`` names another database to use (a shared server).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ from dm import DmError
 DATABASE = "dm_bench_batched"
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432"
 TRACKER_TABLE = "script_run_tracker"
-VARIANTS = ("a", "b", "c", "d", "e", "f", "g")
+VARIANTS = ("a", "b", "c", "d", "e", "f", "g", "h", "i")
 LABELS = {
     "a": "(a) one UPDATE",
     "b": "(b) SQLAlchemy loop, upper bound only",
@@ -111,6 +113,8 @@ LABELS = {
     "e": "(e) dm.batched, transactional = False",
     "f": "(f) the same, as the dm CLI process",
     "g": "(g) (f) with batched(rows=True)",
+    "h": "(h) (e) on psycopg 3",
+    "i": "(i) (f) on psycopg 3",
 }
 MIN_KEY = -(2**63)
 
@@ -163,6 +167,11 @@ class Target:
     def url(self) -> str:
         """Return the plain ``postgresql://`` URL of the benchmark database (dm's form)."""
         return f"{self.server.rstrip('/')}/{self.database}"
+
+    @property
+    def psycopg_url(self) -> str:
+        """Return the URL that runs dm on psycopg 3 instead of asyncpg."""
+        return self.url.replace("postgresql://", "postgresql+psycopg://", 1)
 
     @property
     def async_url(self) -> str:
@@ -357,9 +366,12 @@ async def dm_batched(target: Target, size: int, project: Path) -> None:
         raise BenchError(f"dm upgrade heads ran {ran}, expected [{REVISION_ID!r}]")
 
 
-async def dm_cli(target: Target, size: int, project: Path) -> float:
+async def dm_cli(
+    target: Target, size: int, project: Path, env: dict[str, str] | None = None
+) -> float:
     """(f) ``dm upgrade heads`` as its own process, as a Kubernetes Job runs it; return the
     revision's duration as the tracker recorded it (start-up and imports excluded)."""
+    env = env or {}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -368,7 +380,7 @@ async def dm_cli(target: Target, size: int, project: Path) -> float:
         "heads",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "DM_CONFIG": str(project / "alembic.ini")},
+        env={**os.environ, "DM_CONFIG": str(project / "alembic.ini"), **env},
     )
     _, stderr = await proc.communicate()
     if proc.returncode != 0:
@@ -389,6 +401,21 @@ async def dm_cli_rows(target: Target, size: int, project: Path) -> float:
     return await dm_cli(target, size, project.parent / "project-rows")
 
 
+async def dm_batched_psycopg(target: Target, size: int, project: Path) -> None:
+    """(h) (e) with dm on psycopg 3: ``postgresql+psycopg://``."""
+    plain = os.environ["DM_DATABASE_URL"]
+    os.environ["DM_DATABASE_URL"] = target.psycopg_url
+    try:
+        await dm_batched(target, size, project)
+    finally:
+        os.environ["DM_DATABASE_URL"] = plain
+
+
+async def dm_cli_psycopg(target: Target, size: int, project: Path) -> float:
+    """(i) (f) with dm on psycopg 3."""
+    return await dm_cli(target, size, project, {"DM_DATABASE_URL": target.psycopg_url})
+
+
 Variant = Callable[[Target, int, Path], Awaitable[float | None]]
 RUNNERS: dict[str, Variant] = {
     "a": one_update,
@@ -398,6 +425,8 @@ RUNNERS: dict[str, Variant] = {
     "e": dm_batched,
     "f": dm_cli,
     "g": dm_cli_rows,
+    "h": dm_batched_psycopg,
+    "i": dm_cli_psycopg,
 }
 
 
@@ -566,6 +595,14 @@ async def bench(args: argparse.Namespace, target: Target, project: Path) -> dict
     return samples
 
 
+def _psycopg_version() -> str:
+    try:
+        import psycopg
+    except ImportError:
+        return "not installed ((h) and (i) fail)"
+    return psycopg.__version__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the report; return the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -596,6 +633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="run (e) with transactional = True (one transaction, no checkpoints)",
     )
+    parser.add_argument(
+        "--database", default=DATABASE, help=f"the database to drop and create ({DATABASE})"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     parser.add_argument("--child-rss", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -616,11 +656,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--memory-rows takes comma-separated integers")
     if args.transactional:
         LABELS["e"] = "(e) dm.batched, transactional = True"
-    target = Target(args.url, DATABASE)
+    target = Target(args.url, args.database)
     os.environ["DM_DATABASE_URL"] = target.url
     versions = (
         f"python {sys.version.split()[0]}, sqlalchemy {sa.__version__}, "
-        f"asyncpg {asyncpg.__version__}"
+        f"asyncpg {asyncpg.__version__}, psycopg {_psycopg_version()}"
     )
     print(f"{versions}; database {target.url}; {os.cpu_count()} CPUs")
     print(

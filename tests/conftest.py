@@ -30,6 +30,11 @@ from dm.cli import main
 
 PG_HOST = os.environ.get("DM_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("DM_TEST_PG_PORT", "5432"))
+PG_DRIVER = os.environ.get("DM_TEST_PG_DRIVER", "asyncpg")
+"""dm's PostgreSQL driver in tests: ``asyncpg`` (``postgresql://``) or ``psycopg``
+(``postgresql+psycopg://``); ``.ci/run`` runs the driver-specific tests on both."""
+if PG_DRIVER not in ("asyncpg", "psycopg"):
+    raise RuntimeError(f"DM_TEST_PG_DRIVER={PG_DRIVER!r}: use asyncpg or psycopg")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -87,7 +92,8 @@ def _pg_admin(sql: str) -> None:
 
 @dataclass
 class Database:
-    """A throwaway database: ``url`` for dm, ``sync_url`` for assertions."""
+    """A throwaway database: ``url`` for dm (``postgresql+psycopg://`` under
+    ``DM_TEST_PG_DRIVER=psycopg``), ``sync_url`` a plain libpq URL (psql, raw drivers)."""
 
     kind: str
     url: str
@@ -194,8 +200,12 @@ def postgres_db() -> Iterator[Database]:
         _DATABASES.append(_Databases())
     name = _DATABASES[0].take()
     url = f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
+    if PG_DRIVER == "psycopg":
+        dm_url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    else:
+        dm_url = url
     try:
-        yield Database("postgresql", url, url)
+        yield Database("postgresql", dm_url, url)
     finally:
         _DATABASES[0].drop(name)
 

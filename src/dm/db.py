@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 import weakref
@@ -38,6 +39,7 @@ from .errors import DatabaseUnreachable
 from .pooler import pooler_problem
 from .transient import is_transient
 from .urls import connect_arguments
+from .urls import is_psycopg
 from .urls import mask_urls_in
 
 log = logging.getLogger("dm.db")
@@ -72,7 +74,12 @@ def create_engine(
     connect_args: dict[str, Any] = {}
     options: dict[str, Any] = {}
     configured = url
-    if url.get_backend_name() == "postgresql":
+    if is_psycopg(url):
+        url, from_url = connect_arguments(url)
+        connect_args["connect_timeout"] = math.ceil(timeout or CONNECT_TIMEOUT)
+        connect_args["application_name"] = application_name[:63]
+        connect_args.update(from_url)  # the URL's own values win over dm's
+    elif url.get_backend_name() == "postgresql":
         url, from_url = connect_arguments(url)
         connect_args["timeout"] = timeout or CONNECT_TIMEOUT
         connect_args.update(from_url)

@@ -204,7 +204,7 @@ def _run_script(connection: Connection, sql: str) -> None:
             "(op.execute(\"COMMIT\")), or put the statements that must run outside a "
             "transaction in an autocommit block"
         )
-    if dialect.driver != "asyncpg":
+    if dialect.driver not in ("asyncpg", "psycopg") or not dialect.is_async:
         connection.exec_driver_sql(sql)
         return
     # Start the driver's transaction as SQLAlchemy would (nothing in autocommit mode).
@@ -213,7 +213,11 @@ def _run_script(connection: Connection, sql: str) -> None:
     driver = connection.connection.driver_connection
     assert adapted is not None and driver is not None
     try:
-        await_only(driver.execute(sql))
+        await_only(driver.execute(sql))  # no parameters: the simple query protocol
+    except dialect.loaded_dbapi.Error as exc:  # psycopg's errors are DB-API errors already
+        raise sa.exc.DBAPIError.instance(
+            sql, None, exc, dialect.loaded_dbapi.Error, dialect=dialect
+        ) from exc
     except Exception as exc:
         try:
             cast(Any, adapted)._handle_exception(exc)  # raises the DB-API shaped error

@@ -49,6 +49,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import watchdog
+from .db import configured_url
 from .db import transaction_settings
 from .errors import FenceLost
 from .errors import Incomplete
@@ -132,7 +133,8 @@ class Runner:
         self.stops = StopPolicy(
             max_runtime=max_runtime, started=started, writer_waiting=writer_waiting
         )
-        self._pooled = self._postgres and through_pooler(self.conn.engine.url)
+        # The URL as configured: psycopg's engine URL no longer holds the pooler marker.
+        self._pooled = self._postgres and through_pooler(configured_url(self.conn.engine))
         """The connection may be pooled: nothing may outlive a transaction, nothing autocommits."""
         self._session_ready = False
         sync = self.conn.sync_connection

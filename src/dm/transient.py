@@ -98,6 +98,8 @@ def _reason_of(exc: BaseException) -> str | None:
         return "connection lost"
     if getattr(exc, "sqlite_errorname", None) in _SQLITE_BUSY:
         return str(getattr(exc, "sqlite_errorname", ""))
+    if _is_psycopg_connection_failure(exc):
+        return "connection failed"
     if isinstance(exc, socket.gaierror):
         return "DNS failure"
     if isinstance(exc, ConnectionError):
@@ -108,3 +110,31 @@ def _reason_of(exc: BaseException) -> str | None:
         if exc.errno is None and str(exc).startswith("Multiple exceptions:"):
             return "connection refused"  # asyncio tried several addresses; each failed
     return None
+
+
+# libpq's words for a connection that could not be made or was lost; psycopg raises them as
+# an OperationalError without a SQLSTATE (a refused login or a missing database has other
+# words, and stays permanent).
+_LIBPQ_CONNECTION_FAILURES = (
+    "connection refused",
+    "could not translate host name",
+    "timeout expired",
+    "server closed the connection unexpectedly",
+    "connection reset",
+    "no route to host",
+    "network is unreachable",
+    "could not receive data from server",
+    "could not send data to server",
+    "the database system is starting up",
+    "the database system is shutting down",
+)
+
+
+def _is_psycopg_connection_failure(exc: BaseException) -> bool:
+    kind = type(exc)
+    if not kind.__module__.startswith("psycopg") or kind.__name__ != "OperationalError":
+        return False
+    if getattr(exc, "sqlstate", None):
+        return False
+    text = str(exc).lower()
+    return any(words in text for words in _LIBPQ_CONNECTION_FAILURES)

@@ -174,7 +174,8 @@ def _postgres(url: URL, setting: str) -> URL:
         if key not in LIBPQ_PARAMETERS:
             raise ConfigError(
                 f"{setting}: query parameter {key!r} is not supported by dm's PostgreSQL "
-                f"driver (asyncpg); remove it (supported: {', '.join(sorted(LIBPQ_PARAMETERS))})"
+                f"driver ({'psycopg' if url.drivername == PSYCOPG else 'asyncpg'}); remove it "
+                f"(supported: {', '.join(sorted(LIBPQ_PARAMETERS))})"
             )
         if isinstance(value, tuple):
             raise ConfigError(f"{setting}: query parameter {key!r} is given more than once")
@@ -211,7 +212,30 @@ def _postgres(url: URL, setting: str) -> URL:
         _server_options(query["options"], setting)
     if not url.database:
         raise ConfigError(f"{setting}: no database name in the URL")
+    if url.drivername == PSYCOPG:
+        _require_psycopg(setting)
+        return url.set(query=query)
     return url.set(drivername="postgresql+asyncpg", query=query)
+
+
+PSYCOPG = "postgresql+psycopg"
+"""The scheme that selects psycopg 3 (SQLAlchemy's async psycopg dialect); every other
+PostgreSQL scheme runs on asyncpg."""
+
+
+def is_psycopg(url: URL) -> bool:
+    """Return whether ``url`` (normalised) runs on psycopg 3 rather than asyncpg."""
+    return url.drivername == PSYCOPG
+
+
+def _require_psycopg(setting: str) -> None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            f"{setting}: postgresql+psycopg:// needs psycopg 3, which is not installed: "
+            "pip install 'dm[psycopg]', or use postgresql:// (asyncpg)"
+        ) from None
 
 
 def _connect_timeout(value: str, setting: str) -> float:
@@ -265,6 +289,8 @@ def connect_arguments(url: URL) -> tuple[URL, dict[str, Any]]:
     of libpq's names; they leave the URL here and come back as ``connect()`` arguments.
     SSL files go through a query-only DSN, which asyncpg parses as libpq does.
     """
+    if is_psycopg(url):
+        return _psycopg_arguments(url)
     query = dict(url.query)
     args: dict[str, Any] = {}
     server_settings: dict[str, str] = {}
@@ -293,6 +319,28 @@ def connect_arguments(url: URL) -> tuple[URL, dict[str, Any]]:
     elif "statement_cache_size" in query:
         args["statement_cache_size"] = int(str(query["statement_cache_size"]))
     return url.set(query=kept), args
+
+
+def _psycopg_arguments(url: URL) -> tuple[URL, dict[str, Any]]:
+    """Split a normalised psycopg URL into the URL SQLAlchemy gets and ``connect()`` arguments.
+
+    psycopg takes libpq's parameters as they are (``options`` included); dm adds only
+    client-side binding (``%s`` and several statements with parameters, as psycopg2 had) and,
+    through a transaction pooler, no prepared statement at all.
+    """
+    from psycopg import AsyncClientCursor
+
+    query = {key: str(value) for key, value in url.query.items()}
+    args: dict[str, Any] = {"cursor_factory": AsyncClientCursor}
+    pooled = through_pooler(url)
+    for key in POOLER_KEYS:
+        query.pop(key, None)
+    if "connect_timeout" in query:
+        args["connect_timeout"] = max(1, math.ceil(float(query.pop("connect_timeout"))))
+    args.update(query)
+    if pooled:
+        args["prepare_threshold"] = None
+    return url.set(query={}), args
 
 
 def through_pooler(url: URL) -> bool:

@@ -148,9 +148,11 @@ async def rescue_for(conn: AsyncConnection, tracker: Tracker, run: RunInfo) -> R
     if conn.dialect.name == "postgresql":
         from .urls import through_pooler
 
-        get_pid = getattr(driver, "get_server_pid", None)
+        get_pid = getattr(driver, "get_server_pid", None)  # asyncpg
+        info = getattr(driver, "info", None)  # psycopg
+        found = get_pid() if callable(get_pid) else getattr(info, "backend_pid", None)
         # Through a pooler that pid is the pooler's own number, or a backend serving others.
-        pid = get_pid() if callable(get_pid) and not through_pooler(url) else None
+        pid = found if not through_pooler(url) else None
         return Rescue(url, tracker, run, backend_pid=pid)
     return Rescue(url, tracker, run, sqlite_driver=driver)
 

@@ -232,7 +232,7 @@ def test_a_long_transaction_elsewhere_holds_the_loop(project: Project, spawn: An
     project.write(A, None, BACKOFF, extra=EXTRA)
     # Another session's transaction, open (and busy) until it is ended.
     other = subprocess.Popen(
-        ["psql", project.db.url, "-c", "BEGIN; SELECT pg_sleep(60); COMMIT;"],
+        ["psql", project.db.sync_url, "-c", "BEGIN; SELECT pg_sleep(60); COMMIT;"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

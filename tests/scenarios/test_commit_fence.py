@@ -206,7 +206,7 @@ def write_revision(
         rev=REV,
         transactional=transactional,
         stolen=str(tmp_path / "stolen"),
-        dsn=project.db.url,
+        dsn=project.db.sync_url,  # a plain libpq URL, whatever the driver
     )
     text = header + textwrap.dedent(helpers) + "\n" + textwrap.dedent(body)
     (project.versions / f"{REV}_fence.py").write_text(text)

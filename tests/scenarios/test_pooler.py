@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import PG_DRIVER
 from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import Database
@@ -290,6 +291,10 @@ def one_server_pool() -> Iterator[PgBouncer]:
     yield from running_pgbouncer("transaction", pool_size=1)
 
 
+@pytest.mark.skipif(
+    PG_DRIVER == "psycopg",
+    reason="psycopg binds client-side and prepares nothing: no statement to collide",
+)
 def test_unmarked_pooled_url_names_the_setting(
     pg_project: Project, one_server_pool: PgBouncer
 ) -> None:

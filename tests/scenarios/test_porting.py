@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from conftest import PG_DRIVER
 from conftest import Project
 from conftest import invoke
 from conftest import ok
@@ -327,17 +328,20 @@ def test_schema_qualified_table(project: Project) -> None:
     assert [tuple(row) for row in rows] == [("Île-de-France", True), ("Bretagne", False)]
 
 
-# What cannot run unchanged on asyncpg: psycopg2's habits, each with the one line dm prints.
+# psycopg2's habits: they fail on asyncpg, each with the one line dm prints, and run on
+# psycopg 3 (client-side binding, as psycopg2 had).
 PSYCOPG2_HABITS = [
     pytest.param(
         'op.get_bind().exec_driver_sql("UPDATE dag_run SET note = %s WHERE id = %s", ("x", 1))',
         'syntax error at or near "%"',
+        [1],
         id="percent-placeholders",
     ),
     pytest.param(
         'op.get_bind().execute(text("UPDATE dag_run SET note = \'x\' WHERE id = :id"), '
         '{"id": "1"})',
         "invalid input for query argument $1",
+        [1],
         id="string-for-integer",
         marks=pytest.mark.slow,
     ),
@@ -345,18 +349,34 @@ PSYCOPG2_HABITS = [
         'op.get_bind().execute(text("UPDATE dag_run SET note = :n WHERE id = 1; '
         'UPDATE dag_run SET note = :n WHERE id = 2"), {"n": "x"})',
         "cannot insert multiple commands into a prepared statement",
+        [1, 2],
         id="two-statements-with-parameters",
         marks=pytest.mark.slow,
     ),
 ]
 
 
-@pytest.mark.parametrize(("statement", "message"), PSYCOPG2_HABITS)
-def test_psycopg2_habits_fail_in_one_line(project: Project, statement: str, message: str) -> None:
+@pytest.mark.parametrize(("statement", "message", "changed"), PSYCOPG2_HABITS)
+def test_psycopg2_habits(
+    project: Project, statement: str, message: str, changed: list[int]
+) -> None:
     with_schema(project, "q1", f"def upgrade():\n    {statement}\n")
     result = invoke(project, "upgrade", "heads")
+    if PG_DRIVER == "psycopg":
+        assert result.exit_code == 0, result.stderr
+        assert column(project, "note") == ["x" if n in changed else None for n in range(1, 6)]
+        return
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("dm: error:")]
     assert len(errors) == 1
     assert errors[0].startswith("dm: error: revision q1 failed: ") and message in errors[0]
     assert column(project, "note") == [None] * 5
+
+
+def test_psycopg2_habits_run_unchanged_on_psycopg(project: Project) -> None:
+    """``postgresql+psycopg://`` (whatever driver the suite runs on): all three at once."""
+    habits = "\n".join(f"    {param.values[0]}" for param in PSYCOPG2_HABITS)
+    with_schema(project, "q1", f"def upgrade():\n{habits}\n")
+    url = project.db.sync_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    ok(invoke(project, "upgrade", "heads", DM_DATABASE_URL=url))
+    assert column(project, "note") == ["x", "x", None, None, None]

@@ -188,3 +188,42 @@ def test_a_real_refused_login_and_missing_database_are_permanent() -> None:
         with pytest.raises(asyncpg.PostgresError) as excinfo:
             asyncio.run(connect(user, database))
         assert not is_transient(excinfo.value), excinfo.value
+
+
+# -- psycopg 3: libpq reports a failed connection without a SQLSTATE ---------------------------
+
+
+def test_a_real_refused_psycopg_connection_is_transient() -> None:
+    import psycopg
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(psycopg.OperationalError) as excinfo:
+        psycopg.connect(host="127.0.0.1", port=port, user="x", dbname="x", connect_timeout=5)
+    assert transient_reason(excinfo.value) == "connection failed"
+    assert is_transient(_wrapped(excinfo.value))
+
+
+@pytest.mark.postgres
+def test_a_real_psycopg_refused_login_and_missing_database_are_permanent() -> None:
+    import psycopg
+
+    for user, database in (("dm_no_such_role", "postgres"), (pg_user(), "dm_no_such_db")):
+        with pytest.raises(psycopg.OperationalError) as excinfo:
+            psycopg.connect(host=PG_HOST, port=PG_PORT, user=user, dbname=database)
+        assert not is_transient(excinfo.value), excinfo.value
+
+
+@pytest.mark.postgres
+def test_a_real_psycopg_lock_timeout_is_transient() -> None:
+    """psycopg's SQLSTATEs come from its own exception classes, with the same attribute."""
+    import psycopg
+
+    dsn = f"host={PG_HOST} port={PG_PORT} user={pg_user()} dbname=postgres"
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn) as waiter:
+        holder.execute("SELECT pg_advisory_xact_lock(2323)")
+        waiter.execute("SET lock_timeout = '50ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable) as excinfo:
+            waiter.execute("SELECT pg_advisory_xact_lock(2323)")
+    assert transient_reason(_wrapped(excinfo.value)) == "SQLSTATE 55P03"
