@@ -69,7 +69,7 @@ class HookEnvironment:
         """Return the project's Alembic ``Config`` (built once, on first use)."""
         if self._config is None:
             config = self.settings.hook_config()
-            if config.cmd_opts is None:
+            if config.cmd_opts is None and self.x_arguments:  # dm -x (never the caller's)
                 config.cmd_opts = argparse.Namespace(x=list(self.x_arguments))
             self._config = config
         return self._config
