@@ -740,7 +740,7 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     found = {"dm": __version__, "python": platform.python_version()}
-    for name in ("alembic", "sqlalchemy", "asyncpg", "aiosqlite"):
+    for name in ("alembic", "sqlalchemy", "asyncpg", "psycopg", "aiosqlite"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
