@@ -482,6 +482,7 @@ async def _leave_request(
     """
     from sqlalchemy.exc import OperationalError
 
+    from .files import create_private
     from .lock import writer_waiting_path
 
     conn = await db.conn()
@@ -492,7 +493,7 @@ async def _leave_request(
     await conn.commit()
     waiting = writer_waiting_path(db.settings.lock_url(), db.tracker)
     assert waiting is not None
-    waiting.touch()  # the run lets us in after its next batch
+    create_private(waiting, "SQLite writer-waiting file")  # let in after the next batch
     try:
         deadline = asyncio.get_running_loop().time() + SQLITE_REQUEST_SECONDS
         while True:

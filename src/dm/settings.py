@@ -54,7 +54,7 @@ MAX_TRACKER_TABLE = 48
 MAX_IDENTIFIER = 63
 MAX_ENVIRONMENT = 64
 MAX_POD_NAME = 255
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYSTEM_SCHEMAS = ("information_schema",)
 
 # ini key (in dm's section) -> settings field
@@ -145,7 +145,7 @@ class Settings(BaseSettings):
     @field_validator("tracker_table")
     @classmethod
     def _table(cls, value: str) -> str:
-        if not _IDENTIFIER.match(value):
+        if not _IDENTIFIER.fullmatch(value):
             raise ValueError(
                 "must be a letter or underscore followed by letters, digits and underscores"
             )
@@ -156,7 +156,7 @@ class Settings(BaseSettings):
     @field_validator("schema_version_table")
     @classmethod
     def _version_table(cls, value: str) -> str:
-        if not _IDENTIFIER.match(value):
+        if not _IDENTIFIER.fullmatch(value):
             raise ValueError(
                 "must be a letter or underscore followed by letters, digits and underscores"
             )
@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     def _schema(cls, value: str | None, info: ValidationInfo) -> str | None:
         if not value:
             return None
-        if not _IDENTIFIER.match(value):
+        if not _IDENTIFIER.fullmatch(value):
             raise ValueError(
                 "must be a letter or underscore followed by letters, digits and underscores"
             )

@@ -37,6 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     "__main__": {"cli"},
     "cli": {
         "__init__",
+        "printable",
         "command",
         "operations",
         "settings",
@@ -60,6 +61,7 @@ ALLOWED: dict[str, set[str]] = {
         "slugs",
         "state",
         "templates",
+        "files",
         "tracker",
         "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
@@ -72,6 +74,7 @@ ALLOWED: dict[str, set[str]] = {
     "operations": {
         "__init__",
         "errors",
+        "files",
         "graph",
         "lock",
         "planning",
@@ -114,14 +117,16 @@ ALLOWED: dict[str, set[str]] = {
     "_alembic_compat": set(),
     "tracker": {"errors", "state"},
     "state": set(),
-    "lock": {"db", "pooler", "tracker", "errors"},
-    "db": {"pooler", "urls", "errors", "transient"},
+    "lock": {"db", "files", "pooler", "tracker", "errors"},
+    "db": {"files", "pooler", "urls", "errors", "transient"},
+    "files": {"errors"},
     "pooler": {"errors", "transient"},
     "transient": set(),
     "settings": {"urls", "errors"},
     "urls": {"errors"},
     "signals": {"errors", "watchdog"},
-    "log": set(),
+    "log": {"printable"},
+    "printable": set(),
     "testing": {
         *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
         *("operations", "runtime", "settings", "urls"),
@@ -129,7 +134,7 @@ ALLOWED: dict[str, set[str]] = {
     "pytest_plugin": {"pytest_builtins", "testing"},
     "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
-    "templates": set(),
+    "templates": {"errors", "files"},
 }
 
 

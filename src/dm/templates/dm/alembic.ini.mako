@@ -2,7 +2,7 @@
 # dm: data migrations and maintenance scripts, run with `dm upgrade heads`
 # (or `alembic -n ${section} upgrade heads`). Every run is recorded in the tracker table.
 script_location = %(here)s/data_migrations
-prepend_sys_path = .
+prepend_sys_path = %(here)s
 path_separator = os
 # Files are named <date>_<rev>_<slug>.py so `ls` shows them in creation order.
 file_template = %%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s
