@@ -65,7 +65,7 @@ ALLOWED: dict[str, set[str]] = {
         "tracker",
         "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
-    "environments": {"graph", "tracker", "errors"},
+    "environments": {"graph", "tracker", "errors", "settings"},
     "planning": {
         *("_alembic_compat", "environments", "errors", "graph", "schema", "state", "tracker"),
     },
@@ -89,6 +89,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "alembic_env": {
         "_alembic_compat",
+        "environments",
         "errors",
         "graph",
         "log",
@@ -132,7 +133,7 @@ ALLOWED: dict[str, set[str]] = {
         *("operations", "runtime", "settings", "urls"),
     },
     "pytest_plugin": {"pytest_builtins", "testing"},
-    "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
+    "pytest_builtins": {"batching", "environments", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": {"errors", "files"},
 }
