@@ -13,6 +13,12 @@ truncate_slug_length = 40
 # of this file: set the URL in the environment or a mounted secret instead.
 sqlalchemy.url =
 
+# The environment revisions' `environments` guards compare with: DM_ENVIRONMENT (set it in
+# every deployment), then ENVIRONMENT, then .env beside this file, then this key; default
+# production. dm.environments declares the names: any other one is refused (exit 2).
+# dm.environment = production
+# dm.environments = development, staging, production
+
 # Where dm records every run (the schema applies to PostgreSQL only).
 dm.tracker_table = script_run_tracker
 # dm.tracker_schema =
