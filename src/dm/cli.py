@@ -1194,7 +1194,7 @@ def info(invocation: Invocation, as_json: bool) -> None:
         return
     lock = result.lock + (f" ({result.lock_holder})" if result.lock_holder else "")
     for label, value in (
-        ("environment", result.environment),
+        ("environment", f"{result.environment} (from {result.environment_source})"),
         ("database", result.database_url),
         ("config", f"{result.config_file} [{result.ini_section}]"),
         ("scripts", result.script_location),

@@ -110,6 +110,8 @@ class InfoResult:
     """``free``, ``held`` or ``unknown`` (the database could not be asked)."""
     lock_holder: str | None
     versions: dict[str, str]
+    environment_source: str = "the default"
+    """Where ``environment`` came from (``DM_ENVIRONMENT``, ``.env``, the ini...)."""
 
 
 @dataclass(frozen=True)
@@ -729,6 +731,7 @@ async def info(settings: Settings) -> InfoResult:
         lock=lock,
         lock_holder=holder,
         versions=versions(),
+        environment_source=settings.environment_source,
     )
 
 

@@ -106,7 +106,9 @@ def test_info_names_the_environment_from_the_environment_variables(project: Proj
     assert as_json(invoke(project, "info", "--json"))["environment"] == "production"
     assert as_json(invoke(project, "info", "--json", ENVIRONMENT="qa"))["environment"] == "qa"
     info = as_json(invoke(project, "info", "--json", DM_ENVIRONMENT="staging"))
-    assert info["environment"] == "staging"
+    assert (info["environment"], info["environment_source"]) == ("staging", "DM_ENVIRONMENT")
+    shown = ok(invoke(project, "info", ENVIRONMENT="qa")).stdout
+    assert "environment: qa (from ENVIRONMENT)" in shown
 
 
 def test_environment_variable_allows_the_revision(project: Project) -> None:
