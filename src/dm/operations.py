@@ -136,6 +136,10 @@ class AttemptRecord:
     dm_version: str | None
     checksum: str | None
     checkpoint: dict[str, object] | None
+    environment_source: str | None = None
+    """Where ``environment`` came from (NULL in rows written before tracker layout 4)."""
+    db_user: str | None = None
+    """The database's ``session_user`` of the connection that wrote the row (PostgreSQL)."""
 
 
 # -- one revision at a time ----------------------------------------------------------------------
@@ -610,6 +614,8 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
             dm_version=row.dm_version,
             checksum=row.checksum,
             checkpoint=row.checkpoint,
+            environment_source=row.environment_source,
+            db_user=row.db_user,
         )
         for row in rows
     ]

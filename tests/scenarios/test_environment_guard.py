@@ -4,6 +4,7 @@ documented, a declared list catches typos, and a guarded revision that runs says
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,8 @@ def test_the_database_session_user_is_recorded_beside_run_by(project: Project) -
     assert row.run_by  # self-asserted: $USER@host
     expected = pg_user() if project.db.kind == "postgresql" else None
     assert row.db_user == expected
+    (logged,) = json.loads(ok(invoke(project, "log", "a1", "--json")).stdout)
+    assert (logged["db_user"], logged["environment_source"]) == (expected, "the default")
 
 
 @SQLITE_ONLY
