@@ -96,7 +96,7 @@ def test_skipped_revision_runs_later_in_an_allowed_environment(project: Project)
     allowed = "environment 'staging' in ('development', 'staging')"
     assert text == f"upgrade b2  Delete test users  [run: {allowed}]\n"
     ok(invoke(project, "upgrade", DM_ENVIRONMENT="staging"))
-    assert rows(project)[-1] == ("b2", "upgrade", "success", None)
+    assert rows(project)[-1] == ("b2", "upgrade", "success", allowed)  # why it ran (#22)
     assert project.db.tracker()[-1].attempt == 2
     assert project.db.query("SELECT count(*) AS n FROM t")[0].n == 1
     ok(invoke(project, "check", DM_ENVIRONMENT="staging"))
