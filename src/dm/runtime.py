@@ -102,8 +102,15 @@ def load_graph(settings: Settings) -> Graph:
     revisions use, against ``dm.environments`` when it is set)."""
     from .environments import check_declared
 
-    graph = Graph.from_config(settings.alembic_config())
+    config = settings.alembic_config()
+    graph = Graph.from_config(config)
     check_declared(graph.revisions, settings.declared_environments)
+    if (config.get_main_option("prepend_sys_path") or "").strip() in (".", "./"):
+        log.warning(
+            "%s: prepend_sys_path = . imports modules from the working directory, whatever "
+            "it is; set prepend_sys_path = %%(here)s (the project's directory)",
+            settings.config_file,
+        )
     return graph
 
 

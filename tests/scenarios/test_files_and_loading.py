@@ -58,6 +58,19 @@ def test_a_module_planted_in_the_working_directory_is_not_imported(
 
 
 @SQLITE_ONLY
+def test_an_older_project_importing_from_the_working_directory_is_warned(
+    project: Project,
+) -> None:
+    text = project.config.read_text()
+    project.config.write_text(text.replace("prepend_sys_path = %(here)s", "prepend_sys_path = ."))
+    ran = run_in_process(project, "history")
+    assert ran.returncode == 0
+    assert "prepend_sys_path = . imports modules from the working directory" in ran.stderr
+    project.config.write_text(text)
+    assert "prepend_sys_path" not in run_in_process(project, "history").stderr
+
+
+@SQLITE_ONLY
 def test_a_revision_message_cannot_inject_code_into_the_template(project: Project) -> None:
     """A template without `from __future__` (where a closed docstring would let the rest
     run) still gets a docstring holding the message, quotes and all."""
