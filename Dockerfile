@@ -50,9 +50,18 @@ LABEL org.opencontainers.image.title="dm" \
 # __pycache__, and every start would otherwise compile ~155 modules again.
 # HOME exists, owned by uid 10001 and group 0, so that a random uid (OpenShift, group 0)
 # can use it too.
+# No pip anywhere at run time: the base's system Python loses pip, setuptools, wheel,
+# ensurepip and the wheels it bundles (/opt/dm, copied below, has none either).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
  && rm -rf /var/lib/apt/lists/* \
+ && rm -rf /usr/share/python-wheels \
+ && find /usr/local/bin /usr/bin -maxdepth 1 -name 'pip*' -exec rm -f {} + \
+ && find /usr/local/lib /usr/lib -maxdepth 3 -path '*/python3*' \
+        \( -name pip -o -name 'pip-*' -o -name setuptools -o -name 'setuptools-*' \
+           -o -name wheel -o -name 'wheel-*' -o -name _distutils_hack \
+           -o -name distutils-precedence.pth -o -name ensurepip \) \
+        -prune -exec rm -rf {} + \
  && python -m compileall -q -j 0 --invalidation-mode unchecked-hash \
         -x '/(test|tests|idle_test|idlelib|tkinter|turtledemo|ensurepip|lib2to3)/' \
         "$(python -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')" \

@@ -37,6 +37,7 @@ from alembic.util import CommandError
 
 from . import _alembic_compat as compat
 from . import planning
+from .environments import check_declared
 from .errors import DmError
 from .graph import Graph
 from .planning import Step
@@ -72,6 +73,7 @@ def run(context: EnvironmentContext) -> None:
     try:
         settings = Settings.from_alembic_config(config)
         graph = Graph.from_config(config)
+        check_declared(graph.revisions, settings.declared_environments)
 
         def work(own_loop: bool) -> Coroutine[Any, Any, None]:
             return _run(context, graph, _opener(settings, given, own_loop))

@@ -35,6 +35,7 @@ from .errors import RevisionFailed
 from .errors import TransientFailure
 from .errors import describe_error
 from .pooler import pooler_problem
+from .printable import printable
 from .transient import is_transient
 
 if TYPE_CHECKING:
@@ -224,7 +225,7 @@ def _report(
         return
     if trace:
         click.echo(trace, file=stderr)
-    click.echo(f"dm: error: {message}", file=stderr)
+    click.echo(f"dm: error: {printable(message)}", file=stderr)
 
 
 def _current() -> Invocation | None:
@@ -235,6 +236,7 @@ def _current() -> Invocation | None:
 def _echo(message: str = "", *, err: bool = False) -> None:
     """Print on dm's own stdout (or stderr), which revision code cannot write to."""
     invocation = _current()
+    message = printable(message)  # stored reasons, pod names, run_by: no terminal escapes
     if invocation is None:
         click.echo(message, err=err)
     else:
@@ -1245,7 +1247,7 @@ def info(invocation: Invocation, as_json: bool) -> None:
         return
     lock = result.lock + (f" ({result.lock_holder})" if result.lock_holder else "")
     for label, value in (
-        ("environment", result.environment),
+        ("environment", f"{result.environment} (from {result.environment_source})"),
         ("database", result.database_url),
         ("config", f"{result.config_file} [{result.ini_section}]"),
         ("scripts", result.script_location),

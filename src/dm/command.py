@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Collection
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -577,6 +578,7 @@ def revision(
     from alembic import command as alembic_command
 
     from .slugs import check_message
+    from .slugs import docstring_safe
 
     config = _quiet(settings.alembic_config())
     graph = Graph.from_config(config)  # refuse to add to a broken graph
@@ -593,7 +595,7 @@ def revision(
         try:
             script = alembic_command.revision(
                 config,
-                message=message,
+                message=docstring_safe(message),
                 head=head,
                 splice=splice,
                 branch_label=branch_label,
@@ -610,7 +612,7 @@ def revision(
             down = script.down_revision
             Path(script.path).write_text(
                 render_sync_revision(
-                    message=message,
+                    message=docstring_safe(message),
                     revision=script.revision,
                     down_revision=down if down is None or isinstance(down, str) else tuple(down),
                     branch_labels=branch_label,
@@ -674,6 +676,8 @@ def merge(
         )
     if message is None or not message.strip():
         message = "merge " + " and ".join(parents)
+    from .slugs import docstring_safe
+
     if rev_id is not None:
         check_new_revision_id(graph, rev_id, revisions)
     with _remove_on_failure(graph):
@@ -681,7 +685,7 @@ def merge(
             script = alembic_command.merge(
                 config,
                 targets,
-                message=message,
+                message=docstring_safe(message),
                 branch_label=branch_label,
                 rev_id=rev_id,
             )
@@ -695,6 +699,8 @@ def merge(
 
 def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
     """Create ``alembic.ini`` (or add dm's section to it) and ``data_migrations/``."""
+    from .files import append_regular
+    from .files import write_new
     from .templates import render_section
     from .templates import write_script_directory
 
@@ -704,9 +710,14 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
     if (scripts / "env.py").exists():
         raise UsageError(f"{display_path(scripts)} already exists; refusing to overwrite it")
     config_file = directory / "alembic.ini"
-    appended = config_file.exists()
+    appended = os.path.lexists(config_file)
     schema_section = None
     if appended:
+        if config_file.is_symlink() or not config_file.is_file():
+            raise UsageError(
+                f"{display_path(config_file)} is not a regular file (a symbolic link?); "
+                "dm init does not write through it"
+            )
         existing = config_file.read_text(encoding="utf-8")
         if f"[{section}]" in existing:
             raise UsageError(f"{display_path(config_file)} already has a [{section}] section")
@@ -717,9 +728,9 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
         separator = (
             "" if existing.endswith("\n\n") else ("\n" if existing.endswith("\n") else "\n\n")
         )
-        config_file.write_text(existing + separator + section_text, encoding="utf-8")
+        append_regular(config_file, separator + section_text)
     else:
-        config_file.write_text(section_text, encoding="utf-8")
+        write_new(config_file, section_text)
     return InitResult(display_path(config_file), display_path(scripts), appended, schema_section)
 
 

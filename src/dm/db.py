@@ -18,11 +18,13 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import random
 import time
 import weakref
 from collections.abc import AsyncIterator
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
@@ -96,7 +98,26 @@ def create_engine(
     _configured_urls[engine.sync_engine] = configured
     if is_sqlite(url) and not autocommit:
         _emit_sqlite_begin(engine)
+    if is_sqlite(url):
+        _create_private_database(engine, url)
     return engine
+
+
+def _create_private_database(engine: AsyncEngine, url: URL) -> None:
+    """Create a SQLite database file that does not exist yet with mode 0600 (it holds the
+    tracker's tracebacks), refusing a symlink or non-regular file at its path, just before
+    the first connection would create it under the umask."""
+    from .files import create_private
+
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _before_connect(*_args: Any) -> None:
+        if not os.path.lexists(path):  # an existing file (or link) is the user's own
+            create_private(path, "SQLite database")
 
 
 def configured_url(engine: AsyncEngine) -> URL:

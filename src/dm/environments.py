@@ -16,10 +16,14 @@ no event loop.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .errors import RevisionFileError
 from .errors import UsageError
+from .settings import is_declared
+from .settings import same_environment
 
 if TYPE_CHECKING:
     from .graph import Revision
@@ -52,11 +56,36 @@ OVERRIDDEN = "environment guard overridden (--ignore-environment)"
 """Starts the recorded reason of a step the guard excludes but an operator ran anyway."""
 
 
+def allows(names: Iterable[str], environment: str) -> bool:
+    """Return whether ``environment`` is one of ``names``, case and surrounding spaces
+    aside (``Staging`` is ``staging``)."""
+    return any(same_environment(name, environment) for name in names)
+
+
 def guard_reason(rev: Revision, environment: str) -> str | None:
     """Return why ``rev`` may not run in ``environment`` (None when it may)."""
-    if rev.environments is None or environment in rev.environments:
+    if rev.environments is None or allows(rev.environments, environment):
         return None
     return f"environment {environment!r} not in {rev.environments!r}"
+
+
+def check_declared(revisions: Iterable[Revision], declared: tuple[str, ...] | None) -> None:
+    """Refuse a revision whose ``environments`` names an environment ``dm.environments``
+    does not declare (a typo there would skip the revision everywhere, silently).
+
+    :raises RevisionFileError: one line naming the file and the name.
+    """
+    if declared is None:
+        return
+    from .graph import display_path
+
+    for rev in revisions:
+        for name in rev.environments or ():
+            if not is_declared(name, declared):
+                raise RevisionFileError(
+                    f"{display_path(rev.script.path)}: environments names {name!r}, which is "
+                    f"not a declared environment ({', '.join(declared)}; dm.environments)"
+                )
 
 
 def decide(

@@ -51,6 +51,7 @@ from .errors import LockLost
 from .errors import LockTimeout
 from .errors import PoolExhausted
 from .errors import describe_error
+from .files import open_regular
 from .pooler import pooler_problem
 
 if TYPE_CHECKING:
@@ -452,11 +453,15 @@ async def lock_on_connection(
 
 @contextlib.asynccontextmanager
 async def _file_lock(path: Path, timeout: float) -> AsyncIterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:  # e.g. a container's read-only or root-owned working directory
+    try:  # never through a symlink, never a FIFO or device; created 0600
+        fd = open_regular(path, "SQLite lock file")
+    except ConfigError as exc:
+        cause = exc.__cause__
+        if not isinstance(cause, OSError):
+            raise
+        # e.g. a container's read-only or root-owned working directory
         raise ConfigError(
-            f"cannot create the SQLite lock file {path}: {exc.strerror or exc}; "
+            f"cannot create the SQLite lock file {path}: {cause.strerror or cause}; "
             "set DM_DATABASE_URL to the database to migrate (or to a sqlite:/// file in a "
             "writable directory)"
         ) from None

@@ -112,6 +112,12 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         return datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
+    def format(self, record: logging.LogRecord) -> str:
+        """Format the line, its control characters and bidi overrides escaped."""
+        from .printable import printable
+
+        return printable(super().format(record))
+
 
 def configure(
     *,

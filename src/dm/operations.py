@@ -110,6 +110,8 @@ class InfoResult:
     """``free``, ``held`` or ``unknown`` (the database could not be asked)."""
     lock_holder: str | None
     versions: dict[str, str]
+    environment_source: str = "the default"
+    """Where ``environment`` came from (``DM_ENVIRONMENT``, ``.env``, the ini...)."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,10 @@ class AttemptRecord:
     dm_version: str | None
     checksum: str | None
     checkpoint: dict[str, object] | None
+    environment_source: str | None = None
+    """Where ``environment`` came from (NULL in rows written before tracker layout 4)."""
+    db_user: str | None = None
+    """The database's ``session_user`` of the connection that wrote the row (PostgreSQL)."""
 
 
 # -- one revision at a time ----------------------------------------------------------------------
@@ -482,6 +488,7 @@ async def _leave_request(
     """
     from sqlalchemy.exc import OperationalError
 
+    from .files import create_private
     from .lock import writer_waiting_path
 
     conn = await db.conn()
@@ -492,7 +499,7 @@ async def _leave_request(
     await conn.commit()
     waiting = writer_waiting_path(db.settings.lock_url(), db.tracker)
     assert waiting is not None
-    waiting.touch()  # the run lets us in after its next batch
+    create_private(waiting, "SQLite writer-waiting file")  # let in after the next batch
     try:
         deadline = asyncio.get_running_loop().time() + SQLITE_REQUEST_SECONDS
         while True:
@@ -607,6 +614,8 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
             dm_version=row.dm_version,
             checksum=row.checksum,
             checkpoint=row.checkpoint,
+            environment_source=row.environment_source,
+            db_user=row.db_user,
         )
         for row in rows
     ]
@@ -728,6 +737,7 @@ async def info(settings: Settings) -> InfoResult:
         lock=lock,
         lock_holder=holder,
         versions=versions(),
+        environment_source=settings.environment_source,
     )
 
 

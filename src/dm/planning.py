@@ -241,9 +241,7 @@ def plan_run(
     decision = decide(
         rev, True, environment, latest.get(rev.id), ignore_environment=ignore_environment
     )
-    if decision.action is Action.RUN and decision.reason and decision.reason.startswith(OVERRIDDEN):
-        step = replace(step, reason="; ".join(filter(None, [why, decision.reason])))
-    return [replace(step, decision=decision)]
+    return [_decided(step, decision)]
 
 
 def plan_rollback(graph: Graph, rev: Revision, latest: Latest, environment: str) -> list[Step]:
@@ -409,12 +407,17 @@ def with_decisions(steps: list[Step], environment: str, latest: Latest) -> list[
     :raises UsageError: the guard forbids a step (a guarded downgrade).
     """
     return [
-        replace(
-            step,
-            decision=decide(step.rev, step.is_upgrade, environment, latest.get(step.revision)),
-        )
+        _decided(step, decide(step.rev, step.is_upgrade, environment, latest.get(step.revision)))
         for step in steps
     ]
+
+
+def _decided(step: Step, decision: Decision) -> Step:
+    """Return ``step`` with ``decision``; a step the guard lets run (its ``environments``
+    allow this one, or ``--ignore-environment``) records the guard's reason too."""
+    if decision.action is Action.RUN and decision.reason:
+        step = replace(step, reason="; ".join(filter(None, [step.reason, decision.reason])))
+    return replace(step, decision=decision)
 
 
 def _allowed_again(graph: Graph, latest: Latest, environment: str) -> list[Revision]:

@@ -279,6 +279,8 @@ def test_environment_guards(
     environment named by a revision (plus dm's default and ``dm_environments``) gets a
     fresh database, a dry run whose plan is checked against the guards, then the upgrade.
     """
+    from .environments import allows
+
     graph = DmRunner(dm_config, dm_databases.create()).graph()
     guarded = [rev for rev in graph.revisions if rev.environments]
     if not guarded and not dm_test_config.environments:
@@ -296,7 +298,7 @@ def test_environment_guards(
         )
         for step in plan:
             rev = graph.revision(step.revision)
-            allowed = rev.environments is None or environment in rev.environments
+            allowed = rev.environments is None or allows(rev.environments, environment)
             if step.action != ("run" if allowed else "skip"):
                 failures.append(
                     describe(

@@ -88,6 +88,7 @@ class Recorder:
             "environment": self.run.environment,
             "checksum": checksum,
             "checkpoint": None if checkpoint is None else dict(checkpoint),
+            "environment_source": self.run.environment_source[:255],
         }
         params = {f"v_{name}": value for name, value in row.items()}
         result = await self.conn.execute(

@@ -98,8 +98,20 @@ class RunResult:
 
 
 def load_graph(settings: Settings) -> Graph:
-    """Load and validate the project's revision graph."""
-    return Graph.from_config(settings.alembic_config())
+    """Load and validate the project's revision graph (and the environment names its
+    revisions use, against ``dm.environments`` when it is set)."""
+    from .environments import check_declared
+
+    config = settings.alembic_config()
+    graph = Graph.from_config(config)
+    check_declared(graph.revisions, settings.declared_environments)
+    if (config.get_main_option("prepend_sys_path") or "").strip() in (".", "./"):
+        log.warning(
+            "%s: prepend_sys_path = . imports modules from the working directory, whatever "
+            "it is; set prepend_sys_path = %%(here)s (the project's directory)",
+            settings.config_file,
+        )
+    return graph
 
 
 def tracker_for(settings: Settings, backend: str | None = None) -> Tracker:
@@ -128,7 +140,13 @@ def run_info(settings: Settings) -> RunInfo:
         pod_name=settings.pod_name,
         dm_version=__version__,
         environment=settings.environment,
+        environment_source=settings.environment_source,
     )
+
+
+def log_environment(settings: Settings) -> None:
+    """Log, at INFO, the environment the guard decides with and where it came from."""
+    log.info("environment %r (from %s)", settings.environment, settings.environment_source)
 
 
 class Database:
@@ -274,6 +292,7 @@ class Database:
                 log.warning(
                     "revision %s: an earlier run died while running it; marked failed", revision
                 )
+            log_environment(self.settings)
             async with conn.begin():
                 latest = await self.tracker.latest(conn)
             assert conn.sync_connection is not None

@@ -45,6 +45,7 @@ log = logging.getLogger("dm.settings")
 DEFAULT_SECTION = "data_migrations"
 EMBEDDED_DATABASE = "dm.sqlite3"
 DOTENV = ".env"
+DEFAULT_ENVIRONMENT_SOURCE = "the default"
 
 MAX_SECONDS = 2_147_483.0
 """Upper bound of every time setting: PostgreSQL's ``statement_timeout`` and ``lock_timeout``
@@ -54,13 +55,14 @@ MAX_TRACKER_TABLE = 48
 MAX_IDENTIFIER = 63
 MAX_ENVIRONMENT = 64
 MAX_POD_NAME = 255
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYSTEM_SCHEMAS = ("information_schema",)
 
 # ini key (in dm's section) -> settings field
 _INI_KEYS = {
     "sqlalchemy.url": "database_url",
     "dm.environment": "environment",
+    "dm.environments": "environments",
     "dm.tracker_table": "tracker_table",
     "dm.tracker_schema": "tracker_schema",
     "dm.lock_timeout": "lock_timeout",
@@ -100,6 +102,8 @@ class Settings(BaseSettings):
         "production",
         validation_alias=AliasChoices("DM_ENVIRONMENT", "ENVIRONMENT", "environment"),
     )
+    environments: str | None = None
+    """The declared environment names, comma-separated (None: any name is accepted)."""
     tracker_table: str = "script_run_tracker"
     tracker_schema: str | None = None
     lock_timeout: float = 600.0
@@ -124,6 +128,7 @@ class Settings(BaseSettings):
     _url_source: str = PrivateAttr("the configuration")
     _alembic_config: Any = PrivateAttr(None)
     """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
+    _environment_source: str = PrivateAttr(DEFAULT_ENVIRONMENT_SOURCE)
 
     @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout", "max_runtime")
     @classmethod
@@ -146,7 +151,7 @@ class Settings(BaseSettings):
     @field_validator("tracker_table")
     @classmethod
     def _table(cls, value: str) -> str:
-        if not _IDENTIFIER.match(value):
+        if not _IDENTIFIER.fullmatch(value):
             raise ValueError(
                 "must be a letter or underscore followed by letters, digits and underscores"
             )
@@ -157,7 +162,7 @@ class Settings(BaseSettings):
     @field_validator("schema_version_table")
     @classmethod
     def _version_table(cls, value: str) -> str:
-        if not _IDENTIFIER.match(value):
+        if not _IDENTIFIER.fullmatch(value):
             raise ValueError(
                 "must be a letter or underscore followed by letters, digits and underscores"
             )
@@ -177,7 +182,7 @@ class Settings(BaseSettings):
     def _schema(cls, value: str | None, info: ValidationInfo) -> str | None:
         if not value:
             return None
-        if not _IDENTIFIER.match(value):
+        if not _IDENTIFIER.fullmatch(value):
             raise ValueError(
                 "must be a letter or underscore followed by letters, digits and underscores"
             )
@@ -195,6 +200,22 @@ class Settings(BaseSettings):
             value = value.strip() or "production"
             if len(value) > MAX_ENVIRONMENT:
                 raise ValueError(f"must be at most {MAX_ENVIRONMENT} characters")
+        return value
+
+    @field_validator("environments", mode="before")
+    @classmethod
+    def _environments(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            names = [name.strip() for name in value.split(",")]
+            if not value.strip():
+                return None
+            if not all(names) or any(len(name) > MAX_ENVIRONMENT for name in names):
+                raise ValueError(
+                    "must be environment names separated by commas, e.g. "
+                    f"'development, staging, production' (each at most {MAX_ENVIRONMENT} "
+                    "characters)"
+                )
+            return ", ".join(names)
         return value
 
     @field_validator("pod_name", mode="before")
@@ -240,6 +261,16 @@ class Settings(BaseSettings):
                 "pass -c instead"
             )
         settings._url_source = _where_url(given, dotenv, Path(config))
+        settings._environment_source = _where_environment(
+            settings.environment, given, dotenv, Path(config), settings.ini_section
+        )
+        declared = settings.declared_environments
+        if declared is not None and not is_declared(settings.environment, declared):
+            raise ConfigError(
+                f"environment {settings.environment!r} (from {settings.environment_source}) "
+                f"is not one of the declared environments ({', '.join(declared)}; "
+                "dm.environments): fix the name, or declare it"
+            )
         if dotenv is not None:
             log.debug("read settings from %s", dotenv)
         else:
@@ -274,6 +305,20 @@ class Settings(BaseSettings):
             settings._url_source = "sqlalchemy.url set on the Alembic Config"
         settings._alembic_config = config
         return settings
+
+    @property
+    def declared_environments(self) -> tuple[str, ...] | None:
+        """Return the environment names ``dm.environments`` declares (None: not declared)."""
+        if self.environments is None:
+            return None
+        return tuple(name.strip() for name in self.environments.split(","))
+
+    @property
+    def environment_source(self) -> str:
+        """Return where ``environment`` came from, highest precedence first:
+        ``DM_ENVIRONMENT``, ``ENVIRONMENT``, either in the ``.env`` beside the config file,
+        ``dm.environment`` in the config file, else the default (``production``)."""
+        return self._environment_source
 
     @property
     def url_source(self) -> str:
@@ -438,6 +483,44 @@ def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
     return f"sqlalchemy.url in {config}"
 
 
+def same_environment(one: str, other: str) -> bool:
+    """Return whether two environment names are the same: case and surrounding spaces
+    do not count (``Staging`` is ``staging``)."""
+    return one.strip().casefold() == other.strip().casefold()
+
+
+def is_declared(name: str, declared: tuple[str, ...]) -> bool:
+    """Return whether ``name`` is one of ``declared`` (compared by :func:`same_environment`)."""
+    return any(same_environment(name, known) for known in declared)
+
+
+def _where_environment(
+    value: str, given: dict[str, Any], dotenv: Path | None, config: Path, section: str
+) -> str:
+    """Return where the environment ``value`` came from: the first source, in precedence
+    order, that holds it."""
+    names = ("DM_ENVIRONMENT", "ENVIRONMENT")
+    candidates: list[tuple[str, Any]] = [("set in code", given.get("environment"))]
+    candidates += [(name, os.environ.get(name)) for name in names]
+    if dotenv is not None:
+        from dotenv import dotenv_values
+
+        found = dotenv_values(dotenv)
+        candidates += [(f"{name} in {dotenv}", found.get(name)) for name in names]
+    ini_values = given.get("ini_values")
+    if isinstance(ini_values, dict):
+        candidates.append((f"dm.environment in {config}", ini_values.get("environment")))
+    elif config.is_file():
+        parser = _read_ini(config)
+        if parser.has_section(section):
+            ini = parser.get(section, "dm.environment", fallback="")
+            candidates.append((f"dm.environment in {config}", ini))
+    for source, candidate in candidates:
+        if isinstance(candidate, str) and candidate.strip() == value:
+            return source
+    return DEFAULT_ENVIRONMENT_SOURCE
+
+
 def _under_aliases(cls: type[BaseSettings], given: dict[str, Any]) -> dict[str, Any]:
     """Return explicit values keyed by their field's first alias, as the environment's are.
 
@@ -468,6 +551,7 @@ _ENV_NAMES = {
     "database_url": "DM_DATABASE_URL",
     "lock_database_url": "DM_LOCK_DATABASE_URL",
     "environment": "DM_ENVIRONMENT",
+    "environments": "DM_ENVIRONMENTS",
     "pod_name": "DM_POD_NAME",
     "config_file": "DM_CONFIG",
     "ini_section": "DM_INI_SECTION",

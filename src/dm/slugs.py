@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import unicodedata
 from collections.abc import Iterable
 
 from .errors import UsageError
@@ -42,6 +43,11 @@ def check_message(
     """
     if "/" in message or "\\" in message:
         raise UsageError(f"revision message {message!r} must not contain a path separator")
+    if any(unicodedata.category(char) in ("Cc", "Cf") for char in message):
+        raise UsageError(
+            f"revision message {message!r} must be one line of printable text "
+            "(no control characters, terminal escapes or bidirectional overrides)"
+        )
     slug = slugify(message, limit)
     if not slug or not _SNAKE_CASE.fullmatch(slug) or not _LETTER.search(slug):
         raise UsageError(
@@ -64,3 +70,13 @@ def check_message(
                     "--allow-duplicate-slug"
                 )
     return slug
+
+
+def docstring_safe(message: str) -> str:
+    """Return ``message`` escaped for a revision template's docstring.
+
+    Templates paste the message raw between triple quotes: a quote in it could end the
+    docstring and turn the rest into code run at every import. Every quote and backslash
+    is escaped, so the docstring's value (the description dm shows) is the message itself.
+    """
+    return message.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")

@@ -24,6 +24,7 @@ from typing import overload
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.compiler import compiles
 
 from .errors import ConfigError
 from .errors import LockTimeout
@@ -35,7 +36,7 @@ from .state import State
 from .state import Status as Status
 from .state import derive
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Layout of the tracker written by this dm.
 
 1. pre-release prototype: ``id, revision, status, started_at, finished_at, error``.
@@ -44,10 +45,37 @@ SCHEMA_VERSION = 3
 3. a request on a running attempt (``request``: ``pause``, ``cancel`` or ``abandon``), who
    made it (``request_by``) and why (``request_reason``), written by ``dm pause`` and
    ``dm cancel`` and returned to the running batched loop by its checkpoint update.
+4. where the environment's value came from (``environment_source``: ``DM_ENVIRONMENT``,
+   ``dm.environment in alembic.ini``...) and ``db_user``, the database's ``session_user``
+   of the connection that wrote the row, beside the self-asserted ``run_by`` (NULL on SQLite).
 """
 
 REQUEST_COLUMNS = ("request", "request_by", "request_reason")
 """The columns layout 3 added (read as NULL from a layout 2 tracker)."""
+WHO_COLUMNS = ("environment_source", "db_user")
+"""The columns layout 4 added (read as NULL from an older tracker)."""
+
+
+class SessionUser(sa.sql.functions.FunctionElement[str]):
+    """The database role of the writing connection: ``session_user`` on PostgreSQL, NULL
+    elsewhere (SQLite has no roles). Part of the attempt insert, so it costs no query."""
+
+    type = sa.String(255)
+    inherit_cache = True
+
+
+def _session_user_default(element: SessionUser, compiler: Any, **kw: Any) -> str:
+    return "NULL"
+
+
+def _session_user_postgresql(element: SessionUser, compiler: Any, **kw: Any) -> str:
+    return "session_user"
+
+
+# Registered by call, not as decorators: SQLAlchemy 2.0.30, the lowest supported, leaves
+# `compiles` unannotated, which mypy --strict refuses on a decorator.
+compiles(SessionUser)(_session_user_default)  # type: ignore[no-untyped-call, unused-ignore]
+compiles(SessionUser, "postgresql")(_session_user_postgresql)  # type: ignore[no-untyped-call, unused-ignore]
 
 
 _REBUILD = (
@@ -82,6 +110,7 @@ _COLUMNS = (
     "environment",
     "checksum",
     "checkpoint",
+    "environment_source",
 )
 
 
@@ -169,6 +198,8 @@ class RunInfo:
     pod_name: str | None
     dm_version: str
     environment: str
+    environment_source: str = "the default"
+    """Where ``environment`` came from (see ``Settings.environment_source``)."""
 
 
 def _per_revision(
@@ -253,6 +284,8 @@ class Tracker:
             sa.Column("request", sa.String(16)),
             sa.Column("request_by", sa.String(255)),
             sa.Column("request_reason", sa.Text()),
+            sa.Column("environment_source", sa.String(255)),
+            sa.Column("db_user", sa.String(255)),
             sa.Index(f"ix_{table}_revision_id", "revision", "id"),
             sa.Index(f"ix_{table}_status", "status"),
         )
@@ -270,10 +303,15 @@ class Tracker:
         self._fence_held = sa.exists(held)
         # The fenced statements dm.recording writes attempt rows with, built once (the
         # checkpoint update runs once per batch): bind ``fence`` to the writing run's id.
-        values = [sa.bindparam(f"v_{name}", type_=self.table.c[name].type) for name in _COLUMNS]
+        values: list[sa.ColumnElement[Any]] = [
+            sa.bindparam(f"v_{name}", type_=self.table.c[name].type) for name in _COLUMNS
+        ]
         self.insert_attempt = (
             self.table.insert()
-            .from_select(list(_COLUMNS), sa.select(*values).where(self._fence_held))
+            .from_select(
+                [*_COLUMNS, "db_user"],
+                sa.select(*values, SessionUser()).where(self._fence_held),
+            )
             .returning(self.table.c.id)
         )
         # The update returns the request another shell left on the attempt (dm pause,
@@ -383,7 +421,7 @@ class Tracker:
                 self.meta.create(sync)
                 self._write_version(sync, 1, insert=True)
                 self._upgrade_1_to_2(sync, sa.inspect(sync))
-            self._add_missing_columns(sync)  # 2 -> 3: the request columns, all nullable
+            self._add_missing_columns(sync)  # 2 -> 3 -> 4: new columns, all nullable
             self._write_version(sync, SCHEMA_VERSION)
 
     def _version_query(self) -> sa.Select[tuple[Any]]:
@@ -584,7 +622,9 @@ class Tracker:
         """Return every attempt of ``revision``, oldest first (layout 2: no request columns)."""
         t = self.table
         columns = [
-            c if layout >= 3 or c.name not in REQUEST_COLUMNS else sa.null().label(c.name)
+            sa.null().label(c.name)
+            if (layout < 3 and c.name in REQUEST_COLUMNS) or (layout < 4 and c.name in WHO_COLUMNS)
+            else c
             for c in t.columns
         ]
         query = sa.select(*columns).where(t.c.revision == revision).order_by(t.c.id)

@@ -37,6 +37,7 @@ CHART_VALUES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "secret-from-chart": {"database": {"url": "postgresql://dm:s3cret@db:5432/app"}},
     "lock-url": {"database": {"lockUrlKey": "lock-url"}, "image": {"tag": "1.2.3"}},
+    "digest": {"image": {"digest": "sha256:" + "ab" * 32}},
     "pooled-from-chart": {
         "database": {
             "url": "postgresql://dm:s3cret@pgbouncer:6432/app?statement_cache_size=0",
@@ -121,7 +122,10 @@ def test_job_follows_the_exit_code_contract(variant: str) -> None:
     assert env["DM_LOG_FORMAT"]["value"] == "json"
     assert "secretKeyRef" in env["DM_DATABASE_URL"]["valueFrom"]
     assert env["DM_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert container["image"].endswith(f":{dm.__version__}")
+    assert container["image"].endswith(f":{dm.__version__}") or re.fullmatch(
+        rf"registry\.example\.com/dm:{re.escape(dm.__version__)}@sha256:[0-9a-f]{{64}}",
+        container["image"],
+    )
 
 
 def _annotations(resource: dict[str, Any]) -> dict[str, str]:
@@ -185,6 +189,31 @@ def test_manifests_show_the_optional_lock_url() -> None:
         assert (ref["key"], ref["optional"]) == ("lock-url", True)
 
 
+def test_every_sample_sets_the_environment_and_pins_the_image_by_digest() -> None:
+    """The guard must not fall back on an ini, a `.env` or `ENVIRONMENT` baked into the
+    image; and what runs is the digest, not a tag that can be re-pushed (#22)."""
+    (deployment,) = load_all(DEPLOY / "kubernetes" / "deployment.yaml")
+    containers = {
+        name: job["spec"]["template"]["spec"]["containers"][0]
+        for name, job in job_resources().items()
+    }
+    containers |= {
+        "deployment": deployment["spec"]["template"]["spec"]["initContainers"][0],
+    }
+    for name, container in containers.items():
+        env = {e["name"]: e for e in container["env"]}
+        assert env["DM_ENVIRONMENT"]["value"] == "production", name
+        if name != "helm":  # the chart's default has no digest to know
+            assert re.search(r"@sha256:[0-9a-f]{64}$", container["image"]), name
+
+
+def test_helm_image_digest_wins_over_the_tag() -> None:
+    values = CHART_VALUES["digest"]
+    job = next(r for r in render_chart(CHART, values) if r["kind"] == "Job")
+    image = job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example.com/dm@" + values["image"]["digest"]
+
+
 def test_argocd_job_is_a_presync_hook() -> None:
     annotations = _annotations(job_resources()["argocd"])
     assert annotations["argocd.argoproj.io/hook"] == "PreSync"
@@ -195,7 +224,10 @@ def test_deployment_waits_for_the_data_migrations() -> None:
     (deployment,) = load_all(DEPLOY / "kubernetes" / "deployment.yaml")
     (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
     assert init["args"][:2] == ["check", "--wait"]
-    assert init["image"].endswith(f":{dm.__version__}")
+    assert re.fullmatch(
+        rf"registry\.example\.com/dm:{re.escape(dm.__version__)}@sha256:[0-9a-f]{{64}}",
+        init["image"],
+    )
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 

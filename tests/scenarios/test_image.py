@@ -292,6 +292,21 @@ def test_image_is_lean_and_precompiled(image: str) -> None:
     assert (
         run(image, "-c", "test ! -e /opt/dm/bin/pip", options=("--entrypoint=sh",)).returncode == 0
     )
+    # The whole image, the base's system Python included: no pip, setuptools or wheel, no
+    # ensurepip to bring pip back, no bundled wheel, no pip command.
+    find = (
+        "find / -xdev \\( -name pip -o -name 'pip-*' -o -name 'pip[0-9]*' -o -name setuptools"
+        " -o -name 'setuptools-*' -o -name ensurepip -o -name '*.whl' \\) -print 2>/dev/null;"
+        " for python in /usr/local/bin/python3 /usr/bin/python3 /opt/dm/bin/python; do"
+        ' [ -x "$python" ] && "$python" -c "from importlib.util import find_spec as f;'
+        " print('$python', f('pip'), f('setuptools'), f('ensurepip'))\";"
+        " done; command -v pip pip3 || true"
+    )
+    leftovers = run(image, "-c", find, options=("--entrypoint=sh",))
+    lines = leftovers.stdout.splitlines()
+    found = [line for line in lines if not line.endswith(" None None None")]
+    assert found == [], leftovers.stdout + leftovers.stderr
+    assert any(line.startswith("/opt/dm/bin/python ") for line in lines), leftovers.stdout
     # Nothing dm imports to start is compiled at start: every module comes from a .pyc.
     verbose = run(image, "-v", "-m", "dm", "--version", options=python)
     assert verbose.returncode == 0, verbose.stderr

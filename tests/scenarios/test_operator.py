@@ -96,7 +96,7 @@ def test_skipped_revision_runs_later_in_an_allowed_environment(project: Project)
     allowed = "environment 'staging' in ('development', 'staging')"
     assert text == f"upgrade b2  Delete test users  [run: {allowed}]\n"
     ok(invoke(project, "upgrade", DM_ENVIRONMENT="staging"))
-    assert rows(project)[-1] == ("b2", "upgrade", "success", None)
+    assert rows(project)[-1] == ("b2", "upgrade", "success", allowed)  # why it ran (#22)
     assert project.db.tracker()[-1].attempt == 2
     assert project.db.query("SELECT count(*) AS n FROM t")[0].n == 1
     ok(invoke(project, "check", DM_ENVIRONMENT="staging"))
@@ -106,7 +106,9 @@ def test_info_names_the_environment_from_the_environment_variables(project: Proj
     assert as_json(invoke(project, "info", "--json"))["environment"] == "production"
     assert as_json(invoke(project, "info", "--json", ENVIRONMENT="qa"))["environment"] == "qa"
     info = as_json(invoke(project, "info", "--json", DM_ENVIRONMENT="staging"))
-    assert info["environment"] == "staging"
+    assert (info["environment"], info["environment_source"]) == ("staging", "DM_ENVIRONMENT")
+    shown = ok(invoke(project, "info", ENVIRONMENT="qa")).stdout
+    assert "environment: qa (from ENVIRONMENT)" in shown
 
 
 def test_environment_variable_allows_the_revision(project: Project) -> None:

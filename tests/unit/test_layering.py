@@ -42,6 +42,7 @@ ALLOWED: dict[str, set[str]] = {
         "__init__",
         "alembic_context",  # dm -x
         "validate",  # dm check --offline
+        "printable",
         "command",
         "operations",
         "settings",
@@ -65,10 +66,11 @@ ALLOWED: dict[str, set[str]] = {
         "slugs",
         "state",
         "templates",
+        "files",
         "tracker",
         "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
-    "environments": {"graph", "tracker", "errors"},
+    "environments": {"graph", "tracker", "errors", "settings"},
     "planning": {
         *("_alembic_compat", "environments", "errors", "graph", "schema", "state", "tracker"),
     },
@@ -77,6 +79,7 @@ ALLOWED: dict[str, set[str]] = {
     "operations": {
         "__init__",
         "errors",
+        "files",
         "graph",
         "lock",
         "planning",
@@ -91,6 +94,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "alembic_env": {
         "_alembic_compat",
+        "environments",
         "errors",
         "graph",
         "log",
@@ -119,22 +123,24 @@ ALLOWED: dict[str, set[str]] = {
     "_alembic_compat": set(),
     "tracker": {"errors", "state"},
     "state": set(),
-    "lock": {"db", "pooler", "tracker", "errors"},
-    "db": {"pooler", "urls", "errors", "transient"},
+    "lock": {"db", "files", "pooler", "tracker", "errors"},
+    "db": {"files", "pooler", "urls", "errors", "transient"},
+    "files": {"errors"},
     "pooler": {"errors", "transient"},
     "transient": set(),
     "settings": {"urls", "errors"},
     "urls": {"errors"},
     "signals": {"errors", "watchdog"},
-    "log": set(),
+    "log": {"printable"},
+    "printable": set(),
     "testing": {
         *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
         *("operations", "runtime", "settings", "urls"),
     },
     "pytest_plugin": {"pytest_builtins", "testing"},
-    "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
+    "pytest_builtins": {"batching", "environments", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
-    "templates": set(),
+    "templates": {"errors", "files"},
 }
 
 

@@ -275,6 +275,12 @@ def test_tracker_table_must_be_an_identifier(ini: Path) -> None:
         Settings.load(config_file=ini, tracker_table="runs; DROP TABLE users")
 
 
+@pytest.mark.parametrize("field", ["tracker_table", "tracker_schema", "schema_version_table"])
+def test_identifiers_refuse_a_trailing_newline(ini: Path, field: str) -> None:
+    with pytest.raises(ConfigError, match=f"DM_{field.upper()}"):
+        Settings.load(config_file=ini, **{field: "runs\n"})
+
+
 def test_password_is_hidden(ini: Path) -> None:
     url = "postgresql://app:s3cretpw@db.example:5432/app"
     settings = Settings.load(config_file=ini, database_url=url)

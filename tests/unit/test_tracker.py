@@ -174,6 +174,30 @@ def test_upgrade_from_layout_2(project: Project) -> None:
     assert logged(project) == [A, B, C]
 
 
+def test_upgrade_from_layout_3(project: Project) -> None:
+    """A tracker written before the environment's source and the database user were
+    recorded (layout 3) is read as it is, and gains both columns at the next locked run."""
+    three_revisions(project)
+    ok(invoke(project, "upgrade", A))
+    for column in ("environment_source", "db_user"):
+        project.db.query(f"ALTER TABLE script_run_tracker DROP COLUMN {column}")
+    project.db.query("UPDATE script_run_tracker_meta SET value = '3' WHERE key = 'schema_version'")
+
+    assert json.loads(invoke(project, "check", "--json").stdout)["pending"] == [B, C]
+    assert ok(invoke(project, "log", A)).stdout.count("success") == 1
+    assert "db_user" not in columns(project, "script_run_tracker")
+
+    ok(invoke(project, "upgrade", "heads", DM_ENVIRONMENT="staging"))
+    assert meta(project)["schema_version"] == str(SCHEMA_VERSION)
+    found = project.db.tracker()
+    assert [(row.environment_source, row.environment) for row in found] == [
+        (None, "production"),
+        ("DM_ENVIRONMENT", "staging"),
+        ("DM_ENVIRONMENT", "staging"),
+    ]
+    assert logged(project) == [A, B, C]
+
+
 def test_newer_layout_is_refused(project: Project) -> None:
     three_revisions(project)
     ok(invoke(project, "upgrade", A))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 from mako.template import Template
+
+from ..errors import UsageError
 
 TEMPLATE_DIR = Path(__file__).parent / "dm"
 
@@ -46,8 +48,20 @@ def render_sync_revision(
     return str(text)
 
 
+SCRIPT_FILES = ("env.py", "script.py.mako", "README")
+
+
 def write_script_directory(directory: Path) -> None:
-    """Create ``directory`` with ``env.py``, ``script.py.mako``, ``README`` and ``versions/``."""
+    """Create ``directory`` with ``env.py``, ``script.py.mako``, ``README`` and ``versions/``.
+
+    :raises UsageError: one of the files is already there (a file or a symlink): nothing
+        is overwritten, and nothing is written through a link.
+    """
+    from ..files import write_new
+
+    for name in SCRIPT_FILES:
+        if os.path.lexists(directory / name):
+            raise UsageError(f"{directory / name} already exists; refusing to overwrite it")
     (directory / "versions").mkdir(parents=True, exist_ok=True)
-    for name in ("env.py", "script.py.mako", "README"):
-        shutil.copyfile(TEMPLATE_DIR / name, directory / name)
+    for name in SCRIPT_FILES:
+        write_new(directory / name, (TEMPLATE_DIR / name).read_text(encoding="utf-8"))

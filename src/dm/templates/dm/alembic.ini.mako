@@ -2,7 +2,7 @@
 # dm: data migrations and maintenance scripts, run with `dm upgrade heads`
 # (or `alembic -n ${section} upgrade heads`). Every run is recorded in the tracker table.
 script_location = %(here)s/data_migrations
-prepend_sys_path = .
+prepend_sys_path = %(here)s
 path_separator = os
 # Files are named <date>_<rev>_<slug>.py so `ls` shows them in creation order.
 file_template = %%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s
@@ -12,6 +12,12 @@ truncate_slug_length = 40
 # empty dm uses the embedded SQLite file dm.sqlite3 next to this file. Keep passwords out
 # of this file: set the URL in the environment or a mounted secret instead.
 sqlalchemy.url =
+
+# The environment revisions' `environments` guards compare with: DM_ENVIRONMENT (set it in
+# every deployment), then ENVIRONMENT, then .env beside this file, then this key; default
+# production. dm.environments declares the names: any other one is refused (exit 2).
+# dm.environment = production
+# dm.environments = development, staging, production
 
 # Where dm records every run (the schema applies to PostgreSQL only).
 dm.tracker_table = script_run_tracker
