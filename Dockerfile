@@ -5,7 +5,7 @@
 #
 # Global options (--log-format, --verbose, -c) go BEFORE the command: `dm --log-format=json
 # upgrade heads`; in Kubernetes prefer the environment (DM_LOG_FORMAT=json), as in
-# deploy/kubernetes/job.yaml. Exit codes: README.md, "Exit codes".
+# deploy/kubernetes/job.yaml. Exit codes: docs/failures.md, "Exit codes".
 #
 # BASE_IMAGE is the official python:3.11-slim-bookworm pinned by digest. To refresh the pin:
 #   docker pull python:3.11-slim-bookworm

@@ -363,6 +363,8 @@ def init(invocation: Invocation, directory: Path) -> None:
     result = command.init(directory, section=invocation.section or "data_migrations")
     verb = "added a section to" if result.appended_section else "wrote"
     _echo(f"{verb} {result.config_file}; created {result.script_location}/")
+    if result.gitignore:
+        _echo(f"ignored the embedded database dm.sqlite3 in {result.gitignore}")
     if result.schema_section:
         _echo(
             f"wired the application's Alembic schema migrations ([{result.schema_section}]): "

@@ -185,6 +185,8 @@ class InitResult:
     schema_section: str | None = None
     """The application's Alembic section found in the config file and wired for
     ``requires_schema`` (``dm.schema_alembic_section``), if any."""
+    gitignore: str | None = None
+    """The ``.gitignore`` written or extended to leave out the embedded database, if any."""
 
 
 # -- project loading --------------------------------------------------------------------
@@ -711,7 +713,28 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
         config_file.write_text(existing + separator + section_text, encoding="utf-8")
     else:
         config_file.write_text(section_text, encoding="utf-8")
-    return InitResult(display_path(config_file), display_path(scripts), appended, schema_section)
+    gitignore = _ignore_embedded_database(directory)
+    return InitResult(
+        display_path(config_file), display_path(scripts), appended, schema_section, gitignore
+    )
+
+
+_EMBEDDED_DATABASE_PATTERN = "/dm.sqlite3*"
+
+
+def _ignore_embedded_database(directory: Path) -> str | None:
+    """Add the embedded SQLite database (and its lock and journal files) to
+    ``directory/.gitignore``; return its path, or None when it already lists them."""
+    path = directory / ".gitignore"
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    if _EMBEDDED_DATABASE_PATTERN in existing.splitlines():
+        return None
+    separator = "\n" if existing and not existing.endswith("\n") else ""
+    path.write_text(
+        f"{existing}{separator}# dm's embedded database (dm init)\n{_EMBEDDED_DATABASE_PATTERN}\n",
+        encoding="utf-8",
+    )
+    return display_path(path)
 
 
 def _alembic_section_of(text: str) -> str | None:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -832,3 +833,32 @@ def test_help(name: str | None) -> None:
     assert result.stdout.startswith("Usage: ")
     if name is not None:
         assert f" {name} " in result.stdout.splitlines()[0]
+
+
+def test_init_ignores_the_embedded_database_and_names_files_by_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`git status` stays clean after a first run, and `ls` lists revisions in creation order."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".gitignore").write_text("*.pyc")
+    result = ok(_bare_invoke("init", "."))
+    assert "ignored the embedded database dm.sqlite3 in .gitignore" in result.stdout
+    assert (tmp_path / ".gitignore").read_text().splitlines() == [
+        "*.pyc",
+        "# dm's embedded database (dm init)",
+        "/dm.sqlite3*",
+    ]
+    ok(_bare_invoke("revision", "-m", "first change"))
+    (name,) = (p.name for p in (tmp_path / "data_migrations" / "versions").glob("*.py"))
+    assert re.fullmatch(r"\d{8}_\d{6}_[0-9a-f]{12}_first_change\.py", name), name
+    ok(_bare_invoke("upgrade"))
+    assert (tmp_path / "dm.sqlite3").exists()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "dm.sqlite3" not in status and "alembic.ini" in status

@@ -153,7 +153,7 @@ async def verify(session):
     return await session.scalar(sa.text("SELECT count(*) FROM items WHERE name = 'demo'")) == 0
 '''
 
-# The README's conftest.py for the example project: rows seeded right before the backfill.
+# docs/testing.md's conftest.py for the example project: rows seeded right before the backfill.
 EXAMPLE_CONFTEST = '''\
 """dm's pytest plugin: `pytest --dm` runs its built-in tests on data_migrations/."""
 
@@ -185,7 +185,7 @@ GOOD = {"a0_tables": TABLES, "b0_items": ITEMS, "c0_ledger": LEDGER, "d0_cleanup
 
 
 def make_project(pytester: pytest.Pytester, revisions: dict[str, str]) -> Path:
-    """A dm project (``dm init``) with ``revisions`` and the README's conftest.py."""
+    """A dm project (``dm init``) with ``revisions`` and docs/testing.md's conftest.py."""
     command.init(pytester.path)
     versions = pytester.path / "data_migrations" / "versions"
     for name, text in revisions.items():
@@ -463,13 +463,13 @@ def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester
     )
     (pytester.path / "tests").mkdir()
     (pytester.path / "tests" / "conftest.py").write_text(EXAMPLE_CONFTEST)
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "testing.md").read_text()
     start = readme.index("def test_backfill_names_a_seeded_user")
     (pytester.path / "tests" / "test_readme.py").write_text(
         readme[start : readme.index("```", start)]
     )
     result = pytester.runpytest("--dm", "-rA", "tests")
-    result.assert_outcomes(passed=8)  # the built-in tests and the README's own test
+    result.assert_outcomes(passed=8)  # the built-in tests and the manual's own test
     # The seeded users made the backfill's resume test span several batches.
     result.stdout.fnmatch_lines(
         ["*94fea9b2a5d5*Interruption: interrupted by the test after the first committed batch*"]
@@ -477,5 +477,5 @@ def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester
 
 
 def test_readme_conftest_is_the_one_tested() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "testing.md").read_text()
     assert EXAMPLE_CONFTEST in readme
