@@ -134,9 +134,32 @@ class DmCommand(click.Command):
 
 
 class DmGroup(click.Group):
-    """Turn ``DmError`` into one ``dm: error: ...`` line and its exit code."""
+    """Turn ``DmError`` and usage errors into one ``dm: error: ...`` line and its exit code;
+    accept global options after the command too (``cli_args``)."""
 
     command_class = DmCommand
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from .cli_args import hoist_global_options
+
+        return super().parse_args(ctx, hoist_global_options(self, args))
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        from .cli_args import one_line
+
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:  # a global option refused, before the group ran
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `dm`: click prints the help
+                raise
+            _report(None, one_line(exc), exc.exit_code, "usage_error")
+            raise click.exceptions.Exit(exc.exit_code) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -150,9 +173,9 @@ class DmGroup(click.Group):
             if invocation is None:  # the command name was refused before the group ran
                 log_format = ctx.params.get("log_format") or "text"
                 invocation = Invocation(None, None, None, False, log_format)
-            if not (invocation.as_json or invocation.log_format == "json"):
-                raise
-            _report(invocation, exc.format_message(), exc.exit_code, "usage_error")
+            from .cli_args import one_line
+
+            _report(invocation, one_line(exc), exc.exit_code, "usage_error")
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise

@@ -35,8 +35,10 @@ ALLOWED: dict[str, set[str]] = {
     "progress": set(),
     "api": {"command", "operations", "settings", "errors"},
     "__main__": {"cli"},
+    "cli_args": set(),  # click only: global options after the command, one-line usage errors
     "cli": {
         "__init__",
+        "cli_args",
         "command",
         "operations",
         "settings",
