@@ -606,6 +606,7 @@ def revision(
             raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
         if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
             raise UsageError("cannot create revision: Alembic returned no single script")
+        _name_in_ascii(Path(script.path), message, graph.script_dir.truncate_slug_length)
         if sync:
             from .templates import render_sync_revision
 
@@ -621,6 +622,17 @@ def revision(
             )
         loaded = Graph.from_config(_quiet(settings.alembic_config()))  # the new file must load
     return RevisionInfo.of(loaded.revision(script.revision))
+
+
+def _name_in_ascii(path: Path, message: str, limit: int) -> None:
+    """Rename the file Alembic wrote when its slug holds letters outside ASCII: the file
+    name gets the ASCII slug, the message (docstring, description) stays as written."""
+    from .slugs import alembic_slug
+    from .slugs import slugify
+
+    theirs, ours = alembic_slug(message, limit), slugify(message, limit)
+    if theirs != ours and path.name.endswith(f"{theirs}.py"):
+        path.rename(path.with_name(path.name[: -len(f"{theirs}.py")] + f"{ours}.py"))
 
 
 @contextlib.contextmanager

@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     )
     _url_source: str = PrivateAttr("the configuration")
     """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
+    _environment_source: str = PrivateAttr("the configuration")
+    """Where the environment name came from (a variable, ``.env``, the ini, the default)."""
 
     @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout", "max_runtime")
     @classmethod
@@ -239,6 +241,7 @@ class Settings(BaseSettings):
                 "pass -c instead"
             )
         settings._url_source = _where_url(given, dotenv, Path(config))
+        settings._environment_source = _where_environment(given, dotenv, Path(config))
         if dotenv is not None:
             log.debug("read settings from %s", dotenv)
         else:
@@ -277,8 +280,13 @@ class Settings(BaseSettings):
     def url_source(self) -> str:
         """Return where the database URL comes from (or that it is the embedded default)."""
         if self.database_url is None:
-            return "the embedded SQLite default, as no database is configured"
+            return "the embedded SQLite default: no database is configured"
         return self._url_source
+
+    @property
+    def environment_source(self) -> str:
+        """Return where the environment name comes from."""
+        return self._environment_source
 
     def secrets(self) -> list[str]:
         """Return the secret parts of the configured URLs, to scrub from any output."""
@@ -428,6 +436,30 @@ def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
             if values.get(name):
                 return f"{name} in {dotenv}"
     return f"sqlalchemy.url in {config}"
+
+
+def _where_environment(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
+    """Return where the environment name came from, for the start-up line."""
+    names = ("DM_ENVIRONMENT", "ENVIRONMENT")
+    if given.get("environment"):
+        return "given by the caller"
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return name
+    if dotenv is not None:
+        from dotenv import dotenv_values
+
+        values = dotenv_values(dotenv)
+        for name in names:
+            if (values.get(name) or "").strip():
+                return f"{name} in {dotenv}"
+    ini = given.get("ini_values") or {}
+    section = given.get("ini_section") or os.environ.get("DM_INI_SECTION") or DEFAULT_SECTION
+    if ini.get("environment") or (
+        config.is_file() and _read_ini(config).get(section, "dm.environment", fallback="").strip()
+    ):
+        return f"dm.environment in {config}"
+    return "the default"
 
 
 def _under_aliases(cls: type[BaseSettings], given: dict[str, Any]) -> dict[str, Any]:
