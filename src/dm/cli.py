@@ -243,11 +243,14 @@ def _report(
         from .log import json_line
 
         fields = {key: value for key, value in error.items() if key != "message"}
-        click.echo(json_line("error", "dm", message, traceback=trace, **fields), file=stderr)
+        level = "warning" if kind == "incomplete" else "error"  # a stop asked for, exit 5
+        click.echo(json_line(level, "dm", message, traceback=trace, **fields), file=stderr)
         return
     if trace:
         click.echo(trace, file=stderr)
-    click.echo(f"dm: error: {message}", file=stderr)
+    # A stop that was asked for (time box, dm pause, dm cancel: exit 5) is no error.
+    label = "stopped" if kind == "incomplete" else "error"
+    click.echo(f"dm: {label}: {message}", file=stderr)
 
 
 def _current() -> Invocation | None:

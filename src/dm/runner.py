@@ -341,8 +341,9 @@ class Runner:
             f"{label}: {stop.reason}, at a batch boundary after {duration} ms; its committed "
             f"batches stay, {next_step_after(stop, step)}; {after}"
         )
-        log.warning("%s", message)
-        raise Incomplete(step.revision, message, stop.status.value)
+        if deferred:  # the run goes on: this line is all that tells the stop
+            log.warning("%s", message)
+        raise Incomplete(step.revision, message, stop.status.value)  # told once, by dm's CLI
 
     async def _fail(
         self, step: Step, label: str, attempt_id: int, exc: BaseException, started: float

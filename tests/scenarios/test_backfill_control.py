@@ -406,6 +406,10 @@ def test_max_runtime_between_transactional_revisions(project: Project) -> None:
     result = invoke(project, "upgrade", "--max-runtime", "0.5")
     assert result.exit_code == 5, result.stderr
     assert "before upgrade aaaa00000002 started" in result.stderr
+    # Told once, as a stop (exit 5 is asked for), not as an error.
+    assert result.stderr.count("before upgrade aaaa00000002 started") == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("dm: stopped: max runtime of 0.5s")
+    assert "error" not in result.stderr
     assert [row.rev for row in project.db.query("SELECT rev FROM ran")] == ["a"]
     assert invoke(project, "upgrade").exit_code == 0
     assert sorted(row.rev for row in project.db.query("SELECT rev FROM ran")) == ["a", "b"]
