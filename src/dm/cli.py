@@ -40,6 +40,7 @@ from .transient import is_transient
 if TYPE_CHECKING:
     from .command import RevisionInfo
     from .command import RunResult
+    from .operations import AttemptRecord
     from .operations import ControlResult
     from .settings import Settings
 
@@ -679,15 +680,24 @@ def current(invocation: Invocation, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("rev", required=False)
 @json_option
 @pass_invocation
-def status(invocation: Invocation, as_json: bool) -> None:
-    """Show every revision: status, last run, duration, by whom, attempts, error."""
+def status(invocation: Invocation, rev: str | None, as_json: bool) -> None:
+    """Show every revision: status, last run, duration, by whom, attempts, error; with REV,
+    that revision and each of its attempts."""
     from . import command
+    from . import operations
 
-    rows = _run(command.status(invocation.settings()))
+    settings = invocation.settings()
+    rows = _run(command.status(settings))
+    records = None
+    if rev is not None:
+        records = _run(operations.attempts(settings, rev))  # a partial id, a gone file's id
+        chosen = records[0].revision if records else command.show(settings, rev)[0].revision
+        rows = [row for row in rows if row.revision == chosen]
     if as_json:
-        _emit_json(rows)
+        _emit_json(rows if records is None else {"status": rows[0], "attempts": records})
         return
     table = [
         ("REVISION", "STATE", "LAST ATTEMPT", "ATTEMPTS", "LAST RUN (UTC)", "DURATION", "BY")
@@ -736,6 +746,12 @@ def status(invocation: Invocation, as_json: bool) -> None:
             )
         )
     _print_table(table)
+    if records is not None:
+        _echo("")
+        for record in records:
+            _render_attempt(record, traceback=False)
+        if records and records[-1].error_traceback:
+            _echo(f"(dm log {rows[0].revision} shows the tracebacks)")
 
 
 # What happens next to a revision whose latest attempt stopped at a batch boundary.
@@ -925,10 +941,25 @@ def _render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) 
             _echo(f"Also depends on: {', '.join(info.depends_on)}")
         _echo(f"Reversible: {'yes' if info.reversible else 'no'}")
         _echo(f"Path: {info.path}")
+        for name, value in info.attributes.items():
+            _echo(f"{name}: {_attribute(name, value)}")
         _echo("")
         for line in (info.doc or info.description).splitlines():
             _echo(f"    {line}".rstrip())
         _echo("")
+
+
+def _attribute(name: str, value: Any) -> str:
+    """Show a revision attribute as the file would set it, with what its default means."""
+    if value is None:
+        return {"environments": "None (every environment)", "timeout": "None (DM_TIMEOUT)"}.get(
+            name, "None"
+        )
+    if isinstance(value, list) and not value:
+        return "None"
+    if isinstance(value, list):
+        return f"({', '.join(repr(v) for v in value)}{',' if len(value) == 1 else ''})"
+    return repr(value)
 
 
 main.add_command(history, name="list")  # the old framework's name for it
@@ -1168,22 +1199,26 @@ def log_command(invocation: Invocation, rev: str, as_json: bool) -> None:
     if not records:
         _note(f"{rev}: no attempt recorded")
     for record in records:
-        when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"
-        took = f", {record.duration_ms} ms" if record.duration_ms is not None else ""
-        who = record.pod_name or record.run_by or "-"
-        _echo(
-            f"attempt {record.attempt}: {record.direction} {record.status} "
-            f"at {when} UTC{took}, by {who} (run {record.run_id})"
-        )
-        for label, value in (("reason", record.reason), ("error", record.error_message)):
-            if value:
-                _echo(f"  {label}: {value}")
-        if record.checkpoint:
-            _echo(f"  checkpoint: {_describe_checkpoint(record.checkpoint)}")
-        if record.error_traceback:
-            _echo("  traceback:")
-            for line in record.error_traceback.rstrip().splitlines():
-                _echo(f"    {line}".rstrip())
+        _render_attempt(record, traceback=True)
+
+
+def _render_attempt(record: AttemptRecord, *, traceback: bool) -> None:
+    when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"
+    took = f", {record.duration_ms} ms" if record.duration_ms is not None else ""
+    who = record.pod_name or record.run_by or "-"
+    _echo(
+        f"attempt {record.attempt}: {record.direction} {record.status} "
+        f"at {when} UTC{took}, by {who} (run {record.run_id})"
+    )
+    for label, value in (("reason", record.reason), ("error", record.error_message)):
+        if value:
+            _echo(f"  {label}: {value}")
+    if record.checkpoint:
+        _echo(f"  checkpoint: {_describe_checkpoint(record.checkpoint)}")
+    if traceback and record.error_traceback:
+        _echo("  traceback:")
+        for line in record.error_traceback.rstrip().splitlines():
+            _echo(f"    {line}".rstrip())
 
 
 @main.command()

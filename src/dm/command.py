@@ -75,6 +75,8 @@ class RevisionInfo:
     is_merge_point: bool
     reversible: bool
     doc: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    """The module-level attributes dm reads from the file (``transactional``...)."""
 
     @classmethod
     def of(cls, rev: Revision) -> RevisionInfo:
@@ -92,6 +94,16 @@ class RevisionInfo:
             is_merge_point=script.is_merge_point,
             reversible=rev.reversible,
             doc=rev.doc,
+            attributes={
+                "transactional": rev.transactional,
+                "environments": list(rev.environments) if rev.environments is not None else None,
+                "timeout": rev.timeout,
+                "max_runtime": rev.max_runtime,
+                "blocks_deploy": rev.blocks_deploy,
+                "requires_schema": list(rev.requires_schema),
+                "requires_complete": list(rev.requires_complete),
+                "idempotent": rev.idempotent,
+            },
         )
 
 
