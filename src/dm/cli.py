@@ -713,7 +713,12 @@ def status(invocation: Invocation, rev: str | None, as_json: bool) -> None:
         if row.modified:
             state += " (modified)"
         note = row.reason if row.status == "skipped" else None
-        if row.state == "died":
+        if row.missing_file and row.state != "rolled_back":  # not settled yet
+            note = (
+                f'its file is gone; to settle it: dm resolve {row.revision} --as rolled_back '
+                '--reason "file removed"'
+            )
+        elif row.state == "died":
             note = "its run died; the next run marks it interrupted and retries it"
         elif row.status in _STOPPED_NOTES:
             note = (row.reason or row.status) + _STOPPED_NOTES[row.status].format(
@@ -843,11 +848,24 @@ def check(
                 "modified": result.modified,
                 "needs_schema": result.needs_schema,
                 "deferred": result.deferred,
+                "abandoned": result.abandoned,
+                "skipped": result.skipped,
             }
         )
     else:
         if result.ok:
-            _echo("ok: every revision is applied")
+            passed = [
+                f"{len(revisions)} {label} ({', '.join(revisions)})"
+                for label, revisions in (
+                    ("skipped by the environment guard", result.skipped),
+                    ("abandoned by dm cancel --skip, not run again", result.abandoned),
+                )
+                if revisions
+            ]
+            if passed:
+                _echo(f"ok: every revision is applied or passed: {'; '.join(passed)}")
+            else:
+                _echo("ok: every revision is applied")
         for label, revisions in (
             ("pending", result.pending),
             ("failed", result.failed),
@@ -859,6 +877,16 @@ def check(
         ):
             if revisions:
                 _echo(f"{label}: {', '.join(revisions)}")
+        for revision in result.missing:
+            _echo(
+                f"  {revision}: its file is gone; if that is on purpose: dm resolve {revision} "
+                '--as rolled_back --reason "file removed"'
+            )
+        for revision in [] if result.allow_modified else result.modified:
+            _echo(
+                f"  {revision}: a cosmetic edit (comments, formatting): dm repair {revision} "
+                f'--reason "..."; a change to run: dm run {revision} --force --reason "..."'
+            )
         for line in result.needs_schema:
             _echo(f"needs schema: {line}; run the application's `alembic upgrade` first")
         if result.deferred:
@@ -1181,6 +1209,29 @@ def resolve(
         _echo(
             f"{result.revision}: recorded {result.status} (was {result.previous_status}) "
             f"by {result.run_by}; {result.reason}"
+        )
+
+
+@main.command()
+@click.argument("rev")
+@click.option("--reason", required=True, help="Why the edit is safe to accept (recorded).")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@json_option
+@pass_invocation
+def repair(
+    invocation: Invocation, rev: str, reason: str, lock_timeout: float | None, as_json: bool
+) -> None:
+    """Accept an edit of applied revision REV's file: record its new checksum, run nothing."""
+    from .repair import repair as accept_edit
+
+    settings = invocation.settings(lock_timeout=lock_timeout)
+    result = _run(accept_edit(settings, rev, reason=reason))
+    if as_json:
+        _emit_json(result)
+    else:
+        _echo(
+            f"{result.revision}: edit accepted (checksum {result.old_checksum[:12]} -> "
+            f"{result.new_checksum[:12]}) by {result.run_by}; nothing was run"
         )
 
 

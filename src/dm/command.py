@@ -177,6 +177,10 @@ class CheckResult:
     deferred: list[str] = field(default_factory=list)
     """Unfinished revisions (not run, running, died, incomplete, paused, cancelled) that do
     not fail the check because they say ``blocks_deploy = False``."""
+    abandoned: list[str] = field(default_factory=list)
+    """Passed, but never applied: settled by ``dm cancel --skip`` (not run again)."""
+    skipped: list[str] = field(default_factory=list)
+    """Passed, but never applied here: the environment guard skipped them."""
 
     @property
     def ok(self) -> bool:
@@ -428,6 +432,8 @@ async def _check(
         needs_schema=needs_schema,
         incomplete=blocking(incomplete),
         deferred=deferred,
+        abandoned=having(State.ABANDONED),
+        skipped=having(State.SKIPPED),
     )
 
 

@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
         "settings",
         "state",
         "tracker",
+        "urls",  # the start-up line shows the database URL, password hidden
     },
     "__init__": {"api", "batching", "errors", "hooks"},
     "hooks": {"batching", "errors", "fence", "graph"},
@@ -36,9 +37,11 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"command", "operations", "settings", "errors"},
     "__main__": {"cli"},
     "cli_args": set(),  # click only: global options after the command, one-line usage errors
+    "repair": {"errors", "graph", "planning", "runtime", "settings", "state", "tracker"},
     "cli": {
         "__init__",
         "cli_args",
+        "repair",
         "command",
         "operations",
         "settings",
