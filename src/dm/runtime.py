@@ -417,10 +417,12 @@ async def execute_plan(
     async with open_database(settings) as db:
         steps = plan(await db.read_latest())
         await db.require_schema(schema, steps)
-        db.announce()  # the plan stands: say which database and environment it is for
         if dry_run or not steps:
+            if dry_run:
+                db.announce()  # say which database and environment the plan is for
             return RunResult(label, planned(steps), dry_run=dry_run)
         async with db.locked() as (recorder, interrupted):
+            db.announce()  # the run starts: say which database and environment it works on
             steps = plan(recorder.latest)
             await db.require_schema(schema, steps)
             if not steps:

@@ -390,7 +390,7 @@ def test_info_reports_a_held_lock(project: Project) -> None:
     assert state == "held"
     assert holder is not None
     if project.db.kind == "postgresql":
-        assert "(dm:test-holder, " in holder  # the holder's application_name
+        assert "(dm on test-holder, " in holder  # the holder's application_name
     else:
         assert holder.startswith(f"pid {os.getpid()} on ")
     assert asyncio.run(operations.lock_state(settings, tracker)) == ("free", None)
