@@ -590,3 +590,22 @@ def test_postgresql_test_databases_take_the_prefix(tmp_path: Path) -> None:
     with databases(tmp_path, server, prefix="team_a_") as made:
         url = sa.make_url(made.create())
         assert url.database is not None and url.database.startswith("team_a_")
+
+
+def test_the_resume_test_says_how_far_it_got_and_why_it_is_long(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume test over many seeded rows at 1 row per batch runs for minutes: it says so
+    while it runs (every 10 s; here at each batch), not only at the end."""
+    from dm.testing import BatchLog
+
+    monkeypatch.setattr(BatchLog, "REPORT_EVERY", 0.0)
+    make_project(pytester, GOOD)
+    result = pytester.runpytest("--dm", "-k", "resume")
+    result.assert_outcomes(passed=1, deselected=6)
+    result.stdout.fnmatch_lines(
+        [
+            "dm: c0000000000c: * batches, * rows so far, at 1 row(s) per batch (dm_batch_size): "
+            "many seeded rows at a small batch size take long; raise dm_batch_size"
+        ]
+    )
