@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import Project
+from conftest import cli_runner
 from conftest import run_in_process
 from dm.cli import main
 from dm.cli_args import hoist_global_options
@@ -51,9 +52,15 @@ def test_global_options_work_after_the_command(project: Project) -> None:
     ],
 )
 def test_usage_errors_are_one_line(args: list[str], line: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dm", *args], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 2
+    result = cli_runner().invoke(main, args, prog_name="dm")
+    assert result.exit_code == 2
     assert result.stderr.splitlines() == [line]
     assert result.stdout == ""
+
+
+def test_a_usage_error_of_a_real_process_is_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dm", "upgrade", "--frob"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr == "dm: error: no such option: --frob\n"
