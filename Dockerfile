@@ -3,9 +3,9 @@
 #   docker build -t dm .
 #   docker run --rm -e DM_DATABASE_URL=postgresql://user@host/db -e DM_LOG_FORMAT=json dm upgrade heads
 #
-# Global options (--log-format, --verbose, -c) go BEFORE the command: `dm --log-format=json
-# upgrade heads`; in Kubernetes prefer the environment (DM_LOG_FORMAT=json), as in
-# deploy/kubernetes/job.yaml. Exit codes: README.md, "Exit codes".
+# Global options (--log-format, --verbose, -c) go before or after the command: `dm
+# --log-format=json upgrade heads`; in Kubernetes prefer the environment (DM_LOG_FORMAT=json), as in
+# deploy/kubernetes/job.yaml. Exit codes: docs/failures.md, "Exit codes".
 #
 # BASE_IMAGE is the official python:3.11-slim-bookworm pinned by digest. To refresh the pin:
 #   docker pull python:3.11-slim-bookworm

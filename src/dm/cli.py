@@ -41,6 +41,7 @@ from .transient import is_transient
 if TYPE_CHECKING:
     from .command import RevisionInfo
     from .command import RunResult
+    from .operations import AttemptRecord
     from .operations import ControlResult
     from .settings import Settings
 
@@ -135,9 +136,32 @@ class DmCommand(click.Command):
 
 
 class DmGroup(click.Group):
-    """Turn ``DmError`` into one ``dm: error: ...`` line and its exit code."""
+    """Turn ``DmError`` and usage errors into one ``dm: error: ...`` line and its exit code;
+    accept global options after the command too (``cli_args``)."""
 
     command_class = DmCommand
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from .cli_args import hoist_global_options
+
+        return super().parse_args(ctx, hoist_global_options(self, args))
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        from .cli_args import one_line
+
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:  # a global option refused, before the group ran
+            if type(exc).__name__ == "NoArgsIsHelpError":  # plain `dm`: click prints the help
+                raise
+            _report(None, one_line(exc), exc.exit_code, "usage_error")
+            raise click.exceptions.Exit(exc.exit_code) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -151,9 +175,9 @@ class DmGroup(click.Group):
             if invocation is None:  # the command name was refused before the group ran
                 log_format = ctx.params.get("log_format") or "text"
                 invocation = Invocation(None, None, None, False, log_format)
-            if not (invocation.as_json or invocation.log_format == "json"):
-                raise
-            _report(invocation, exc.format_message(), exc.exit_code, "usage_error")
+            from .cli_args import one_line
+
+            _report(invocation, one_line(exc), exc.exit_code, "usage_error")
             ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort):
             raise
@@ -221,11 +245,14 @@ def _report(
         from .log import json_line
 
         fields = {key: value for key, value in error.items() if key != "message"}
-        click.echo(json_line("error", "dm", message, traceback=trace, **fields), file=stderr)
+        level = "warning" if kind == "incomplete" else "error"  # a stop asked for, exit 5
+        click.echo(json_line(level, "dm", message, traceback=trace, **fields), file=stderr)
         return
     if trace:
         click.echo(trace, file=stderr)
-    click.echo(f"dm: error: {printable(message)}", file=stderr)
+    # A stop that was asked for (time box, dm pause, dm cancel: exit 5) is no error.
+    label = "stopped" if kind == "incomplete" else "error"
+    click.echo(f"dm: {label}: {printable(message)}", file=stderr)
 
 
 def _current() -> Invocation | None:
@@ -377,6 +404,8 @@ def init(invocation: Invocation, directory: Path) -> None:
     result = command.init(directory, section=invocation.section or "data_migrations")
     verb = "added a section to" if result.appended_section else "wrote"
     _echo(f"{verb} {result.config_file}; created {result.script_location}/")
+    if result.gitignore:
+        _echo(f"ignored the embedded database dm.sqlite3 in {result.gitignore}")
     if result.schema_section:
         _echo(
             f"wired the application's Alembic schema migrations ([{result.schema_section}]): "
@@ -665,15 +694,24 @@ def current(invocation: Invocation, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("rev", required=False)
 @json_option
 @pass_invocation
-def status(invocation: Invocation, as_json: bool) -> None:
-    """Show every revision: status, last run, duration, by whom, attempts, error."""
+def status(invocation: Invocation, rev: str | None, as_json: bool) -> None:
+    """Show every revision: status, last run, duration, by whom, attempts, error; with REV,
+    that revision and each of its attempts."""
     from . import command
+    from . import operations
 
-    rows = _run(command.status(invocation.settings()))
+    settings = invocation.settings()
+    rows = _run(command.status(settings))
+    records = None
+    if rev is not None:
+        records = _run(operations.attempts(settings, rev))  # a partial id, a gone file's id
+        chosen = records[0].revision if records else command.show(settings, rev)[0].revision
+        rows = [row for row in rows if row.revision == chosen]
     if as_json:
-        _emit_json(rows)
+        _emit_json(rows if records is None else {"status": rows[0], "attempts": records})
         return
     table = [
         ("REVISION", "STATE", "LAST ATTEMPT", "ATTEMPTS", "LAST RUN (UTC)", "DURATION", "BY")
@@ -689,7 +727,12 @@ def status(invocation: Invocation, as_json: bool) -> None:
         if row.modified:
             state += " (modified)"
         note = row.reason if row.status == "skipped" else None
-        if row.state == "died":
+        if row.missing_file and row.state != "rolled_back":  # not settled yet
+            note = (
+                f'its file is gone; to settle it: dm resolve {row.revision} --as rolled_back '
+                '--reason "file removed"'
+            )
+        elif row.state == "died":
             note = "its run died; the next run marks it interrupted and retries it"
         elif row.status in _STOPPED_NOTES:
             note = (row.reason or row.status) + _STOPPED_NOTES[row.status].format(
@@ -722,6 +765,12 @@ def status(invocation: Invocation, as_json: bool) -> None:
             )
         )
     _print_table(table)
+    if records is not None:
+        _echo("")
+        for record in records:
+            _render_attempt(record, traceback=False)
+        if records and records[-1].error_traceback:
+            _echo(f"(dm log {rows[0].revision} shows the tracebacks)")
 
 
 # What happens next to a revision whose latest attempt stopped at a batch boundary.
@@ -830,11 +879,24 @@ def check(
                 "modified": result.modified,
                 "needs_schema": result.needs_schema,
                 "deferred": result.deferred,
+                "abandoned": result.abandoned,
+                "skipped": result.skipped,
             }
         )
     else:
         if result.ok:
-            _echo("ok: every revision is applied")
+            passed = [
+                f"{len(revisions)} {label} ({', '.join(revisions)})"
+                for label, revisions in (
+                    ("skipped by the environment guard", result.skipped),
+                    ("abandoned by dm cancel --skip, not run again", result.abandoned),
+                )
+                if revisions
+            ]
+            if passed:
+                _echo(f"ok: every revision is applied or passed: {'; '.join(passed)}")
+            else:
+                _echo("ok: every revision is applied")
         for label, revisions in (
             ("pending", result.pending),
             ("failed", result.failed),
@@ -846,6 +908,16 @@ def check(
         ):
             if revisions:
                 _echo(f"{label}: {', '.join(revisions)}")
+        for revision in result.missing:
+            _echo(
+                f"  {revision}: its file is gone; if that is on purpose: dm resolve {revision} "
+                '--as rolled_back --reason "file removed"'
+            )
+        for revision in [] if result.allow_modified else result.modified:
+            _echo(
+                f"  {revision}: a cosmetic edit (comments, formatting): dm repair {revision} "
+                f'--reason "..."; a change to run: dm run {revision} --force --reason "..."'
+            )
         for line in result.needs_schema:
             _echo(f"needs schema: {line}; run the application's `alembic upgrade` first")
         if result.deferred:
@@ -952,10 +1024,25 @@ def _render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) 
             _echo(f"Also depends on: {', '.join(info.depends_on)}")
         _echo(f"Reversible: {'yes' if info.reversible else 'no'}")
         _echo(f"Path: {info.path}")
+        for name, value in info.attributes.items():
+            _echo(f"{name}: {_attribute(name, value)}")
         _echo("")
         for line in (info.doc or info.description).splitlines():
             _echo(f"    {line}".rstrip())
         _echo("")
+
+
+def _attribute(name: str, value: Any) -> str:
+    """Show a revision attribute as the file would set it, with what its default means."""
+    if value is None:
+        return {"environments": "None (every environment)", "timeout": "None (DM_TIMEOUT)"}.get(
+            name, "None"
+        )
+    if isinstance(value, list) and not value:
+        return "None"
+    if isinstance(value, list):
+        return f"({', '.join(repr(v) for v in value)}{',' if len(value) == 1 else ''})"
+    return repr(value)
 
 
 main.add_command(history, name="list")  # the old framework's name for it
@@ -1180,6 +1267,29 @@ def resolve(
         )
 
 
+@main.command()
+@click.argument("rev")
+@click.option("--reason", required=True, help="Why the edit is safe to accept (recorded).")
+@click.option("--lock-timeout", type=click.FloatRange(min=0), help="Seconds to wait for the lock.")
+@json_option
+@pass_invocation
+def repair(
+    invocation: Invocation, rev: str, reason: str, lock_timeout: float | None, as_json: bool
+) -> None:
+    """Accept an edit of applied revision REV's file: record its new checksum, run nothing."""
+    from .repair import repair as accept_edit
+
+    settings = invocation.settings(lock_timeout=lock_timeout)
+    result = _run(accept_edit(settings, rev, reason=reason))
+    if as_json:
+        _emit_json(result)
+    else:
+        _echo(
+            f"{result.revision}: edit accepted (checksum {result.old_checksum[:12]} -> "
+            f"{result.new_checksum[:12]}) by {result.run_by}; nothing was run"
+        )
+
+
 @main.command("log")
 @click.argument("rev")
 @json_option
@@ -1195,22 +1305,26 @@ def log_command(invocation: Invocation, rev: str, as_json: bool) -> None:
     if not records:
         _note(f"{rev}: no attempt recorded")
     for record in records:
-        when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"
-        took = f", {record.duration_ms} ms" if record.duration_ms is not None else ""
-        who = record.pod_name or record.run_by or "-"
-        _echo(
-            f"attempt {record.attempt}: {record.direction} {record.status} "
-            f"at {when} UTC{took}, by {who} (run {record.run_id})"
-        )
-        for label, value in (("reason", record.reason), ("error", record.error_message)):
-            if value:
-                _echo(f"  {label}: {value}")
-        if record.checkpoint:
-            _echo(f"  checkpoint: {_describe_checkpoint(record.checkpoint)}")
-        if record.error_traceback:
-            _echo("  traceback:")
-            for line in record.error_traceback.rstrip().splitlines():
-                _echo(f"    {line}".rstrip())
+        _render_attempt(record, traceback=True)
+
+
+def _render_attempt(record: AttemptRecord, *, traceback: bool) -> None:
+    when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"
+    took = f", {record.duration_ms} ms" if record.duration_ms is not None else ""
+    who = record.pod_name or record.run_by or "-"
+    _echo(
+        f"attempt {record.attempt}: {record.direction} {record.status} "
+        f"at {when} UTC{took}, by {who} (run {record.run_id})"
+    )
+    for label, value in (("reason", record.reason), ("error", record.error_message)):
+        if value:
+            _echo(f"  {label}: {value}")
+    if record.checkpoint:
+        _echo(f"  checkpoint: {_describe_checkpoint(record.checkpoint)}")
+    if traceback and record.error_traceback:
+        _echo("  traceback:")
+        for line in record.error_traceback.rstrip().splitlines():
+            _echo(f"    {line}".rstrip())
 
 
 @main.command()

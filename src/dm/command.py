@@ -76,6 +76,8 @@ class RevisionInfo:
     is_merge_point: bool
     reversible: bool
     doc: str = ""
+    attributes: dict[str, Any] = field(default_factory=dict)
+    """The module-level attributes dm reads from the file (``transactional``...)."""
 
     @classmethod
     def of(cls, rev: Revision) -> RevisionInfo:
@@ -93,6 +95,16 @@ class RevisionInfo:
             is_merge_point=script.is_merge_point,
             reversible=rev.reversible,
             doc=rev.doc,
+            attributes={
+                "transactional": rev.transactional,
+                "environments": list(rev.environments) if rev.environments is not None else None,
+                "timeout": rev.timeout,
+                "max_runtime": rev.max_runtime,
+                "blocks_deploy": rev.blocks_deploy,
+                "requires_schema": list(rev.requires_schema),
+                "requires_complete": list(rev.requires_complete),
+                "idempotent": rev.idempotent,
+            },
         )
 
 
@@ -166,6 +178,10 @@ class CheckResult:
     deferred: list[str] = field(default_factory=list)
     """Unfinished revisions (not run, running, died, incomplete, paused, cancelled) that do
     not fail the check because they say ``blocks_deploy = False``."""
+    abandoned: list[str] = field(default_factory=list)
+    """Passed, but never applied: settled by ``dm cancel --skip`` (not run again)."""
+    skipped: list[str] = field(default_factory=list)
+    """Passed, but never applied here: the environment guard skipped them."""
 
     @property
     def ok(self) -> bool:
@@ -186,6 +202,8 @@ class InitResult:
     schema_section: str | None = None
     """The application's Alembic section found in the config file and wired for
     ``requires_schema`` (``dm.schema_alembic_section``), if any."""
+    gitignore: str | None = None
+    """The ``.gitignore`` written or extended to leave out the embedded database, if any."""
 
 
 # -- project loading --------------------------------------------------------------------
@@ -415,6 +433,8 @@ async def _check(
         needs_schema=needs_schema,
         incomplete=blocking(incomplete),
         deferred=deferred,
+        abandoned=having(State.ABANDONED),
+        skipped=having(State.SKIPPED),
     )
 
 
@@ -606,6 +626,7 @@ def revision(
             raise UsageError(f"cannot create revision: {' '.join(str(exc).split())}") from None
         if script is None or isinstance(script, list):  # pragma: no cover - autogenerate only
             raise UsageError("cannot create revision: Alembic returned no single script")
+        _name_in_ascii(Path(script.path), message, graph.script_dir.truncate_slug_length)
         if sync:
             from .templates import render_sync_revision
 
@@ -630,6 +651,17 @@ def revision(
             ", ".join(loaded.heads),
         )
     return RevisionInfo.of(loaded.revision(script.revision))
+
+
+def _name_in_ascii(path: Path, message: str, limit: int) -> None:
+    """Rename the file Alembic wrote when its slug holds letters outside ASCII: the file
+    name gets the ASCII slug, the message (docstring, description) stays as written."""
+    from .slugs import alembic_slug
+    from .slugs import slugify
+
+    theirs, ours = alembic_slug(message, limit), slugify(message, limit)
+    if theirs != ours and path.name.endswith(f"{theirs}.py"):
+        path.rename(path.with_name(path.name[: -len(f"{theirs}.py")] + f"{ours}.py"))
 
 
 @contextlib.contextmanager
@@ -731,7 +763,29 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
         append_regular(config_file, separator + section_text)
     else:
         write_new(config_file, section_text)
-    return InitResult(display_path(config_file), display_path(scripts), appended, schema_section)
+    gitignore = _ignore_embedded_database(directory)
+    return InitResult(
+        display_path(config_file), display_path(scripts), appended, schema_section, gitignore
+    )
+
+
+_EMBEDDED_DATABASE_PATTERN = "/dm.sqlite3*"
+
+
+def _ignore_embedded_database(directory: Path) -> str | None:
+    """Add the embedded SQLite database (and its lock and journal files) to
+    ``directory/.gitignore``; return its path, or None when it already lists them."""
+    path = directory / ".gitignore"
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    if _EMBEDDED_DATABASE_PATTERN in existing.splitlines():
+        return None
+    entry = f"# dm's embedded database (dm init)\n{_EMBEDDED_DATABASE_PATTERN}\n"
+    if path.exists() or path.is_symlink():
+        separator = "\n" if existing and not existing.endswith("\n") else ""
+        append_regular(path, separator + entry)  # never through a link (dm.files)
+    else:
+        write_new(path, entry)
+    return display_path(path)
 
 
 def _alembic_section_of(text: str) -> str | None:

@@ -296,17 +296,49 @@ def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> li
         where = f"{display_path(exc.filename)}:{exc.lineno}"
         raise RevisionFileError(f"{where}: syntax error: {exc.msg}") from None
     except CommandError as exc:
-        raise RevisionFileError(one_line(exc)) from None
+        raise RevisionFileError(_missing_attribute(version_dirs) or one_line(exc)) from None
     except CycleDetected as exc:  # a revision that names itself as its parent
         where = _loading_file(exc) or display_path(script_dir.versions)
         raise RevisionFileError(
             f"{where}: down_revision names the revision itself (a loop): {one_line(exc)}"
         ) from None
     except (Exception, SystemExit) as exc:  # sys.exit() in a module body too
+        missing = _missing_attribute(version_dirs) if isinstance(exc, AttributeError) else None
+        if missing is not None:
+            raise RevisionFileError(missing) from None
         where = _failing_file(exc, version_dirs) or display_path(script_dir.versions)
         raise RevisionFileError(
             f"{where}: cannot import: {type(exc).__name__}: {one_line(exc)}"
         ) from None
+
+
+def _missing_attribute(version_dirs: list[Path]) -> str | None:
+    """Name the first revision file that assigns no ``revision`` or ``down_revision`` at
+    module level (Alembic's own error names a mangled module or points to old docs)."""
+    import ast
+
+    for directory in version_dirs:
+        for path in sorted(directory.glob("*.py")):
+            if path.name.startswith(("_", ".#")):
+                continue
+            try:
+                tree = ast.parse(path.read_bytes(), str(path))
+            except (OSError, SyntaxError, ValueError):
+                continue
+            assigned = set()
+            for node in tree.body:
+                targets = node.targets if isinstance(node, ast.Assign) else []
+                if isinstance(node, ast.AnnAssign):
+                    targets = [node.target]
+                assigned |= {n.id for n in targets if isinstance(n, ast.Name)}
+            for name in ("revision", "down_revision"):
+                if name not in assigned:
+                    example = '"1a2b3c4d5e6f"' if name == "revision" else "None"
+                    return (
+                        f"{display_path(path)}: no {name} at module level; every revision "
+                        f"file sets revision and down_revision (e.g. {name} = {example})"
+                    )
+    return None
 
 
 def _loading_file(exc: BaseException) -> str | None:

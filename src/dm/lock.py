@@ -414,7 +414,10 @@ async def _pg_holder(conn: AsyncConnection, key: int) -> str | None:
     since = row.backend_start.isoformat(timespec="seconds") if row.backend_start else "?"
     client = f", client {row.client_addr}" if row.client_addr else ""
     name = row.application_name or "no application_name"
-    return f"pid {row.pid} ({name}{client}, since {since})"
+    if name.startswith("dm:") and name != "dm:":
+        # dm's application_name is dm:<pod name or host name> (runtime.Runtime).
+        return f"backend pid {row.pid} (dm on {name[3:]}{client}, since {since})"
+    return f"backend pid {row.pid} ({name}{client}, since {since})"
 
 
 @contextlib.asynccontextmanager

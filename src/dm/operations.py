@@ -244,8 +244,12 @@ async def resolve(
     except UnknownTarget:
         rev = None
         async with open_database(settings) as probe:  # a tracker row whose file is gone?
-            if revision not in await probe.read_latest():
-                raise
+            gone = [r for r in await probe.read_latest() if not graph.known(r)]
+        # Its full id, or a prefix of exactly one such revision (as for a file's partial id).
+        matches = [revision] if revision in gone else [r for r in gone if r.startswith(revision)]
+        if len(matches) != 1 or not _plain_id(revision):
+            raise
+        revision = matches[0]
     rev_id = rev.id if rev is not None else revision
     direction = "upgrade" if status is Status.SUCCESS else "downgrade"
     text = f"resolved by hand: {reason.strip()}"
@@ -557,9 +561,13 @@ async def resume(settings: Settings, revision: str, *, dry_run: bool = False) ->
         attempt = latest.get(rev.id)
         state = attempt.state if attempt is not None else State.NOT_RUN
         if attempt is None or state not in (State.PAUSED, State.INCOMPLETE, State.PARTIAL):
+            hint = {
+                State.ABANDONED: f"; to run it again from its first row: dm run {rev.id}",
+                State.CANCELLED: f"; the next dm upgrade (or dm run {rev.id}) starts it over",
+            }.get(state, "")
             raise UsageError(
                 f"cannot resume {rev.id}: it is {state.value}; dm resume goes on with a "
-                "batched revision that stopped part-way (paused, incomplete, partial)"
+                f"batched revision that stopped part-way (paused, incomplete, partial){hint}"
             )
         if attempt.direction == "upgrade":
             return planning.plan_run(graph, rev, latest, settings.environment, None)

@@ -262,7 +262,7 @@ def plan_rollback(graph: Graph, rev: Revision, latest: Latest, environment: str)
             found.append(f"skipped revisions come after it: {', '.join(skipped)}")
         raise UsageError(f"cannot roll back {rev.id}: {'; '.join(found)} (roll them back first)")
     steps = with_decisions([Step(rev, False)], environment, latest)
-    require_reversible(steps, rev.id)
+    require_reversible(steps, rev.id, verb="rollback")
     return steps
 
 
@@ -333,17 +333,18 @@ def waits(step: Step, complete: Collection[str], held: Collection[str]) -> str |
     return None
 
 
-def require_reversible(steps: Iterable[Step], target: str) -> None:
+def require_reversible(steps: Iterable[Step], target: str, *, verb: str = "downgrade") -> None:
     """Refuse a plan whose downgrade steps run a revision without ``downgrade()``.
 
+    :param verb: the command refused, as the message says it (``rollback`` names the
+        revision rolled back; ``downgrade`` the target).
     :raises IrreversiblePlan: naming every such revision and its file.
     """
     irreversible = [s for s in steps if not s.is_upgrade and s.runs and not s.reversible]
     if irreversible:
         names = ", ".join(f"{s.revision} ({display_path(s.rev.path)})" for s in irreversible)
-        raise IrreversiblePlan(
-            f"cannot downgrade to {target!r}: no downgrade() in {names}; nothing was run"
-        )
+        what = f"roll back {target}" if verb == "rollback" else f"downgrade to {target!r}"
+        raise IrreversiblePlan(f"cannot {what}: no downgrade() in {names}; nothing was run")
 
 
 def needs_schema(steps: Iterable[Step]) -> bool:

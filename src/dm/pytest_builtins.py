@@ -18,6 +18,7 @@ from .errors import DmError
 from .errors import IrreversiblePlan
 from .errors import RevisionFailed
 from .errors import one_line
+from .pytest_plugin import with_ini
 from .testing import BatchLog
 from .testing import Databases
 from .testing import DmRunner
@@ -76,13 +77,16 @@ def test_revisions_import_offline(dm_config: ProjectConfig, dm_database_url: str
         _fail("a revision file touched the database or network at import:\n" + "\n".join(found))
 
 
-def test_upgrade_from_base(dm_runner: DmRunner, dm_test_config: DmTestConfig) -> None:
+def test_upgrade_from_base(
+    dm_runner: DmRunner, dm_test_config: DmTestConfig, pytestconfig: pytest.Config
+) -> None:
     """Every revision upgrades from an empty database, one at a time, and its verify() passes.
 
     This is what a new environment (a developer's machine, a fresh staging database) runs.
     Each revision runs alone, after the seeds given for it, so a failure names the first
     revision that breaks.
     """
+    dm_test_config = with_ini(dm_test_config, pytestconfig)
     graph = dm_runner.graph()
     _upgrade_each(dm_runner, graph, dm_test_config, step="upgrade from base")
     for row in dm_runner.status_sync():
@@ -97,7 +101,9 @@ def test_upgrade_from_base(dm_runner: DmRunner, dm_test_config: DmTestConfig) ->
             )
 
 
-def test_up_down_up(dm_runner: DmRunner, dm_test_config: DmTestConfig) -> None:
+def test_up_down_up(
+    dm_runner: DmRunner, dm_test_config: DmTestConfig, pytestconfig: pytest.Config
+) -> None:
     """Each reversible revision goes down and up again: downgrade() undoes what upgrade()
     did well enough for upgrade() and verify() to pass once more.
 
@@ -107,6 +113,7 @@ def test_up_down_up(dm_runner: DmRunner, dm_test_config: DmTestConfig) -> None:
     ``skip_revisions``), then up again. A revision without downgrade() ends the walk: the
     revisions below it are reported as not tested (a skip), unless it is the floor.
     """
+    dm_test_config = with_ini(dm_test_config, pytestconfig)
     graph = dm_runner.graph()
     url = dm_runner.redacted_url
     _upgrade_each(dm_runner, graph, dm_test_config, step="upgrade (round trip: up)")
@@ -148,7 +155,10 @@ def test_up_down_up(dm_runner: DmRunner, dm_test_config: DmTestConfig) -> None:
 
 
 def test_idempotent_revisions(
-    dm_config: ProjectConfig, dm_databases: Databases, dm_test_config: DmTestConfig
+    dm_config: ProjectConfig,
+    dm_databases: Databases,
+    dm_test_config: DmTestConfig,
+    pytestconfig: pytest.Config,
 ) -> None:
     """A revision marked ``idempotent = True`` leaves the same data when it runs twice.
 
@@ -157,6 +167,7 @@ def test_idempotent_revisions(
     Each marked revision is upgraded on a fresh database, then run again: every table
     (the tracker's excepted) must hold the same rows.
     """
+    dm_test_config = with_ini(dm_test_config, pytestconfig)
     graph = DmRunner(dm_config, dm_databases.create()).graph()
     skip = _resolve_all(graph, dm_test_config.skip_revisions)
     marked = [rev for rev in graph.revisions if rev.idempotent and rev.id not in skip]
@@ -189,7 +200,10 @@ def test_idempotent_revisions(
 
 
 def test_batched_revisions_resume(
-    dm_config: ProjectConfig, dm_databases: Databases, dm_test_config: DmTestConfig
+    dm_config: ProjectConfig,
+    dm_databases: Databases,
+    dm_test_config: DmTestConfig,
+    pytestconfig: pytest.Config,
 ) -> None:
     """A ``transactional = False`` revision interrupted after its first batch resumes and
     ends as if it had never been interrupted.
@@ -202,19 +216,22 @@ def test_batched_revisions_resume(
     row once across both attempts (as many as one uninterrupted run does) and that every
     table holds what an uninterrupted run leaves.
     """
+    dm_test_config = with_ini(dm_test_config, pytestconfig)
     graph = DmRunner(dm_config, dm_databases.create()).graph()
     skip = _resolve_all(graph, dm_test_config.skip_revisions)
     batched = [rev for rev in graph.revisions if not rev.transactional and rev.id not in skip]
     if not batched:
         pytest.skip("no revision is transactional = False")
     size = dm_test_config.batch_size
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    report = None if reporter is None else (lambda line: reporter.write_line(f"\ndm: {line}"))
     failures: list[str] = []
     notes: list[str] = []
     for rev in batched:
         step = "upgrade interrupted after its first batch, then resumed"
         reference = DmRunner(dm_config, dm_databases.create())
         _upgrade_before(reference, graph, dm_test_config, rev.id)
-        whole = BatchLog(rev.id)
+        whole = BatchLog(rev.id, report=report)
         _upgrade(reference, graph, rev.id, "upgrade (uninterrupted)", whole.probe(size))
         if whole.batches == 0:
             if _state(reference, rev.id) == "skipped":
@@ -238,7 +255,7 @@ def test_batched_revisions_resume(
         runner = DmRunner(dm_config, dm_databases.create())
         url = runner.redacted_url
         _upgrade_before(runner, graph, dm_test_config, rev.id)
-        first = BatchLog(rev.id, interrupt=True)
+        first = BatchLog(rev.id, interrupt=True, report=report)
         try:
             runner.upgrade_sync(rev.id, probe=first.probe(size))
         except RevisionFailed as exc:
@@ -248,7 +265,7 @@ def test_batched_revisions_resume(
         if not first.interrupted:
             failures.append(describe(rev, step, url, "no batch was committed: not interrupted"))
             continue
-        resumed = BatchLog(rev.id)
+        resumed = BatchLog(rev.id, report=report)
         try:
             runner.upgrade_sync(rev.id, probe=resumed.probe(size))
         except RevisionFailed as exc:
@@ -269,7 +286,10 @@ def test_batched_revisions_resume(
 
 
 def test_environment_guards(
-    dm_config: ProjectConfig, dm_databases: Databases, dm_test_config: DmTestConfig
+    dm_config: ProjectConfig,
+    dm_databases: Databases,
+    dm_test_config: DmTestConfig,
+    pytestconfig: pytest.Config,
 ) -> None:
     """In every environment the project names, the dry-run plan runs exactly the revisions
     whose ``environments`` allow it, and a real upgrade of that plan passes.
@@ -281,6 +301,7 @@ def test_environment_guards(
     """
     from .environments import allows
 
+    dm_test_config = with_ini(dm_test_config, pytestconfig)
     graph = DmRunner(dm_config, dm_databases.create()).graph()
     guarded = [rev for rev in graph.revisions if rev.environments]
     if not guarded and not dm_test_config.environments:

@@ -12,18 +12,23 @@ Fixtures, each overridable in a ``conftest.py``:
   ini key ``dm_database_url``, databases created on that PostgreSQL server and dropped).
 - ``dm_database_url``: one fresh database for the test.
 - ``dm_runner``: a :class:`dm.testing.DmRunner` on that database.
-- ``dm_test_config``: the built-in tests' settings (:class:`DmTestConfig`).
+- ``dm_test_config``: the built-in tests' settings (:class:`DmTestConfig`); the ``dm_*``
+  ini keys fill what an overriding fixture leaves at its default (:func:`with_ini`).
+- ``dm_prepare_database``: None, or a function called with each fresh database's URL
+  before dm runs on it (e.g. the application's ``alembic upgrade`` for ``requires_schema``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 
 import pytest
 
@@ -78,6 +83,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("dm_config", "dm's config file (default: alembic.ini in the rootdir)")
     parser.addini("dm_ini_section", "dm's section in the config file (default: data_migrations)")
     parser.addini("dm_database_url", "like --dm-database-url")
+    parser.addini(
+        "dm_database_prefix",
+        "the start of each PostgreSQL test database's name (default dm_test_)",
+    )
     parser.addini("dm_tests_path", f"the file the built-in tests attach to ({DEFAULT_TESTS_PATH})")
     parser.addini("dm_minimum_downgrade_revision", "the round trip's floor")
     parser.addini("dm_skip_revisions", "revisions left out of the built-in tests", type="args")
@@ -151,14 +160,28 @@ def dm_config(pytestconfig: pytest.Config) -> ProjectConfig:
 
 
 @pytest.fixture
-def dm_databases(pytestconfig: pytest.Config, tmp_path: Path) -> Iterator[Databases]:
+def dm_databases(
+    pytestconfig: pytest.Config, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Databases]:
     """Make fresh databases for the test, dropped afterwards: SQLite files, or databases on
-    the PostgreSQL server of ``--dm-database-url`` (ini ``dm_database_url``)."""
+    the PostgreSQL server of ``--dm-database-url`` (ini ``dm_database_url``), named with
+    the prefix ``dm_database_prefix``, each prepared by ``dm_prepare_database``."""
+    from .testing import DEFAULT_PREFIX
     from .testing import databases
 
     server = pytestconfig.getoption("--dm-database-url") or _ini(pytestconfig, "dm_database_url")
-    with databases(tmp_path / "dm", server) as made:
+    prefix = _ini(pytestconfig, "dm_database_prefix") or DEFAULT_PREFIX
+    prepare = request.getfixturevalue("dm_prepare_database")
+    with databases(tmp_path / "dm", server, prefix=prefix, prepare=prepare) as made:
         yield made
+
+
+@pytest.fixture
+def dm_prepare_database() -> Callable[[str], None] | None:
+    """Return None, or a function called with each fresh test database's URL before dm runs
+    on it: override it to bring the application's schema to the revisions that
+    ``requires_schema`` names, e.g. by running the application's ``alembic upgrade``."""
+    return None
 
 
 @pytest.fixture
@@ -178,16 +201,34 @@ def dm_runner(dm_config: ProjectConfig, dm_database_url: str) -> DmRunner:
 @pytest.fixture
 def dm_test_config(pytestconfig: pytest.Config) -> DmTestConfig:
     """Return the built-in tests' settings from the ``dm_*`` ini keys; override the fixture
-    to add seeds."""
+    to add seeds (the ini keys still fill what the override leaves at its default)."""
+    return with_ini(DmTestConfig(), pytestconfig)
+
+
+def with_ini(config: DmTestConfig, pytestconfig: pytest.Config) -> DmTestConfig:
+    """Return ``config`` with each ``dm_*`` ini key applied to the setting it left at its
+    default: a value the ``dm_test_config`` fixture sets wins, an ini key fills the rest,
+    however the fixture builds its :class:`DmTestConfig`."""
+    import dataclasses
+
     size = _ini(pytestconfig, "dm_batch_size")
     if size is not None and not size.isdigit():
         raise pytest.UsageError(f"dm_batch_size must be a whole number, not {size!r}")
-    return DmTestConfig(
-        minimum_downgrade_revision=_ini(pytestconfig, "dm_minimum_downgrade_revision"),
-        skip_revisions=tuple(pytestconfig.getini("dm_skip_revisions") or ()),
-        batch_size=1 if size is None else (int(size) or None),
-        environments=tuple(pytestconfig.getini("dm_environments") or ()),
-    )
+    from_ini: dict[str, Any] = {
+        "minimum_downgrade_revision": _ini(pytestconfig, "dm_minimum_downgrade_revision"),
+        "skip_revisions": tuple(pytestconfig.getini("dm_skip_revisions") or ()),
+        "batch_size": None if size is None else (int(size) or None),
+        "environments": tuple(pytestconfig.getini("dm_environments") or ()),
+    }
+    default = DmTestConfig()
+    changes = {
+        name: value
+        for name, value in from_ini.items()
+        if getattr(config, name) == getattr(default, name)
+        and (value is not None or name == "batch_size" and size is not None)
+        and value != ()
+    }
+    return dataclasses.replace(config, **changes)
 
 
 __all__ = [
@@ -196,6 +237,8 @@ __all__ = [
     "dm_config",
     "dm_database_url",
     "dm_databases",
+    "dm_prepare_database",
     "dm_runner",
     "dm_test_config",
+    "with_ini",
 ]

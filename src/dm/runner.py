@@ -343,8 +343,9 @@ class Runner:
             f"{label}: {stop.reason}, at a batch boundary after {duration} ms; its committed "
             f"batches stay, {next_step_after(stop, step)}; {after}"
         )
-        log.warning("%s", message)
-        raise Incomplete(step.revision, message, stop.status.value)
+        if deferred:  # the run goes on: this line is all that tells the stop
+            log.warning("%s", message)
+        raise Incomplete(step.revision, message, stop.status.value)  # told once, by dm's CLI
 
     async def _fail(
         self, step: Step, label: str, attempt_id: int, exc: BaseException, started: float
@@ -424,8 +425,9 @@ class Runner:
     ) -> None:
         """Record the attempt failed; a failure to record is logged (the next run marks the
         attempt interrupted), except :class:`FenceLost`: the attempt is another run's now."""
-        trace = "".join(traceback.format_exception(exc))
         reason = "interrupted" if not isinstance(exc, Exception) else None
+        # A stop dm caused (a signal) has no traceback worth reading: it is dm's own frames.
+        trace = None if reason else "".join(traceback.format_exception(exc))
         try:
             # A further cancellation must not stop the failure from being recorded, nor
             # let the caller close the connection while the record is being written.
@@ -442,7 +444,7 @@ class Runner:
             )
 
     async def _write_failure(
-        self, attempt_id: int, message: str, trace: str, duration: int, reason: str | None
+        self, attempt_id: int, message: str, trace: str | None, duration: int, reason: str | None
     ) -> None:
         # A connection that died was invalidated by SQLAlchemy: after the rollback, begin()
         # opens a fresh one, so the failure is recorded even when the work connection died.

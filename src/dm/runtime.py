@@ -167,6 +167,27 @@ class Database:
         self._exit = contextlib.AsyncExitStack()
         self.started = time.monotonic()
         """When the command began: a run's ``max_runtime`` counts from here."""
+        self._announced = False
+
+    def announce(self) -> None:
+        """Log, once, the database (password hidden) and environment a run works on, and
+        where each came from."""
+        from .urls import redact
+
+        if self._announced:
+            return
+        self._announced = True
+        url_source, environment_source = (
+            source if source.startswith("the ") else f"from {source}"
+            for source in (self.settings.url_source, self.settings.environment_source)
+        )
+        log.info(
+            "database %s (%s); environment %s (%s)",
+            redact(self.url),
+            url_source,
+            self.settings.environment,
+            environment_source,
+        )
 
     async def close(self) -> None:
         await self._conn_exit.aclose()
@@ -419,8 +440,11 @@ async def execute_plan(
         steps = plan(await db.read_latest())
         await db.require_schema(schema, steps)
         if dry_run or not steps:
+            if dry_run:
+                db.announce()  # say which database and environment the plan is for
             return RunResult(label, planned(steps), dry_run=dry_run)
         async with db.locked() as (recorder, interrupted):
+            db.announce()  # the run starts: say which database and environment it works on
             steps = plan(recorder.latest)
             await db.require_schema(schema, steps)
             if not steps:

@@ -324,7 +324,7 @@ class Settings(BaseSettings):
     def url_source(self) -> str:
         """Return where the database URL comes from (or that it is the embedded default)."""
         if self.database_url is None:
-            return "the embedded SQLite default, as no database is configured"
+            return "the embedded SQLite default: no database is configured"
         return self._url_source
 
     def secrets(self) -> list[str]:

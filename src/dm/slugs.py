@@ -1,9 +1,9 @@
 """Revision messages and their slugs, checked before ``dm revision`` writes a file.
 
-A revision file is named ``<date>_<rev>_<slug>.py``, the slug being the message in
-snake_case (Alembic's rule: the message's words joined by ``_``, truncated). dm refuses a
-message whose slug is unreadable, too short, a Python keyword, contains a path separator,
-or repeats an existing revision's slug (unless explicitly allowed).
+A revision file is named ``<date>_<time>_<rev>_<slug>.py``, the slug being the message in
+snake_case (Alembic's rule: the message's words joined by ``_``, truncated), spelt in
+ASCII. dm refuses a message whose slug is unreadable, too short, a Python keyword, contains
+a path separator, or repeats an existing revision's slug (unless explicitly allowed).
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ _LETTER = re.compile(r"[a-z]")
 
 
 def slugify(message: str, limit: int = 40) -> str:
-    """Return the slug Alembic puts in the file name for ``message``."""
+    """Return the file-name slug of ``message``: Alembic's rule (its words joined by ``_``,
+    lower case, truncated) on the message spelt in ASCII (``überprüfen Kunden`` gives
+    ``uberprufen_kunden``; ``ß`` gives ``ss``)."""
+    return alembic_slug(to_ascii(message), limit)
+
+
+def alembic_slug(message: str, limit: int = 40) -> str:
+    """Return the slug Alembic itself puts in the file name for ``message`` (any script)."""
     slug = "_".join(_WORD.findall(message)).lower()
     if len(slug) > limit:
         slug = slug[:limit].rsplit("_", 1)[0] + "_"
     return slug
+
+
+def to_ascii(message: str) -> str:
+    """Return ``message`` with accents dropped and letters spelt in ASCII where Unicode
+    says how; what cannot be spelt so is left out."""
+    decomposed = unicodedata.normalize("NFKD", message.replace("ß", "ss").replace("ẞ", "SS"))
+    return decomposed.encode("ascii", "ignore").decode("ascii")
 
 
 def check_message(

@@ -78,8 +78,7 @@ class StopPolicy:
                 f"{step.revision} started: it and the revisions after it did not run; the "
                 "next run goes on from there"
             )
-            log.warning("%s", message)
-            raise Incomplete(step.revision, message)
+            raise Incomplete(step.revision, message)  # told once, as a stop, by dm's CLI
 
     def step_starts(self) -> None:
         """Note that a step starts now (its own ``max_runtime`` counts from here)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -324,9 +326,16 @@ class BatchLog:
     rows: Counter[int] = field(default_factory=Counter)
     batches: int = 0
     interrupted: bool = False
+    report: Callable[[str], None] | None = None
+    """Told every ``REPORT_EVERY`` seconds how far a long loop got, and why it is long."""
+    _size: int | None = None
+    _reported: float = field(default_factory=time.monotonic)
+
+    REPORT_EVERY = 10.0
 
     def probe(self, size: int | None) -> Probe:
         """Return the probe that fills this log (and interrupts, if asked)."""
+        self._size = size
         return Probe(size=size, committed=self._committed)
 
     def _committed(self, context: RunUnit, checkpoint: Mapping[str, Any], rows: int) -> None:
@@ -334,6 +343,14 @@ class BatchLog:
             return
         self.rows[int(checkpoint["loop"])] += rows
         self.batches += 1
+        if self.report is not None and time.monotonic() - self._reported >= self.REPORT_EVERY:
+            self._reported = time.monotonic()
+            size = "its own batch size" if self._size is None else f"{self._size} row(s)"
+            self.report(
+                f"{self.revision}: {self.batches:,} batches, {sum(self.rows.values()):,} rows so "
+                f"far, at {size} per batch (dm_batch_size): many seeded rows at a small batch "
+                "size take long; raise dm_batch_size"
+            )
         if self.interrupt and not self.interrupted and rows:
             self.interrupted = True
             raise Interruption(
@@ -344,6 +361,11 @@ class BatchLog:
 # -- fresh databases -------------------------------------------------------------------------------
 
 
+# The start of each test database's name: --dm-database-url servers may allow only a prefix.
+DEFAULT_PREFIX = "dm_test_"
+_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
 class Databases:
     """Fresh databases for one test, removed by :meth:`drop_all`.
 
@@ -352,21 +374,43 @@ class Databases:
         created there (``CREATE DATABASE``) and dropped afterwards. None: SQLite files.
     """
 
-    def __init__(self, directory: Path, server_url: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        server_url: str | None = None,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        prepare: Callable[[str], None] | None = None,
+    ) -> None:
+        """:param prefix: the start of each database's name (shared servers often let a
+            test user create only databases whose names start with a given prefix).
+        :param prepare: called with each new database's URL before it is handed out, e.g.
+            to bring the application's schema to a revision (``requires_schema``)."""
+        if not _PREFIX.fullmatch(prefix):
+            raise UsageError(
+                f"dm_database_prefix {prefix!r}: use lower-case letters, digits and _ "
+                "(at most 40), starting with a letter"
+            )
         self.directory = directory
         self.server_url = server_url
+        self.prefix = prefix
+        self.prepare = prepare
         self._created: list[str] = []
 
     def create(self) -> str:
-        """Create an empty database; return its URL."""
-        name = f"dm_test_{uuid.uuid4().hex[:12]}"
+        """Create an empty database (then ``prepare`` it); return its URL."""
+        name = f"{self.prefix}{uuid.uuid4().hex[:12]}"
         if self.server_url is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            return f"sqlite:///{self.directory / f'{name}.sqlite3'}"
-        url = self._server().set(database=name)
-        blocking(self._admin, f'CREATE DATABASE "{name}"')
-        self._created.append(name)
-        return url.render_as_string(hide_password=False)
+            made = f"sqlite:///{self.directory / f'{name}.sqlite3'}"
+        else:
+            url = self._server().set(database=name)
+            blocking(self._admin, f'CREATE DATABASE "{name}"')
+            self._created.append(name)
+            made = url.render_as_string(hide_password=False)
+        if self.prepare is not None:
+            self.prepare(made)
+        return made
 
     def drop_all(self) -> None:
         """Drop every database :meth:`create` made on the server (SQLite files stay)."""
@@ -397,9 +441,15 @@ class Databases:
 
 
 @contextlib.contextmanager
-def databases(directory: Path, server_url: str | None = None) -> Iterator[Databases]:
+def databases(
+    directory: Path,
+    server_url: str | None = None,
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    prepare: Callable[[str], None] | None = None,
+) -> Iterator[Databases]:
     """Yield :class:`Databases`; drop what it created afterwards."""
-    made = Databases(directory, server_url)
+    made = Databases(directory, server_url, prefix=prefix, prepare=prepare)
     try:
         yield made
     finally:

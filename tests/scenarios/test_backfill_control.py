@@ -406,6 +406,10 @@ def test_max_runtime_between_transactional_revisions(project: Project) -> None:
     result = invoke(project, "upgrade", "--max-runtime", "0.5")
     assert result.exit_code == 5, result.stderr
     assert "before upgrade aaaa00000002 started" in result.stderr
+    # Told once, as a stop (exit 5 is asked for), not as an error.
+    assert result.stderr.count("before upgrade aaaa00000002 started") == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("dm: stopped: max runtime of 0.5s")
+    assert "error" not in result.stderr
     assert [row.rev for row in project.db.query("SELECT rev FROM ran")] == ["a"]
     assert invoke(project, "upgrade").exit_code == 0
     assert sorted(row.rev for row in project.db.query("SELECT rev FROM ran")) == ["a", "b"]
@@ -483,8 +487,16 @@ def test_cancel_settles_a_stopped_backfill_under_the_lock(project: Project, tmp_
     assert "recorded abandoned" in settled.stdout
     assert attempts(project) == ["stopped", "abandoned"]
     assert status(project)[REV]["state"] == "abandoned"
+    # What to do next is said: dm resume points to dm run; dm check names what it passes.
+    refused = invoke(project, "resume", REV)
+    assert refused.exit_code == 2 and f"to run it again from its first row: dm run {REV}" in (
+        refused.stderr
+    )
     assert run_dm(project, "upgrade").returncode == 0
     assert counts(project) == {1: done, 0: ROWS - done} and after_ran(project)
+    checked = invoke(project, "check")
+    assert checked.exit_code == 0, checked.stdout
+    assert f"abandoned by dm cancel --skip, not run again ({REV})" in checked.stdout
 
 
 @pytest.mark.process

@@ -2,7 +2,7 @@
 
 Every manifest under deploy/ and the rendered Helm chart are validated with
 ``kubernetes-validate`` in strict mode (unknown fields rejected); the Job, its Argo CD and
-Helm variants follow the README's exit-code table; the Dockerfile is hadolint-clean, pins
+Helm variants follow the exit-code table (docs/failures.md); the Dockerfile is hadolint-clean, pins
 its base by digest and installs from the hashed lock file. The image itself is built and
 run in test_image.py.
 """
@@ -79,9 +79,9 @@ def test_rendered_chart_validates_strictly(values: dict[str, Any], version: str)
 
 
 def _readme_pod_failure_rules() -> list[dict[str, Any]]:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "failures.md").read_text()
     block = re.search(r"```yaml\n(spec:\n  backoffLimit.+?)```", readme, re.S)
-    assert block, "README.md lost its podFailurePolicy example"
+    assert block, "docs/failures.md lost its podFailurePolicy example"
     rules: list[dict[str, Any]] = yaml.safe_load(block.group(1))["spec"]["podFailurePolicy"][
         "rules"
     ]
@@ -90,7 +90,7 @@ def _readme_pod_failure_rules() -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("variant", ["kubernetes", "argocd", "helm"])
 def test_job_follows_the_exit_code_contract(variant: str) -> None:
-    """podFailurePolicy as in the README (FailJob 1, 2, 4, 5; Count 3, 75, 143) plus an Ignore
+    """podFailurePolicy as in docs/failures.md (FailJob 1, 2, 4, 5; Count 3, 75, 143) plus an Ignore
     rule for disruptions; everything a pre-deploy Job needs around it."""
     job = job_resources()[variant]
     spec = job["spec"]

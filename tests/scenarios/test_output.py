@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import Project
+from conftest import pg_user
 from conftest import run_dm
 from conftest import run_in_process
 from conftest import spawn_dm
@@ -393,3 +394,19 @@ def test_info_inside_kubernetes_without_a_url(project: Project) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "database:    no database configured" in result.stdout
+
+
+def test_a_run_starts_by_naming_its_database_and_environment(project: Project) -> None:
+    """One INFO line: the database (password hidden) and the environment, and where each
+    came from, so that a run against the wrong database or environment shows at once."""
+    project.write("r1", None)
+    (project.root / ".env").write_text("DM_ENVIRONMENT=staging\n")
+    url = project.db.url
+    if project.db.kind == "postgresql":  # trust auth ignores the password
+        url = url.replace(f"//{pg_user()}@", f"//{pg_user()}:s3cret-pw@", 1)
+    result = run_in_process(project, "upgrade", env={"DM_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert "s3cret-pw" not in result.stderr
+    assert " INFO  database " in first and "(from DM_DATABASE_URL)" in first
+    assert f"environment staging (from DM_ENVIRONMENT in {project.root / '.env'})" in first

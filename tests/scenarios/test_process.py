@@ -122,6 +122,7 @@ def test_signal_mid_revision_rolls_back_records_and_frees_the_lock(
     assert chain.side_tables() == {"r00", "r01"}
     last = project.db.tracker()[-1]
     assert (last.revision, last.status, last.reason) == ("r02", "failed", "interrupted")
+    assert last.error_traceback is None  # a stop dm caused: no traceback of dm's own frames
     assert "r03" not in {r.revision for r in project.db.tracker()}
     assert_lock_free(project)  # and that run applies r02 and r03
     assert chain.rows() == Counter(dict.fromkeys(chain.revisions, 3))

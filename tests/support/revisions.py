@@ -38,6 +38,16 @@ _ASYNC_UPGRADE = "async def upgrade(session):\n    pass\n"
 # Each case is added to a project that already holds the valid revision ``base0001``.
 BAD_REVISION_FILES = [
     BadFiles(
+        "no-down-revision",
+        {"no_down.py": "revision = 'bad10001'\n" + _ASYNC_UPGRADE},
+        ("no_down.py: no down_revision at module level", "down_revision = None"),
+    ),
+    BadFiles(
+        "no-revision",
+        {"no_rev.py": "down_revision = 'base0001'\n" + _ASYNC_UPGRADE},
+        ("no_rev.py: no revision at module level",),
+    ),
+    BadFiles(
         "down-revision-not-an-id",
         {"int_down.py": "revision = 'bad10001'\ndown_revision = 5\n" + _ASYNC_UPGRADE},
         ("int_down.py", "down_revision must be None, a revision id or a tuple of them, not 5"),

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -832,3 +833,74 @@ def test_help(name: str | None) -> None:
     assert result.stdout.startswith("Usage: ")
     if name is not None:
         assert f" {name} " in result.stdout.splitlines()[0]
+
+
+def test_init_ignores_the_embedded_database_and_names_files_by_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`git status` stays clean after a first run, and `ls` lists revisions in creation order."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".gitignore").write_text("*.pyc")
+    result = ok(_bare_invoke("init", "."))
+    assert "ignored the embedded database dm.sqlite3 in .gitignore" in result.stdout
+    assert (tmp_path / ".gitignore").read_text().splitlines() == [
+        "*.pyc",
+        "# dm's embedded database (dm init)",
+        "/dm.sqlite3*",
+    ]
+    ok(_bare_invoke("revision", "-m", "first change"))
+    (name,) = (p.name for p in (tmp_path / "data_migrations" / "versions").glob("*.py"))
+    assert re.fullmatch(r"\d{8}_\d{6}_[0-9a-f]{12}_first_change\.py", name), name
+    ok(_bare_invoke("upgrade"))
+    assert (tmp_path / "dm.sqlite3").exists()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "dm.sqlite3" not in status and "alembic.ini" in status
+
+
+def test_show_lists_the_attributes_dm_reads(project: Project) -> None:
+    project.write(
+        "a1b2c3",
+        None,
+        extra="""
+        transactional = False
+        environments = ("staging",)
+        max_runtime = 60
+        blocks_deploy = False
+        idempotent = True
+        """,
+    )
+    lines = ok(invoke(project, "show", "a1b")).stdout.splitlines()
+    for line in (
+        "transactional: False",
+        "environments: ('staging',)",
+        "timeout: None (DM_TIMEOUT)",
+        "max_runtime: 60.0",
+        "blocks_deploy: False",
+        "requires_schema: None",
+        "requires_complete: None",
+        "idempotent: True",
+    ):
+        assert line in lines, (line, lines)
+    shown = as_json(invoke(project, "show", "a1b", "--json"))
+    assert shown["attributes"]["environments"] == ["staging"]
+
+
+def test_status_of_one_revision_shows_its_attempts(project: Project) -> None:
+    project.write("a1", None)
+    project.write("b2", "a1", "raise RuntimeError('boom')")
+    invoke(project, "upgrade")
+    invoke(project, "upgrade")
+    result = ok(invoke(project, "status", "b2"))
+    table, attempts = result.stdout.split("\n\n", 1)
+    assert [line.split()[0] for line in table.splitlines()] == ["REVISION", "b2"]
+    assert attempts.count("upgrade failed") == 2 and "error: RuntimeError: boom" in attempts
+    assert "Traceback" not in attempts and "dm log b2 shows the tracebacks" in attempts
+    found = as_json(invoke(project, "status", "a1", "--json"))
+    assert found["status"]["state"] == "applied" and len(found["attempts"]) == 1

@@ -65,12 +65,19 @@ def test_long_messages_are_truncated_like_alembic() -> None:
         ("a/b/c", "path separator"),
         ("..\\evil", "path separator"),
         ("!!!", "at least one letter"),
-        ("café crème", "ASCII"),
+        ("проверка данных", "ASCII"),  # no ASCII spelling
     ],
 )
 def test_bad_messages_are_refused(message: str, error: str) -> None:
     with pytest.raises(UsageError, match=error):
         check_message(message)
+
+
+def test_non_ascii_messages_are_spelt_in_ascii() -> None:
+    assert check_message("überprüfen Kunden") == "uberprufen_kunden"
+    assert check_message("Größe ändern, café crème") == "grosse_andern_cafe_creme"
+    with pytest.raises(UsageError, match="same slug 'uberprufen_kunden'"):
+        check_message("Überprüfen kunden", ["uberprufen KUNDEN"])
 
 
 def test_duplicate_slugs_are_refused_unless_allowed() -> None:

@@ -46,7 +46,7 @@ def test_second_run_waits_for_the_first_then_finds_the_work_done(
 
     wait_for(lambda: WAITING in second.stderr() or not second.running(), timeout=30)
     assert second.running(), second.stderr()
-    holder = "dm:pod-a" if project.db.kind == "postgresql" else f"pid {first.pid}"
+    holder = "dm on pod-a" if project.db.kind == "postgresql" else f"pid {first.pid}"
     assert holder in second.stderr()
 
     chain.release()
@@ -73,8 +73,8 @@ def test_lock_timeout_exits_3_and_names_the_holder(project: Project, spawn: Spaw
     assert error.startswith("dm: error: migration lock")
     assert "not acquired within 2s" in error
     if project.db.kind == "postgresql":
-        assert "dm:pod-a" in error
-        assert f"pid {advisory_locks(project)[0]}" in error  # the holder's backend
+        assert "(dm on pod-a, " in error  # the holder's pod (DM_POD_NAME) or host
+        assert f"backend pid {advisory_locks(project)[0]} " in error  # the holder's backend
     else:
         assert f"pid {first.pid} on " in error
     assert {r.pod_name for r in project.db.tracker()} == {"pod-a"}  # pod-b wrote nothing
@@ -120,7 +120,7 @@ def test_lock_held_by_another_session_times_out_naming_it(project: Project) -> N
     code, stderr, holder_pid = asyncio.run(scenario())
 
     assert code == 3, stderr
-    assert f"held by pid {holder_pid} (maintenance-script" in stderr
+    assert f"held by backend pid {holder_pid} (maintenance-script" in stderr
     assert "upgrade r00" not in stderr  # nothing ran
     # The holder's session ended, so the lock is free and the next run applies everything.
     assert_lock_free(project)

@@ -153,7 +153,7 @@ async def verify(session):
     return await session.scalar(sa.text("SELECT count(*) FROM items WHERE name = 'demo'")) == 0
 '''
 
-# The README's conftest.py for the example project: rows seeded right before the backfill.
+# docs/testing.md's conftest.py for the example project: rows seeded right before the backfill.
 EXAMPLE_CONFTEST = '''\
 """dm's pytest plugin: `pytest --dm` runs its built-in tests on data_migrations/."""
 
@@ -185,7 +185,7 @@ GOOD = {"a0_tables": TABLES, "b0_items": ITEMS, "c0_ledger": LEDGER, "d0_cleanup
 
 
 def make_project(pytester: pytest.Pytester, revisions: dict[str, str]) -> Path:
-    """A dm project (``dm init``) with ``revisions`` and the README's conftest.py."""
+    """A dm project (``dm init``) with ``revisions`` and docs/testing.md's conftest.py."""
     command.init(pytester.path)
     versions = pytester.path / "data_migrations" / "versions"
     for name, text in revisions.items():
@@ -463,13 +463,13 @@ def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester
     )
     (pytester.path / "tests").mkdir()
     (pytester.path / "tests" / "conftest.py").write_text(EXAMPLE_CONFTEST)
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "testing.md").read_text()
     start = readme.index("def test_backfill_names_a_seeded_user")
     (pytester.path / "tests" / "test_readme.py").write_text(
         readme[start : readme.index("```", start)]
     )
     result = pytester.runpytest("--dm", "-rA", "tests")
-    result.assert_outcomes(passed=8)  # the built-in tests and the README's own test
+    result.assert_outcomes(passed=8)  # the built-in tests and the manual's own test
     # The seeded users made the backfill's resume test span several batches.
     result.stdout.fnmatch_lines(
         ["*94fea9b2a5d5*Interruption: interrupted by the test after the first committed batch*"]
@@ -477,5 +477,135 @@ def test_the_example_project_passes_every_builtin_test(pytester: pytest.Pytester
 
 
 def test_readme_conftest_is_the_one_tested() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "testing.md").read_text()
     assert EXAMPLE_CONFTEST in readme
+
+
+# -- configuration however it is given -------------------------------------------------------------
+
+OVERRIDE = '''
+import pytest
+
+from dm.pytest_plugin import DmTestConfig
+
+
+@pytest.fixture
+def dm_test_config() -> DmTestConfig:
+    return DmTestConfig(seeds={})
+'''
+
+
+def test_ini_keys_apply_when_the_conftest_overrides_dm_test_config(
+    pytester: pytest.Pytester,
+) -> None:
+    """The docs' conftest overrides the fixture: the ini keys still fill what it leaves."""
+    one_way = ITEMS.replace("async def downgrade(session):", "async def _not_downgrade(session):")
+    make_project(pytester, {**GOOD, "b0_items": one_way})
+    (pytester.path / "tests" / "conftest.py").write_text(CONFTEST + OVERRIDE)
+    pytester.makeini("[pytest]\ndm_minimum_downgrade_revision = b0000000000b\n")
+    result = pytester.runpytest("--dm", "-k", "up_down_up")
+    result.assert_outcomes(passed=1, deselected=6)
+
+
+def test_a_value_the_fixture_sets_wins_over_the_ini_key(pytester: pytest.Pytester) -> None:
+    from dm.pytest_plugin import DmTestConfig
+    from dm.pytest_plugin import with_ini
+
+    pytester.makeini(
+        "[pytest]\ndm_batch_size = 500\ndm_skip_revisions = r1 r2\ndm_environments = qa\n"
+    )
+    config = pytester.parseconfig()
+    merged = with_ini(DmTestConfig(seeds={"r3": "SELECT 1"}, environments=("demo",)), config)
+    assert merged.batch_size == 500 and merged.skip_revisions == ("r1", "r2")
+    assert merged.environments == ("demo",) and merged.seeds == {"r3": "SELECT 1"}
+    assert with_ini(DmTestConfig(batch_size=20), config).batch_size == 20
+
+
+PREPARE = '''
+import pytest
+import sqlalchemy as sa
+
+
+@pytest.fixture
+def dm_prepare_database():
+    """The application's schema, as its Alembic upgrade would make it."""
+
+    def prepare(url: str) -> None:
+        engine = sa.create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE app_users (id INTEGER PRIMARY KEY)"))
+        engine.dispose()
+
+    return prepare
+'''
+
+NEEDS_APP_SCHEMA = '''\
+"""Fill the application's table"""
+import sqlalchemy as sa
+
+revision = "e0000000000e"
+down_revision = None
+
+
+async def upgrade(session):
+    await session.execute(sa.text("INSERT INTO app_users (id) VALUES (1)"))
+
+
+async def downgrade(session):
+    await session.execute(sa.text("DELETE FROM app_users"))
+'''
+
+
+def test_dm_prepare_database_brings_each_test_database_to_the_application_schema(
+    pytester: pytest.Pytester,
+) -> None:
+    make_project(pytester, {"e0_needs_app": NEEDS_APP_SCHEMA})
+    result = pytester.runpytest("--dm", "-k", "upgrade_from_base or up_down_up")
+    result.assert_outcomes(failed=2, deselected=5)  # no app_users table without the hook
+    (pytester.path / "tests" / "conftest.py").write_text(CONFTEST + PREPARE)
+    result = pytester.runpytest("--dm", "-k", "upgrade_from_base or up_down_up")
+    result.assert_outcomes(passed=2, deselected=5)
+
+
+def test_test_databases_take_the_prefix(tmp_path: Path) -> None:
+    from dm.errors import UsageError
+    from dm.testing import databases
+
+    prepared: list[str] = []
+    with databases(tmp_path, prefix="ci_42_", prepare=prepared.append) as made:
+        url = made.create()
+    assert Path(url.removeprefix("sqlite:///")).name.startswith("ci_42_")
+    assert prepared == [url]
+    with pytest.raises(UsageError, match="dm_database_prefix 'CI-42'"):
+        databases(tmp_path, prefix="CI-42").__enter__()
+
+
+@pytest.mark.postgres
+def test_postgresql_test_databases_take_the_prefix(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from dm.testing import databases
+
+    server = f"postgresql://{pg_user()}@{PG_HOST}:{PG_PORT}/postgres"
+    with databases(tmp_path, server, prefix="team_a_") as made:
+        url = sa.make_url(made.create())
+        assert url.database is not None and url.database.startswith("team_a_")
+
+
+def test_the_resume_test_says_how_far_it_got_and_why_it_is_long(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume test over many seeded rows at 1 row per batch runs for minutes: it says so
+    while it runs (every 10 s; here at each batch), not only at the end."""
+    from dm.testing import BatchLog
+
+    monkeypatch.setattr(BatchLog, "REPORT_EVERY", 0.0)
+    make_project(pytester, GOOD)
+    result = pytester.runpytest("--dm", "-k", "resume")
+    result.assert_outcomes(passed=1, deselected=6)
+    result.stdout.fnmatch_lines(
+        [
+            "dm: c0000000000c: * batches, * rows so far, at 1 row(s) per batch (dm_batch_size): "
+            "many seeded rows at a small batch size take long; raise dm_batch_size"
+        ]
+    )

@@ -4,8 +4,9 @@
 script_location = %(here)s/data_migrations
 prepend_sys_path = %(here)s
 path_separator = os
-# Files are named <date>_<rev>_<slug>.py so `ls` shows them in creation order.
-file_template = %%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s
+# Files are named <date>_<time>_<rev>_<slug>.py (local time), so `ls` lists them in
+# creation order; the order they run in is the down_revision chain (`dm history`).
+file_template = %%(year)d%%(month).2d%%(day).2d_%%(hour).2d%%(minute).2d%%(second).2d_%%(rev)s_%%(slug)s
 truncate_slug_length = 40
 
 # The database. DM_DATABASE_URL, then DATABASE_URL, win over this value; when all are
