@@ -782,8 +782,12 @@ def _ignore_embedded_database(directory: Path) -> str | None:
     entry = f"# dm's embedded database (dm init)\n{_EMBEDDED_DATABASE_PATTERN}\n"
     if path.exists() or path.is_symlink():
         separator = "\n" if existing and not existing.endswith("\n") else ""
+        from .files import append_regular
+
         append_regular(path, separator + entry)  # never through a link (dm.files)
     else:
+        from .files import write_new
+
         write_new(path, entry)
     return display_path(path)
 
