@@ -98,9 +98,9 @@ class Invocation:
 
     def scrub(self, text: str) -> str:
         """Return ``text`` with every URL masked and every known secret removed."""
-        from .urls import mask_urls_in
+        from .redaction import scrub
 
-        return mask_urls_in(text, self.secrets)
+        return scrub(text, self.secrets)
 
 
 pass_invocation = click.make_pass_decorator(Invocation)
@@ -179,10 +179,10 @@ class DmGroup(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
-    from .urls import mask_urls_in
+    from .redaction import scrub as scrub_text
 
     invocation = ctx.find_object(Invocation)
-    scrub = invocation.scrub if invocation is not None else mask_urls_in
+    scrub = invocation.scrub if invocation is not None else scrub_text
     trace = None
     if invocation is not None and invocation.verbose:
         trace = scrub("".join(traceback.format_exception(exc)).rstrip())
@@ -295,16 +295,18 @@ def main(
     """Run data migrations and maintenance scripts the way Alembic runs schema revisions."""
     from . import log
     from . import progress
-    from .urls import mask_urls_in
+    from .redaction import register
+    from .redaction import scrub
     from .urls import secrets_of
 
     secrets = [database_url, *secrets_of(database_url)] if database_url else []
+    register(secrets)
     invocation = Invocation(
         config_file, section, database_url, verbose, log_format, secrets=secrets
     )
     ctx.obj = invocation
     log.configure(
-        verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=mask_urls_in
+        verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=scrub
     )
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
 

@@ -161,10 +161,28 @@ def dm_databases(pytestconfig: pytest.Config, tmp_path: Path) -> Iterator[Databa
         yield made
 
 
+class SecretUrl(str):
+    """A database URL whose ``repr`` (what pytest shows of a failing test's arguments and
+    assertions) has its password masked; ``str`` and every string operation see the URL."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        from .redaction import scrub
+
+        return repr(scrub(str(self)))
+
+
 @pytest.fixture
 def dm_database_url(dm_databases: Databases) -> str:
-    """Return the URL of a fresh, empty database for the test."""
-    return dm_databases.create()
+    """Return the URL of a fresh, empty database for the test (its password masked in
+    pytest's reports and in dm's output)."""
+    from .redaction import register
+    from .urls import secrets_of
+
+    url = dm_databases.create()
+    register(secrets_of(url))
+    return SecretUrl(url)
 
 
 @pytest.fixture
@@ -192,6 +210,7 @@ def dm_test_config(pytestconfig: pytest.Config) -> DmTestConfig:
 
 __all__ = [
     "DmBuiltins",
+    "SecretUrl",
     "DmTestConfig",
     "dm_config",
     "dm_database_url",

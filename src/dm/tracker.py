@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .errors import ConfigError
 from .errors import LockTimeout
 from .errors import TrackerDamaged
+from .redaction import stored
 from .state import RESUMABLE
 from .state import TRANSITIONS as TRANSITIONS
 from .state import UNFINISHED
@@ -489,7 +490,7 @@ class Tracker:
                 started_at=as_utc(row.started_at),
                 finished_at=as_utc(row.finished_at),
                 duration_ms=row.duration_ms,
-                error_message=row.error_message,
+                error_message=stored(row.error_message),
                 reason=row.reason,
                 run_by=row.run_by,
                 pod_name=row.pod_name,
@@ -549,7 +550,7 @@ class Tracker:
                 started_at=as_utc(row.started_at),
                 finished_at=as_utc(row.finished_at),
                 duration_ms=None,
-                error_message=row.error,
+                error_message=stored(row.error),
                 reason=None,
                 run_by=None,
                 pod_name=None,

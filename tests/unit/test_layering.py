@@ -44,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "log",
         "progress",
         "pooler",
+        "redaction",
         "signals",
         "transient",
         "urls",
@@ -83,6 +84,7 @@ ALLOWED: dict[str, set[str]] = {
         "tracker",
         "recording",  # the wording of a settled request (Request.describe)
         "unit",  # dm verify runs check_verify
+        "redaction",  # stored error text is scrubbed again before it is shown
     },
     "alembic_env": {
         "_alembic_compat",
@@ -97,6 +99,7 @@ ALLOWED: dict[str, set[str]] = {
         "signals",
         "tracker",
         "urls",
+        "redaction",  # one redaction rule for dm's log lines and Alembic's FAILED line
     },
     "shared": {"errors", "lock", "recording", "runner", "runtime", "settings"},
     "runner": {
@@ -107,26 +110,27 @@ ALLOWED: dict[str, set[str]] = {
     "unit": {"batching", "errors", "graph", "hooks", "planning", "recording", "stops"},
     "stops": {"errors", "planning", "recording", "tracker"},
     "lock_retries": {"planning"},
-    "recording": {"errors", "fence", "graph", "planning", "tracker"},
+    "recording": {"errors", "fence", "graph", "planning", "redaction", "tracker"},
     "fence": {"errors", "tracker"},
     "watchdog": {"db", "errors", "recording", "tracker", "urls"},
     "graph": {"_alembic_compat", "errors"},
     "_alembic_compat": set(),
-    "tracker": {"errors", "state"},
+    "tracker": {"errors", "redaction", "state"},
     "state": set(),
     "lock": {"db", "pooler", "tracker", "errors"},
     "db": {"pooler", "urls", "errors", "transient"},
     "pooler": {"errors", "transient"},
     "transient": set(),
-    "settings": {"urls", "errors"},
+    "settings": {"redaction", "urls", "errors"},
     "urls": {"errors"},
+    "redaction": {"urls"},
     "signals": {"errors", "watchdog"},
     "log": set(),
     "testing": {
         *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
         *("operations", "runtime", "settings", "urls"),
     },
-    "pytest_plugin": {"pytest_builtins", "testing"},
+    "pytest_plugin": {"pytest_builtins", "redaction", "testing", "urls"},
     "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": set(),
