@@ -173,6 +173,15 @@ class SecretUrl(str):
         return repr(scrub(str(self)))
 
 
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Compare a :class:`SecretUrl` without pytest's diff, which shows the password."""
+    if not (isinstance(left, SecretUrl) or isinstance(right, SecretUrl)):
+        return None
+    from .redaction import scrub
+
+    return [scrub(f"{left!r} {op} {right!r}"), "(the database URL's password is masked)"]
+
+
 @pytest.fixture
 def dm_database_url(dm_databases: Databases) -> str:
     """Return the URL of a fresh, empty database for the test (its password masked in
