@@ -35,6 +35,7 @@ from .errors import RevisionFailed
 from .errors import TransientFailure
 from .errors import describe_error
 from .pooler import pooler_problem
+from .privileges import privilege_problem
 from .transient import is_transient
 
 if TYPE_CHECKING:
@@ -166,6 +167,9 @@ class DmGroup(click.Group):
             problem = pooler_problem(exc)  # e.g. a prepared statement met through PgBouncer
             if problem is not None:
                 _fail(ctx, str(problem), problem.exit_code, exc)
+            denied = privilege_problem(exc)  # the role lacks a grant: a configuration problem
+            if denied is not None:
+                _fail(ctx, str(denied), denied.exit_code, exc)
             if is_transient(exc):  # e.g. the connection died between two revisions
                 failure = TransientFailure(f"transient database failure: {describe_error(exc)}")
                 _fail(ctx, f"{failure} (a retry may succeed)", failure.exit_code, exc)

@@ -99,9 +99,31 @@ def _lock_settings(version: tuple[int | str, ...]) -> str:
 
 
 def lock_key(tracker: Tracker) -> int:
-    """Return the signed 64-bit advisory lock key of ``tracker``'s schema and table."""
-    digest = hashlib.sha256(f"dm:{tracker.qualified_name}".encode()).digest()
+    """Return the signed 64-bit advisory lock key of ``tracker``'s table as the server
+    resolves it (``resolve_relation``; the configured name until it is resolved)."""
+    name = tracker.relation or tracker.qualified_name
+    digest = hashlib.sha256(f"dm:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+_RESOLVE = sa.text(
+    "SELECT current_database() AS db, coalesce(CAST(:schema AS text), (SELECT n.nspname "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = to_regclass(quote_ident(CAST(:table AS text)))), current_schema()) AS schema"
+)
+
+
+async def resolve_relation(conn: AsyncConnection, tracker: Tracker) -> str:
+    """Resolve ``tracker``'s table as the server sees it on ``conn``: its database, its
+    schema (the configured one; else where ``search_path`` finds the table, or would create
+    it) and its name. Two configurations naming one table differently (``search_path``
+    versus ``DM_TRACKER_SCHEMA``) thus take one lock. Read-only; runs in the connection's
+    transaction (or begins one, which the caller ends)."""
+    if tracker.relation is None:
+        params = {"schema": tracker.schema, "table": tracker.name}
+        row = (await conn.execute(_RESOLVE, params)).one()
+        tracker.relation = f"{row.db}.{row.schema}.{tracker.name}"
+    return tracker.relation
 
 
 @contextlib.asynccontextmanager
@@ -122,6 +144,8 @@ async def migration_lock(
         block was cancelled.
     """
     if url.get_backend_name() == "postgresql":
+        if tracker.relation is None:  # resolved where the lock connection points
+            await _resolve_on(url, tracker, connect_retry)
         key = lock_key(tracker)
         async with _advisory_lock(url, key, timeout, application_name, connect_retry):
             yield
@@ -142,8 +166,21 @@ async def current_holder(url: URL, tracker: Tracker) -> str | None:
 
     engine = _lock_engine(url, "dm:info")
     try:
-        async with connect(engine) as conn:
+        async with connect(engine) as conn, conn.begin():
+            await resolve_relation(conn, tracker)
             return await _pg_holder(conn, lock_key(tracker))
+    finally:
+        await engine.dispose()
+
+
+async def _resolve_on(url: URL, tracker: Tracker, connect_retry: float) -> None:
+    """Resolve ``tracker``'s relation on a short-lived connection of ``url``."""
+    from .db import connect
+
+    engine = _lock_engine(url, "dm:lock")
+    try:
+        async with connect(engine, retry_seconds=connect_retry) as conn, conn.begin():
+            await resolve_relation(conn, tracker)
     finally:
         await engine.dispose()
 
@@ -430,6 +467,7 @@ async def lock_on_connection(
 
     :raises LockTimeout: another run held the lock for ``timeout`` seconds.
     """
+    await resolve_relation(conn, tracker)
     key = lock_key(tracker)
     function = "pg_try_advisory_xact_lock" if joined else "pg_try_advisory_lock"
     # Not joined: commit each try's autobegun transaction; a session lock outlives it.

@@ -227,6 +227,9 @@ class Tracker:
     def __init__(self, table: str = "script_run_tracker", schema: str | None = None) -> None:
         self.name = table
         self.schema = schema
+        self.relation: str | None = None
+        """``database.schema.table`` as the server resolves it, once known (PostgreSQL):
+        the migration lock's key (``dm.lock.resolve_relation``)."""
         self.metadata = sa.MetaData(schema=schema)
         big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
         self.table = sa.Table(
@@ -371,7 +374,10 @@ class Tracker:
             await conn.run_sync(self._ensure_sync)
 
     def _ensure_sync(self, sync: sa.Connection) -> None:
-        if self.schema and sync.dialect.name == "postgresql":
+        postgres = sync.dialect.name == "postgresql"
+        if self.schema and postgres and not sa.inspect(sync).has_schema(self.schema):
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database
+            # even when the schema exists, a right the migration role need not have.
             # SQLAlchemy 2.0.30, the lowest supported, leaves these DDL calls unannotated.
             create = sa.schema.CreateSchema(self.schema, if_not_exists=True)  # type: ignore[no-untyped-call, unused-ignore]
             sync.execute(create)

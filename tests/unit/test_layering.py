@@ -44,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "log",
         "progress",
         "pooler",
+        "privileges",
         "redaction",
         "signals",
         "transient",
@@ -124,6 +125,7 @@ ALLOWED: dict[str, set[str]] = {
     "settings": {"redaction", "urls", "errors"},
     "urls": {"errors"},
     "redaction": {"urls"},
+    "privileges": {"errors", "transient"},
     "signals": {"errors", "watchdog"},
     "log": set(),
     "testing": {
