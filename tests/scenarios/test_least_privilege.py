@@ -204,7 +204,9 @@ def test_two_names_for_one_tracker_take_one_lock(project: Project, tmp_path: Pat
     project.db.query(f"CREATE SCHEMA {SCHEMA}")
     project.db.query("CREATE TABLE people (email TEXT PRIMARY KEY)")
     files = f"STARTED = {str(tmp_path / 'started')!r}\nGO = {str(tmp_path / 'go')!r}\n"
-    wait = (
+    wait = (  # a second run inside it at the same time fails at once, instead of waiting
+        "if Path(STARTED).exists():\n"
+        "    raise RuntimeError('two runs at once')\n"
         "Path(STARTED).touch()\n"
         "while not Path(GO).exists():\n"
         "    await asyncio.sleep(0.02)\n"
