@@ -147,7 +147,10 @@ async def migration_lock(
         if tracker.relation is None:  # resolved where the lock connection points
             await _resolve_on(url, tracker, connect_retry)
         key = lock_key(tracker)
-        async with _advisory_lock(url, key, timeout, application_name, connect_retry):
+        database = tracker.relation.rsplit(".", 2)[0] if tracker.relation else None
+        async with _advisory_lock(
+            url, key, timeout, application_name, connect_retry, database=database
+        ):
             yield
     else:
         async with _file_lock(_sqlite_lock_path(url, tracker), timeout):
@@ -205,11 +208,28 @@ def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
 
 @contextlib.asynccontextmanager
 async def _advisory_lock(
-    url: URL, key: int, timeout: float, application_name: str, connect_retry: float
+    url: URL,
+    key: int,
+    timeout: float,
+    application_name: str,
+    connect_retry: float,
+    *,
+    database: str | None = None,
 ) -> AsyncIterator[None]:
+    """:param database: the tracker's database: the lock connection must be in it (an
+        advisory lock excludes only sessions of its own database)."""
     engine = _lock_engine(url, application_name)
     try:
         conn = await _pg_wait(engine, key, timeout, connect_retry)
+        if database is not None:
+            found = (await conn.execute(sa.text("SELECT current_database()"))).scalar_one()
+            if found != database:
+                await _release(conn, rollback=True)
+                raise ConfigError(
+                    f"DM_LOCK_DATABASE_URL connects to database {found!r}, but the tracker "
+                    f"is in database {database!r}: the lock must be taken in the tracker's "
+                    "database (an advisory lock excludes only sessions of its own database)"
+                )
         log.debug("migration lock %s acquired", key)
         owner = asyncio.current_task()
         assert owner is not None
