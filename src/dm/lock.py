@@ -220,16 +220,7 @@ async def _advisory_lock(
         advisory lock excludes only sessions of its own database)."""
     engine = _lock_engine(url, application_name)
     try:
-        conn = await _pg_wait(engine, key, timeout, connect_retry)
-        if database is not None:
-            found = (await conn.execute(sa.text("SELECT current_database()"))).scalar_one()
-            if found != database:
-                await _release(conn, rollback=True)
-                raise ConfigError(
-                    f"DM_LOCK_DATABASE_URL connects to database {found!r}, but the tracker "
-                    f"is in database {database!r}: the lock must be taken in the tracker's "
-                    "database (an advisory lock excludes only sessions of its own database)"
-                )
+        conn = await _pg_wait(engine, key, timeout, connect_retry, database)
         log.debug("migration lock %s acquired", key)
         owner = asyncio.current_task()
         assert owner is not None
@@ -263,7 +254,11 @@ async def _advisory_lock(
 
 
 async def _pg_wait(
-    engine: AsyncEngine, key: int, timeout: float, connect_retry: float
+    engine: AsyncEngine,
+    key: int,
+    timeout: float,
+    connect_retry: float,
+    database: str | None = None,
 ) -> AsyncConnection:
     """Try to take ``key`` until it is taken: return the connection whose open transaction
     holds it. Each try is a transaction on a connection of its own, closed when the lock
@@ -281,7 +276,7 @@ async def _pg_wait(
         outcome = _Try(taken=False)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), POOL_WAIT_MIN)):
-                if await _try(conn, key):
+                if await _try(conn, key, database):
                     held.append(conn)
                     outcome = _Try(taken=True)
                 elif report_due():
@@ -303,14 +298,23 @@ async def _pg_wait(
     return held[0]
 
 
-async def _try(conn: AsyncConnection, key: int) -> bool:
+async def _try(conn: AsyncConnection, key: int, database: str | None = None) -> bool:
     """Take ``key`` in the connection's (new) transaction if it is free; when taken, set
-    the lock transaction's settings, which also ends the statement's snapshot."""
-    taken = bool(
-        (
-            await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})
-        ).scalar_one()
-    )
+    the lock transaction's settings, which also ends the statement's snapshot.
+
+    :param database: the tracker's database, which the connection must be in (read by the
+        same statement).
+    :raises ConfigError: the connection is in another database.
+    """
+    query = "SELECT pg_try_advisory_xact_lock(:k), current_database()"
+    row = (await conn.execute(sa.text(query), {"k": key})).one()
+    taken, found = bool(row[0]), row[1]
+    if database is not None and found != database:
+        raise ConfigError(
+            f"DM_LOCK_DATABASE_URL connects to database {found!r}, but the tracker is in "
+            f"database {database!r}: the lock must be taken in the tracker's database (an "
+            "advisory lock excludes only sessions of its own database)"
+        )
     if taken:
         version = conn.dialect.server_version_info or (0,)
         await _simple(conn, _lock_settings(version))

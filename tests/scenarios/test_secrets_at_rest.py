@@ -90,6 +90,7 @@ def test_a_secret_in_an_exception_is_scrubbed_before_storing_and_before_printing
     assert PASSWORD not in shown and "Pw22at%21rest" not in shown
 
 
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)  # the same on both
 @pytest.mark.process
 def test_loggers_outside_dm_are_masked_in_text_logs(project: Project) -> None:
     url = "postgresql://app:Pw22logger@db.example/app"
@@ -124,6 +125,7 @@ def test_alembic_command_line_redacts_log_lines_and_the_failed_line(
     logging.getLogger("dm").handlers.clear()  # alembic_main configured dm's handler on capsys
 
 
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)  # the same on both
 def test_percent_encoded_password_in_the_ini_is_a_config_error_naming_the_key(
     project: Project,
 ) -> None:
@@ -138,6 +140,7 @@ def test_percent_encoded_password_in_the_ini_is_a_config_error_naming_the_key(
         assert "s3cr3t" not in ran.stderr and "internal error" not in ran.stderr
 
 
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)  # the same on both
 def test_database_url_file_and_its_lock_twin(project: Project, tmp_path: Path) -> None:
     secret = tmp_path / "secret-url"
     secret.write_text(project.db.url + "\n")
