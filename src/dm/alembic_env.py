@@ -57,13 +57,14 @@ def run(context: EnvironmentContext) -> None:
     """Execute the invoked Alembic command with dm's planner and runner."""
     from . import log as dm_log
     from . import shared
+    from .redaction import scrub
 
     if context.is_offline_mode():
         raise CommandError(
             "dm revisions are Python coroutines; offline --sql mode is not supported"
         )
     config = context.config
-    dm_log.configure()
+    dm_log.configure(scrub=scrub)  # settings register their secrets when they load
     given = config.attributes.get("connection")
     if given is not None and not shared.is_shareable(given):
         raise CommandError(
@@ -84,7 +85,7 @@ def run(context: EnvironmentContext) -> None:
             this_thread_only=given is not None and shared.is_thread_bound(given),
         )
     except DmError as exc:
-        raise CommandError(str(exc)) from exc
+        raise CommandError(scrub(str(exc))) from exc
 
 
 def _drive(
@@ -210,7 +211,9 @@ async def _plan(
         if verb == "downgrade":
             return planning.plan_downgrade(graph, target or "base", latest, environment)
     except DmError as exc:
-        raise CommandError(str(exc)) from None
+        from .redaction import scrub
+
+        raise CommandError(scrub(str(exc))) from None
     heads = graph.applied_heads(planning.applied_revisions(latest))
 
     def plan(sync_conn: Any) -> list[Any]:

@@ -36,6 +36,7 @@ from .errors import TransientFailure
 from .errors import describe_error
 from .pooler import pooler_problem
 from .printable import printable
+from .privileges import privilege_problem
 from .transient import is_transient
 
 if TYPE_CHECKING:
@@ -100,9 +101,9 @@ class Invocation:
 
     def scrub(self, text: str) -> str:
         """Return ``text`` with every URL masked and every known secret removed."""
-        from .urls import mask_urls_in
+        from .redaction import scrub
 
-        return mask_urls_in(text, self.secrets)
+        return scrub(text, self.secrets)
 
 
 pass_invocation = click.make_pass_decorator(Invocation)
@@ -191,6 +192,9 @@ class DmGroup(click.Group):
             problem = pooler_problem(exc)  # e.g. a prepared statement met through PgBouncer
             if problem is not None:
                 _fail(ctx, str(problem), problem.exit_code, exc)
+            denied = privilege_problem(exc)  # the role lacks a grant: a configuration problem
+            if denied is not None:
+                _fail(ctx, str(denied), denied.exit_code, exc)
             if is_transient(exc):  # e.g. the connection died between two revisions
                 failure = TransientFailure(f"transient database failure: {describe_error(exc)}")
                 _fail(ctx, f"{failure} (a retry may succeed)", failure.exit_code, exc)
@@ -204,10 +208,10 @@ class DmGroup(click.Group):
 
 
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
-    from .urls import mask_urls_in
+    from .redaction import scrub as scrub_text
 
     invocation = ctx.find_object(Invocation)
-    scrub = invocation.scrub if invocation is not None else mask_urls_in
+    scrub = invocation.scrub if invocation is not None else scrub_text
     trace = None
     if invocation is not None and invocation.verbose:
         trace = scrub("".join(traceback.format_exception(exc)).rstrip())
@@ -332,16 +336,18 @@ def main(
     """Run data migrations and maintenance scripts the way Alembic runs schema revisions."""
     from . import log
     from . import progress
-    from .urls import mask_urls_in
+    from .redaction import register
+    from .redaction import scrub
     from .urls import secrets_of
 
     secrets = [database_url, *secrets_of(database_url)] if database_url else []
+    register(secrets)
     invocation = Invocation(
         config_file, section, database_url, verbose, log_format, secrets=secrets
     )
     ctx.obj = invocation
     log.configure(
-        verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=mask_urls_in
+        verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=scrub
     )
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
     if x_arguments or "dm.alembic_context" in sys.modules:  # Alembic loads only when needed

@@ -94,7 +94,11 @@ def create_engine(
         connect_args["timeout"] = timeout or SQLITE_BUSY_TIMEOUT
     if autocommit:
         options["isolation_level"] = "AUTOCOMMIT"
-    engine = create_async_engine(url, poolclass=NullPool, connect_args=connect_args, **options)
+    # hide_parameters: a failing statement's bound values (row data) stay out of every
+    # error text, hence out of the tracker and the logs.
+    engine = create_async_engine(
+        url, poolclass=NullPool, connect_args=connect_args, hide_parameters=True, **options
+    )
     _configured_urls[engine.sync_engine] = configured
     if is_sqlite(url) and not autocommit:
         _emit_sqlite_begin(engine)

@@ -11,7 +11,8 @@
     │   ├── IrreversiblePlan       a downgrade path holds a revision without downgrade()
     │   ├── SchemaNotReady         the database lacks a schema revision a revision requires
     │   ├── DatabaseUnavailable    the database refused the login or does not exist
-    │   └── PoolerMisconfigured    a connection pooler needs a setting dm lacks
+    │   ├── PoolerMisconfigured    a connection pooler needs a setting dm lacks
+    │   └── PrivilegeMissing       the database role lacks a grant (dm.privileges)
     ├── RevisionFailed (1)         a revision's hook raised or verify() returned False
     │   └── TransientRevisionFailure (75)  it failed on a transient database error
     ├── TransientFailure (75)      a retry of the same run may succeed (EX_TEMPFAIL)

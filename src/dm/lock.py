@@ -100,9 +100,31 @@ def _lock_settings(version: tuple[int | str, ...]) -> str:
 
 
 def lock_key(tracker: Tracker) -> int:
-    """Return the signed 64-bit advisory lock key of ``tracker``'s schema and table."""
-    digest = hashlib.sha256(f"dm:{tracker.qualified_name}".encode()).digest()
+    """Return the signed 64-bit advisory lock key of ``tracker``'s table as the server
+    resolves it (``resolve_relation``; the configured name until it is resolved)."""
+    name = tracker.relation or tracker.qualified_name
+    digest = hashlib.sha256(f"dm:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
+
+
+_RESOLVE = sa.text(
+    "SELECT current_database() AS db, coalesce(CAST(:schema AS text), (SELECT n.nspname "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.oid = to_regclass(quote_ident(CAST(:table AS text)))), current_schema()) AS schema"
+)
+
+
+async def resolve_relation(conn: AsyncConnection, tracker: Tracker) -> str:
+    """Resolve ``tracker``'s table as the server sees it on ``conn``: its database, its
+    schema (the configured one; else where ``search_path`` finds the table, or would create
+    it) and its name. Two configurations naming one table differently (``search_path``
+    versus ``DM_TRACKER_SCHEMA``) thus take one lock. Read-only; runs in the connection's
+    transaction (or begins one, which the caller ends)."""
+    if tracker.relation is None:
+        params = {"schema": tracker.schema, "table": tracker.name}
+        row = (await conn.execute(_RESOLVE, params)).one()
+        tracker.relation = f"{row.db}.{row.schema}.{tracker.name}"
+    return tracker.relation
 
 
 @contextlib.asynccontextmanager
@@ -123,8 +145,13 @@ async def migration_lock(
         block was cancelled.
     """
     if url.get_backend_name() == "postgresql":
+        if tracker.relation is None:  # resolved where the lock connection points
+            await _resolve_on(url, tracker, connect_retry)
         key = lock_key(tracker)
-        async with _advisory_lock(url, key, timeout, application_name, connect_retry):
+        database = tracker.relation.rsplit(".", 2)[0] if tracker.relation else None
+        async with _advisory_lock(
+            url, key, timeout, application_name, connect_retry, database=database
+        ):
             yield
     else:
         async with _file_lock(_sqlite_lock_path(url, tracker), timeout):
@@ -143,8 +170,21 @@ async def current_holder(url: URL, tracker: Tracker) -> str | None:
 
     engine = _lock_engine(url, "dm:info")
     try:
-        async with connect(engine) as conn:
+        async with connect(engine) as conn, conn.begin():
+            await resolve_relation(conn, tracker)
             return await _pg_holder(conn, lock_key(tracker))
+    finally:
+        await engine.dispose()
+
+
+async def _resolve_on(url: URL, tracker: Tracker, connect_retry: float) -> None:
+    """Resolve ``tracker``'s relation on a short-lived connection of ``url``."""
+    from .db import connect
+
+    engine = _lock_engine(url, "dm:lock")
+    try:
+        async with connect(engine, retry_seconds=connect_retry) as conn, conn.begin():
+            await resolve_relation(conn, tracker)
     finally:
         await engine.dispose()
 
@@ -169,11 +209,19 @@ def _sqlite_lock_path(url: URL, tracker: Tracker) -> Path:
 
 @contextlib.asynccontextmanager
 async def _advisory_lock(
-    url: URL, key: int, timeout: float, application_name: str, connect_retry: float
+    url: URL,
+    key: int,
+    timeout: float,
+    application_name: str,
+    connect_retry: float,
+    *,
+    database: str | None = None,
 ) -> AsyncIterator[None]:
+    """:param database: the tracker's database: the lock connection must be in it (an
+        advisory lock excludes only sessions of its own database)."""
     engine = _lock_engine(url, application_name)
     try:
-        conn = await _pg_wait(engine, key, timeout, connect_retry)
+        conn = await _pg_wait(engine, key, timeout, connect_retry, database)
         log.debug("migration lock %s acquired", key)
         owner = asyncio.current_task()
         assert owner is not None
@@ -207,7 +255,11 @@ async def _advisory_lock(
 
 
 async def _pg_wait(
-    engine: AsyncEngine, key: int, timeout: float, connect_retry: float
+    engine: AsyncEngine,
+    key: int,
+    timeout: float,
+    connect_retry: float,
+    database: str | None = None,
 ) -> AsyncConnection:
     """Try to take ``key`` until it is taken: return the connection whose open transaction
     holds it. Each try is a transaction on a connection of its own, closed when the lock
@@ -225,7 +277,7 @@ async def _pg_wait(
         outcome = _Try(taken=False)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), POOL_WAIT_MIN)):
-                if await _try(conn, key):
+                if await _try(conn, key, database):
                     held.append(conn)
                     outcome = _Try(taken=True)
                 elif report_due():
@@ -247,14 +299,23 @@ async def _pg_wait(
     return held[0]
 
 
-async def _try(conn: AsyncConnection, key: int) -> bool:
+async def _try(conn: AsyncConnection, key: int, database: str | None = None) -> bool:
     """Take ``key`` in the connection's (new) transaction if it is free; when taken, set
-    the lock transaction's settings, which also ends the statement's snapshot."""
-    taken = bool(
-        (
-            await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})
-        ).scalar_one()
-    )
+    the lock transaction's settings, which also ends the statement's snapshot.
+
+    :param database: the tracker's database, which the connection must be in (read by the
+        same statement).
+    :raises ConfigError: the connection is in another database.
+    """
+    query = "SELECT pg_try_advisory_xact_lock(:k), current_database()"
+    row = (await conn.execute(sa.text(query), {"k": key})).one()
+    taken, found = bool(row[0]), row[1]
+    if database is not None and found != database:
+        raise ConfigError(
+            f"DM_LOCK_DATABASE_URL connects to database {found!r}, but the tracker is in "
+            f"database {database!r}: the lock must be taken in the tracker's database (an "
+            "advisory lock excludes only sessions of its own database)"
+        )
     if taken:
         version = conn.dialect.server_version_info or (0,)
         await _simple(conn, _lock_settings(version))
@@ -434,6 +495,7 @@ async def lock_on_connection(
 
     :raises LockTimeout: another run held the lock for ``timeout`` seconds.
     """
+    await resolve_relation(conn, tracker)
     key = lock_key(tracker)
     function = "pg_try_advisory_xact_lock" if joined else "pg_try_advisory_lock"
     # Not joined: commit each try's autobegun transaction; a session lock outlives it.

@@ -140,10 +140,25 @@ def configure(
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-5s %(message)s"))
-    handler.addFilter(RedactingFilter(secrets or [], scrub))
+    redacting = RedactingFilter(secrets or [], scrub)
+    handler.addFilter(redacting)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    _redact_other_loggers(redacting)
+
+
+def _redact_other_loggers(redacting: RedactingFilter) -> None:
+    """Mask secrets in the records of loggers outside ``dm`` too (a revision's own, a
+    library's): they reach stderr through the root logger's handlers or Python's
+    last-resort handler."""
+    handlers = [*logging.getLogger().handlers, logging.lastResort]
+    for handler in handlers:
+        if handler is None:
+            continue
+        for old in [f for f in handler.filters if isinstance(f, RedactingFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(redacting)
 
 
 def add_secrets(secrets: Iterable[str]) -> None:

@@ -31,6 +31,7 @@ from .graph import Revision
 from .graph import display_path
 from .planning import Step
 from .recording import Request
+from .redaction import stored
 from .runtime import Database
 from .runtime import RunResult
 from .runtime import execute_plan
@@ -613,8 +614,8 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
             finished_at=as_utc(row.finished_at),
             duration_ms=row.duration_ms,
             reason=row.reason,
-            error_message=row.error_message,
-            error_traceback=row.error_traceback,
+            error_message=stored(row.error_message),
+            error_traceback=stored(row.error_traceback),
             run_id=row.run_id,
             run_by=row.run_by,
             pod_name=row.pod_name,

@@ -176,6 +176,27 @@ def dm_databases(
         yield made
 
 
+class SecretUrl(str):
+    """A database URL whose ``repr`` (what pytest shows of a failing test's arguments and
+    assertions) has its password masked; ``str`` and every string operation see the URL."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        from .redaction import scrub
+
+        return repr(scrub(str(self)))
+
+
+def pytest_assertrepr_compare(op: str, left: object, right: object) -> list[str] | None:
+    """Compare a :class:`SecretUrl` without pytest's diff, which shows the password."""
+    if not (isinstance(left, SecretUrl) or isinstance(right, SecretUrl)):
+        return None
+    from .redaction import scrub
+
+    return [scrub(f"{left!r} {op} {right!r}"), "(the database URL's password is masked)"]
+
+
 @pytest.fixture
 def dm_prepare_database() -> Callable[[str], None] | None:
     """Return None, or a function called with each fresh test database's URL before dm runs
@@ -186,8 +207,14 @@ def dm_prepare_database() -> Callable[[str], None] | None:
 
 @pytest.fixture
 def dm_database_url(dm_databases: Databases) -> str:
-    """Return the URL of a fresh, empty database for the test."""
-    return dm_databases.create()
+    """Return the URL of a fresh, empty database for the test (its password masked in
+    pytest's reports and in dm's output)."""
+    from .redaction import register
+    from .urls import secrets_of
+
+    url = dm_databases.create()
+    register(secrets_of(url))
+    return SecretUrl(url)
 
 
 @pytest.fixture
@@ -233,6 +260,7 @@ def with_ini(config: DmTestConfig, pytestconfig: pytest.Config) -> DmTestConfig:
 
 __all__ = [
     "DmBuiltins",
+    "SecretUrl",
     "DmTestConfig",
     "dm_config",
     "dm_database_url",

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import FenceLost
 from .graph import checksum
 from .planning import Step
+from .redaction import for_tracker
 from .tracker import FENCE_LOST
 from .tracker import TRANSITIONS
 from .tracker import Attempt
@@ -143,7 +144,10 @@ class Recorder:
             "duration_ms": duration_ms,
         }
         if error_message is not None:
-            values.update(error_message=error_message, error_traceback=error_traceback)
+            values.update(
+                error_message=for_tracker(error_message),
+                error_traceback=for_tracker(error_traceback),
+            )
         if reason is not None:
             values["reason"] = reason
         await self._update(self.conn, attempt_id, values)

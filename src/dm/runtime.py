@@ -264,8 +264,25 @@ class Database:
             return set()
         from .lock import current_holder
 
+        await self._resolve_tracker()
         holder = await current_holder(self.settings.lock_url(), self.tracker)
         return running if holder is None else set()
+
+    async def _resolve_tracker(self) -> None:
+        """Resolve the tracker's relation on the working connection (PostgreSQL): the
+        migration lock's key is the table the work writes to, whatever the lock URL's
+        ``search_path``."""
+        from .db import is_sqlite
+        from .lock import resolve_relation
+
+        if self.tracker.relation is not None or is_sqlite(self.url):
+            return
+        conn = await self.conn()
+        if conn.in_transaction():  # the caller's transaction (dm.shared): read inside it
+            await resolve_relation(conn, self.tracker)
+            return
+        async with conn.begin():
+            await resolve_relation(conn, self.tracker)
 
     def claim_timeout(self) -> float | None:
         """Return how long claiming the fence may wait for the previous holder's write."""
@@ -296,6 +313,7 @@ class Database:
         from .recording import Recorder
 
         if not is_sqlite(self.url):
+            await self._resolve_tracker()
             # A waiting run holds no server connection it does not need: in a small
             # session pool, the run holding the lock must be able to open this one.
             await self._close_conn()

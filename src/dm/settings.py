@@ -250,8 +250,10 @@ class Settings(BaseSettings):
         given = {key: value for key, value in values.items() if value is not None}
         config = given.get("config_file") or os.environ.get("DM_CONFIG") or "alembic.ini"
         dotenv = _dotenv_beside(Path(config))
+        from_files = _secret_files(given)
+        values = _under_aliases(cls, {**from_files, **given})
         try:
-            settings = cls(_env_file=dotenv, **_under_aliases(cls, given))  # type: ignore[call-arg]
+            settings = cls(_env_file=dotenv, **values)  # type: ignore[call-arg]
         except ValidationError as exc:
             raise ConfigError(_describe_validation_error(exc)) from None
         if dotenv is not None and Path(settings.config_file) != Path(config):
@@ -271,6 +273,12 @@ class Settings(BaseSettings):
                 f"is not one of the declared environments ({', '.join(declared)}; "
                 "dm.environments): fix the name, or declare it"
             )
+        if "database_url" in from_files and "database_url" not in given:
+            variable = URL_FILE_VARIABLES["database_url"][0]
+            settings._url_source = f"{variable} ({os.environ[variable]})"
+        from .redaction import register
+
+        register(settings.secrets())
         if dotenv is not None:
             log.debug("read settings from %s", dotenv)
         else:
@@ -288,7 +296,10 @@ class Settings(BaseSettings):
         """
         section = config.config_ini_section
         path = Path(config.config_file_name) if config.config_file_name else None
-        options = config.get_section(section) or {}
+        try:
+            options = config.get_section(section) or {}
+        except configparser.InterpolationError as exc:
+            raise ConfigError(_interpolation_problem(path, section, exc.option)) from None
         values: dict[str, Any] = {}
         for key, field in _INI_KEYS.items():
             value = str(options.get(key) or "").strip()
@@ -423,7 +434,7 @@ class _IniSettingsSource(PydanticBaseSettingsSource):
             return {}
         values: dict[str, Any] = {}
         for key, field in _INI_KEYS.items():
-            value = parser.get(self._section, key, fallback="").strip()
+            value = _ini_get(parser, self._section, key, self._path)
             if value:
                 values[field] = value
         return values
@@ -462,7 +473,27 @@ def _file_url(path: Path | None, section: str) -> str | None:
     parser = _read_ini(path)
     if not parser.has_section(section):
         return None
-    return parser.get(section, "sqlalchemy.url", fallback="").strip() or None
+    return _ini_get(parser, section, "sqlalchemy.url", path) or None
+
+
+def _ini_get(parser: configparser.ConfigParser, section: str, key: str, path: Path | None) -> str:
+    """Return ``key`` of ``section`` (stripped; "" when absent), interpolated as Alembic does.
+
+    :raises ConfigError: the value holds a lone ``%`` (a percent-encoded password such as
+        ``%21``): names the key, never the value, which may hold a password.
+    """
+    try:
+        return parser.get(section, key, fallback="").strip()
+    except configparser.InterpolationError:
+        raise ConfigError(_interpolation_problem(path, section, key)) from None
+
+
+def _interpolation_problem(path: Path | None, section: str, key: str) -> str:
+    where = f"{path}: " if path is not None else ""
+    return (
+        f"{where}[{section}] {key}: a '%' must be written '%%' in the config file (e.g. a "
+        "percent-encoded password: %21 as %%21)"
+    )
 
 
 def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
@@ -536,6 +567,43 @@ def _under_aliases(cls: type[BaseSettings], given: dict[str, Any]) -> dict[str, 
             alias = alias.choices[0]
         keyed[alias if isinstance(alias, str) else name] = value
     return keyed
+
+
+URL_FILE_VARIABLES = {
+    "database_url": ("DM_DATABASE_URL_FILE", ("DM_DATABASE_URL", "DATABASE_URL")),
+    "lock_database_url": ("DM_LOCK_DATABASE_URL_FILE", ("DM_LOCK_DATABASE_URL",)),
+}
+"""Settings that may be read from a file (a mounted secret): field -> (the variable naming
+the file, the variables holding the value itself)."""
+
+
+def _secret_files(given: dict[str, Any]) -> dict[str, str]:
+    """Return the URLs read from the files ``DM_DATABASE_URL_FILE`` and
+    ``DM_LOCK_DATABASE_URL_FILE`` name (the file's text, surrounding whitespace removed).
+
+    An explicit value (``--database-url``) wins over the file, as over the variable.
+
+    :raises ConfigError: both a ``_FILE`` variable and its plain twin are set, or the file
+        cannot be read or is empty (the message names the variable and the file, never
+        the file's content).
+    """
+    found: dict[str, str] = {}
+    for field, (variable, plain) in URL_FILE_VARIABLES.items():
+        path = os.environ.get(variable, "").strip()
+        if not path:
+            continue
+        both = [name for name in plain if os.environ.get(name, "").strip()]
+        if both:
+            raise ConfigError(
+                f"setting {variable} and {both[0]} are both set; set only one of them"
+            )
+        if given.get(field):
+            continue
+        text = _read_text(Path(path), f"the file {variable} names").strip()
+        if not text:
+            raise ConfigError(f"{path}: the file {variable} names is empty")
+        found[field] = text
+    return found
 
 
 def _dotenv_beside(config: Path) -> Path | None:

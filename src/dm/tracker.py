@@ -29,6 +29,7 @@ from sqlalchemy.ext.compiler import compiles
 from .errors import ConfigError
 from .errors import LockTimeout
 from .errors import TrackerDamaged
+from .redaction import stored
 from .state import RESUMABLE
 from .state import TRANSITIONS as TRANSITIONS
 from .state import UNFINISHED
@@ -257,6 +258,9 @@ class Tracker:
     def __init__(self, table: str = "script_run_tracker", schema: str | None = None) -> None:
         self.name = table
         self.schema = schema
+        self.relation: str | None = None
+        """``database.schema.table`` as the server resolves it, once known (PostgreSQL):
+        the migration lock's key (``dm.lock.resolve_relation``)."""
         self.metadata = sa.MetaData(schema=schema)
         big_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
         self.table = sa.Table(
@@ -408,7 +412,10 @@ class Tracker:
             await conn.run_sync(self._ensure_sync)
 
     def _ensure_sync(self, sync: sa.Connection) -> None:
-        if self.schema and sync.dialect.name == "postgresql":
+        postgres = sync.dialect.name == "postgresql"
+        if self.schema and postgres and not sa.inspect(sync).has_schema(self.schema):
+            # Only when missing: CREATE SCHEMA IF NOT EXISTS needs CREATE on the database
+            # even when the schema exists, a right the migration role need not have.
             # SQLAlchemy 2.0.30, the lowest supported, leaves these DDL calls unannotated.
             create = sa.schema.CreateSchema(self.schema, if_not_exists=True)  # type: ignore[no-untyped-call, unused-ignore]
             sync.execute(create)
@@ -527,7 +534,7 @@ class Tracker:
                 started_at=as_utc(row.started_at),
                 finished_at=as_utc(row.finished_at),
                 duration_ms=row.duration_ms,
-                error_message=row.error_message,
+                error_message=stored(row.error_message),
                 reason=row.reason,
                 run_by=row.run_by,
                 pod_name=row.pod_name,
@@ -587,7 +594,7 @@ class Tracker:
                 started_at=as_utc(row.started_at),
                 finished_at=as_utc(row.finished_at),
                 duration_ms=None,
-                error_message=row.error,
+                error_message=stored(row.error),
                 reason=None,
                 run_by=None,
                 pod_name=None,

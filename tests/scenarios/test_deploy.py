@@ -231,6 +231,26 @@ def test_deployment_waits_for_the_data_migrations() -> None:
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def test_the_gate_reads_its_own_read_only_secret() -> None:
+    """The initContainer of every application pod holds the gate's read-only Secret, never
+    the migration role's; the Job never reads the gate's."""
+    (deployment,) = load_all(DEPLOY / "kubernetes" / "deployment.yaml")
+    (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in init["env"] if "valueFrom" in e]
+    assert refs == ["dm-database-gate"]
+    example = DEPLOY / "kubernetes" / "secret.example.yaml"
+    secrets = {d["metadata"]["name"] for d in load_all(example)}
+    assert secrets == {"dm-database", "dm-database-gate"}
+    for name, job in job_resources().items():
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        used = {str(e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")) for e in env}
+        assert not any(ref.endswith("gate") for ref in used), name
+    resources = render_chart(CHART, {"gate": {"url": "postgresql://dm_gate:pw@db/app"}})
+    gate = next(r for r in resources if r["kind"] == "Secret")
+    assert gate["metadata"]["name"].endswith("-dm-gate")
+    assert "helm.sh/hook" not in (gate["metadata"].get("annotations") or {})
+
+
 def test_chart_versions_follow_dm() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["appVersion"] == dm.__version__

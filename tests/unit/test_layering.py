@@ -55,6 +55,8 @@ ALLOWED: dict[str, set[str]] = {
         "log",
         "progress",
         "pooler",
+        "privileges",
+        "redaction",
         "signals",
         "transient",
         "urls",
@@ -96,6 +98,7 @@ ALLOWED: dict[str, set[str]] = {
         "tracker",
         "recording",  # the wording of a settled request (Request.describe)
         "unit",  # dm verify runs check_verify
+        "redaction",  # stored error text is scrubbed again before it is shown
     },
     "alembic_env": {
         "_alembic_compat",
@@ -111,6 +114,7 @@ ALLOWED: dict[str, set[str]] = {
         "signals",
         "tracker",
         "urls",
+        "redaction",  # one redaction rule for dm's log lines and Alembic's FAILED line
     },
     "shared": {"alembic_context", "errors", "lock", "recording", "runner", "runtime", "settings"},
     "runner": {
@@ -121,20 +125,22 @@ ALLOWED: dict[str, set[str]] = {
     "unit": {"batching", "errors", "graph", "hooks", "planning", "recording", "stops"},
     "stops": {"errors", "planning", "recording", "tracker"},
     "lock_retries": {"planning"},
-    "recording": {"errors", "fence", "graph", "planning", "tracker"},
+    "recording": {"errors", "fence", "graph", "planning", "redaction", "tracker"},
     "fence": {"errors", "tracker"},
     "watchdog": {"db", "errors", "recording", "tracker", "urls"},
     "graph": {"_alembic_compat", "errors"},
     "_alembic_compat": set(),
-    "tracker": {"errors", "state"},
+    "tracker": {"errors", "redaction", "state"},
     "state": set(),
     "lock": {"db", "files", "pooler", "tracker", "errors"},
     "db": {"files", "pooler", "urls", "errors", "transient"},
     "files": {"errors"},
     "pooler": {"errors", "transient"},
     "transient": set(),
-    "settings": {"urls", "errors"},
+    "settings": {"redaction", "urls", "errors"},
     "urls": {"errors"},
+    "redaction": {"urls"},
+    "privileges": {"errors", "transient"},
     "signals": {"errors", "watchdog"},
     "log": {"printable"},
     "printable": set(),
@@ -144,6 +150,8 @@ ALLOWED: dict[str, set[str]] = {
     },
     "pytest_plugin": {"pytest_builtins", "testing"},
     "pytest_builtins": {"batching", "environments", "errors", "graph", "pytest_plugin", "testing"},
+    "pytest_plugin": {"pytest_builtins", "redaction", "testing", "urls"},
+    "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": {"errors", "files"},
 }

@@ -343,3 +343,19 @@ def test_different_trackers_do_not_block_each_other(db: Database) -> None:
                 pass
 
     asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_lock_url_in_another_database_is_refused(project: Project) -> None:
+    """An advisory lock excludes only sessions of its own database: a lock URL pointing at
+    another one would let two runs in at once."""
+    from conftest import run_in_process
+
+    other = project.db.url.rsplit("/", 1)[0] + "/postgres"
+    project.write("a1", None)
+    ran = run_in_process(project, "upgrade", env={"DM_LOCK_DATABASE_URL": other})
+    assert ran.returncode == 2, ran.stderr
+    assert "DM_LOCK_DATABASE_URL connects to database 'postgres', but the tracker" in ran.stderr
+    tables = "SELECT count(*) AS n FROM pg_tables WHERE tablename LIKE 'script_run_tracker%'"
+    assert project.db.query(tables)[0].n == 0  # refused before anything was written

@@ -609,3 +609,21 @@ def test_the_resume_test_says_how_far_it_got_and_why_it_is_long(
             "many seeded rows at a small batch size take long; raise dm_batch_size"
         ]
     )
+@pytest.mark.postgres
+def test_dm_database_url_shows_no_password_when_a_users_test_fails(
+    pytester: pytest.Pytester,
+) -> None:
+    server = f"postgresql://{pg_user()}:Pw22fixture@{PG_HOST}:{PG_PORT}/postgres"
+    make_project(pytester, {})
+    pytester.makepyfile(
+        test_url="""
+        def test_compares_the_url(dm_database_url):
+            assert dm_database_url.startswith("postgresql")
+            assert dm_database_url == "another"
+        """
+    )
+    result = pytester.runpytest("test_url.py", f"--dm-database-url={server}", "-l")
+    result.assert_outcomes(failed=1)
+    shown = failure_text(result)
+    assert "dm_database_url = 'postgresql" in shown and ":***@" in shown
+    assert "Pw22fixture" not in shown

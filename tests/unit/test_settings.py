@@ -461,3 +461,64 @@ def test_dm_config_in_the_dotenv_is_refused_not_half_applied(
     with pytest.raises(ConfigError, match="DM_CONFIG cannot be set in the .env file"):
         Settings.load()
     assert Settings.load(config_file=other).config_file == other  # -c (or the env) works
+
+
+def test_url_files_sit_at_the_environments_level(
+    ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_ini_url(ini, "sqlite:///from_ini.db")
+    url_file, lock_file = tmp_path / "url", tmp_path / "lock-url"
+    url_file.write_text("postgresql://app:Pw22file@db/app\n")
+    lock_file.write_text(" postgresql://app:Pw22lock@direct/app ")
+    monkeypatch.setenv("DM_DATABASE_URL_FILE", str(url_file))
+    monkeypatch.setenv("DM_LOCK_DATABASE_URL_FILE", str(lock_file))
+    settings = Settings.load(config_file=ini)
+    assert settings.url().host == "db" and settings.lock_url().host == "direct"
+    assert settings.url_source == f"DM_DATABASE_URL_FILE ({url_file})"
+    assert "Pw22file" in settings.secrets() and "Pw22lock" in settings.secrets()
+    explicit = Settings.load(config_file=ini, database_url="sqlite:///explicit.db")
+    assert explicit.url().database == "explicit.db"
+
+
+@pytest.mark.parametrize(
+    ("variable", "plain"),
+    [
+        ("DM_DATABASE_URL_FILE", "DM_DATABASE_URL"),
+        ("DM_DATABASE_URL_FILE", "DATABASE_URL"),
+        ("DM_LOCK_DATABASE_URL_FILE", "DM_LOCK_DATABASE_URL"),
+    ],
+)
+def test_a_url_file_and_its_plain_variable_together_are_refused(
+    ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, plain: str
+) -> None:
+    (tmp_path / "url").write_text("sqlite:///a.db")
+    monkeypatch.setenv(variable, str(tmp_path / "url"))
+    monkeypatch.setenv(plain, "sqlite:///b.db")
+    with pytest.raises(ConfigError, match=f"setting {variable} and {plain} are both set"):
+        Settings.load(config_file=ini)
+
+
+def test_an_empty_url_file_is_refused(
+    ini: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "url").write_text("\n")
+    monkeypatch.setenv("DM_DATABASE_URL_FILE", str(tmp_path / "url"))
+    with pytest.raises(ConfigError, match="the file DM_DATABASE_URL_FILE names is empty"):
+        Settings.load(config_file=ini)
+
+
+@pytest.mark.parametrize("key", ["sqlalchemy.url", "dm.lock_database_url"])
+def test_a_percent_encoded_password_in_the_ini_names_the_key_not_the_value(
+    ini: Path, key: str
+) -> None:
+    from alembic.config import Config
+
+    text = ini.read_text()
+    ini.write_text(text.replace("\nsqlalchemy.url =\n", f"\n{key} = postgresql://u:%21s3cr3t@h/db\n"))
+    with pytest.raises(ConfigError) as refused:
+        Settings.load(config_file=ini)
+    assert f"[data_migrations] {key}: a '%' must be written '%%'" in str(refused.value)
+    assert "s3cr3t" not in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        Settings.from_alembic_config(Config(str(ini), ini_section="data_migrations"))
+    assert "s3cr3t" not in str(refused.value) and key in str(refused.value)
