@@ -150,8 +150,6 @@ ALLOWED: dict[str, set[str]] = {
     },
     "pytest_plugin": {"pytest_builtins", "testing"},
     "pytest_builtins": {"batching", "environments", "errors", "graph", "pytest_plugin", "testing"},
-    "pytest_plugin": {"pytest_builtins", "redaction", "testing", "urls"},
-    "pytest_builtins": {"batching", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": {"errors", "files"},
 }
