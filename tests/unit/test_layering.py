@@ -148,7 +148,7 @@ ALLOWED: dict[str, set[str]] = {
         *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
         *("operations", "runtime", "settings", "urls"),
     },
-    "pytest_plugin": {"pytest_builtins", "testing"},
+    "pytest_plugin": {"pytest_builtins", "redaction", "testing", "urls"},
     "pytest_builtins": {"batching", "environments", "errors", "graph", "pytest_plugin", "testing"},
     "errors": set(),
     "templates": {"errors", "files"},
