@@ -57,6 +57,7 @@ from .errors import TransientRevisionFailure
 from .errors import UsageError
 from .errors import describe_error
 from .graph import checksum
+from .liveness import session_guards
 from .lock_retries import LockRetries
 from .lock_retries import LockWaitTimedOut
 from .planning import DEFERRED
@@ -108,6 +109,7 @@ class Runner:
         max_runtime: float | None = None,
         started: float | None = None,
         writer_waiting: Path | None = None,
+        idle_in_transaction_timeout: float | None = None,
     ) -> None:
         """:param shared: the connection is the caller's (``dm.shared``): its session
             settings are left alone (no ``lock_timeout`` or other ``SET``).
@@ -118,11 +120,14 @@ class Runner:
             ``time.monotonic()`` value; default: now).
         :param writer_waiting: (SQLite) a file another process creates while it waits for
             the database's write lock: between two batches the run then lets it in.
+        :param idle_in_transaction_timeout: PostgreSQL ``idle_in_transaction_session_timeout``
+            of the session, in seconds (hooks included; None or 0: the server's).
         """
         self.recorder = recorder
         self.conn = recorder.conn
         self.timeout = timeout
         self.pg_lock_timeout = pg_lock_timeout
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout
         self.shared = shared or joined
         self.joined = joined
         self._postgres = self.conn.dialect.name == "postgresql"
@@ -406,6 +411,7 @@ class Runner:
         if self.pg_lock_timeout:
             # A data migration never queues behind live traffic's locks for long.
             settings["lock_timeout"] = str(max(int(self.pg_lock_timeout * 1000), 1))
+        settings.update(session_guards(version, self.idle_in_transaction_timeout))
         if self._pooled:
             if self.conn.in_transaction():
                 await self.conn.commit()
