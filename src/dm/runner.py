@@ -78,6 +78,10 @@ from .urls import through_pooler
 
 log = logging.getLogger("dm.runner")
 
+RECORD_AFTER_LOSS_SECONDS = 5.0
+"""How long recording a failure may take after a transient failure (a lost connection):
+past it the attempt stays pending and the next run marks it interrupted."""
+
 TRANSIENT_PREFIX = "transient (a retry may succeed): "
 """Starts the recorded error of an attempt that failed on a transient database error."""
 
@@ -433,9 +437,11 @@ class Runner:
         try:
             # A further cancellation must not stop the failure from being recorded, nor
             # let the caller close the connection while the record is being written.
-            await _finish_despite_cancel(
-                self._write_failure(attempt_id, message, trace, duration, reason)
-            )
+            write = self._write_failure(attempt_id, message, trace, duration, reason)
+            if isinstance(exc, Exception) and is_transient(exc):
+                # The connection died: a fresh one may hang on the same network (bounded).
+                write = asyncio.wait_for(write, RECORD_AFTER_LOSS_SECONDS)
+            await _finish_despite_cancel(write)
         except FenceLost:
             raise
         except Exception as record_error:  # the next run marks the attempt interrupted
