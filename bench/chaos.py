@@ -551,7 +551,7 @@ def play(cluster: Cluster, fault: str, number: int, verbose: bool) -> Outcome:
 
 def settle(rnd: Round, outcome: Outcome) -> None:
     """Run dm (directly) until it exits 0, then check the database."""
-    for _ in range(RERUNS):
+    for _ in range(0 if outcome.code == 0 else RERUNS):
         again = rnd.spawn(direct=True)
         try:
             _, err = again.communicate(timeout=HANG_SECONDS)
@@ -565,7 +565,9 @@ def settle(rnd: Round, outcome: Outcome) -> None:
             break
         outcome.notes.append(f"rerun exit {again.returncode}: {err.strip()[-300:]}")
     else:
-        outcome.notes.append("no rerun exited 0")
+        if outcome.code != 0:
+            outcome.notes.append("no rerun exited 0")
+            outcome.unsettled += 1
     counters = Counter(row["n"] for row in rnd.q("SELECT n FROM counters"))
     outcome.duplicates += sum(c for n, c in counters.items() if n > 1)
     outcome.lost += counters.get(0, 0)
