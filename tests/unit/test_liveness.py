@@ -89,7 +89,16 @@ await session.execute(sa.text("SELECT 1"))
 """
 
 
-def _write_frozen(project: Project, files: Path, *, timeout: float | None = None) -> None:
+FENCE_FOR_SHARE = """
+await session.execute(
+    sa.text("SELECT 1 FROM script_run_tracker_meta WHERE key = 'fence' FOR SHARE")
+)
+"""
+
+
+def _write_frozen(
+    project: Project, files: Path, *, timeout: float | None = None, hold_fence: bool = False
+) -> None:
     extra = f"""
 import asyncio
 from pathlib import Path
@@ -99,7 +108,10 @@ GO = {str(files / "go")!r}
     if timeout is not None:
         extra += f"timeout = {timeout}\n"
     project.db.query("CREATE TABLE markers (rev TEXT)")
-    project.write(REV, None, FROZEN_REVISION.format(rev=REV), extra=extra)
+    body = FROZEN_REVISION.format(rev=REV)
+    if hold_fence:  # what a fenced tracker write holds until its commit
+        body = FENCE_FOR_SHARE + body
+    project.write(REV, None, body, extra=extra)
 
 
 def _run_frozen(project: Project, files: Path) -> tuple[int, str, float]:
@@ -166,4 +178,50 @@ def test_a_revision_timeout_during_a_network_freeze_exits_75(
     assert "Traceback" not in stderr
     again = run_dm(project, "upgrade", "heads")
     assert again.returncode == 0, again.stderr
+    assert [row.rev for row in project.db.query("SELECT * FROM markers")] == [REV]
+
+
+@pytest.mark.postgres
+@pytest.mark.process
+@pytest.mark.slow
+@PG
+def test_a_dead_pods_frozen_session_ends_on_its_own_and_the_next_run_goes_on(
+    project: Project, tmp_path: Path
+) -> None:
+    """The pod dies while its working connection is frozen mid-revision: the server keeps
+    its backend, idle in its transaction and holding the fence row, until TCP gives up. The
+    session's ``idle_in_transaction_session_timeout`` ends it, so the next run claims the
+    fence and applies the revision once, instead of waiting out its lock timeout."""
+    _write_frozen(project, tmp_path, hold_fence=True)
+    with tcp_proxy() as proxy:
+        env = {
+            "DM_DATABASE_URL": through(project.db.url, proxy.port),
+            "DM_LOCK_DATABASE_URL": project.db.url,
+            "DM_IDLE_IN_TRANSACTION_TIMEOUT": "3",
+        }
+        proc = spawn_dm(project, "upgrade", "heads", env=env)
+        try:
+            wait_for(lambda: (tmp_path / "started").exists() or proc.poll() is not None, 60)
+            assert proc.poll() is None, proc.communicate()
+            proxy.freeze()
+            proc.kill()  # the pod is gone; the proxy keeps the server's side open
+            proc.communicate()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        (tmp_path / "go").touch()
+        began = time.monotonic()
+        again = run_dm(
+            project,
+            "upgrade",
+            "heads",
+            "--lock-timeout",
+            "15",
+            env={"DM_CONNECT_RETRY_SECONDS": "0"},
+        )
+        seconds = time.monotonic() - began
+
+    assert again.returncode == 0, again.stderr
+    assert seconds < 15
     assert [row.rev for row in project.db.query("SELECT * FROM markers")] == [REV]
