@@ -506,11 +506,12 @@ def play(cluster: Cluster, fault: str, number: int, verbose: bool) -> Outcome:
     proc = rnd.spawn()
     try:
         mid = fault not in ("statement-timeout", "connection-limit", "latency")
-        target = revision_id(random.randint(1, REVISIONS - 1))
+        # A revision with another after it, so the fault lands before the run's last commit.
+        target = revision_id(random.randint(1, REVISIONS - 2))
         if mid:
             if not wait_until(lambda: target in rnd.started() or proc.poll() is not None, 60):
                 return Outcome(None, 0.0, hung=1, notes=["the run never reached the fault"])
-            time.sleep(random.uniform(0.0, 0.3))  # somewhere inside the revision
+            time.sleep(random.uniform(0.0, 0.2))  # somewhere inside the revision
             if proc.poll() is not None:
                 _, err = proc.communicate()
                 return Outcome(proc.returncode, 0.0, notes=["exited before the fault", err])
