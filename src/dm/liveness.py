@@ -214,6 +214,8 @@ class FreezeWatch:
                 ).first()
                 if row is None:
                     return f"its backend {self.pid} is gone"
+                if row.state is None:  # another role's backend: its state is hidden
+                    return None
                 idle = row.state != "active" and (row.quiet or 0.0) >= QUIET_SECONDS
                 if not (idle or row.wait_event == "ClientWrite"):
                     return None  # a long statement: the server is working on it
