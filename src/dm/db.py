@@ -38,6 +38,8 @@ from sqlalchemy.pool import NullPool
 
 from .errors import DatabaseUnavailable
 from .errors import DatabaseUnreachable
+from .liveness import driver_transport
+from .liveness import tune_socket
 from .pooler import pooler_problem
 from .transient import is_transient
 from .urls import connect_arguments
@@ -100,6 +102,8 @@ def create_engine(
         url, poolclass=NullPool, connect_args=connect_args, hide_parameters=True, **options
     )
     _configured_urls[engine.sync_engine] = configured
+    if url.get_backend_name() == "postgresql":
+        _tune_sockets(engine)
     if is_sqlite(url) and not autocommit:
         _emit_sqlite_begin(engine)
     if is_sqlite(url):
@@ -122,6 +126,17 @@ def _create_private_database(engine: AsyncEngine, url: URL) -> None:
     def _before_connect(*_args: Any) -> None:
         if not os.path.lexists(path):  # an existing file (or link) is the user's own
             create_private(path, "SQLite database")
+
+
+def _tune_sockets(engine: AsyncEngine) -> None:
+    """Give each new connection's socket TCP keepalives and ``TCP_USER_TIMEOUT``
+    (``dm.liveness``): asyncpg has no parameters for them."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _tune(dbapi_connection: Any, _record: Any) -> None:
+        transport = driver_transport(getattr(dbapi_connection, "driver_connection", None))
+        if transport is not None:
+            tune_socket(transport.get_extra_info("socket"))
 
 
 def configured_url(engine: AsyncEngine) -> URL:

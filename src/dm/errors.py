@@ -18,7 +18,10 @@
     ├── TransientFailure (75)      a retry of the same run may succeed (EX_TEMPFAIL)
     │   ├── DatabaseUnreachable    connection refused, reset or timed out; DNS failure
     │   ├── TransientRevisionFailure       (also a RevisionFailed)
-    │   └── PoolExhausted          the connection pooler had no server connection free
+    │   ├── PoolExhausted          the connection pooler had no server connection free
+    │   ├── FenceBusy              a session of a run that lost the lock still holds the
+    │   │                          fence row after the lock timeout (e.g. a dead pod's)
+    │   └── ConnectionFrozen       the working connection stopped answering (network)
     ├── Incomplete (5)             a batched revision stopped at a batch boundary (max
     │                              runtime, dm pause, dm cancel); later revisions did not run
     ├── LockTimeout (3)            another dm run held the lock for too long
@@ -103,6 +106,18 @@ class DatabaseUnreachable(TransientFailure):
 
 class PoolExhausted(TransientFailure):
     """The connection pooler gave no server connection in time; a later run may get one."""
+
+
+class FenceBusy(TransientFailure):
+    """The fence was not claimed within the lock timeout: a session of a run that lost the
+    migration lock (often a dead pod's backend the server has not noticed yet) still holds
+    its row. It goes on its own (``idle_in_transaction_session_timeout``, TCP keepalives),
+    so a later run may succeed."""
+
+
+class ConnectionFrozen(TransientFailure):
+    """The working connection's statement got no answer while the server was not running
+    it (or could not be reached): the network froze; dm dropped the connection."""
 
 
 class TransientRevisionFailure(RevisionFailed, TransientFailure):

@@ -91,6 +91,9 @@ def _lock_settings(version: tuple[int | str, ...]) -> str:
         # The lock transaction is idle for the whole run; it must not be ended for that.
         "idle_in_transaction_session_timeout = 0",
     ]
+    if version >= (12,):
+        # Data the server sent that stays unacknowledged this long drops the connection.
+        settings.append("tcp_user_timeout = 20000")
     if version >= (14,):
         # A client that died is noticed within a second.
         settings.append("client_connection_check_interval = 1000")

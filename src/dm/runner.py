@@ -58,6 +58,7 @@ from .errors import TransientRevisionFailure
 from .errors import UsageError
 from .errors import describe_error
 from .graph import checksum
+from .liveness import session_guards
 from .lock_retries import LockRetries
 from .lock_retries import LockWaitTimedOut
 from .planning import DEFERRED
@@ -77,6 +78,10 @@ from .unit import UnitOfWork
 from .urls import through_pooler
 
 log = logging.getLogger("dm.runner")
+
+RECORD_AFTER_LOSS_SECONDS = 5.0
+"""How long recording a failure may take after a transient failure (a lost connection):
+past it the attempt stays pending and the next run marks it interrupted."""
 
 TRANSIENT_PREFIX = "transient (a retry may succeed): "
 """Starts the recorded error of an attempt that failed on a transient database error."""
@@ -109,6 +114,7 @@ class Runner:
         max_runtime: float | None = None,
         started: float | None = None,
         writer_waiting: Path | None = None,
+        idle_in_transaction_timeout: float | None = None,
     ) -> None:
         """:param shared: the connection is the caller's (``dm.shared``): its session
             settings are left alone (no ``lock_timeout`` or other ``SET``).
@@ -119,11 +125,14 @@ class Runner:
             ``time.monotonic()`` value; default: now).
         :param writer_waiting: (SQLite) a file another process creates while it waits for
             the database's write lock: between two batches the run then lets it in.
+        :param idle_in_transaction_timeout: PostgreSQL ``idle_in_transaction_session_timeout``
+            of the session, in seconds (hooks included; None or 0: the server's).
         """
         self.recorder = recorder
         self.conn = recorder.conn
         self.timeout = timeout
         self.pg_lock_timeout = pg_lock_timeout
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout
         self.shared = shared or joined
         self.joined = joined
         self._postgres = self.conn.dialect.name == "postgresql"
@@ -409,6 +418,7 @@ class Runner:
         if self.pg_lock_timeout:
             # A data migration never queues behind live traffic's locks for long.
             settings["lock_timeout"] = str(max(int(self.pg_lock_timeout * 1000), 1))
+        settings.update(session_guards(version, self.idle_in_transaction_timeout))
         if self._pooled:
             if self.conn.in_transaction():
                 await self.conn.commit()
@@ -431,9 +441,11 @@ class Runner:
         try:
             # A further cancellation must not stop the failure from being recorded, nor
             # let the caller close the connection while the record is being written.
-            await _finish_despite_cancel(
-                self._write_failure(attempt_id, message, trace, duration, reason)
-            )
+            write = self._write_failure(attempt_id, message, trace, duration, reason)
+            if isinstance(exc, Exception) and is_transient(exc):
+                # The connection died: a fresh one may hang on the same network (bounded).
+                write = asyncio.wait_for(write, RECORD_AFTER_LOSS_SECONDS)
+            await _finish_despite_cancel(write)
         except FenceLost:
             raise
         except Exception as record_error:  # the next run marks the attempt interrupted

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 
 from . import planning
 from .environments import Action
@@ -208,6 +209,7 @@ class Database:
             max_runtime=self.settings.max_runtime,
             started=self.started,
             writer_waiting=writer_waiting_path(self.settings.lock_url(), self.tracker),
+            idle_in_transaction_timeout=self.settings.idle_in_transaction_timeout,
         )
 
     async def conn(self) -> AsyncConnection:
@@ -342,7 +344,18 @@ class Database:
                 joined=getattr(self, "joined", False),
             )
             with fence.installed():
-                yield Recorder(conn, self.tracker, self.run, latest, fence=fence), interrupted
+                async with self._freeze_watch(conn):
+                    yield Recorder(conn, self.tracker, self.run, latest, fence=fence), interrupted
+
+    def _freeze_watch(self, conn: AsyncConnection) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Watch the working connection for a frozen network (``dm.liveness``): PostgreSQL
+        on a connection of dm's own, not through a pooler (its backend is not dm's)."""
+        from .liveness import watching
+        from .urls import through_pooler
+
+        if conn.dialect.name != "postgresql" or through_pooler(self.url):
+            return contextlib.nullcontext()
+        return watching(conn, self.settings.lock_url())
 
 
 @contextlib.asynccontextmanager

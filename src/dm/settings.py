@@ -77,6 +77,7 @@ _INI_KEYS = {
     "dm.schema_version_table": "schema_version_table",
     "dm.schema_version_schema": "schema_version_schema",
     "dm.connect_retry_seconds": "connect_retry_seconds",
+    "dm.idle_in_transaction_timeout": "idle_in_transaction_timeout",
 }
 
 
@@ -122,6 +123,9 @@ class Settings(BaseSettings):
     schema_version_schema: str | None = None
     connect_retry_seconds: float = Field(20.0, ge=0, le=600)
     """How long a run's first connections retry a transient failure (0 = no retry)."""
+    idle_in_transaction_timeout: float = 60.0
+    """PostgreSQL ``idle_in_transaction_session_timeout`` of the working connection (0 =
+    off): a dead run's session, idle in its transaction, ends on its own after it."""
     pod_name: str | None = Field(
         None, validation_alias=AliasChoices("DM_POD_NAME", "POD_NAME", "pod_name")
     )
@@ -130,7 +134,14 @@ class Settings(BaseSettings):
     """Where the database URL came from (an option, a variable, ``.env`` or the ini)."""
     _environment_source: str = PrivateAttr(DEFAULT_ENVIRONMENT_SOURCE)
 
-    @field_validator("lock_timeout", "pg_lock_timeout", "lock_retry_wait", "timeout", "max_runtime")
+    @field_validator(
+        "lock_timeout",
+        "pg_lock_timeout",
+        "lock_retry_wait",
+        "timeout",
+        "max_runtime",
+        "idle_in_transaction_timeout",
+    )
     @classmethod
     def _seconds(cls, value: float | None, info: ValidationInfo) -> float | None:
         if value is None:

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.compiler import compiles
 
 from .errors import ConfigError
-from .errors import LockTimeout
+from .errors import FenceBusy
 from .errors import TrackerDamaged
 from .redaction import stored
 from .state import RESUMABLE
@@ -701,8 +701,8 @@ class Tracker:
         with ``timeout`` it waits at most that long (at least ``MIN_CLAIM_SECONDS``), for
         the rest of the caller's transaction too.
 
-        :raises LockTimeout: a transaction of another session still holds the fence row after
-            ``timeout``; the message names its backend.
+        :raises FenceBusy: a transaction of another session still holds the fence row after
+            ``timeout``; the message names its backend (exit 75: it ends on its own).
         """
         claim = self.meta.update().where(self.meta.c.key == FENCE_KEY).values(value=run_id)
         if timeout is None or conn.dialect.name != "postgresql":
@@ -717,10 +717,11 @@ class Tracker:
                 if _sqlstate(exc) != _LOCK_NOT_AVAILABLE:
                     raise
                 holders = await self._fence_holders(conn)
-                raise LockTimeout(
+                raise FenceBusy(
                     f"the fence of {self.qualified_name} was not claimed within {limit:g}s: its "
                     f"row is locked by {holders} (a run that lost the migration lock may still "
-                    "be writing); end that session, or run again once it has ended"
+                    "be writing, or a dead pod's session the server has not noticed yet); run "
+                    "again once it has ended, or end it (docs/operations.md)"
                 ) from None
         if updated.rowcount == 0:
             await conn.execute(self.meta.insert().values(key=FENCE_KEY, value=run_id))
@@ -736,7 +737,8 @@ class Tracker:
             await conn.execute(
                 sa.text(
                     "SELECT DISTINCT a.pid, a.application_name, a.state, CAST(EXTRACT(EPOCH "
-                    "FROM clock_timestamp() - a.xact_start) AS INTEGER) AS seconds "
+                    "FROM clock_timestamp() - a.xact_start) AS INTEGER) AS seconds, "
+                    "a.state_change "
                     "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'relation' AND l.granted "
                     "AND l.mode <> 'AccessShareLock' AND l.pid <> pg_backend_pid() "
@@ -750,6 +752,11 @@ class Tracker:
         return ", ".join(
             f"backend {row.pid} (application_name {row.application_name!r}, {row.state}"
             + ("" if row.seconds is None else f", in its transaction for {row.seconds}s")
+            + (
+                ""
+                if row.state_change is None
+                else f", {row.state} since {row.state_change.isoformat(timespec='seconds')}"
+            )
             + ")"
             for row in rows
         )

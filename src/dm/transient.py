@@ -9,7 +9,9 @@ and SQLAlchemy's ``orig``) is one of:
   or a connection SQLAlchemy invalidated because the driver reported it closed;
 - a PostgreSQL SQLSTATE of class 08 (connection exception), 57P01 ``admin_shutdown``,
   57P02 ``crash_shutdown``, 57P03 ``cannot_connect_now``, 40001 ``serialization_failure``,
-  40P01 ``deadlock_detected`` or 55P03 ``lock_not_available`` (``lock_timeout``);
+  40P01 ``deadlock_detected``, 55P03 ``lock_not_available`` (``lock_timeout``), 53300
+  ``too_many_connections`` (another client leaves) or 25006 ``read_only_sql_transaction``
+  (a primary demoted to a replica while a failover is in progress);
 - SQLite's busy or locked error (its wait for another writer timed out).
 
 Everything else is permanent: the revision's own error, ``verify()`` failing, bad
@@ -22,7 +24,9 @@ from __future__ import annotations
 import errno
 import socket
 
-TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "40001", "40P01", "55P03"})
+TRANSIENT_SQLSTATES = frozenset(
+    {"57P01", "57P02", "57P03", "40001", "40P01", "55P03", "53300", "25006"}
+)
 """SQLSTATEs a retry may cure, besides the whole class 08."""
 LOCK_NOT_AVAILABLE = "55P03"
 """``lock_not_available``: a lock wait ran past ``lock_timeout`` (or ``NOWAIT`` failed)."""

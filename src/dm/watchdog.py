@@ -40,6 +40,7 @@ import sqlalchemy as sa
 
 from .errors import FenceLost
 from .tracker import Status
+from .transient import is_transient
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -301,7 +302,17 @@ class Watchdog:
         if armed is not None:
             log.error("%s: %s", armed.revision, stored)
             duration = int((time.monotonic() - armed.started) * 1000)
-            if not self._run_rescue(armed, stored, reason, duration):
+            recorded, unreachable = self._run_rescue(armed, stored, reason, duration)
+            if unreachable and received is None:
+                # The database did not answer dm's own connection either: the network, not
+                # the revision, is at fault, and a retry of the run may succeed.
+                code, kind = 75, "transient_revision_failure"
+                message = (
+                    f"revision {armed.revision} failed: timed out after {armed.limit:g}s "
+                    "while the database could not be reached (a frozen network; a retry "
+                    "may succeed)"
+                )
+            if not recorded:
                 message += (
                     f"; its attempt could not be recorded and stays pending until the "
                     f"next run marks {armed.revision} interrupted"
@@ -316,7 +327,11 @@ class Watchdog:
                     stream.flush()
         os._exit(code)
 
-    def _run_rescue(self, armed: _Armed, message: str, reason: str | None, duration: int) -> bool:
+    def _run_rescue(
+        self, armed: _Armed, message: str, reason: str | None, duration: int
+    ) -> tuple[bool, bool]:
+        """Stop the revision and record it; return whether it was recorded, and whether the
+        database could not be reached to do so."""
         outcome: list[BaseException | None] = []
 
         def rescue() -> None:
@@ -333,8 +348,12 @@ class Watchdog:
         if not outcome or outcome[0] is not None:
             why = "took too long" if not outcome else f"{type(outcome[0]).__name__}: {outcome[0]}"
             log.error("could not record the failure of %s: %s", armed.revision, why)
-            return False
-        return True
+            failure = outcome[0] if outcome else None
+            unreachable = (
+                failure is None or isinstance(failure, TimeoutError) or is_transient(failure)
+            )
+            return False, unreachable
+        return True, False
 
 
 _active: list[Watchdog] = []

@@ -52,6 +52,7 @@ TOUCHED = (
     "tcp_keepalives_idle",
     "tcp_keepalives_interval",
     "tcp_keepalives_count",
+    "tcp_user_timeout",
 )
 
 _HOOK = """\

@@ -131,7 +131,8 @@ def test_lock_held_by_another_session_times_out_naming_it(project: Project) -> N
 def test_claiming_the_fence_is_bounded_by_the_lock_timeout(project: Project) -> None:
     """A session that lost the migration lock but keeps a fenced write's transaction open
     holds the fence row (``FOR SHARE``): the next run's claim waits at most --lock-timeout,
-    then exits 3 naming that session, instead of waiting forever."""
+    then exits 75 (the session ends on its own) naming that session: its pid,
+    application_name, state and since when, instead of waiting forever."""
     import asyncpg
 
     chain = write_chain(project, 2)
@@ -173,11 +174,12 @@ def test_claiming_the_fence_is_bounded_by_the_lock_timeout(project: Project) -> 
 
     code, stderr, holder_pid, seconds = asyncio.run(scenario())
 
-    assert code == 3, f"exit {code} after {seconds:.1f}s: {stderr}"
+    assert code == 75, f"exit {code} after {seconds:.1f}s: {stderr}"
     assert seconds < 20
     [line] = [line for line in stderr.splitlines() if line.startswith("dm: error:")]
     assert "fence" in line and "not claimed within 2s" in line
-    assert f"backend {holder_pid} (application_name 'stuck-run'" in line
+    assert f"backend {holder_pid} (application_name 'stuck-run', idle in transaction" in line
+    assert "idle in transaction since 20" in line
     assert "Traceback" not in stderr
     assert "upgrade r01" not in stderr  # nothing ran
     assert chain.rows() == Counter({"r00": 3})

@@ -26,8 +26,8 @@ from dm.transient import transient_reason
 pytestmark = pytest.mark.matrix  # also runs in the version matrix (tests/README.md)
 
 TRANSIENT_SQLSTATES = ["08000", "08003", "08006", "57P01", "57P02", "57P03", "40001", "40P01"]
-TRANSIENT_SQLSTATES += ["55P03"]
-PERMANENT_SQLSTATES = ["23505", "42P01", "42601", "22012", "28P01", "3D000", "57014", "53300"]
+TRANSIENT_SQLSTATES += ["55P03", "53300", "25006"]
+PERMANENT_SQLSTATES = ["23505", "42P01", "42601", "22012", "28P01", "3D000", "57014"]
 
 
 def _postgres_error(sqlstate: str) -> Exception:
