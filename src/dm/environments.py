@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 
 from .errors import RevisionFileError
 from .errors import UsageError
-from .settings import is_declared
-from .settings import same_environment
 
 if TYPE_CHECKING:
     from .graph import Revision
@@ -122,3 +120,14 @@ def decide(
     if is_upgrade:
         return Decision(Action.SKIP, reason)
     raise UsageError(f"cannot downgrade {rev.id}: {reason}; it may only be undone where it may run")
+
+
+def same_environment(one: str, other: str) -> bool:
+    """Return whether two environment names are the same: case and surrounding spaces
+    do not count (``Staging`` is ``staging``)."""
+    return one.strip().casefold() == other.strip().casefold()
+
+
+def is_declared(name: str, declared: tuple[str, ...]) -> bool:
+    """Return whether ``name`` is one of ``declared`` (compared by :func:`same_environment`)."""
+    return any(same_environment(name, known) for known in declared)

@@ -35,8 +35,10 @@ import sqlalchemy as sa
 from .errors import ConnectionFrozen
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import URL
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncConnection
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("dm.liveness")
 
@@ -135,10 +137,12 @@ class _Tap(asyncio.Protocol):
 class FreezeWatch:
     """Notices a frozen working connection and drops it (see the module's docstring)."""
 
-    def __init__(self, transport: Any, pid: int, probe_url: URL) -> None:
+    def __init__(self, transport: Any, pid: int, open_probe: Callable[[], AsyncEngine]) -> None:
         self.transport = transport
         self.pid = pid
-        self.probe_url = probe_url
+        self.open_probe = open_probe
+        """Return an engine for the short connection that asks the server (see
+        :func:`watching`)."""
         self.sent = 0.0
         self.received = 0.0
         self.frozen: str | None = None
@@ -195,11 +199,7 @@ class FreezeWatch:
 
     async def _ask_server(self, since: float) -> str | None:
         """Return why the server says the request is lost, or None when it is running."""
-        from .db import create_engine
-
-        engine = create_engine(
-            self.probe_url, application_name="dm:probe", autocommit=True, timeout=PROBE_SECONDS
-        )
+        engine = self.open_probe()
         try:
             async with asyncio.timeout(PROBE_SECONDS), engine.connect() as conn:
                 row = (
@@ -238,9 +238,15 @@ def _unreachable(exc: BaseException) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def watching(conn: AsyncConnection, probe_url: URL) -> AsyncIterator[FreezeWatch | None]:
+async def watching(
+    conn: AsyncConnection, open_probe: Callable[[], AsyncEngine]
+) -> AsyncIterator[FreezeWatch | None]:
     """Watch ``conn`` (a PostgreSQL connection of dm's own) for a frozen network while the
-    block runs; yield the watch (None where there is none: SQLite, or no transport)."""
+    block runs; yield the watch (None where there is none: SQLite, or no transport).
+
+    :param open_probe: returns an engine (autocommit, ``application_name`` ``dm:probe``,
+        connect timeout :data:`PROBE_SECONDS`) for asking the server about ``conn``'s backend.
+    """
     if conn.dialect.name != "postgresql":
         yield None
         return
@@ -251,7 +257,7 @@ async def watching(conn: AsyncConnection, probe_url: URL) -> AsyncIterator[Freez
     if transport is None or not callable(get_pid):
         yield None
         return
-    watch = FreezeWatch(transport, int(get_pid()), probe_url)
+    watch = FreezeWatch(transport, int(get_pid()), open_probe)
     watch._install()
     task = asyncio.create_task(watch._watch(), name="dm-freeze-watch")
     try:

@@ -8,6 +8,7 @@ and the programmatic API use these public names; nothing here prints or exits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import logging
 import os
@@ -350,12 +351,21 @@ class Database:
     def _freeze_watch(self, conn: AsyncConnection) -> contextlib.AbstractAsyncContextManager[Any]:
         """Watch the working connection for a frozen network (``dm.liveness``): PostgreSQL
         on a connection of dm's own, not through a pooler (its backend is not dm's)."""
+        from .db import create_engine
+        from .liveness import PROBE_SECONDS
         from .liveness import watching
         from .urls import through_pooler
 
         if conn.dialect.name != "postgresql" or through_pooler(self.url):
             return contextlib.nullcontext()
-        return watching(conn, self.settings.lock_url())
+        probe = functools.partial(
+            create_engine,
+            self.settings.lock_url(),
+            application_name="dm:probe",
+            autocommit=True,
+            timeout=PROBE_SECONDS,
+        )
+        return watching(conn, probe)
 
 
 @contextlib.asynccontextmanager

@@ -34,6 +34,7 @@ from pydantic_settings import InitSettingsSource
 from pydantic_settings import PydanticBaseSettingsSource
 from pydantic_settings import SettingsConfigDict
 
+from .environments import is_declared
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -523,17 +524,6 @@ def _where_url(given: dict[str, Any], dotenv: Path | None, config: Path) -> str:
             if values.get(name):
                 return f"{name} in {dotenv}"
     return f"sqlalchemy.url in {config}"
-
-
-def same_environment(one: str, other: str) -> bool:
-    """Return whether two environment names are the same: case and surrounding spaces
-    do not count (``Staging`` is ``staging``)."""
-    return one.strip().casefold() == other.strip().casefold()
-
-
-def is_declared(name: str, declared: tuple[str, ...]) -> bool:
-    """Return whether ``name`` is one of ``declared`` (compared by :func:`same_environment`)."""
-    return any(same_environment(name, known) for known in declared)
 
 
 def _where_environment(

@@ -78,7 +78,7 @@ ALLOWED: dict[str, set[str]] = {
         "tracker",
         "transient",  # check --wait: a transient failure during a poll means "not yet"
     },
-    "environments": {"graph", "tracker", "errors", "settings"},
+    "environments": {"graph", "tracker", "errors"},
     "planning": {
         *("_alembic_compat", "environments", "errors", "graph", "schema", "state", "tracker"),
     },
@@ -137,10 +137,10 @@ ALLOWED: dict[str, set[str]] = {
     "lock": {"db", "files", "pooler", "tracker", "errors"},
     "files": {"errors"},
     "db": {"files", "pooler", "urls", "errors", "transient", "liveness"},
-    "liveness": {"db", "errors", "transient"},  # db: the probe connection, imported late
+    "liveness": {"errors", "transient"},
     "pooler": {"errors", "transient"},
     "transient": set(),
-    "settings": {"redaction", "urls", "errors"},
+    "settings": {"redaction", "urls", "errors", "environments"},
     "urls": {"errors"},
     "redaction": {"urls"},
     "privileges": {"errors", "transient"},
