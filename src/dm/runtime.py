@@ -146,11 +146,6 @@ def run_info(settings: Settings) -> RunInfo:
     )
 
 
-def log_environment(settings: Settings) -> None:
-    """Log, at INFO, the environment the guard decides with and where it came from."""
-    log.info("environment %r (from %s)", settings.environment, settings.environment_source)
-
-
 class Database:
     """One working connection, opened on first use, plus the lock around writes."""
 
@@ -179,16 +174,13 @@ class Database:
         if self._announced:
             return
         self._announced = True
-        url_source, environment_source = (
-            source if source.startswith("the ") else f"from {source}"
-            for source in (self.settings.url_source, self.settings.environment_source)
-        )
+        url_source = self.settings.url_source
         log.info(
-            "database %s (%s); environment %s (%s)",
+            "database %s (%s); environment %r (from %s)",
             redact(self.url),
-            url_source,
+            url_source if url_source.startswith("the ") else f"from {url_source}",
             self.settings.environment,
-            environment_source,
+            self.settings.environment_source,
         )
 
     async def close(self) -> None:
@@ -334,7 +326,7 @@ class Database:
                 log.warning(
                     "revision %s: an earlier run died while running it; marked failed", revision
                 )
-            log_environment(self.settings)
+            self.announce()  # the database and environment of this write run, at INFO
             async with conn.begin():
                 latest = await self.tracker.latest(conn)
             assert conn.sync_connection is not None

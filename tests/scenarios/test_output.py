@@ -409,4 +409,4 @@ def test_a_run_starts_by_naming_its_database_and_environment(project: Project) -
     first = result.stderr.splitlines()[0]
     assert "s3cret-pw" not in result.stderr
     assert " INFO  database " in first and "(from DM_DATABASE_URL)" in first
-    assert f"environment staging (from DM_ENVIRONMENT in {project.root / '.env'})" in first
+    assert f"environment 'staging' (from DM_ENVIRONMENT in {project.root / '.env'})" in first

@@ -176,7 +176,6 @@ def test_cli_option_wins_end_to_end(ini: Path, tmp_path: Path) -> None:
     [
         "postgres://u:pw@db.example:5433/app",
         "postgresql://u:pw@db.example:5433/app",
-        "postgresql+psycopg://u:pw@db.example:5433/app",
         "postgresql+psycopg2://u:pw@db.example:5433/app",
         "postgresql+asyncpg://u:pw@db.example:5433/app",
     ],
