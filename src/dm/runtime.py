@@ -97,9 +97,13 @@ class RunResult:
         return not self.planned
 
 
-def load_graph(settings: Settings) -> Graph:
-    """Load and validate the project's revision graph."""
-    return Graph.from_config(settings.alembic_config())
+def load_graph(settings: Settings, *, cached: bool = False) -> Graph:
+    """Load and validate the project's revision graph.
+
+    :param cached: read it from ``dm.graph_cache`` when that matches the files (for a
+        command that runs no hook, or calls ``Graph.ensure_imported`` before it does).
+    """
+    return Graph.from_config(settings.alembic_config(), cached=cached)
 
 
 def tracker_for(settings: Settings, backend: str | None = None) -> Tracker:
@@ -380,6 +384,7 @@ async def execute_plan(
     *,
     dry_run: bool = False,
     schema: AppSchema | None = None,
+    graph: Graph | None = None,
 ) -> RunResult:
     """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
 
@@ -392,12 +397,16 @@ async def execute_plan(
     :param schema: the application's schema migrations, when revisions declare
         ``requires_schema``: a plan (a dry run too) with a step whose schema revisions the
         database lacks is refused whole, before anything is written.
+    :param graph: the graph ``plan`` reads, when it may come from the graph cache: it is
+        loaded by import before anything runs.
     """
     async with open_database(settings) as db:
         steps = plan(await db.read_latest())
         await db.require_schema(schema, steps)
         if dry_run or not steps:
             return RunResult(label, planned(steps), dry_run=dry_run)
+        if graph is not None and graph.from_cache:
+            graph.ensure_imported()  # the plan made again below runs the imported hooks
         async with db.locked() as (recorder, interrupted):
             steps = plan(recorder.latest)
             await db.require_schema(schema, steps)
