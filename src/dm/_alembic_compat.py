@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from alembic.runtime.migration import MigrationContext
@@ -48,9 +49,17 @@ def load_scripts(
         return list(script_dir._load_revisions())
     scripts: list[Script] = []
     seen = set()
+    real_dirs: dict[Path, Path] = {}
     for location in [p for p in script_dir._version_locations if p.exists()]:
         for path in Script._list_py_dir(script_dir, location):
-            real_path = path.resolve()
+            # path.resolve(), resolving each directory once
+            if path.is_symlink():
+                real_path = path.resolve()
+            else:
+                parent = real_dirs.get(path.parent)
+                if parent is None:
+                    parent = real_dirs[path.parent] = path.parent.resolve()
+                real_path = parent / path.name
             if real_path in seen:
                 warn(f"File {real_path} loaded twice! ignoring.")
                 continue

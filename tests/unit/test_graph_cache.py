@@ -279,3 +279,26 @@ def test_check_sees_a_file_edited_after_it_was_applied(project: Project) -> None
 )
 def test_is_static(source: str, static: bool) -> None:
     assert is_static(source.encode()) is static
+
+
+def test_read_only_commands_do_not_import_the_revision_files(project: Project) -> None:
+    imports = project.root / "imports.txt"
+    count = f"open({str(imports)!r}, 'a').write('.')"
+    project.write("aaaa1111", None, extra=count)
+    project.write("bbbb2222", "aaaa1111", extra=count)
+    settle(project)
+    ok(invoke(project, "upgrade"))
+    before = imports.read_text()
+    for args in (("current",), ("status",), ("check",), ("history",), ("upgrade",)):
+        ok(invoke(project, *args))
+    ok(invoke(project, "check", "--wait", "--timeout", "5"))
+    assert imports.read_text() == before
+
+
+def test_dm_revision_writes_the_cache(proj: Project) -> None:
+    proj.write("aaaa1111", None)
+    settle(proj)
+    ok(invoke(proj, "revision", "-m", "add the plans", DM_CONFIG=str(proj.config)))
+    assert cache_file(proj).is_file()
+    graph = load(proj)
+    assert graph.from_cache and len(graph.revisions) == 2
