@@ -472,7 +472,7 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
     hook = getattr(module, name, None)
     if hook is None:
         return None
-    stand_in = graph_cache.STAND_IN_KINDS.get(hook)
+    stand_in = graph_cache.stand_in_kind(hook)
     if stand_in is not None:  # a revision built from the graph cache: the kind it recorded
         return Hook(hook, stand_in)
     expected = (

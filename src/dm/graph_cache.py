@@ -61,7 +61,9 @@ ATTRIBUTES = (
     "requires_complete",
 )
 """The module attributes dm and Alembic read from a revision file (``dm.graph``)."""
-_CONTRACT = frozenset((*ATTRIBUTES, *HOOK_NAMES, "__doc__"))
+_CONTRACT = frozenset((*ATTRIBUTES, *HOOK_NAMES, "__doc__", "__getattr__"))
+"""The names a revision module binds that decide what dm reads from it (a module-level
+``__getattr__`` could answer for any attribute it lacks)."""
 _DYNAMIC_CALLS = frozenset(("globals", "vars", "setattr", "exec", "eval", "__import__"))
 
 
@@ -98,12 +100,18 @@ _STAND_INS: dict[str, Callable[..., Any]] = {
     "op": _op_hook,
     "session": _session_hook,
 }
-STAND_IN_KINDS: dict[Callable[..., Any], Literal["async", "op", "session"]] = {
-    _async_hook: "async",
-    _op_hook: "op",
-    _session_hook: "session",
-}
-"""The kind of each stand-in hook (``dm.graph.HookKind``)."""
+
+
+def stand_in_kind(hook: object) -> Literal["async", "op", "session"] | None:
+    """Return the kind (``dm.graph.HookKind``) of a stand-in hook; None for any other object
+    (compared by identity: a revision's hook may be unhashable)."""
+    if hook is _async_hook:
+        return "async"
+    if hook is _op_hook:
+        return "op"
+    if hook is _session_hook:
+        return "session"
+    return None
 
 
 def cache_path(script_dir: ScriptDirectory) -> Path | None:

@@ -275,6 +275,7 @@ def test_check_sees_a_file_edited_after_it_was_applied(project: Project) -> None
         ('revision = "a"\ntimeout = 3\ntimeout += 1\n', False),
         ('revision = "a"\ntry:\n    import x\nexcept ImportError:\n    x = None\n', True),
         ("revision = (\n", False),
+        ('revision = "a"\ndef __getattr__(name):\n    return 3\n', False),
     ],
 )
 def test_is_static(source: str, static: bool) -> None:
@@ -302,3 +303,17 @@ def test_dm_revision_writes_the_cache(proj: Project) -> None:
     assert cache_file(proj).is_file()
     graph = load(proj)
     assert graph.from_cache and len(graph.revisions) == 2
+
+
+def test_a_hook_that_is_an_unhashable_callable_still_loads(proj: Project) -> None:
+    proj.write(
+        "aaaa1111",
+        None,
+        extra="class Hook:\n    __hash__ = None\n    def __call__(self, session):\n"
+        "        pass\nverify = Hook()",
+    )
+    settle(proj)
+    for _ in range(2):
+        graph = load(proj)
+        assert graph.revision("aaaa1111").verify is not None
+        assert not graph.from_cache  # a hook bound to an instance: not static
