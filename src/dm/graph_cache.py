@@ -354,6 +354,6 @@ def _escapes(root: ast.AST) -> bool:
             return True
         if isinstance(node, ast.Name) and node.id in _DYNAMIC_CALLS:
             return True
-        if isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__"):
+        if isinstance(node, ast.Attribute) and node.attr in ("modules", "__dict__", "f_globals"):
             return True
     return False

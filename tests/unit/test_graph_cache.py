@@ -276,6 +276,10 @@ def test_check_sees_a_file_edited_after_it_was_applied(project: Project) -> None
         ('revision = "a"\ntry:\n    import x\nexcept ImportError:\n    x = None\n', True),
         ("revision = (\n", False),
         ('revision = "a"\ndef __getattr__(name):\n    return 3\n', False),
+        (
+            'revision = "a"\nimport inspect\ninspect.currentframe().f_globals["timeout"] = 3\n',
+            False,
+        ),
     ],
 )
 def test_is_static(source: str, static: bool) -> None:
