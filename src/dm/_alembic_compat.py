@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from alembic import context as alembic_context
@@ -21,6 +23,7 @@ from alembic.script import Script
 from alembic.script import ScriptDirectory
 from alembic.script.revision import Revision
 from alembic.script.revision import RevisionMap
+from alembic.util import warn
 
 _REQUIRED = (
     (ScriptDirectory, "_load_revisions"),
@@ -29,6 +32,8 @@ _REQUIRED = (
     (Revision, "_all_down_revisions"),
     (EnvironmentContext, "_install_proxy"),
     (EnvironmentContext, "_remove_proxy"),
+    (Script, "_list_py_dir"),
+    (Script, "_from_path"),
 )
 for _owner, _name in _REQUIRED:
     if not hasattr(_owner, _name):  # pragma: no cover - only with an unsupported Alembic
@@ -38,9 +43,39 @@ for _owner, _name in _REQUIRED:
         )
 
 
-def load_scripts(script_dir: ScriptDirectory) -> list[Script]:
-    """Import every revision file of ``script_dir``, in directory order."""
-    return list(script_dir._load_revisions())
+def load_scripts(
+    script_dir: ScriptDirectory, reuse: Mapping[str, Script] | None = None
+) -> list[Script]:
+    """Import every revision file of ``script_dir``, in directory order.
+
+    :param reuse: scripts to take instead of importing their file, by the file's resolved
+        path (``dm.graph_cache``); the walk is that of ``ScriptDirectory._load_revisions``.
+    """
+    if not reuse:
+        return list(script_dir._load_revisions())
+    scripts: list[Script] = []
+    seen = set()
+    real_dirs: dict[Path, Path] = {}
+    for location in [p for p in script_dir._version_locations if p.exists()]:
+        for path in Script._list_py_dir(script_dir, location):
+            # path.resolve(), resolving each directory once
+            if path.is_symlink():
+                real_path = path.resolve()
+            else:
+                parent = real_dirs.get(path.parent)
+                if parent is None:
+                    parent = real_dirs[path.parent] = path.parent.resolve()
+                real_path = parent / path.name
+            if real_path in seen:
+                warn(f"File {real_path} loaded twice! ignoring.")
+                continue
+            seen.add(real_path)
+            script = reuse.get(str(real_path))
+            if script is None:
+                script = Script._from_path(script_dir, real_path)
+            if script is not None:
+                scripts.append(script)
+    return scripts
 
 
 def use_scripts(script_dir: ScriptDirectory, scripts: Sequence[Script]) -> None:

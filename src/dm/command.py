@@ -218,13 +218,13 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
     :param target: ``heads``, ``head``, a revision, ``branch@head``, ``+N``...
     :param dry_run: only return the plan.
     """
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)  # imported before anything runs
     schema = AppSchema.for_graph(settings, graph)
 
     def plan(latest: Mapping[str, Attempt]) -> list[Step]:
         return planning.plan_upgrade(graph, target, latest, settings.environment)
 
-    return await execute_plan(settings, target, plan, dry_run=dry_run, schema=schema)
+    return await execute_plan(settings, target, plan, dry_run=dry_run, schema=schema, graph=graph)
 
 
 async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
@@ -295,7 +295,7 @@ async def stamp(
 
 async def current(settings: Settings) -> CurrentResult:
     """Show the applied heads, as recorded in the tracker."""
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     async with open_database(settings) as db:
         latest = await db.read_latest()
     heads = graph.applied_heads(planning.applied_revisions(latest))
@@ -305,7 +305,7 @@ async def current(settings: Settings) -> CurrentResult:
 
 async def status(settings: Settings) -> list[RevisionStatus]:
     """Show every revision with its state and latest attempt, oldest revision first."""
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     async with open_database(settings) as db:
         latest = await db.read_latest()
         died = await db.died(latest)
@@ -390,7 +390,7 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
 
     :param allow_modified: do not fail on revision files changed since they were applied.
     """
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     schema = AppSchema.for_graph(settings, graph)
     async with open_database(settings) as db:
         return await _check(settings, graph, db, allow_modified, schema)
@@ -467,7 +467,7 @@ async def check_wait(
     from .errors import TransientFailure
     from .transient import is_transient
 
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     schema = AppSchema.for_graph(settings, graph)
     # The polls retry on their own schedule: no start-up retry inside a poll.
     settings = settings.model_copy(update={"connect_retry_seconds": 0.0})
@@ -540,19 +540,19 @@ def _waiting_for(result: CheckResult) -> str:
 
 def heads(settings: Settings) -> list[RevisionInfo]:
     """Show the head revisions of the graph."""
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     return [RevisionInfo.of(graph.revision(rev)) for rev in graph.heads]
 
 
 def branches(settings: Settings) -> list[RevisionInfo]:
     """Show the revisions where the graph branches."""
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     return [RevisionInfo.of(graph.revision(s.revision)) for s in graph.walk() if s.is_branch_point]
 
 
 def history(settings: Settings, rev_range: str | None = None) -> list[RevisionInfo]:
     """Show revisions newest first, optionally limited to ``start:end``."""
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     base, head = "base", "heads"
     if rev_range:
         if ":" not in rev_range:
@@ -568,7 +568,7 @@ def history(settings: Settings, rev_range: str | None = None) -> list[RevisionIn
 
 def show(settings: Settings, revision: str) -> list[RevisionInfo]:
     """Show the revision(s) a target names."""
-    graph = load_graph(settings)
+    graph = load_graph(settings, cached=True)
     found = graph.resolve(revision)
     if not found:
         raise UnknownTarget(f"no revision matches {revision!r}")
@@ -640,7 +640,8 @@ def revision(
                     depends_on=tuple(depends_on) or None,
                 )
             )
-        loaded = Graph.from_config(_quiet(settings.alembic_config()))  # the new file must load
+        # the new file must load; the graph cache is refreshed
+        loaded = Graph.from_config(_quiet(settings.alembic_config()), cached=True)
     if len(loaded.heads) > max(len(graph.heads), 1):
         log.warning(
             "revision %s makes a new head: the graph now has %d heads (%s); 'dm upgrade heads' "
@@ -725,7 +726,8 @@ def merge(
             raise UsageError(f"cannot merge: {' '.join(str(exc).split())}") from None
         if script is None:
             raise UsageError("cannot merge: Alembic returned no script")
-        loaded = Graph.from_config(_quiet(settings.alembic_config()))  # the new file must load
+        # the new file must load; the graph cache is refreshed
+        loaded = Graph.from_config(_quiet(settings.alembic_config()), cached=True)
     return RevisionInfo.of(loaded.revision(script.revision))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 
 from . import _alembic_compat as compat
+from . import graph_cache
 from .errors import RevisionFileError
 from .errors import UnknownTarget
 from .errors import one_line
@@ -153,6 +155,8 @@ class Revision:
 
 def checksum(script: Script) -> str:
     """Return the sha256 of the revision file, line endings normalised."""
+    if isinstance(script, graph_cache.CachedScript):
+        return script.checksum
     data = Path(script.path).read_bytes().replace(b"\r\n", b"\n")
     return hashlib.sha256(data).hexdigest()
 
@@ -173,10 +177,18 @@ class Graph:
         self.revisions = revisions
         self.scripts = [revision.script for revision in revisions]
         self._by_id = {revision.id: revision for revision in revisions}
+        self.from_cache = False
+        """True: built from ``dm.graph_cache``, its hooks cannot run (``ensure_imported``)."""
+        self._config: Config | None = None
 
     @classmethod
-    def from_config(cls, config: Config) -> Graph:
-        """Load every revision file and check it against dm's revision contract."""
+    def from_config(cls, config: Config, *, cached: bool = False) -> Graph:
+        """Load every revision file and check it against dm's revision contract.
+
+        :param cached: read the files' declarations from ``dm.graph_cache`` when it
+            matches them (the revisions' hooks then cannot run until ``ensure_imported``),
+            and refresh it after an import.
+        """
         location = config.get_main_option("script_location") or ""
         if location and ":" not in location and not Path(location).is_dir():
             raise RevisionFileError(
@@ -195,7 +207,10 @@ class Graph:
                     f"{display_path(version_dir)} does not exist (create it, or fix "
                     "script_location / version_locations)"
                 )
-        scripts = _import_scripts(script_dir, version_dirs)
+        reuse = graph_cache.load(script_dir) if cached else {}
+        imported_at_ns = time.time_ns()
+        scripts = _import_scripts(script_dir, version_dirs, reuse)
+        from_cache = any(isinstance(s, graph_cache.CachedScript) for s in scripts)
         revisions = _check_contract(scripts)
         compat.use_scripts(script_dir, scripts)
         try:
@@ -208,7 +223,27 @@ class Graph:
                 f"{display_path(script_dir.versions)}: {one_line(exc)}{files}"
             ) from None
         _check_requires_complete(revisions)
-        return cls(script_dir, revisions)
+        graph = cls(script_dir, revisions)
+        graph.from_cache, graph._config = from_cache, config
+        if cached and not all(isinstance(s, graph_cache.CachedScript) for s in scripts):
+            graph_cache.save(
+                script_dir,
+                scripts,
+                {r.id: {name: _kind(getattr(r, name)) for name in HOOKS} for r in revisions},
+                {r.id: checksum(r.script) for r in revisions},
+                imported_at_ns,
+            )
+        return graph
+
+    def ensure_imported(self) -> None:
+        """Make a graph built from the cache runnable: load it again by importing every
+        revision file (any problem is raised as the import finds it)."""
+        if not self.from_cache or self._config is None:
+            return
+        loaded = Graph.from_config(self._config)
+        self.script_dir, self.revisions = loaded.script_dir, loaded.revisions
+        self.scripts, self._by_id = loaded.scripts, loaded._by_id
+        self.from_cache = False
 
     @property
     def version_dirs(self) -> list[Path]:
@@ -279,11 +314,19 @@ class Graph:
         return [self._by_id[script.revision] for script in scripts]
 
 
-def _import_scripts(script_dir: ScriptDirectory, version_dirs: list[Path]) -> list[Script]:
+def _kind(hook: Hook | None) -> str | None:
+    return None if hook is None else hook.kind
+
+
+def _import_scripts(
+    script_dir: ScriptDirectory,
+    version_dirs: list[Path],
+    reuse: Mapping[str, Script] | None = None,
+) -> list[Script]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return compat.load_scripts(script_dir)
+            return compat.load_scripts(script_dir, reuse)
     except SyntaxError as exc:
         if not exc.filename:  # e.g. a NUL byte: Python names no file
             where = _file_with_nul(version_dirs)
@@ -461,6 +504,9 @@ def _hook(module: ModuleType, name: str) -> Hook | None:
     hook = getattr(module, name, None)
     if hook is None:
         return None
+    stand_in = graph_cache.stand_in_kind(hook)
+    if stand_in is not None:  # a revision built from the graph cache: the kind it recorded
+        return Hook(hook, stand_in)
     expected = (
         f"{name}() must be 'async def {name}(session)', Alembic-style 'def {name}()' using "
         f"op, or 'def {name}(session)' taking a sync Session"

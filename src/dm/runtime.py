@@ -99,13 +99,17 @@ class RunResult:
         return not self.planned
 
 
-def load_graph(settings: Settings) -> Graph:
+def load_graph(settings: Settings, *, cached: bool = False) -> Graph:
     """Load and validate the project's revision graph (and the environment names its
-    revisions use, against ``dm.environments`` when it is set)."""
+    revisions use, against ``dm.environments`` when it is set).
+
+    :param cached: read it from ``dm.graph_cache`` when that matches the files (for a
+        command that runs no hook, or calls ``Graph.ensure_imported`` before it does).
+    """
     from .environments import check_declared
 
     config = settings.alembic_config()
-    graph = Graph.from_config(config)
+    graph = Graph.from_config(config, cached=cached)
     check_declared(graph.revisions, settings.declared_environments)
     if (config.get_main_option("prepend_sys_path") or "").strip() in (".", "./"):
         log.warning(
@@ -456,6 +460,7 @@ async def execute_plan(
     *,
     dry_run: bool = False,
     schema: AppSchema | None = None,
+    graph: Graph | None = None,
 ) -> RunResult:
     """Plan from the tracker, then take the lock, re-plan and run: the one path that writes.
 
@@ -468,6 +473,8 @@ async def execute_plan(
     :param schema: the application's schema migrations, when revisions declare
         ``requires_schema``: a plan (a dry run too) with a step whose schema revisions the
         database lacks is refused whole, before anything is written.
+    :param graph: the graph ``plan`` reads, when it may come from the graph cache: it is
+        loaded by import before anything runs.
     """
     async with open_database(settings) as db:
         steps = plan(await db.read_latest())
@@ -476,6 +483,8 @@ async def execute_plan(
             if dry_run:
                 db.announce()  # say which database and environment the plan is for
             return RunResult(label, planned(steps), dry_run=dry_run)
+        if graph is not None and graph.from_cache:
+            graph.ensure_imported()  # the plan made again below runs the imported hooks
         async with db.locked() as (recorder, interrupted):
             db.announce()  # the run starts: say which database and environment it works on
             steps = plan(recorder.latest)
