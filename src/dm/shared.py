@@ -133,6 +133,7 @@ class SharedDatabase(Database):
         self._conn = self._given
         self.run = run_info(settings)
         self._exit = contextlib.AsyncExitStack()
+        self._announced = False
 
     async def close(self) -> None:
         await self._exit.aclose()  # the connection and engine stay the caller's
