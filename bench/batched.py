@@ -432,10 +432,10 @@ RUNNERS: dict[str, Variant] = {
 
 def make_project(root: Path, size: int, transactional: bool, rows: bool = False) -> Path:
     """``dm init`` a project under ``root`` holding the one backfill revision."""
-    from dm import command
+    from dm import verbs
 
     directory = root / ("project-rows" if rows else "project")
-    command.init(directory)
+    verbs.init(directory)
     text = REVISION.format(
         rev=REVISION_ID,
         size=size,
@@ -489,7 +489,7 @@ def child_rss(project: Path) -> tuple[int, int]:
     import alembic.script  # noqa: F401 - imported by the run anyway; counted in "before"
 
     import dm
-    import dm.command  # noqa: F401
+    import dm.verbs  # noqa: F401
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result = dm.upgrade_sync("heads", config=project / "alembic.ini")

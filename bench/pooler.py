@@ -1,6 +1,6 @@
 """Measure what the pooler-safe route costs on a direct PostgreSQL connection.
 
-A database URL with ``statement_cache_size=0`` is used the pooled way (``dm.db``): every
+A database URL with ``statement_cache_size=0`` is used the pooled way (``dm.config.engines``): every
 statement is prepared unnamed and cached nowhere (one more round trip per statement, and
 a new plan each time), each transaction begins with one ``set_config(..., true)``
 statement instead of the session ``SET``s, and the pending row is inserted in a
@@ -109,10 +109,10 @@ async def reset(url: str, rows: int) -> None:
 
 async def transactions(url: str, count: int) -> None:
     """(a) ``count`` transactions of three statements on a dm engine, settings as dm's."""
-    from dm.db import create_engine
-    from dm.db import transaction_settings
-    from dm.urls import normalise_url
-    from dm.urls import through_pooler
+    from dm.config.engines import create_engine
+    from dm.config.engines import transaction_settings
+    from dm.config.urls import normalise_url
+    from dm.config.urls import through_pooler
 
     parsed = normalise_url(url, "url")
     engine = create_engine(parsed)
@@ -145,10 +145,10 @@ async def dm_upgrade(project: Path, url: str) -> None:
 
 
 def make_project(root: Path, name: str, files: dict[str, str]) -> Path:
-    from dm import command
+    from dm import verbs
 
     directory = root / name
-    command.init(directory)
+    verbs.init(directory)
     for filename, text in files.items():
         (directory / "data_migrations" / "versions" / filename).write_text(text)
     return directory

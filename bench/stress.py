@@ -289,13 +289,13 @@ class Project:
 
 @contextlib.contextmanager
 def make_project(kind: str, admin_url: str) -> Iterator[Project]:
-    from dm import command
+    from dm import verbs
 
     with tempfile.TemporaryDirectory(prefix="dm-stress-") as tmp:
         directory = Path(tmp)
         db: Database = Postgres(admin_url) if kind == "postgresql" else Sqlite(directory)
         try:
-            command.init(directory / "proj")
+            verbs.init(directory / "proj")
             yield Project(directory / "proj", db, directory / "executions.log")
         finally:
             db.close()

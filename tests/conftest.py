@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from click.testing import Result
 
-from dm import command
+from dm import verbs
 from dm.cli import main
 
 PG_HOST = os.environ.get("DM_TEST_PG_HOST", "127.0.0.1")
@@ -284,7 +284,7 @@ class Project:
         return path
 
     def settings(self, **values: Any) -> Any:
-        from dm.settings import Settings
+        from dm.config.settings import Settings
 
         return Settings.load(config_file=self.config, database_url=self.db.url, **values)
 
@@ -295,7 +295,7 @@ def project(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Pr
     for name in ("DM_DATABASE_URL", "DATABASE_URL", "DM_CONFIG", "DM_ENVIRONMENT", "ENVIRONMENT"):
         monkeypatch.delenv(name, raising=False)
     root = tmp_path / "proj"
-    command.init(root)
+    verbs.init(root)
     monkeypatch.chdir(root)
     return Project(root, db)
 
@@ -340,8 +340,8 @@ def attempt_of(rev: str, status: Any, direction: str = "upgrade") -> Any:
     from datetime import UTC
     from datetime import datetime
 
-    from dm.tracker import Attempt
-    from dm.tracker import Status
+    from dm.core.state import Attempt
+    from dm.engine.tracker import Status
 
     now = datetime.now(UTC)
     in_effect = None if status is Status.FAILED else status  # a failed one rolled back whole
@@ -353,7 +353,7 @@ def attempt_of(rev: str, status: Any, direction: str = "upgrade") -> Any:
 
 def applied(*revisions: str) -> dict[str, Any]:
     """Latest attempts in which each of ``revisions`` is applied."""
-    from dm.tracker import Status
+    from dm.engine.tracker import Status
 
     return {rev: attempt_of(rev, Status.SUCCESS) for rev in revisions}
 

@@ -9,40 +9,40 @@ from __future__ import annotations
 
 import typing as _typing
 
-from .errors import DmError
+from dm.core.errors import DmError
+from dm.core.version import __version__
 
 if _typing.TYPE_CHECKING:
-    from .api import cancel
-    from .api import cancel_sync
-    from .api import check
-    from .api import check_sync
-    from .api import current
-    from .api import current_sync
-    from .api import downgrade
-    from .api import downgrade_sync
-    from .api import info
-    from .api import info_sync
-    from .api import pause
-    from .api import pause_sync
-    from .api import resolve
-    from .api import resolve_sync
-    from .api import resume
-    from .api import resume_sync
-    from .api import rollback
-    from .api import rollback_sync
-    from .api import run
-    from .api import run_sync
-    from .api import status
-    from .api import status_sync
-    from .api import upgrade
-    from .api import upgrade_sync
-    from .api import verify
-    from .api import verify_sync
-    from .batching import batched
-    from .hooks import autocommit
-    from .hooks import execute_script
+    from dm.api import cancel
+    from dm.api import cancel_sync
+    from dm.api import check
+    from dm.api import check_sync
+    from dm.api import current
+    from dm.api import current_sync
+    from dm.api import downgrade
+    from dm.api import downgrade_sync
+    from dm.api import info
+    from dm.api import info_sync
+    from dm.api import pause
+    from dm.api import pause_sync
+    from dm.api import resolve
+    from dm.api import resolve_sync
+    from dm.api import resume
+    from dm.api import resume_sync
+    from dm.api import rollback
+    from dm.api import rollback_sync
+    from dm.api import run
+    from dm.api import run_sync
+    from dm.api import status
+    from dm.api import status_sync
+    from dm.api import upgrade
+    from dm.api import upgrade_sync
+    from dm.api import verify
+    from dm.api import verify_sync
+    from dm.backfill.batching import batched
+    from dm.engine.hooks import autocommit
+    from dm.engine.hooks import execute_script
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DmError",
@@ -82,15 +82,15 @@ __all__ = [
 def __getattr__(name: str) -> _typing.Any:
     """Import the programmatic API on first use, so ``import dm`` stays light."""
     if name == "batched":
-        from .batching import batched
+        from dm.backfill.batching import batched
 
         return batched
     if name in ("autocommit", "execute_script"):
-        from . import hooks
+        from dm.engine import hooks
 
         return getattr(hooks, name)
     if name in __all__ and name not in ("DmError", "__version__"):
-        from . import api
+        from dm import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'dm' has no attribute {name!r}")

@@ -8,10 +8,10 @@
     dm.upgrade_sync("heads", config="alembic.ini")        # from synchronous code
 
 Each coroutine takes the project's config file (``config``) or a ready
-:class:`dm.settings.Settings` (``settings``); with neither, settings come from the
+:class:`dm.config.settings.Settings` (``settings``); with neither, settings come from the
 environment and ``./alembic.ini`` as for the CLI. Writing functions take the migration
 lock and record every attempt, exactly like the CLI. They return the same result objects
-(``dm.command.RunResult`` ...) and raise :class:`dm.DmError` subclasses instead of exiting.
+(``dm.verbs.RunResult`` ...) and raise :class:`dm.DmError` subclasses instead of exiting.
 No signal handler is installed: the application keeps its own.
 
 Each coroutine has a ``*_sync`` twin. It runs the coroutine with ``asyncio.run``; called
@@ -24,32 +24,35 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 from collections.abc import Awaitable
 from collections.abc import Callable
+from collections.abc import Coroutine
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from typing import Any
 from typing import ParamSpec
 from typing import TypeVar
 
 if TYPE_CHECKING:
-    from .command import CheckResult
-    from .command import CurrentResult
-    from .command import RevisionStatus
-    from .command import RunResult
-    from .operations import ControlResult
-    from .operations import InfoResult
-    from .operations import ResolveResult
-    from .operations import VerifyResult
-    from .settings import Settings
+    from dm.config.settings import Settings
+    from dm.engine.execution import RunResult
+    from dm.verbs import CheckResult
+    from dm.verbs import ControlResult
+    from dm.verbs import CurrentResult
+    from dm.verbs import InfoResult
+    from dm.verbs import ResolveResult
+    from dm.verbs import RevisionStatus
+    from dm.verbs import VerifyResult
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 def _settings(config: str | Path | None, settings: Settings | None) -> Settings:
-    from .errors import UsageError
-    from .settings import Settings
+    from dm.config.settings import Settings
+    from dm.core.errors import UsageError
 
     if settings is not None:
         if config is not None:
@@ -66,9 +69,9 @@ async def upgrade(
     dry_run: bool = False,
 ) -> RunResult:
     """Upgrade to ``target`` (default: every head), as ``dm upgrade``."""
-    from . import command
+    from dm import verbs
 
-    return await command.upgrade(_settings(config, settings), target, dry_run=dry_run)
+    return await verbs.upgrade(_settings(config, settings), target, dry_run=dry_run)
 
 
 async def downgrade(
@@ -79,27 +82,27 @@ async def downgrade(
     dry_run: bool = False,
 ) -> RunResult:
     """Downgrade to ``target``, as ``dm downgrade``."""
-    from . import command
+    from dm import verbs
 
-    return await command.downgrade(_settings(config, settings), target, dry_run=dry_run)
+    return await verbs.downgrade(_settings(config, settings), target, dry_run=dry_run)
 
 
 async def current(
     *, config: str | Path | None = None, settings: Settings | None = None
 ) -> CurrentResult:
     """Return the applied heads, as ``dm current``."""
-    from . import command
+    from dm import verbs
 
-    return await command.current(_settings(config, settings))
+    return await verbs.current(_settings(config, settings))
 
 
 async def status(
     *, config: str | Path | None = None, settings: Settings | None = None
 ) -> list[RevisionStatus]:
     """Return every revision's latest attempt, as ``dm status``."""
-    from . import command
+    from dm import verbs
 
-    return await command.status(_settings(config, settings))
+    return await verbs.status(_settings(config, settings))
 
 
 async def check(
@@ -109,9 +112,9 @@ async def check(
     allow_modified: bool = False,
 ) -> CheckResult:
     """Return what is pending, failed, running, missing or modified, as ``dm check``."""
-    from . import command
+    from dm import verbs
 
-    return await command.check(_settings(config, settings), allow_modified=allow_modified)
+    return await verbs.check(_settings(config, settings), allow_modified=allow_modified)
 
 
 async def run(
@@ -125,9 +128,9 @@ async def run(
     ignore_environment: bool = False,
 ) -> RunResult:
     """Run one revision's upgrade, as ``dm run`` (the old ``script.run_script()``)."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.run(
+    return await verbs.run(
         _settings(config, settings),
         revision,
         force=force,
@@ -145,9 +148,9 @@ async def rollback(
     dry_run: bool = False,
 ) -> RunResult:
     """Run one revision's downgrade, as ``dm rollback``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.rollback(_settings(config, settings), revision, dry_run=dry_run)
+    return await verbs.rollback(_settings(config, settings), revision, dry_run=dry_run)
 
 
 async def verify(
@@ -157,9 +160,9 @@ async def verify(
     settings: Settings | None = None,
 ) -> VerifyResult:
     """Re-run ``verify()`` of applied revisions read-only, as ``dm verify``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.verify(_settings(config, settings), revisions)
+    return await verbs.verify(_settings(config, settings), revisions)
 
 
 async def resolve(
@@ -171,9 +174,9 @@ async def resolve(
     settings: Settings | None = None,
 ) -> ResolveResult:
     """Record that a failed revision was fixed by hand, as ``dm resolve``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.resolve(
+    return await verbs.resolve(
         _settings(config, settings), revision, as_status=as_status, reason=reason
     )
 
@@ -187,9 +190,9 @@ async def pause(
 ) -> ControlResult:
     """Ask the run working on a batched revision to stop at its next batch boundary, as
     ``dm pause``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.pause(_settings(config, settings), revision, reason=reason)
+    return await verbs.pause(_settings(config, settings), revision, reason=reason)
 
 
 async def resume(
@@ -200,9 +203,9 @@ async def resume(
     settings: Settings | None = None,
 ) -> RunResult:
     """Resume a batched revision stopped part-way from its checkpoint, as ``dm resume``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.resume(_settings(config, settings), revision, dry_run=dry_run)
+    return await verbs.resume(_settings(config, settings), revision, dry_run=dry_run)
 
 
 async def cancel(
@@ -216,18 +219,18 @@ async def cancel(
 ) -> ControlResult:
     """Stop a batched revision and settle it (start over, or with ``skip`` never run it
     again), as ``dm cancel``; ``stuck_after`` as ``--stuck-after``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.cancel(
+    return await verbs.cancel(
         _settings(config, settings), revision, reason=reason, skip=skip, stuck_after=stuck_after
     )
 
 
 async def info(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
     """Describe the environment, database, project, tracker and lock, as ``dm info``."""
-    from . import operations
+    from dm import verbs
 
-    return await operations.info(_settings(config, settings))
+    return await verbs.info(_settings(config, settings))
 
 
 def blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -252,153 +255,29 @@ def blocking(fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -
         return pool.submit(asyncio.run, call()).result()
 
 
-def upgrade_sync(
-    target: str = "heads",
-    *,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-    dry_run: bool = False,
-) -> RunResult:
-    """Blocking :func:`upgrade`."""
-    return blocking(upgrade, target, config=config, settings=settings, dry_run=dry_run)
+def _blocking_twin(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """Return the blocking twin of the coroutine function ``fn``: it runs ``fn`` with
+    :func:`blocking` and has ``fn``'s parameters, named ``<fn>_sync``."""
+
+    @functools.wraps(fn)
+    def twin(*args: P.args, **kwargs: P.kwargs) -> T:
+        return blocking(fn, *args, **kwargs)
+
+    twin.__name__ = twin.__qualname__ = f"{fn.__name__}_sync"
+    twin.__doc__ = f"Blocking :func:`{fn.__name__}`."
+    return twin
 
 
-def downgrade_sync(
-    target: str,
-    *,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-    dry_run: bool = False,
-) -> RunResult:
-    """Blocking :func:`downgrade`."""
-    return blocking(downgrade, target, config=config, settings=settings, dry_run=dry_run)
-
-
-def current_sync(
-    *, config: str | Path | None = None, settings: Settings | None = None
-) -> CurrentResult:
-    """Blocking :func:`current`."""
-    return blocking(current, config=config, settings=settings)
-
-
-def status_sync(
-    *, config: str | Path | None = None, settings: Settings | None = None
-) -> list[RevisionStatus]:
-    """Blocking :func:`status`."""
-    return blocking(status, config=config, settings=settings)
-
-
-def check_sync(
-    *,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-    allow_modified: bool = False,
-) -> CheckResult:
-    """Blocking :func:`check`."""
-    return blocking(check, config=config, settings=settings, allow_modified=allow_modified)
-
-
-def run_sync(
-    revision: str,
-    *,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-    force: bool = False,
-    reason: str | None = None,
-    dry_run: bool = False,
-    ignore_environment: bool = False,
-) -> RunResult:
-    """Blocking :func:`run`."""
-    return blocking(
-        run,
-        revision,
-        config=config,
-        settings=settings,
-        force=force,
-        reason=reason,
-        dry_run=dry_run,
-        ignore_environment=ignore_environment,
-    )
-
-
-def rollback_sync(
-    revision: str,
-    *,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-    dry_run: bool = False,
-) -> RunResult:
-    """Blocking :func:`rollback`."""
-    return blocking(rollback, revision, config=config, settings=settings, dry_run=dry_run)
-
-
-def verify_sync(
-    revisions: Sequence[str] = (),
-    *,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-) -> VerifyResult:
-    """Blocking :func:`verify`."""
-    return blocking(verify, revisions, config=config, settings=settings)
-
-
-def resolve_sync(
-    revision: str,
-    *,
-    as_status: str,
-    reason: str,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-) -> ResolveResult:
-    """Blocking :func:`resolve`."""
-    return blocking(
-        resolve, revision, as_status=as_status, reason=reason, config=config, settings=settings
-    )
-
-
-def info_sync(*, config: str | Path | None = None, settings: Settings | None = None) -> InfoResult:
-    """Blocking :func:`info`."""
-    return blocking(info, config=config, settings=settings)
-
-
-def pause_sync(
-    revision: str,
-    *,
-    reason: str | None = None,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-) -> ControlResult:
-    """Blocking :func:`pause`."""
-    return blocking(pause, revision, reason=reason, config=config, settings=settings)
-
-
-def resume_sync(
-    revision: str,
-    *,
-    dry_run: bool = False,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-) -> RunResult:
-    """Blocking :func:`resume`."""
-    return blocking(resume, revision, dry_run=dry_run, config=config, settings=settings)
-
-
-def cancel_sync(
-    revision: str,
-    *,
-    reason: str | None = None,
-    skip: bool = False,
-    stuck_after: float | None = None,
-    config: str | Path | None = None,
-    settings: Settings | None = None,
-) -> ControlResult:
-    """Blocking :func:`cancel`."""
-    return blocking(
-        cancel,
-        revision,
-        reason=reason,
-        skip=skip,
-        stuck_after=stuck_after,
-        config=config,
-        settings=settings,
-    )
+upgrade_sync = _blocking_twin(upgrade)
+downgrade_sync = _blocking_twin(downgrade)
+current_sync = _blocking_twin(current)
+status_sync = _blocking_twin(status)
+check_sync = _blocking_twin(check)
+run_sync = _blocking_twin(run)
+rollback_sync = _blocking_twin(rollback)
+verify_sync = _blocking_twin(verify)
+resolve_sync = _blocking_twin(resolve)
+pause_sync = _blocking_twin(pause)
+resume_sync = _blocking_twin(resume)
+cancel_sync = _blocking_twin(cancel)
+info_sync = _blocking_twin(info)

@@ -237,7 +237,7 @@ def test_lock_is_held_until_the_caller_ends_its_transaction(
 ) -> None:
     """Inside the caller's transaction the lock is a transaction lock: another run waits for
     the caller's commit, which is when dm's work becomes visible."""
-    from dm import command as dm_command
+    from dm import verbs as dm_command
 
     for name in ("DM_DATABASE_URL", "DATABASE_URL", "DM_CONFIG", "DM_ENVIRONMENT"):
         monkeypatch.delenv(name, raising=False)

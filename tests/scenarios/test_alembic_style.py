@@ -507,7 +507,7 @@ def test_autocommit_outside_a_run_is_refused() -> None:
     import asyncio
 
     import dm
-    from dm.batching import BatchingError
+    from dm.backfill.batching import BatchingError
 
     async def outside() -> None:
         async with dm.autocommit(None):  # type: ignore[arg-type]

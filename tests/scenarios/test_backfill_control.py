@@ -24,7 +24,7 @@ from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
 from dm import api
-from dm.errors import UsageError
+from dm.core.errors import UsageError
 
 POSTGRES_ONLY = pytest.mark.parametrize(
     "db", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True

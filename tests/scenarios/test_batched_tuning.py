@@ -1,4 +1,4 @@
-"""dm.batched's self-tuning batch size, ``pause_when`` and the ``dm.backoff`` predicates."""
+"""dm.batched's self-tuning batch size, ``pause_when`` and ``dm.backfill.backoff``'s predicates."""
 
 from __future__ import annotations
 

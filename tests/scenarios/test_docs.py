@@ -114,9 +114,9 @@ def test_reference_names_every_command_and_option() -> None:
 
 
 def test_reference_names_every_setting_and_exit_code() -> None:
-    from dm import errors
-    from dm.settings import _ENV_NAMES
-    from dm.settings import Settings
+    from dm.config.settings import _ENV_NAMES
+    from dm.config.settings import Settings
+    from dm.core import errors
 
     settings = _section("## Settings")
     for field in Settings.model_fields:

@@ -16,8 +16,8 @@ from conftest import Database
 from conftest import Project
 from conftest import invoke
 from conftest import ok
-from dm.errors import IrreversiblePlan
-from dm.tracker import Status
+from dm.core.errors import IrreversiblePlan
+from dm.engine.tracker import Status
 
 SYNC, USERS, CLEANUP = "4e8d2a6c1f93", "7a1c5e9b3d20", "9f3b7d2e5a61"
 BACKFILL = "94fea9b2a5d5"

@@ -17,7 +17,7 @@ from conftest import invoke
 from conftest import make_sqlite
 from conftest import ok
 from conftest import run_in_process
-from dm import command
+from dm import verbs
 
 SQLITE_ONLY = pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 
@@ -131,7 +131,7 @@ def test_init_never_overwrites_nor_follows_links(tmp_path: Path) -> None:
     custom = "## our own revision template\n"
     (scripts / "script.py.mako").write_text(custom)
     with pytest.raises(Exception, match="script.py.mako already exists"):
-        command.init(root)
+        verbs.init(root)
     assert (scripts / "script.py.mako").read_text() == custom
     assert not (root / "alembic.ini").exists() and not (scripts / "env.py").exists()
 
@@ -141,14 +141,14 @@ def test_init_never_overwrites_nor_follows_links(tmp_path: Path) -> None:
     other.mkdir()
     (other / "alembic.ini").symlink_to(victim)
     with pytest.raises(Exception, match="not a regular file"):
-        command.init(other)
+        verbs.init(other)
     assert victim.read_text() == "[app]\nkey = 1\n"
 
     dangling = tmp_path / "dangling"
     (dangling / "data_migrations").mkdir(parents=True)
     (dangling / "data_migrations" / "README").symlink_to(tmp_path / "nowhere")
     with pytest.raises(Exception, match="README already exists"):
-        command.init(dangling)
+        verbs.init(dangling)
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -210,7 +210,7 @@ def test_stored_control_characters_are_escaped_when_printed(project: Project) ->
 
 
 def test_printable_keeps_newlines_and_tabs() -> None:
-    from dm.printable import printable
+    from dm.core.printable import printable
 
     assert printable("a\tb\nc") == "a\tb\nc"
     assert printable("a\x1b[31m\u202e\r") == "a\\x1b[31m\\u202e\\x0d"

@@ -182,10 +182,10 @@ def test_three_containers_at_once_do_the_work_once(image: str, postgres_db: Data
 
 def _blocking_project(tmp_path: Path) -> Path:
     """A project whose one revision writes a row, then waits (for docker stop)."""
-    from dm import command
+    from dm import verbs
 
     root = tmp_path / "proj"
-    command.init(root)
+    verbs.init(root)
     (root / "data_migrations" / "versions" / "a1_block.py").write_text(
         textwrap.dedent(
             '''\

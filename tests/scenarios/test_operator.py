@@ -21,9 +21,9 @@ from conftest import ok
 from conftest import spawn_dm
 from conftest import status_of
 from conftest import wait_for
-from dm import operations
-from dm.lock import migration_lock
-from dm.runtime import tracker_for
+from dm import verbs
+from dm.engine.execution import tracker_for
+from dm.engine.lock import migration_lock
 
 DEV_ONLY = 'environments = ("development", "staging")\n'
 CREATE_T = "await session.execute(sa.text('CREATE TABLE t (x INTEGER)'))"
@@ -387,7 +387,7 @@ def test_info_reports_a_held_lock(project: Project) -> None:
 
     async def probe_while_locked() -> tuple[str, str | None]:
         async with migration_lock(settings.lock_url(), tracker, 5, "dm:test-holder"):
-            return await operations.lock_state(settings, tracker)
+            return await verbs.lock_state(settings, tracker)
 
     state, holder = asyncio.run(probe_while_locked())
     assert state == "held"
@@ -396,7 +396,7 @@ def test_info_reports_a_held_lock(project: Project) -> None:
         assert "(dm on test-holder, " in holder  # the holder's application_name
     else:
         assert holder.startswith(f"pid {os.getpid()} on ")
-    assert asyncio.run(operations.lock_state(settings, tracker)) == ("free", None)
+    assert asyncio.run(verbs.lock_state(settings, tracker)) == ("free", None)
 
 
 # -- generator and listing ------------------------------------------------------------------

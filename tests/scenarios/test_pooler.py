@@ -26,9 +26,9 @@ from conftest import Database
 from conftest import Project
 from conftest import run_dm
 from conftest import wait_for
-from dm import command
-from dm.lock import lock_key
-from dm.tracker import Tracker
+from dm import verbs
+from dm.engine.lock import lock_key
+from dm.engine.tracker import Tracker
 from support.pgbouncer import PgBouncer
 from support.pgbouncer import running_pgbouncer
 from support.processes import Spawn
@@ -71,7 +71,7 @@ def pg_project(tmp_path: Path, postgres_db: Database, monkeypatch: pytest.Monkey
     for name in ("DM_DATABASE_URL", "DATABASE_URL", "DM_LOCK_DATABASE_URL", "DM_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     root = tmp_path / "proj"
-    command.init(root)
+    verbs.init(root)
     monkeypatch.chdir(root)
     return Project(root, postgres_db)
 

@@ -191,8 +191,8 @@ def test_signal_handling_in_process_restores_the_previous_handlers() -> None:
     process's own handlers as it found them."""
     import asyncio
 
-    from dm.errors import Interrupted
-    from dm.signals import run_until_signal
+    from dm.core.errors import Interrupted
+    from dm.engine.signals import run_until_signal
 
     async def stopped_by_sigterm() -> None:
         os.kill(os.getpid(), signal.SIGTERM)

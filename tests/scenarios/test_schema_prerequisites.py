@@ -17,7 +17,7 @@ from conftest import as_json
 from conftest import invoke
 from conftest import ok
 from conftest import status_of
-from dm import command
+from dm import verbs
 
 S1 = "5c1a0e2f9b01"
 S2 = "ae1027a6acf2"
@@ -246,12 +246,12 @@ def test_init_wires_an_existing_alembic_section(tmp_path: Path) -> None:
     app = tmp_path / "app"
     app.mkdir()
     (app / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s/schema\n")
-    result = command.init(app)
+    result = verbs.init(app)
     assert result.schema_section == "alembic"
     text = (app / "alembic.ini").read_text()
     assert "\ndm.schema_alembic_section = alembic\n" in text
 
-    fresh = command.init(tmp_path / "fresh")
+    fresh = verbs.init(tmp_path / "fresh")
     assert fresh.schema_section is None
     assert (
         "# dm.schema_alembic_section = alembic" in (tmp_path / "fresh" / "alembic.ini").read_text()
@@ -259,8 +259,8 @@ def test_init_wires_an_existing_alembic_section(tmp_path: Path) -> None:
 
 
 def test_schema_settings_are_checked() -> None:
-    from dm.errors import ConfigError
-    from dm.settings import Settings
+    from dm.config.settings import Settings
+    from dm.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="setting DM_SCHEMA_VERSION_TABLE"):
         Settings.load(schema_version_table="bad-name")

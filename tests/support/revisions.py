@@ -14,9 +14,9 @@ from click.testing import Result
 from conftest import Project
 from conftest import invoke
 from conftest import ok
-from dm import command
-from dm.graph import Graph
-from dm.settings import Settings
+from dm import verbs
+from dm.config.settings import Settings
+from dm.core.graph import Graph
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def write_bad_files(project: Project, case: BadFiles) -> None:
 
 def graph_of(tmp_path: Path, revisions: dict[str, tuple[str | None, str]]) -> Graph:
     """Make a project in ``tmp_path`` with ``revisions`` ({rev: (down, extra)}); load it."""
-    command.init(tmp_path)
+    verbs.init(tmp_path)
     for rev, (down, extra) in revisions.items():
         body = f"""
             revision = {rev!r}

@@ -12,13 +12,13 @@ import pytest
 
 import dm
 from conftest import Project
-from dm.errors import LockTimeout
-from dm.errors import RevisionFailed
-from dm.errors import UnknownTarget
-from dm.errors import UsageError
-from dm.lock import migration_lock
-from dm.runtime import tracker_for
-from dm.tracker import Status
+from dm.core.errors import LockTimeout
+from dm.core.errors import RevisionFailed
+from dm.core.errors import UnknownTarget
+from dm.core.errors import UsageError
+from dm.engine.execution import tracker_for
+from dm.engine.lock import migration_lock
+from dm.engine.tracker import Status
 
 CREATE_T = "await session.execute(sa.text('CREATE TABLE t (x INTEGER)'))"
 INSERT_T = "await session.execute(sa.text('INSERT INTO t VALUES (1)'))"
@@ -228,13 +228,13 @@ def test_drift_verify_resolve_and_info(env_project: Project) -> None:
 
 
 def test_generator_validation_is_the_same_function(project: Project) -> None:
-    from dm import command
+    from dm import verbs
 
     settings = project.settings()
     with pytest.raises(UsageError, match="too short"):
-        command.revision(settings, "x1")
-    info = command.revision(settings, "Delete test users")
+        verbs.revision(settings, "x1")
+    info = verbs.revision(settings, "Delete test users")
     assert info.description == "Delete test users"
     with pytest.raises(UsageError, match="same slug 'delete_test_users'"):
-        command.revision(settings, "delete  TEST users!")
-    assert command.revision(settings, "delete test users", allow_duplicate_slug=True).revision
+        verbs.revision(settings, "delete  TEST users!")
+    assert verbs.revision(settings, "delete test users", allow_duplicate_slug=True).revision

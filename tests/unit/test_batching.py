@@ -431,8 +431,8 @@ def test_progress_is_logged_with_the_total_and_as_json(project: Project) -> None
 
 
 def test_a_progress_line_shows_the_batch_size_rate_and_eta() -> None:
-    from dm.progress import Figures
-    from dm.progress import describe
+    from dm.backfill.progress import Figures
+    from dm.backfill.progress import describe
 
     figures = Figures(450_000, 1_000_000, 12_345.0, 45.0, batch_size=10_000)
     expected = "450,000/1,000,000 rows (45%), 12,345 rows/s, batch 10,000, ETA 0:00:45"
@@ -452,8 +452,8 @@ def test_a_progress_line_shows_the_batch_size_rate_and_eta() -> None:
     ],
 )
 def test_checkpoint_keys_survive_json(value: Any) -> None:
-    from dm.batching import decode_key
-    from dm.batching import encode_key
+    from dm.backfill.batching import decode_key
+    from dm.backfill.batching import encode_key
 
     stored = json.loads(json.dumps(encode_key(value, A)))
     assert decode_key(stored) == value
@@ -519,7 +519,7 @@ def test_batched_outside_a_run_is_an_error() -> None:
     import sqlalchemy as sa
 
     from dm import batched
-    from dm.batching import BatchingError
+    from dm.backfill.batching import BatchingError
 
     items = sa.table("items", sa.column("id"))
 

@@ -377,8 +377,8 @@ def _insert_pending(project: Project, rev: str) -> None:
 @contextlib.contextmanager
 def holding_the_lock(project: Project) -> Iterator[None]:
     """Hold the project's migration lock (in a thread of its own) for the block."""
-    from dm.lock import migration_lock
-    from dm.runtime import tracker_for
+    from dm.engine.execution import tracker_for
+    from dm.engine.lock import migration_lock
 
     settings = project.settings()
     taken, done = threading.Event(), threading.Event()

@@ -12,7 +12,7 @@ from conftest import Project
 from conftest import cli_runner
 from conftest import run_in_process
 from dm.cli import main
-from dm.cli_args import hoist_global_options
+from dm.cli.args import hoist_global_options
 
 
 @pytest.mark.parametrize(

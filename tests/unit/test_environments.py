@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from conftest import attempt_of
-from dm.environments import Action
-from dm.environments import decide
-from dm.errors import UsageError
-from dm.slugs import check_message
-from dm.slugs import slugify
-from dm.tracker import Status
+from dm.core.environments import Action
+from dm.core.environments import decide
+from dm.core.errors import UsageError
+from dm.core.slugs import check_message
+from dm.core.slugs import slugify
+from dm.engine.tracker import Status
 from support.revisions import GUARDED
 from support.revisions import graph_of
 

@@ -1,4 +1,4 @@
-"""Which statements the commit fence treats as ending a transaction (``dm.fence``).
+"""Which statements the commit fence treats as ending a transaction (``dm.engine.fence``).
 
 The fence itself, on every commit path of a real run, is tested in
 ``tests/scenarios/test_commit_fence.py``.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from dm.fence import is_raw_commit
-from dm.fence import is_raw_rollback
-from dm.fence import script_commits
+from dm.engine.fence import is_raw_commit
+from dm.engine.fence import is_raw_rollback
+from dm.engine.fence import script_commits
 
 
 @pytest.mark.parametrize(

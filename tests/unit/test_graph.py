@@ -9,14 +9,14 @@ import pytest
 from conftest import Project
 from conftest import applied
 from conftest import make_sqlite
-from dm import command
-from dm import planning
-from dm.errors import IrreversiblePlan
-from dm.errors import RevisionFileError
-from dm.errors import UnknownTarget
-from dm.graph import Graph
-from dm.graph import checksum
-from dm.settings import Settings
+from dm import verbs
+from dm.config.settings import Settings
+from dm.core import planning
+from dm.core.errors import IrreversiblePlan
+from dm.core.errors import RevisionFileError
+from dm.core.errors import UnknownTarget
+from dm.core.graph import Graph
+from dm.core.graph import checksum
 from support.revisions import BAD_REVISION_FILES
 from support.revisions import BadFiles
 from support.revisions import write_bad_files
@@ -26,7 +26,7 @@ from support.revisions import write_bad_files
 def proj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A ``dm init`` project used only for its revision files (no database is opened)."""
     root = tmp_path / "proj"
-    command.init(root)
+    verbs.init(root)
     monkeypatch.chdir(root)
     return Project(root, make_sqlite(tmp_path))
 
@@ -65,7 +65,7 @@ def test_walk_orders_parents_first_and_describes(chain: Project) -> None:
     assert graph.heads == ("cccc3333",)
     assert graph.known("bbbb2222") and not graph.known("bbbb")
     first = graph.revision("aaaa1111")
-    assert command.RevisionInfo.of(first).description == "First revision"
+    assert verbs.RevisionInfo.of(first).description == "First revision"
     assert len(checksum(first.script)) == 64
 
 

@@ -15,19 +15,19 @@ from conftest import invoke
 from conftest import make_sqlite
 from conftest import ok
 from conftest import status_of
-from dm import command
-from dm.graph import Graph
-from dm.graph import checksum
-from dm.graph_cache import CACHE_NAME
-from dm.graph_cache import is_static
-from dm.settings import Settings
+from dm import verbs
+from dm.config.settings import Settings
+from dm.core.graph import Graph
+from dm.core.graph import checksum
+from dm.core.graph_cache import CACHE_NAME
+from dm.core.graph_cache import is_static
 
 
 @pytest.fixture
 def proj(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     """A ``dm init`` project used only for its revision files (no database is opened)."""
     root = tmp_path / "proj"
-    command.init(root)
+    verbs.init(root)
     monkeypatch.chdir(root)
     return Project(root, make_sqlite(tmp_path))
 

@@ -1,208 +1,117 @@
-"""The module layers stay as designed: each module imports only the dm modules allowed here."""
+"""The package's layers stay in order: each module imports only its own layer and the ones below.
+
+The layers, bottom to top, are the subpackages of ``src/dm`` (``docs/development.md``,
+"Layout"). A module may import any module of a lower layer and of its own layer, never
+one above, and the import graph has no cycle. Type-only imports count too: a layer that needs
+a type from above has the type in the wrong place.
+"""
 
 from __future__ import annotations
 
 import ast
 import types
+from pathlib import Path
 
 import dm
 from conftest import REPO
 
 PACKAGE = REPO / "src" / "dm"
 
-# module -> dm modules it may import (type-only imports included)
-ALLOWED: dict[str, set[str]] = {
-    "runtime": {
-        "__init__",
-        "alembic_context",  # the Alembic environment around hooks
-        "db",
-        "environments",
-        "errors",
-        "fence",
-        "graph",
-        "liveness",
-        "lock",
-        "planning",
-        "recording",
-        "runner",
-        "schema",
-        "settings",
-        "state",
-        "tracker",
-        "urls",  # the start-up line shows the database URL, password hidden
-    },
-    "__init__": {"api", "batching", "errors", "hooks"},
-    "hooks": {"alembic_context", "batching", "errors", "fence", "graph"},
-    "validate": {"graph", "schema", "settings"},
-    "alembic_context": {"_alembic_compat", "graph", "planning", "settings", "tracker"},
-    "batching": {"progress"},
-    "backoff": set(),
-    "progress": set(),
-    "api": {"command", "operations", "settings", "errors"},
-    "__main__": {"cli"},
-    "cli_args": set(),  # click only: global options after the command, one-line usage errors
-    "repair": {"errors", "graph", "planning", "runtime", "settings", "state", "tracker"},
-    "cli": {
-        "__init__",
-        "alembic_context",  # dm -x
-        "validate",  # dm check --offline
-        "printable",
-        "cli_args",
-        "repair",
-        "command",
-        "operations",
-        "settings",
-        "errors",
-        "log",
-        "progress",
-        "pooler",
-        "privileges",
-        "redaction",
-        "signals",
-        "transient",
-        "urls",
-        "watchdog",
-    },
-    "command": {
-        "errors",
-        "graph",
-        "planning",
-        "runner",
-        "runtime",
-        "schema",
-        "settings",
-        "slugs",
-        "state",
-        "templates",
-        "files",
-        "tracker",
-        "transient",  # check --wait: a transient failure during a poll means "not yet"
-    },
-    "environments": {"graph", "tracker", "errors"},
-    "planning": {
-        *("_alembic_compat", "environments", "errors", "graph", "schema", "state", "tracker"),
-    },
-    "schema": {"errors", "graph", "settings"},
-    "slugs": {"errors"},
-    "operations": {
-        "__init__",
-        "errors",
-        "files",
-        "graph",
-        "lock",
-        "planning",
-        "runner",
-        "runtime",
-        "schema",
-        "settings",
-        "state",
-        "tracker",
-        "recording",  # the wording of a settled request (Request.describe)
-        "unit",  # dm verify runs check_verify
-        "redaction",  # stored error text is scrubbed again before it is shown
-    },
-    "alembic_env": {
-        "_alembic_compat",
-        "environments",
-        "errors",
-        "graph",
-        "log",
-        "planning",
-        "runtime",
-        "schema",  # requires_schema, checked as dm upgrade checks it
-        "settings",
-        "shared",
-        "signals",
-        "tracker",
-        "urls",
-        "redaction",  # one redaction rule for dm's log lines and Alembic's FAILED line
-    },
-    "shared": {"alembic_context", "errors", "lock", "recording", "runner", "runtime", "settings"},
-    "runner": {
-        *("errors", "graph", "lock_retries", "planning", "recording", "stops", "tracker"),
-        *("transient", "unit", "watchdog"),
-        *("db", "pooler", "urls"),  # a connection that may be pooled (#29)
-        "liveness",  # the session's guards against a dead client
-    },
-    "unit": {"batching", "errors", "graph", "hooks", "planning", "recording", "stops"},
-    "stops": {"errors", "planning", "recording", "tracker"},
-    "lock_retries": {"planning"},
-    "recording": {"errors", "fence", "graph", "planning", "redaction", "tracker"},
-    "fence": {"errors", "tracker"},
-    "watchdog": {"db", "errors", "recording", "tracker", "transient", "urls"},
-    "graph": {"_alembic_compat", "errors", "graph_cache"},
-    "graph_cache": set(),
-    "_alembic_compat": set(),
-    "tracker": {"errors", "redaction", "state"},
-    "state": set(),
-    "lock": {"db", "files", "pooler", "tracker", "errors"},
-    "files": {"errors"},
-    "db": {"files", "pooler", "urls", "errors", "transient", "liveness"},
-    "liveness": {"errors", "transient"},
-    "pooler": {"errors", "transient"},
-    "transient": set(),
-    "settings": {"redaction", "urls", "errors", "environments"},
-    "urls": {"errors"},
-    "redaction": {"urls"},
-    "privileges": {"errors", "transient"},
-    "signals": {"errors", "watchdog"},
-    "log": {"printable"},
-    "printable": set(),
-    "testing": {
-        *("_alembic_compat", "api", "batching", "command", "db", "errors", "graph", "hooks"),
-        *("operations", "runtime", "settings", "urls"),
-    },
-    "pytest_plugin": {"pytest_builtins", "redaction", "testing", "urls"},
-    "pytest_builtins": {"batching", "environments", "errors", "graph", "pytest_plugin", "testing"},
-    "errors": set(),
-    "templates": {"errors", "files"},
-}
+# bottom to top
+LAYERS = [
+    "core",  # graph, planning, states, environments, errors: no database, no event loop
+    "config",  # settings, URLs, engines, logging set-up
+    "backfill",  # dm.batched, its tuning and back-off predicates, progress
+    "engine",  # plan execution: attempts, unit of work, tracker, fence, lock, signals
+    "alembic",  # env.py's entry point, the caller's-connection adapter
+    "templates",  # the project template dm init and dm revision write
+    "verbs",  # one function per command, result objects out
+    "api",  # the public coroutines and their blocking twins
+    "testing",  # the pytest plugin and its runner
+    "cli",  # click: options, printing, exit codes
+    "face",  # dm/__init__, __main__ and the old import paths kept for users' files
+]
+# modules at the top of the package that are not a layer of their own
+FACE = {"__init__", "__main__", "alembic_env", "backoff", "pytest_plugin", "settings"}
 
 
-def _dm_imports(path: str) -> set[str]:
-    tree = ast.parse((PACKAGE / path).read_text())
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py") if "templates/dm" not in str(p)}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in FACE:
+        return "face"
+    return parts[1]
+
+
+def _imports(path: Path) -> set[str]:
+    """Return the dm modules ``path`` imports (type-only and function-level ones included)."""
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module is None:
-                found.update("__init__" if a.name == "__version__" else a.name for a in node.names)
-            elif node.level >= 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.module and node.module.split(".")[0] == "dm":
-                parts = node.module.split(".")
-                found.add(parts[1] if len(parts) > 1 else "__init__")
-        elif isinstance(node, ast.Import):
+    modules = _modules()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dm":
+            assert node.level == 0, f"{path}: relative import"
             for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "dm":
-                    found.add(parts[1] if len(parts) > 1 else "__init__")
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "dm")
     return found
 
 
-def _modules() -> dict[str, str]:
-    modules = {p.stem: p.name for p in PACKAGE.glob("*.py")}
-    modules["templates"] = "templates/__init__.py"
-    return modules
+def test_every_module_is_in_a_layer() -> None:
+    unknown = {m for m in _modules() if _layer(m) not in LAYERS}
+    assert unknown == set()
 
 
-def test_every_module_has_a_rule() -> None:
-    assert set(_modules()) == set(ALLOWED)
+def test_modules_import_only_their_layer_and_the_ones_below() -> None:
+    upward = {}
+    for module, path in _modules().items():
+        rank = LAYERS.index(_layer(module))
+        above = sorted(i for i in _imports(path) if LAYERS.index(_layer(i)) > rank)
+        if above:
+            upward[module] = above
+    assert upward == {}
 
 
-def test_modules_import_only_their_allowed_layers() -> None:
-    forbidden = {
-        name: sorted(_dm_imports(path) - ALLOWED[name] - {name})
-        for name, path in _modules().items()
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = {m: _imports(p) - {m} for m, p in _modules().items()}
+    # a package's __init__ re-exporting its own modules is not a cycle of behaviour
+    graph = {
+        m: {i for i in deps if not (m.startswith(i + ".") and i != "dm")}
+        for m, deps in graph.items()
     }
-    assert {k: v for k, v in forbidden.items() if v} == {}
+    seen: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        seen[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if seen.get(nxt) == 1:
+                cycles.append([*stack[stack.index(nxt) :], nxt] if nxt in stack else [node, nxt])
+            elif nxt not in seen:
+                visit(nxt, [*stack, nxt])
+        seen[node] = 2
+
+    for module in sorted(graph):
+        if module not in seen:
+            visit(module, [module])
+    assert cycles == []
 
 
 def test_only_the_cli_imports_click() -> None:
-    """Only the command line (cli and its argument handling, cli_args) knows click."""
-    importers = []
-    for name, path in _modules().items():
-        tree = ast.parse((PACKAGE / path).read_text())
-        for node in ast.walk(tree):
+    importers = set()
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]
                 if isinstance(node, ast.Import)
@@ -211,8 +120,17 @@ def test_only_the_cli_imports_click() -> None:
                 else []
             )
             if any(n.split(".")[0] == "click" for n in names):
-                importers.append(name)
-    assert sorted(set(importers)) == ["cli", "cli_args"]
+                importers.add(_layer(module))
+    assert importers == {"cli"}
+
+
+def test_the_core_never_touches_a_database_driver_or_the_event_loop() -> None:
+    for module, path in _modules().items():
+        if _layer(module) != "core":
+            continue
+        text = path.read_text()
+        for banned in ("sqlalchemy.ext.asyncio", "asyncpg", "aiosqlite", "import asyncio"):
+            assert banned not in text, f"{module} uses {banned}"
 
 
 def test_public_api_is_exactly_all() -> None:
@@ -247,4 +165,25 @@ def test_public_api_is_exactly_all() -> None:
         assert getattr(dm, name) is not None
     for name in coroutines:
         assert getattr(dm, name) is getattr(api, name)
-        assert getattr(dm, f"{name}_sync") is getattr(api, f"{name}_sync")
+        twin = getattr(dm, f"{name}_sync")
+        assert twin is getattr(api, f"{name}_sync")
+        assert twin.__name__ == f"{name}_sync"
+        assert inspect.signature(twin) == inspect.signature(getattr(api, name))
+
+
+def test_the_old_import_paths_users_name_still_work() -> None:
+    from dm.alembic_env import run
+    from dm.backoff import any_of
+    from dm.backoff import lock_waits_above
+    from dm.backoff import long_transactions_above
+    from dm.backoff import replica_lag_above
+    from dm.pytest_plugin import DmTestConfig
+    from dm.settings import Settings
+    from dm.testing import DmRunner
+    from dm.testing import ProjectConfig
+
+    assert callable(run) and callable(any_of) and callable(lock_waits_above)
+    assert callable(long_transactions_above) and callable(replica_lag_above)
+    assert DmTestConfig.__module__ == "dm.testing"
+    assert Settings.__module__ == "dm.config.settings"
+    assert DmRunner.__module__ == "dm.testing" and ProjectConfig.__module__ == "dm.testing"

@@ -1,4 +1,4 @@
-"""``dm.liveness``: the working session's guards against a dead client, the TCP options of
+"""``dm.config.liveness``: the working session's guards against a dead client, the TCP options of
 every connection, and the watch that drops a frozen working connection (exit 75)."""
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def test_the_working_session_is_guarded_against_a_dead_client(project: Project) 
 @pytest.mark.postgres
 @PG
 def test_every_connection_has_client_keepalives_and_a_user_timeout(project: Project) -> None:
-    from dm.db import create_engine
-    from dm.liveness import driver_transport
+    from dm.config.engines import create_engine
+    from dm.config.liveness import driver_transport
 
     async def options() -> tuple[int, int, int]:
         engine = create_engine(sa.make_url(project.db.async_url))

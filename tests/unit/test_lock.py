@@ -1,7 +1,7 @@
 """The migration lock: waiting, timing out with the holder named, freed on every exit path.
 
 Process scenarios use real ``python -m dm`` runs (helpers from ``test_process``); the last
-tests drive ``dm.lock.migration_lock`` directly against the same databases.
+tests drive ``dm.engine.lock.migration_lock`` directly against the same databases.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from conftest import Database
 from conftest import Project
 from conftest import run_dm
 from conftest import wait_for
-from dm.errors import LockTimeout
-from dm.lock import lock_key
-from dm.lock import migration_lock
-from dm.tracker import Tracker
-from dm.urls import normalise_url
+from dm.config.urls import normalise_url
+from dm.core.errors import LockTimeout
+from dm.engine.lock import lock_key
+from dm.engine.lock import migration_lock
+from dm.engine.tracker import Tracker
 from support.processes import Spawn
 from support.processes import advisory_locks
 from support.processes import assert_lock_free

@@ -1,4 +1,4 @@
-"""The planners on their own (``dm.planning``): graph + latest attempts + environment in,
+"""The planners on their own (``dm.core.planning``): graph + latest attempts + environment in,
 steps with decisions out. No database."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import pytest
 
 from conftest import applied
 from conftest import attempt_of
-from dm import planning
-from dm.environments import Action
-from dm.errors import IrreversiblePlan
-from dm.errors import UsageError
-from dm.tracker import Status
+from dm.core import planning
+from dm.core.environments import Action
+from dm.core.errors import IrreversiblePlan
+from dm.core.errors import UsageError
+from dm.engine.tracker import Status
 from support.revisions import GUARDED
 from support.revisions import graph_of
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dm.privileges import privilege_problem
+from dm.core.privileges import privilege_problem
 
 
 class Denied(Exception):

@@ -19,15 +19,15 @@ import sqlalchemy.dialects.postgresql.asyncpg  # noqa: F401
 import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
 import sqlalchemy.dialects.sqlite.pysqlite  # noqa: F401
 
-import dm.lock  # noqa: F401
-import dm.operations  # noqa: F401
-import dm.pytest_builtins  # noqa: F401
-import dm.runner  # noqa: F401
+import dm.engine.attempts  # noqa: F401
+import dm.engine.lock  # noqa: F401
+import dm.testing.builtins  # noqa: F401
+import dm.verbs  # noqa: F401
 from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import REPO
 from conftest import pg_user
-from dm import command
+from dm import verbs
 
 pytest_plugins = ["pytester"]
 
@@ -186,7 +186,7 @@ GOOD = {"a0_tables": TABLES, "b0_items": ITEMS, "c0_ledger": LEDGER, "d0_cleanup
 
 def make_project(pytester: pytest.Pytester, revisions: dict[str, str]) -> Path:
     """A dm project (``dm init``) with ``revisions`` and docs/testing.md's conftest.py."""
-    command.init(pytester.path)
+    verbs.init(pytester.path)
     versions = pytester.path / "data_migrations" / "versions"
     for name, text in revisions.items():
         (versions / f"{name}.py").write_text(text)
@@ -228,7 +228,7 @@ def test_builtin_tests_stay_out_without_dm(pytester: pytest.Pytester) -> None:
 
 
 def test_dm_without_its_conftest_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    command.init(pytester.path)
+    verbs.init(pytester.path)
     result = pytester.runpytest("--dm")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--dm: *tests*conftest.py does not exist*dm_tests_path*"])
@@ -508,8 +508,8 @@ def test_ini_keys_apply_when_the_conftest_overrides_dm_test_config(
 
 
 def test_a_value_the_fixture_sets_wins_over_the_ini_key(pytester: pytest.Pytester) -> None:
-    from dm.pytest_plugin import DmTestConfig
-    from dm.pytest_plugin import with_ini
+    from dm.testing import DmTestConfig
+    from dm.testing import with_ini
 
     pytester.makeini(
         "[pytest]\ndm_batch_size = 500\ndm_skip_revisions = r1 r2\ndm_environments = qa\n"
@@ -568,7 +568,7 @@ def test_dm_prepare_database_brings_each_test_database_to_the_application_schema
 
 
 def test_test_databases_take_the_prefix(tmp_path: Path) -> None:
-    from dm.errors import UsageError
+    from dm.core.errors import UsageError
     from dm.testing import databases
 
     prepared: list[str] = []

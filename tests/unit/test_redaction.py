@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dm import redaction
+from dm.config import redaction
 
 STORED = """Traceback (most recent call last):
 asyncpg.exceptions.UniqueViolationError: duplicate key value violates unique constraint "k"

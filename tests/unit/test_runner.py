@@ -12,8 +12,8 @@ import asyncio
 
 import pytest
 
-from dm.runner import _finish_despite_cancel
-from dm.unit import _interruptible
+from dm.engine.attempts import _finish_despite_cancel
+from dm.engine.unit import _interruptible
 
 
 def test_finish_despite_cancel_completes_the_work_then_reports_the_cancellation() -> None:

@@ -9,16 +9,16 @@ import pytest
 
 from conftest import cli_runner
 from conftest import make_sqlite
-from dm import command
+from dm import verbs
 from dm.cli import main
-from dm.errors import ConfigError
-from dm.settings import Settings
-from dm.urls import connect_arguments
-from dm.urls import mask_url
-from dm.urls import mask_urls_in
-from dm.urls import normalise_url
-from dm.urls import redact
-from dm.urls import through_pooler
+from dm.config.settings import Settings
+from dm.config.urls import connect_arguments
+from dm.config.urls import mask_url
+from dm.config.urls import mask_urls_in
+from dm.config.urls import normalise_url
+from dm.config.urls import redact
+from dm.config.urls import through_pooler
+from dm.core.errors import ConfigError
 
 pytestmark = pytest.mark.matrix  # also runs in the version matrix (tests/README.md)
 
@@ -37,7 +37,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture
 def ini(tmp_path: Path) -> Path:
     """A ``dm init`` project; returns its alembic.ini."""
-    command.init(tmp_path / "proj")
+    verbs.init(tmp_path / "proj")
     return tmp_path / "proj" / "alembic.ini"
 
 

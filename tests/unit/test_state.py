@@ -1,13 +1,13 @@
-"""The one rule that derives a revision's state from its attempts (``dm.state``), pure."""
+"""The one rule that derives a revision's state from its attempts (``dm.core.state``), pure."""
 
 from __future__ import annotations
 
 import pytest
 
-from dm.state import State
-from dm.state import Status
-from dm.state import derive
-from dm.state import is_decisive
+from dm.core.state import State
+from dm.core.state import Status
+from dm.core.state import derive
+from dm.core.state import is_decisive
 
 S, F, R, K, P = Status.SUCCESS, Status.FAILED, Status.ROLLED_BACK, Status.SKIPPED, Status.PENDING
 CHECKPOINT = True

@@ -11,8 +11,8 @@ from conftest import as_json
 from conftest import invoke
 from conftest import ok
 from conftest import run_in_process
-from dm.tracker import SCHEMA_VERSION
-from dm.tracker import Tracker
+from dm.engine.tracker import SCHEMA_VERSION
+from dm.engine.tracker import Tracker
 from support.revisions import current_lines
 from support.revisions import error_line
 from support.revisions import logged

@@ -1,4 +1,4 @@
-"""``dm.transient``: which failures a retry may cure, classified from the exception chain.
+"""``dm.core.transient``: which failures a retry may cure, classified from the exception chain.
 
 The exceptions are the drivers' own classes, and where it is cheap the real thing: a refused
 connection, a failed DNS lookup, SQLite's busy error, PostgreSQL's refused login.
@@ -20,8 +20,8 @@ from sqlalchemy.exc import OperationalError
 from conftest import PG_HOST
 from conftest import PG_PORT
 from conftest import pg_user
-from dm.transient import is_transient
-from dm.transient import transient_reason
+from dm.core.transient import is_transient
+from dm.core.transient import transient_reason
 
 pytestmark = pytest.mark.matrix  # also runs in the version matrix (tests/README.md)
 

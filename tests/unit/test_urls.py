@@ -1,14 +1,14 @@
-"""``dm.urls``: which driver a PostgreSQL URL selects, and what each driver is given."""
+"""``dm.config.urls``: which driver a PostgreSQL URL selects, and what each driver is given."""
 
 from __future__ import annotations
 
 import pytest
 from psycopg import AsyncClientCursor
 
-from dm.urls import connect_arguments
-from dm.urls import is_psycopg
-from dm.urls import normalise_url
-from dm.urls import through_pooler
+from dm.config.urls import connect_arguments
+from dm.config.urls import is_psycopg
+from dm.config.urls import normalise_url
+from dm.config.urls import through_pooler
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,7 @@ def test_psycopg_scheme_runs_on_psycopg_with_libpq_parameters_as_they_are() -> N
 
 
 def test_psycopg_url_refuses_what_libpq_does_not_take() -> None:
-    from dm.errors import ConfigError
+    from dm.core.errors import ConfigError
 
     refused = r"'keepalives' is not supported by dm's PostgreSQL driver \(psycopg\)"
     with pytest.raises(ConfigError, match=refused):

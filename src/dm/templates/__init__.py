@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mako.template import Template
 
-from ..errors import UsageError
+from dm.core.errors import UsageError
 
 TEMPLATE_DIR = Path(__file__).parent / "dm"
 
@@ -57,7 +57,7 @@ def write_script_directory(directory: Path) -> None:
     :raises UsageError: one of the files is already there (a file or a symlink): nothing
         is overwritten, and nothing is written through a link.
     """
-    from ..files import write_new
+    from dm.config.files import write_new
 
     for name in SCRIPT_FILES:
         if os.path.lexists(directory / name):

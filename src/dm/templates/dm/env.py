@@ -6,6 +6,6 @@ environment go through the same runner and tracker as `dm`.
 
 from alembic import context
 
-from dm.alembic_env import run
+from dm.alembic.env import run
 
 run(context)

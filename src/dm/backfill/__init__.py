@@ -1,0 +1,1 @@
+"""``dm.batched``: keyset batches, their tuning, back-off predicates and progress."""

@@ -1,0 +1,1 @@
+"""Settings resolved once per invocation, database URLs and engines, logging set-up."""

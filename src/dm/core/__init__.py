@@ -1,0 +1,1 @@
+"""The pure parts: revision graph, planning, states, environments, errors; no database."""
