@@ -300,9 +300,7 @@ def test_work_after_a_commit_statement_rolls_back_on_failure(
 
 
 @POSTGRES_ONLY
-def test_alembic_commit_idiom_before_alter_type_add_value(
-    project: Project, tmp_path: Path
-) -> None:
+def test_alembic_commit_idiom_before_alter_type_add_value(project: Project, tmp_path: Path) -> None:
     """The idiom real Alembic migrations use runs unchanged, and a rerun is not needed."""
     project.db.query("CREATE TYPE mood AS ENUM ('sad', 'ok')")
     project.db.query("CREATE TABLE people (id INTEGER PRIMARY KEY, mood mood NOT NULL)")

@@ -194,8 +194,7 @@ def test_the_watchdog_records_the_attempt_where_the_urls_options_put_the_tracker
     assert line.startswith("dm: error: revision r2 failed: timed out after 2s"), line
     assert "could not be recorded" not in result.stderr
     rows = project.db.query(
-        "SELECT status, error_message FROM app.script_run_tracker WHERE revision = 'r2' "
-        "ORDER BY id"
+        "SELECT status, error_message FROM app.script_run_tracker WHERE revision = 'r2' ORDER BY id"
     )
     assert [r.status for r in rows] == ["failed"], result.stderr
     assert rows[0].error_message.startswith("timed out after 2s")

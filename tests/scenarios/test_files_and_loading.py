@@ -87,7 +87,7 @@ def test_a_revision_message_cannot_inject_code_into_the_template(project: Projec
     ok(invoke(project, "upgrade", "heads"))
     assert not (project.root / "pwned").exists()
     shown = ok(invoke(project, "status", "--json")).stdout
-    assert "pathlib.Path(\\\"pwned\\\").touch()" in shown  # the description is the message
+    assert 'pathlib.Path(\\"pwned\\").touch()' in shown  # the description is the message
 
 
 @SQLITE_ONLY

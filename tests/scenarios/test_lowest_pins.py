@@ -22,9 +22,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_every_dependency_is_pinned_at_its_declared_lower_bound() -> None:
     result = _run()
     assert result.returncode == 0, result.stderr
-    pins = dict(
-        line.split("==") for line in result.stdout.splitlines() if not line.startswith("#")
-    )
+    pins = dict(line.split("==") for line in result.stdout.splitlines() if not line.startswith("#"))
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {}
     for requirement in project["dependencies"]:

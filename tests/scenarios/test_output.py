@@ -243,9 +243,7 @@ def test_log_of_a_gone_revision_wins_over_a_partial_id_of_a_file(project: Projec
     project.write("abc123", None, "pass")
     result = run_dm(project, "log", "ab", "--json")
     assert result.returncode == 0, result.stderr
-    assert [(r["revision"], r["status"]) for r in json.loads(result.stdout)] == [
-        ("ab", "success")
-    ]
+    assert [(r["revision"], r["status"]) for r in json.loads(result.stdout)] == [("ab", "success")]
 
 
 # -- item 20: one line per verify result -----------------------------------------------------------

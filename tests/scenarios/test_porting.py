@@ -338,7 +338,7 @@ PSYCOPG2_HABITS = [
         id="percent-placeholders",
     ),
     pytest.param(
-        'op.get_bind().execute(text("UPDATE dag_run SET note = \'x\' WHERE id = :id"), '
+        "op.get_bind().execute(text(\"UPDATE dag_run SET note = 'x' WHERE id = :id\"), "
         '{"id": "1"})',
         "invalid input for query argument $1",
         [1],

@@ -55,8 +55,12 @@ def test_a_known_vulnerability_in_the_lock_files_fails_the_scan(tmp_path: Path) 
     alembic, sqlalchemy = pinned("alembic"), pinned("sqlalchemy")
     db = write_db(
         tmp_path / "osv",
-        record("PYSEC-0001", "Alembic", events=[{"introduced": "0"}, {"fixed": "999.0"}],
-               aliases=["CVE-2099-0001"]),
+        record(
+            "PYSEC-0001",
+            "Alembic",
+            events=[{"introduced": "0"}, {"fixed": "999.0"}],
+            aliases=["CVE-2099-0001"],
+        ),
         record("GHSA-0002", "SQLAlchemy", affected_extra={"versions": [sqlalchemy]}),
         record("PYSEC-0003", "alembic", events=[{"introduced": "0"}, {"fixed": "0.1"}]),
         record("PYSEC-0004", "alembic", events=[{"introduced": "0"}], withdrawn="2026-01-01"),

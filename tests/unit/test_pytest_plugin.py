@@ -117,11 +117,11 @@ async def verify(session):
 # The bug: its own position counter starts at 0 again when the loop resumes, so the
 # first resumed batch writes the rows of a committed batch again (and the last rows never).
 LEDGER_REDOES = LEDGER.replace(
-    '''    async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=100):
+    """    async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=100):
         await session.execute(
             sa.insert(ledger).from_select(["item_id"], sa.select(items.c.id).where(batch.where()))
-        )''',
-    '''    position = 0
+        )""",
+    """    position = 0
     async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=100):
         await session.execute(
             sa.text(
@@ -129,7 +129,7 @@ LEDGER_REDOES = LEDGER.replace(
             ),
             {"n": len(batch), "at": position},
         )
-        position += len(batch)''',
+        position += len(batch)""",
 )
 
 STAGING_CLEANUP = '''\
@@ -316,7 +316,7 @@ def test_fixtures_seed_upgrade_and_read_the_tracker(pytester: pytest.Pytester) -
 
 
 def test_a_failing_verify_names_the_revision_step_and_database(pytester: pytest.Pytester) -> None:
-    broken = ITEMS.replace("WHERE id <= 5\")) == 5", "WHERE id <= 5\")) == 6")
+    broken = ITEMS.replace('WHERE id <= 5")) == 5', 'WHERE id <= 5")) == 6')
     make_project(pytester, {**GOOD, "b0_items": broken})
     result = pytester.runpytest("--dm", "-k", "test_upgrade_from_base")
     result.assert_outcomes(failed=1, deselected=6)
@@ -483,7 +483,7 @@ def test_readme_conftest_is_the_one_tested() -> None:
 
 # -- configuration however it is given -------------------------------------------------------------
 
-OVERRIDE = '''
+OVERRIDE = """
 import pytest
 
 from dm.pytest_plugin import DmTestConfig
@@ -492,7 +492,7 @@ from dm.pytest_plugin import DmTestConfig
 @pytest.fixture
 def dm_test_config() -> DmTestConfig:
     return DmTestConfig(seeds={})
-'''
+"""
 
 
 def test_ini_keys_apply_when_the_conftest_overrides_dm_test_config(
@@ -609,6 +609,8 @@ def test_the_resume_test_says_how_far_it_got_and_why_it_is_long(
             "many seeded rows at a small batch size take long; raise dm_batch_size"
         ]
     )
+
+
 @pytest.mark.postgres
 def test_dm_database_url_shows_no_password_when_a_users_test_fails(
     pytester: pytest.Pytester,

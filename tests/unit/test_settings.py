@@ -513,7 +513,9 @@ def test_a_percent_encoded_password_in_the_ini_names_the_key_not_the_value(
     from alembic.config import Config
 
     text = ini.read_text()
-    ini.write_text(text.replace("\nsqlalchemy.url =\n", f"\n{key} = postgresql://u:%21s3cr3t@h/db\n"))
+    ini.write_text(
+        text.replace("\nsqlalchemy.url =\n", f"\n{key} = postgresql://u:%21s3cr3t@h/db\n")
+    )
     with pytest.raises(ConfigError) as refused:
         Settings.load(config_file=ini)
     assert f"[data_migrations] {key}: a '%' must be written '%%'" in str(refused.value)

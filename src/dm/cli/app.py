@@ -45,6 +45,7 @@ def _note_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
         invocation.as_json = True  # errors, too, are then printed as JSON on stdout
     return value
 
+
 json_option = click.option(
     "--json",
     "as_json",
@@ -52,6 +53,7 @@ json_option = click.option(
     callback=_note_json,
     help="Print the result (or the error) as JSON on stdout.",
 )
+
 
 @dataclasses.dataclass
 class Invocation:
@@ -91,7 +93,9 @@ class Invocation:
 
         return scrub(text, self.secrets)
 
+
 pass_invocation = click.make_pass_decorator(Invocation)
+
 
 class DmCommand(click.Command):
     """Run a subcommand with ``sys.stdout`` (and, with JSON logs, ``sys.stderr``) sent to
@@ -118,6 +122,7 @@ class DmCommand(click.Command):
                     stack.callback(err.flush)
                     stack.enter_context(contextlib.redirect_stderr(err))
             return super().invoke(ctx)
+
 
 class DmGroup(click.Group):
     """Turn ``DmError`` and usage errors into one ``dm: error: ...`` line and its exit code;
@@ -189,6 +194,7 @@ class DmGroup(click.Group):
         except BaseException as exc:  # SystemExit or CancelledError from code dm ran
             _fail(ctx, f"unexpected {exc!r}", 1, exc)
 
+
 def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
     from dm.config.redaction import scrub as scrub_text
 
@@ -203,6 +209,7 @@ def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> No
     _report(invocation, scrub(message), code, _kind(exc), trace, **extra)
     ctx.exit(code)
 
+
 def _kind(exc: BaseException) -> str:
     """Name the kind of an error for JSON output: ``revision_failed``, ``config_error``..."""
     if isinstance(exc, KeyboardInterrupt):
@@ -210,6 +217,7 @@ def _kind(exc: BaseException) -> str:
     if not isinstance(exc, DmError):
         return "internal_error"
     return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
 
 def _report(
     invocation: Invocation | None,
@@ -238,9 +246,11 @@ def _report(
     label = "stopped" if kind == "incomplete" else "error"
     click.echo(f"dm: {label}: {printable(message)}", file=stderr)
 
+
 def current_invocation() -> Invocation | None:
     ctx = click.get_current_context(silent=True)
     return ctx.find_object(Invocation) if ctx is not None else None
+
 
 def write_line(message: str = "", *, err: bool = False) -> None:
     """Print on dm's own stdout (or stderr), which revision code cannot write to."""
@@ -250,6 +260,7 @@ def write_line(message: str = "", *, err: bool = False) -> None:
         click.echo(message, err=err)
     else:
         click.echo(message, file=invocation.stderr if err else invocation.stdout)
+
 
 @click.group(cls=DmGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
@@ -312,14 +323,13 @@ def main(
         config_file, section, database_url, verbose, log_format, secrets=secrets
     )
     ctx.obj = invocation
-    log.configure(
-        verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=scrub
-    )
+    log.configure(verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=scrub)
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
     if x_arguments or "dm.engine.alembic_context" in sys.modules:  # Alembic loads only when needed
         from dm.engine.alembic_context import set_x_arguments
 
         set_x_arguments(x_arguments)
+
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     from dm.engine import loop_watchdog
@@ -341,8 +351,10 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     finally:
         gc.unfreeze()
 
+
 def emit_json(value: Any) -> None:
     write_line(json.dumps(_jsonable(value), indent=2, sort_keys=False))
+
 
 def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -356,6 +368,7 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     return value
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

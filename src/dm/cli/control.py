@@ -30,6 +30,7 @@ def pause(invocation: Invocation, rev: str, reason: str | None, as_json: bool) -
     result = run_coroutine(verbs.pause(invocation.settings(), rev, reason=reason))
     render_control(result, as_json)
 
+
 @main.command()
 @click.argument("rev")
 @click.option("--reason", help="Why it is cancelled (recorded, shown by dm status).")
@@ -70,6 +71,7 @@ def cancel(
     )
     render_control(result, as_json)
 
+
 @main.command()
 @click.argument("rev")
 @click.option(
@@ -103,6 +105,7 @@ def resolve(
             f"{result.revision}: recorded {result.status} (was {result.previous_status}) "
             f"by {result.run_by}; {result.reason}"
         )
+
 
 @main.command()
 @click.argument("rev")

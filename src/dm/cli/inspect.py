@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 EXIT_CHECK_FAILED = 4
 
+
 def _note(message: str) -> None:
     """Tell the user something on stderr: a plain line, or a JSON log line."""
     invocation = current_invocation()
@@ -37,6 +38,7 @@ def _note(message: str) -> None:
         logging.getLogger("dm").info(message)
     else:
         write_line(message, err=True)
+
 
 @main.command()
 @json_option
@@ -54,6 +56,7 @@ def current(invocation: Invocation, as_json: bool) -> None:
     for rev in result.heads:
         line = f"{rev} (head)" if rev in result.graph_heads else rev
         write_line(f"{line} (skipped)" if rev in result.skipped else line)
+
 
 @main.command()
 @click.argument("rev", required=False)
@@ -90,7 +93,7 @@ def status(invocation: Invocation, rev: str | None, as_json: bool) -> None:
         note = row.reason if row.status == "skipped" else None
         if row.missing_file and row.state != "rolled_back":  # not settled yet
             note = (
-                f'its file is gone; to settle it: dm resolve {row.revision} --as rolled_back '
+                f"its file is gone; to settle it: dm resolve {row.revision} --as rolled_back "
                 '--reason "file removed"'
             )
         elif row.state == "died":
@@ -132,6 +135,7 @@ def status(invocation: Invocation, rev: str | None, as_json: bool) -> None:
             render_attempt(record, traceback=False)
         if records and records[-1].error_traceback:
             write_line(f"(dm log {rows[0].revision} shows the tracebacks)")
+
 
 @main.command()
 @click.option(
@@ -255,6 +259,7 @@ def check(
     if not result.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
 
+
 def _check_offline(settings: Settings, allow_multiple_heads: bool, as_json: bool) -> None:
     from dm.verbs.validate import check_offline
 
@@ -278,6 +283,7 @@ def _check_offline(settings: Settings, allow_multiple_heads: bool, as_json: bool
     if not found.ok:
         raise click.exceptions.Exit(EXIT_CHECK_FAILED)
 
+
 @main.command()
 @click.option("-r", "--rev-range", metavar="START:END", help="Limit to a range, e.g. base:ab12.")
 @click.option("--verbose", "detailed", is_flag=True, help="Show paths, parents and docstrings.")
@@ -289,6 +295,7 @@ def history(invocation: Invocation, rev_range: str | None, detailed: bool, as_js
 
     render_revisions(verbs.history(invocation.settings(), rev_range), detailed, as_json)
 
+
 @main.command()
 @click.option("--verbose", "detailed", is_flag=True, help="Show paths, parents and docstrings.")
 @json_option
@@ -299,6 +306,7 @@ def heads(invocation: Invocation, detailed: bool, as_json: bool) -> None:
 
     render_revisions(verbs.heads(invocation.settings()), detailed, as_json)
 
+
 @main.command()
 @click.option("--verbose", "detailed", is_flag=True, help="Show paths, parents and docstrings.")
 @json_option
@@ -308,6 +316,7 @@ def branches(invocation: Invocation, detailed: bool, as_json: bool) -> None:
     from dm import verbs
 
     render_revisions(verbs.branches(invocation.settings()), detailed, as_json)
+
 
 @main.command()
 @click.argument("rev")
@@ -323,7 +332,9 @@ def show(invocation: Invocation, rev: str, as_json: bool) -> None:
     else:
         render_revisions(infos, True, False)
 
+
 main.add_command(history, name="list")  # the old framework's name for it
+
 
 @main.command("log")
 @click.argument("rev")
@@ -341,6 +352,7 @@ def log_command(invocation: Invocation, rev: str, as_json: bool) -> None:
         _note(f"{rev}: no attempt recorded")
     for record in records:
         render_attempt(record, traceback=True)
+
 
 @main.command()
 @click.argument("revisions", nargs=-1)
@@ -361,6 +373,7 @@ def verify(invocation: Invocation, revisions: tuple[str, ...], as_json: bool) ->
             write_line(f"{outcome.result:<12} {outcome.revision}  {outcome.description}{error}")
     if not result.ok:
         raise click.exceptions.Exit(1)
+
 
 @main.command()
 @json_option

@@ -36,6 +36,7 @@ def init(invocation: Invocation, directory: Path) -> None:
     enter = "" if directory.resolve() == Path.cwd() else f"cd {shlex.quote(str(directory))}, "
     write_line(f"next: {enter}dm revision -m 'describe the change', then dm upgrade heads")
 
+
 @main.command()
 @click.option("-m", "--message", required=True, help="What the revision does (its description).")
 @click.option("--head", default="head", show_default=True, help="Parent revision (or branch@head).")
@@ -79,6 +80,7 @@ def revision(
         emit_json(info)
     else:
         write_line(f"created {info.revision}: {info.path}")
+
 
 @main.command()
 @click.argument("revisions", nargs=-1)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 _STOPPED = ("stopped", "paused", "cancelled", "abandoned")
 
+
 def render_run(result: RunResult, verb: str, as_json: bool) -> None:
     if as_json:
         emit_json(
@@ -63,6 +64,7 @@ def render_run(result: RunResult, verb: str, as_json: bool) -> None:
                 "(blocks_deploy = False); the run went on without it"
             )
 
+
 # What happens next to a revision whose latest attempt stopped at a batch boundary.
 STOPPED_NOTES = {
     "stopped": "; the next {direction} resumes it",
@@ -77,6 +79,7 @@ REQUESTED_NOTES = {
     "abandon": "cancel --skip requested",
 }
 
+
 def describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
     rows = f"{checkpoint.get('rows_done', 0):,}"
     total = checkpoint.get("rows_total")
@@ -86,11 +89,13 @@ def describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
     where = f"loop {loop + 1}, " if loop else ""
     return f"{where}{rows} rows done, last key {checkpoint.get('last_key')!r}"
 
+
 def print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         write_line("  ".join([*cells, row[-1]]).rstrip())
+
 
 def render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) -> None:
     if as_json:
@@ -124,6 +129,7 @@ def render_revisions(infos: list[RevisionInfo], detailed: bool, as_json: bool) -
             write_line(f"    {line}".rstrip())
         write_line("")
 
+
 def _attribute(name: str, value: Any) -> str:
     """Show a revision attribute as the file would set it, with what its default means."""
     if value is None:
@@ -135,6 +141,7 @@ def _attribute(name: str, value: Any) -> str:
     if isinstance(value, list):
         return f"({', '.join(repr(v) for v in value)}{',' if len(value) == 1 else ''})"
     return repr(value)
+
 
 def render_control(result: ControlResult, as_json: bool) -> None:
     if as_json:
@@ -159,6 +166,7 @@ def render_control(result: ControlResult, as_json: bool) -> None:
         )
     else:
         write_line(f"{result.revision}: already {result.state}; nothing changed")
+
 
 def render_attempt(record: AttemptRecord, *, traceback: bool) -> None:
     when = record.started_at.strftime("%Y-%m-%d %H:%M:%S") if record.started_at else "-"

@@ -38,8 +38,10 @@ def _run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--dry-run", is_flag=True, help="Print the plan and change nothing.")(fn)
     return json_option(fn)
 
+
 # Relative targets such as -1 look like options; let them through as arguments.
 _TARGET_COMMAND = {"context_settings": {"ignore_unknown_options": True}}
+
 
 def _check_target(target: str) -> None:
     """Refuse an option that was let through as the target (``--sql``, a typo...)."""
@@ -52,6 +54,7 @@ def _check_target(target: str) -> None:
         )
     if target.startswith("--"):
         raise UsageError(f"no such option: {target}")
+
 
 @main.command(**_TARGET_COMMAND)
 @click.argument("target", default="heads")
@@ -76,6 +79,7 @@ def upgrade(
     result = run_coroutine(verbs.upgrade(settings, target, dry_run=dry_run))
     render_run(result, "upgrade", as_json)
 
+
 @main.command(**_TARGET_COMMAND)
 @click.argument("target")
 @_run_options
@@ -98,6 +102,7 @@ def downgrade(
     )
     result = run_coroutine(verbs.downgrade(settings, target, dry_run=dry_run))
     render_run(result, "downgrade", as_json)
+
 
 @main.command(**_TARGET_COMMAND)
 @click.argument("target")
@@ -145,6 +150,7 @@ def stamp(
     done = "nothing written (dry run)" if result.dry_run else "done"
     write_line(f"stamp: {summary}; {done}, target {result.target}")
 
+
 @main.command("run", **_TARGET_COMMAND)
 @click.argument("rev")
 @click.option("--force", is_flag=True, help="Run it again although it succeeded (a new attempt).")
@@ -190,6 +196,7 @@ def run_revision(
         return
     render_run(result, "run", as_json)
 
+
 @main.command("rollback", **_TARGET_COMMAND)
 @click.argument("rev")
 @_run_options
@@ -215,6 +222,7 @@ def rollback_revision(
         write_line(f"nothing to roll back: {result.target} is not applied")
         return
     render_run(result, "rollback", as_json)
+
 
 @main.command("resume", **_TARGET_COMMAND)
 @click.argument("rev")

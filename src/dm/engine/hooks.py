@@ -201,7 +201,7 @@ def _run_script(connection: Connection, sql: str) -> None:
         # could check that this run still holds the migration lock.
         raise UsageError(
             "a multi-statement script with a COMMIT statement: run the COMMIT on its own "
-            "(op.execute(\"COMMIT\")), or put the statements that must run outside a "
+            '(op.execute("COMMIT")), or put the statements that must run outside a '
             "transaction in an autocommit block"
         )
     if dialect.driver not in ("asyncpg", "psycopg") or not dialect.is_async:

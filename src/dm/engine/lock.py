@@ -221,7 +221,7 @@ async def _advisory_lock(
     database: str | None = None,
 ) -> AsyncIterator[None]:
     """:param database: the tracker's database: the lock connection must be in it (an
-        advisory lock excludes only sessions of its own database)."""
+    advisory lock excludes only sessions of its own database)."""
     engine = _lock_engine(url, application_name)
     try:
         conn = await _pg_wait(engine, key, timeout, connect_retry, database)

@@ -378,9 +378,7 @@ class Tracker:
                 continue
             kind = column.type.compile(dialect=sync.dialect)
             name = preparer.format_column(column)  # type: ignore[no-untyped-call, unused-ignore]
-            sync.exec_driver_sql(
-                f"ALTER TABLE {table} ADD COLUMN {name} {kind}"
-            )
+            sync.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _upgrade_1_to_2(self, sync: sa.Connection, inspector: sa.Inspector) -> None:
         present = {col["name"] for col in inspector.get_columns(self.name, schema=self.schema)}
@@ -581,9 +579,7 @@ class Tracker:
         """Return an attempt's status and checkpoint (None when it is gone)."""
         t = self.table
         row = (
-            await conn.execute(
-                sa.select(t.c.status, t.c.checkpoint).where(t.c.id == attempt_id)
-            )
+            await conn.execute(sa.select(t.c.status, t.c.checkpoint).where(t.c.id == attempt_id))
         ).first()
         return None if row is None else (row.status, row.checkpoint)
 

@@ -408,9 +408,7 @@ def _seed(runner: DmRunner, graph: Graph, rev: str, seed: Seed) -> None:
         runner.seed_sync(seed, before=rev)
         return
     except RevisionFailed as exc:
-        message = describe(
-            graph.revision(exc.revision), "upgrade", runner.redacted_url, _why(exc)
-        )
+        message = describe(graph.revision(exc.revision), "upgrade", runner.redacted_url, _why(exc))
     except Exception as exc:
         message = describe(
             graph.revision(rev),

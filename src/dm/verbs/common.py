@@ -16,6 +16,7 @@ def one_revision(graph: Graph, revision: str) -> Revision:
         raise UnknownTarget(f"{revision!r} names several revisions ({names}); name one")
     return graph.revision(found[0].revision)
 
+
 def plain_id(revision: str) -> bool:
     """Return whether ``revision`` looks like a revision id rather than a symbolic target."""
     return bool(revision) and all(c.isalnum() or c in "_-" for c in revision)

@@ -33,6 +33,7 @@ log = logging.getLogger("dm.verbs.control")
 
 RESOLVABLE = (Status.SUCCESS, Status.ROLLED_BACK)
 
+
 @dataclass(frozen=True)
 class ResolveResult:
     """The row ``resolve`` recorded."""
@@ -44,6 +45,7 @@ class ResolveResult:
     reason: str
     run_by: str
     resolved_at: datetime
+
 
 async def resolve(
     settings: Settings, revision: str, *, as_status: str, reason: str
@@ -108,12 +110,14 @@ async def resolve(
             rev_id, status.value, direction, attempt.status.value, text, run_by, utcnow()
         )
 
+
 SQLITE_REQUEST_SECONDS = 60.0
 """How long ``dm pause``/``dm cancel`` try for SQLite's write lock between two batches."""
 
 _REQUESTS = {"pause": "pause", "cancel": "cancel", "cancel --skip": "abandon"}
 
 _SETTLED_BY = {"cancel": Status.CANCELLED, "abandon": Status.ABANDONED}
+
 
 @dataclass(frozen=True)
 class ControlResult:
@@ -133,6 +137,7 @@ class ControlResult:
     by: str
     reason: str | None
 
+
 async def pause(settings: Settings, revision: str, *, reason: str | None = None) -> ControlResult:
     """Ask the run working on ``revision`` (any host: the request is a tracker write) to
     stop its batched loop at the next batch boundary; the checkpoint is kept and the
@@ -142,6 +147,7 @@ async def pause(settings: Settings, revision: str, *, reason: str | None = None)
         no error), or its run died.
     """
     return await _control(settings, revision, "pause", reason)
+
 
 async def cancel(
     settings: Settings,
@@ -166,6 +172,7 @@ async def cancel(
     """
     verb = "cancel --skip" if skip else "cancel"
     return await _control(settings, revision, verb, reason, stuck_after=stuck_after)
+
 
 async def _control(
     settings: Settings,
@@ -226,8 +233,10 @@ async def _control(
         )
     return await _settle_stopped(settings, rev, request, by, why)
 
+
 STUCK_POLL_SECONDS = 0.25
 """How often ``dm cancel --stuck-after`` looks at the running attempt."""
+
 
 async def _settle_if_stuck(
     db: Database,
@@ -299,6 +308,7 @@ async def _settle_if_stuck(
     )
     return ControlResult(rev.id, request, "settled", status.value, by, why)
 
+
 async def _leave_request(
     db: Database, attempt_id: int, request: str, by: str, why: str | None
 ) -> bool:
@@ -335,6 +345,7 @@ async def _leave_request(
                     raise
     finally:
         waiting.unlink(missing_ok=True)
+
 
 async def _settle_stopped(
     settings: Settings, rev: Revision, request: str, by: str, why: str | None

@@ -95,6 +95,7 @@ class RevisionInfo:
             },
         )
 
+
 @dataclass(frozen=True)
 class CurrentResult:
     """The applied heads, as derived from the tracker."""
@@ -103,6 +104,7 @@ class CurrentResult:
     graph_heads: list[str]
     skipped: list[str] = field(default_factory=list)
     """Those of ``heads`` the environment guard skipped (they never ran here)."""
+
 
 @dataclass(frozen=True)
 class RevisionStatus:
@@ -140,6 +142,7 @@ class RevisionStatus:
     blocks_deploy: bool = True
     """False: ``dm check`` passes while the revision is unfinished (``blocks_deploy = False``)."""
 
+
 @dataclass(frozen=True)
 class CheckResult:
     """What ``check`` found: everything must be empty for the check to pass."""
@@ -176,6 +179,7 @@ class CheckResult:
         unsettled = self.pending or self.failed or self.running or self.died or self.incomplete
         return not (unsettled or self.missing or modified)
 
+
 async def current(settings: Settings) -> CurrentResult:
     """Show the applied heads, as recorded in the tracker."""
     graph = load_graph(settings, cached=True)
@@ -184,6 +188,7 @@ async def current(settings: Settings) -> CurrentResult:
     heads = graph.applied_heads(planning.applied_revisions(latest))
     skipped = [rev for rev in heads if latest[rev].is_skipped]
     return CurrentResult(list(heads), list(graph.heads), skipped)
+
 
 async def status(settings: Settings) -> list[RevisionStatus]:
     """Show every revision with its state and latest attempt, oldest revision first."""
@@ -213,12 +218,14 @@ async def status(settings: Settings) -> list[RevisionStatus]:
             )
     return rows
 
+
 def _is_modified(script: Script, attempt: Attempt | None) -> bool:
     """Return whether ``script``'s file changed since the attempt that applied it."""
     if attempt is None or attempt.state is not State.APPLIED:
         return False
     applied_from = attempt.in_effect_checksum
     return applied_from is not None and applied_from != checksum(script)
+
 
 def _revision_status(
     revision: str,
@@ -264,6 +271,7 @@ def _revision_status(
         blocks_deploy=blocks_deploy,
     )
 
+
 async def check(settings: Settings, *, allow_modified: bool = False) -> CheckResult:
     """Check that every revision is applied and none failed or is running.
 
@@ -273,6 +281,7 @@ async def check(settings: Settings, *, allow_modified: bool = False) -> CheckRes
     schema = AppSchema.for_graph(settings, graph)
     async with open_database(settings) as db:
         return await _check(settings, graph, db, allow_modified, schema)
+
 
 async def _check(
     settings: Settings,
@@ -315,9 +324,11 @@ async def _check(
         skipped=having(State.SKIPPED),
     )
 
+
 def _deferrable(graph: Graph, revision: str) -> bool:
     """Return whether ``revision`` says the application may start before it is done."""
     return graph.known(revision) and not graph.revision(revision).blocks_deploy
+
 
 async def check_wait(
     settings: Settings,
@@ -391,6 +402,7 @@ async def check_wait(
             )
         await asyncio.sleep(min(interval, remaining))
 
+
 def _waiting_for(result: CheckResult) -> str:
     """Summarise in one line what keeps ``result`` from passing."""
     parts = [
@@ -409,15 +421,18 @@ def _waiting_for(result: CheckResult) -> str:
     ]
     return "; ".join(parts) or "nothing"
 
+
 def heads(settings: Settings) -> list[RevisionInfo]:
     """Show the head revisions of the graph."""
     graph = load_graph(settings, cached=True)
     return [RevisionInfo.of(graph.revision(rev)) for rev in graph.heads]
 
+
 def branches(settings: Settings) -> list[RevisionInfo]:
     """Show the revisions where the graph branches."""
     graph = load_graph(settings, cached=True)
     return [RevisionInfo.of(graph.revision(s.revision)) for s in graph.walk() if s.is_branch_point]
+
 
 def history(settings: Settings, rev_range: str | None = None) -> list[RevisionInfo]:
     """Show revisions newest first, optionally limited to ``start:end``."""
@@ -434,6 +449,7 @@ def history(settings: Settings, rev_range: str | None = None) -> list[RevisionIn
         raise UnknownTarget(f"history range {rev_range!r}: {' '.join(str(exc).split())}") from None
     return [RevisionInfo.of(graph.revision(s.revision)) for s in scripts]
 
+
 def show(settings: Settings, revision: str) -> list[RevisionInfo]:
     """Show the revision(s) a target names."""
     graph = load_graph(settings, cached=True)
@@ -442,12 +458,14 @@ def show(settings: Settings, revision: str) -> list[RevisionInfo]:
         raise UnknownTarget(f"no revision matches {revision!r}")
     return [RevisionInfo.of(graph.revision(s.revision)) for s in found]
 
+
 def _as_list(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
     return tuple(value)
+
 
 @dataclass(frozen=True)
 class VerifyOutcome:
@@ -463,6 +481,7 @@ class VerifyOutcome:
         """Return whether the hook raised or returned anything but True."""
         return self.result == "failed"
 
+
 @dataclass(frozen=True)
 class VerifyResult:
     """Every checked revision's outcome; ``ok`` when none failed."""
@@ -473,6 +492,7 @@ class VerifyResult:
     def ok(self) -> bool:
         """Return whether no ``verify()`` failed."""
         return not any(outcome.failed for outcome in self.outcomes)
+
 
 @dataclass(frozen=True)
 class InfoResult:
@@ -490,6 +510,7 @@ class InfoResult:
     versions: dict[str, str]
     environment_source: str = "the default"
     """Where ``environment`` came from (``DM_ENVIRONMENT``, ``.env``, the ini...)."""
+
 
 @dataclass(frozen=True)
 class AttemptRecord:
@@ -518,9 +539,11 @@ class AttemptRecord:
     db_user: str | None = None
     """The database's ``session_user`` of the connection that wrote the row (PostgreSQL)."""
 
+
 def _is_applied(latest: Mapping[str, Attempt], revision: str) -> bool:
     attempt = latest.get(revision)
     return attempt is not None and attempt.is_applied
+
 
 async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
     """Return every attempt of ``revision``, oldest first, with errors and tracebacks.
@@ -571,6 +594,7 @@ async def attempts(settings: Settings, revision: str) -> list[AttemptRecord]:
         for row in rows
     ]
 
+
 async def _history(db: Database, revision: str) -> list[sa.Row[Any]]:
     """Return the tracker rows of ``revision``, oldest first (none without a tracker)."""
     if db._file_missing():
@@ -579,6 +603,7 @@ async def _history(db: Database, revision: str) -> list[sa.Row[Any]]:
     async with conn.begin():
         layout = await db.tracker.layout(conn)
         return [] if layout is None else await db.tracker.history(conn, revision, layout)
+
 
 async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyResult:
     """Re-run the ``verify()`` hooks of applied revisions, read-only.
@@ -609,6 +634,7 @@ async def verify(settings: Settings, revisions: Sequence[str] = ()) -> VerifyRes
             log.debug("verify %s: %s", script.revision, outcome.result)
             outcomes.append(outcome)
         return VerifyResult(outcomes)
+
 
 async def _verify_one(conn: AsyncConnection, rev: Revision, timeout: float | None) -> VerifyOutcome:
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -641,6 +667,7 @@ async def _verify_one(conn: AsyncConnection, rev: Revision, timeout: float | Non
     if failure is not None:
         return VerifyOutcome(rev.id, rev.description, "failed", failure)
     return VerifyOutcome(rev.id, rev.description, "passed")
+
 
 async def info(settings: Settings) -> InfoResult:
     """Describe the environment, database (password hidden), project, tracker and lock."""
@@ -676,6 +703,7 @@ async def info(settings: Settings) -> InfoResult:
         environment_source=settings.environment_source,
     )
 
+
 def versions() -> dict[str, str]:
     """Return the versions of dm, Python, Alembic, SQLAlchemy and the database drivers."""
     import platform
@@ -691,6 +719,7 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
+
 
 async def lock_state(settings: Settings, tracker: Tracker) -> tuple[str, str | None]:
     """Return whether the migration lock is held now (``free``/``held``) and by whom."""

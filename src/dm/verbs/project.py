@@ -41,6 +41,7 @@ class InitResult:
     gitignore: str | None = None
     """The ``.gitignore`` written or extended to leave out the embedded database, if any."""
 
+
 def revision(
     settings: Settings,
     message: str,
@@ -119,6 +120,7 @@ def revision(
         )
     return RevisionInfo.of(loaded.revision(script.revision))
 
+
 def _name_in_ascii(path: Path, message: str, limit: int) -> None:
     """Rename the file Alembic wrote when its slug holds letters outside ASCII: the file
     name gets the ASCII slug, the message (docstring, description) stays as written."""
@@ -128,6 +130,7 @@ def _name_in_ascii(path: Path, message: str, limit: int) -> None:
     theirs, ours = alembic_slug(message, limit), slugify(message, limit)
     if theirs != ours and path.name.endswith(f"{theirs}.py"):
         path.rename(path.with_name(path.name[: -len(f"{theirs}.py")] + f"{ours}.py"))
+
 
 @contextlib.contextmanager
 def _remove_on_failure(graph: Graph) -> Iterator[None]:
@@ -144,6 +147,7 @@ def _remove_on_failure(graph: Graph) -> Iterator[None]:
         for path in files() - before:
             path.unlink(missing_ok=True)
         raise
+
 
 def merge(
     settings: Settings,
@@ -193,6 +197,7 @@ def merge(
         loaded = Graph.from_config(_quiet(settings.alembic_config()), cached=True)
     return RevisionInfo.of(loaded.revision(script.revision))
 
+
 def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
     """Create ``alembic.ini`` (or add dm's section to it) and ``data_migrations/``."""
     from dm.config.files import append_regular
@@ -232,7 +237,9 @@ def init(directory: Path, *, section: str = "data_migrations") -> InitResult:
         display_path(config_file), display_path(scripts), appended, schema_section, gitignore
     )
 
+
 _EMBEDDED_DATABASE_PATTERN = "/dm.sqlite3*"
+
 
 def _ignore_embedded_database(directory: Path) -> str | None:
     """Add the embedded SQLite database (and its lock and journal files) to
@@ -253,6 +260,7 @@ def _ignore_embedded_database(directory: Path) -> str | None:
         write_new(path, entry)
     return display_path(path)
 
+
 def _alembic_section_of(text: str) -> str | None:
     """Return ``alembic`` when ``text`` (an existing config file) has an ``[alembic]``
     section with a ``script_location``: the application's schema migrations."""
@@ -266,6 +274,7 @@ def _alembic_section_of(text: str) -> str | None:
     if parser.has_option("alembic", "script_location"):
         return "alembic"
     return None
+
 
 def _quiet(config: Config) -> Config:
     import argparse

@@ -21,7 +21,6 @@ from dm.engine.execution import recorded_status
 from dm.verbs.common import one_revision
 
 if TYPE_CHECKING:
-
     from dm.config.settings import Settings
 
 log = logging.getLogger("dm.verbs.run")
@@ -41,6 +40,7 @@ async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = 
 
     return await execute_plan(settings, target, plan, dry_run=dry_run, schema=schema, graph=graph)
 
+
 async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -> RunResult:
     """Revert to an earlier revision, running ``downgrade()`` hooks newest first.
 
@@ -53,6 +53,7 @@ async def downgrade(settings: Settings, target: str, *, dry_run: bool = False) -
         return planning.plan_downgrade(graph, target, latest, settings.environment)
 
     return await execute_plan(settings, target, plan, dry_run=dry_run)
+
 
 async def stamp(
     settings: Settings,
@@ -102,6 +103,7 @@ async def stamp(
                 )
         return RunResult(target, planned(steps), results, interrupted)
 
+
 async def run(
     settings: Settings,
     revision: str,
@@ -138,6 +140,7 @@ async def run(
     schema = AppSchema.for_graph(settings, graph)
     return await execute_plan(settings, rev.id, plan, dry_run=dry_run, schema=schema)
 
+
 async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
     """Run one revision's downgrade when no applied revision depends on it.
 
@@ -153,6 +156,7 @@ async def rollback(settings: Settings, revision: str, *, dry_run: bool = False) 
         return planning.plan_rollback(graph, rev, latest, settings.environment)
 
     return await execute_plan(settings, rev.id, plan, dry_run=dry_run)
+
 
 async def resume(settings: Settings, revision: str, *, dry_run: bool = False) -> RunResult:
     """Resume a batched revision that stopped part-way (``paused``, ``incomplete`` or
