@@ -420,8 +420,14 @@ async def _poll(
         if outcome.taken:
             return
         now = time.monotonic()
+        if now >= deadline and outcome.holder is None and outcome.starved is None:
+            # The try ran just before the deadline, too soon to look the holder up: one
+            # last try that does, so the message names who holds the lock.
+            outcome = await try_once(lambda: True, deadline)
+            if outcome.taken:
+                return
         if now >= deadline:
-            why = outcome.starved or f"held by {outcome.holder}"
+            why = outcome.starved or f"held by {outcome.holder or 'another session'}"
             raise LockTimeout(f"migration lock not acquired within {timeout:g}s; {why}")
         if outcome.starved is not None:
             log.warning("waiting for the migration lock: %s", outcome.starved)
