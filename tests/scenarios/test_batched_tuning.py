@@ -61,6 +61,7 @@ async for batch in batched(
 """
 
 
+@pytest.mark.slow  # seconds of timed batches; pause_when and the predicates stay fast
 @pytest.mark.matrix
 def test_the_batch_size_adapts_toward_the_target_time(project: Project) -> None:
     make_items(project, SLOW_FROM + SLOW_ROWS)

@@ -219,6 +219,7 @@ def test_log_of_a_revision_whose_file_is_gone(project: Project) -> None:
     assert unknown.stderr.strip().startswith("dm: error:") and "zz9" in unknown.stderr
 
 
+@pytest.mark.slow  # partial ids resolve in one place (dm.core.graph), tested fast in test_graph
 def test_log_accepts_a_partial_revision_id_as_every_command_does(project: Project) -> None:
     project.write("a1b2c3d4e5f6", None, "raise ValueError('bad row 7')")
     project.write("f6e5d4c3b2a1", "a1b2c3d4e5f6", "pass")

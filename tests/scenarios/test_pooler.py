@@ -194,6 +194,7 @@ def server_defaults(db: Database) -> dict[str, str]:
     return asyncio.run(run())
 
 
+@pytest.mark.slow  # the pooled way is also checked by the fast tests above and below
 def test_documented_setup_through_transaction_pooling(
     pg_project: Project, transaction_pool: PgBouncer, spawn: Spawn
 ) -> None:
@@ -269,6 +270,7 @@ def test_session_pooling_with_a_pool_of_two(
     assert advisory_locks(pg_project) == []
 
 
+@pytest.mark.slow  # each read-only command through PgBouncer; the fast suite keeps one pooled run
 def test_read_only_commands_through_transaction_pooling(
     pg_project: Project, transaction_pool: PgBouncer
 ) -> None:
