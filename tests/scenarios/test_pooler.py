@@ -251,7 +251,9 @@ def test_session_pooling_with_a_pool_of_two(
         )
         try:
             await holder.execute("BEGIN")
-            await holder.execute(f"SELECT pg_advisory_xact_lock({lock_key(Tracker())})")
+            tracker = Tracker()  # dm's key: the tracker as the server resolves it
+            tracker.relation = f"{pg_project.db.url.rsplit('/')[-1]}.public.script_run_tracker"
+            await holder.execute(f"SELECT pg_advisory_xact_lock({lock_key(tracker)})")
             procs = [spawn(pg_project, "upgrade", "heads", env=env) for _ in range(RUNS)]
             await asyncio.to_thread(
                 wait_for,

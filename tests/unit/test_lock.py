@@ -103,7 +103,9 @@ def test_lock_held_by_another_session_times_out_naming_it(project: Project) -> N
             server_settings={"application_name": "maintenance-script"},
         )
         try:
-            await holder.execute("SELECT pg_advisory_lock($1)", lock_key(Tracker()))
+            tracker = Tracker()  # dm's key: the tracker as the server resolves it
+            tracker.relation = f"{url.database}.public.script_run_tracker"
+            await holder.execute("SELECT pg_advisory_lock($1)", lock_key(tracker))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 *("-m", "dm", "upgrade", "heads", "--lock-timeout", "2"),
