@@ -195,3 +195,41 @@ def test_bad_revision_files_are_refused(proj: Project, case: BadFiles) -> None:
     for needle in case.expected:
         assert needle in message
     assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "meant"),
+    [
+        ("enviroments = ('development', 'staging')", "environments"),
+        ("environment = ('development',)", "environments"),
+        ("transactionl = False", "transactional"),
+        ("async def verfy(session):\n    return False", "verify"),
+        ("async def dowgrade(session):\n    pass", "downgrade"),
+    ],
+)
+def test_a_near_miss_of_a_name_dm_reads_is_refused_naming_the_file(
+    proj: Project, extra: str, meant: str
+) -> None:
+    """A misspelled guard or hook would be ignored: the revision would run everywhere, or
+    without its verify(). The file is refused, in one line naming it and the right name."""
+    downgrade = None if meant == "downgrade" else "pass"
+    path = proj.write("aaaa1111", None, extra=extra, downgrade=downgrade)
+    with pytest.raises(RevisionFileError) as refused:
+        load(proj)
+    message = str(refused.value)
+    assert path.name in message and "\n" not in message
+    assert f"did you mean {meant!r}?" in message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "from sqlalchemy.orm import Session as transaction",  # imported: not the file's own
+        "def upgrade_rows(session):\n    pass",  # a helper beside upgrade()
+        "_enviroments = ('x',)",  # private to the file
+        "BATCH = 500",
+    ],
+)
+def test_the_files_own_names_are_left_alone(proj: Project, extra: str) -> None:
+    proj.write("aaaa1111", None, extra=extra)
+    assert [rev.id for rev in load(proj).revisions] == ["aaaa1111"]

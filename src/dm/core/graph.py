@@ -40,6 +40,12 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 HOOKS = ("upgrade", "downgrade", "verify")
+DECLARATIONS = (
+    *("revision", "down_revision", "branch_labels", "depends_on", "environments"),
+    *("transactional", "idempotent", "timeout", "max_runtime", "blocks_deploy"),
+    *("requires_schema", "requires_complete"),
+)
+"""The module-level names dm reads from a revision file, besides its hooks."""
 MAX_REVISION_ID = 64
 """The tracker's ``revision`` column holds at most this many characters."""
 MAX_TIMEOUT = 2_147_483.0
@@ -125,6 +131,7 @@ class Revision:
 
     @classmethod
     def _from_module(cls, script: Script, module: ModuleType) -> Revision:
+        _refuse_misspellings(module)
         hooks = [_hook(module, name) for name in HOOKS]
         upgrade, downgrade, verify = hooks
         if upgrade is None:
@@ -498,6 +505,30 @@ def _check_references(script: Script, revisions: Mapping[str, Script], labels: s
 
 
 # -- reading a revision module's attributes (only here) ------------------------------------
+
+
+def _refuse_misspellings(module: ModuleType) -> None:
+    """Refuse a module-level name that is a near miss of a hook or declaration the file
+    lacks (``enviroments``, ``def verfy``): dm would silently ignore it, and a guard meant to
+    keep a revision out of production would not hold."""
+    import difflib
+
+    known = (*HOOKS, *DECLARATIONS)
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in known or inspect.ismodule(value):
+            continue
+        if inspect.isfunction(value) or inspect.isclass(value):
+            if getattr(value, "__module__", None) != module.__name__:
+                continue  # imported from elsewhere: not the file's own near miss
+            candidates: tuple[str, ...] = HOOKS
+        else:
+            candidates = DECLARATIONS
+        close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
+        if close and not hasattr(module, close[0]):
+            raise _Problem(
+                f"{name!r} is not a name dm reads; did you mean {close[0]!r}? "
+                "(rename it, or start it with '_' if it is the file's own)"
+            )
 
 
 def _hook(module: ModuleType, name: str) -> Hook | None:
