@@ -64,6 +64,8 @@ with open(NOTES, "a") as f:
     f.write(f"end {{revision}} {{os.getpid()}} {{time.time()}}\\n")
 """
 
+STRESS_ROUNDS = int(os.environ.get("DM_STRESS_ROUNDS", "10"))
+
 
 @pytest.fixture
 def pg_project(tmp_path: Path, postgres_db: Database, monkeypatch: pytest.MonkeyPatch) -> Project:
@@ -370,12 +372,13 @@ def test_killed_holder_leaves_no_lock_on_the_pool(
 def test_stress_rounds_through_transaction_pooling(
     pg_project: Project, transaction_pool: PgBouncer, spawn: Spawn, lock_url: str
 ) -> None:
-    """Four rounds of five runs each, with and without a direct lock URL."""
+    """Rounds of five runs each (four; at most ``DM_STRESS_ROUNDS``), with and without a
+    direct lock URL."""
     rounds = Rounds(pg_project)
     env = {"DM_DATABASE_URL": transaction_pool.url(pg_project.db.url, **POOLED)}
     if lock_url == "direct":
         env["DM_LOCK_DATABASE_URL"] = pg_project.db.url
-    for _ in range(4):
+    for _ in range(min(4, STRESS_ROUNDS)):
         rounds.add(3)
         rounds.run(spawn, env)
         rounds.assert_once_and_apart()
@@ -388,9 +391,10 @@ def test_stress_rounds_through_transaction_pooling(
 def test_stress_rounds_through_session_pooling(
     pg_project: Project, session_pool: PgBouncer, spawn: Spawn
 ) -> None:
-    """Three rounds of five runs through a session pool of two."""
+    """Rounds of five runs (three; at most ``DM_STRESS_ROUNDS``) through a session pool of
+    two."""
     rounds = Rounds(pg_project)
-    for _ in range(3):
+    for _ in range(min(3, STRESS_ROUNDS)):
         rounds.add(2)
         rounds.run(spawn, {"DM_DATABASE_URL": session_pool.url(pg_project.db.url)})
         rounds.assert_once_and_apart()
