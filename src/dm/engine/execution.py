@@ -1,7 +1,7 @@
 """What every command that touches the database shares: settings to graph, tracker, engine,
 lock and run info, and the one path that executes a plan.
 
-``dm.verbs`` and ``dm.verbs`` (the verbs), ``dm.alembic.env`` (Alembic's command API)
+``dm.verbs`` (the commands), ``dm.alembic.env`` (Alembic's command API)
 and the programmatic API use these public names; nothing here prints or exits.
 """
 
