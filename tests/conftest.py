@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -287,6 +288,21 @@ class Project:
         from dm.config.settings import Settings
 
         return Settings.load(config_file=self.config, database_url=self.db.url, **values)
+
+
+def copy_example(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Project:
+    """Copy the repository's example project (``alembic.ini``, ``data_migrations/``) to
+    ``tmp_path / "example"``, make it the working directory and return it on ``db``."""
+    root = tmp_path / "example"
+    root.mkdir()
+    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
+    shutil.copytree(
+        REPO / "data_migrations",
+        root / "data_migrations",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    monkeypatch.chdir(root)
+    return Project(root, db)
 
 
 @pytest.fixture

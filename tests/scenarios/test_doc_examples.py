@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -35,7 +34,7 @@ import pytest
 
 from conftest import REPO
 from conftest import Database
-from conftest import Project
+from conftest import copy_example
 from conftest import invoke
 from conftest import ok
 
@@ -138,19 +137,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def _example(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Project:
-    root = tmp_path / "example"
-    root.mkdir()
-    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
-    shutil.copytree(
-        REPO / "data_migrations",
-        root / "data_migrations",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    monkeypatch.chdir(root)
-    return Project(root, db)
-
-
 def _shell(block: Block, cwd: Path, env: dict[str, str]) -> str:
     """Run ``block`` with bash -e, ``dm`` being this interpreter's; return its output."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -203,7 +189,7 @@ def test_tutorial_commands_run_on_the_example_project(
     clean_env: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    project = _example(tmp_path, _database(request, kind, tmp_path), monkeypatch)
+    project = copy_example(tmp_path, _database(request, kind, tmp_path), monkeypatch)
     env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
     env["DM_DATABASE_URL"] = project.db.url
     ok(invoke(project, "upgrade"))
@@ -222,7 +208,7 @@ def test_revision_examples_upgrade_the_example_project(
     clean_env: None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    project = _example(tmp_path, _database(request, kind, tmp_path), monkeypatch)
+    project = copy_example(tmp_path, _database(request, kind, tmp_path), monkeypatch)
     text = block.text
     if block.kind == "revision-body":
         header = (
@@ -259,7 +245,7 @@ def test_python_examples_execute(block: Block) -> None:
 def test_startup_example_upgrades_the_example_project(
     block: Block, tmp_path: Path, clean_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    project = _example(tmp_path, _sqlite(tmp_path / "db.sqlite3"), monkeypatch)
+    project = copy_example(tmp_path, _sqlite(tmp_path / "db.sqlite3"), monkeypatch)
     monkeypatch.setenv("DM_DATABASE_URL", project.db.url)
     namespace: dict[str, Any] = {}
     exec(compile(block.text, str(block), "exec"), namespace)

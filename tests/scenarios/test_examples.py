@@ -5,15 +5,14 @@ resumable batched backfill of display names."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 import dm
-from conftest import REPO
 from conftest import Database
 from conftest import Project
+from conftest import copy_example
 from conftest import invoke
 from conftest import ok
 from dm.core.errors import IrreversiblePlan
@@ -29,16 +28,7 @@ def example(tmp_path: Path, db: Database, monkeypatch: pytest.MonkeyPatch) -> Pr
     """A copy of the repository's example project, on each database."""
     for name in ("DM_DATABASE_URL", "DATABASE_URL", "DM_CONFIG", "DM_ENVIRONMENT", "ENVIRONMENT"):
         monkeypatch.delenv(name, raising=False)
-    root = tmp_path / "example"
-    root.mkdir()
-    shutil.copy(REPO / "alembic.ini", root / "alembic.ini")
-    shutil.copytree(
-        REPO / "data_migrations",
-        root / "data_migrations",
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    monkeypatch.chdir(root)
-    return Project(root, db)
+    return copy_example(tmp_path, db, monkeypatch)
 
 
 def users(project: Project) -> list[str]:
