@@ -65,7 +65,7 @@ def run(context: EnvironmentContext) -> None:
             "dm revisions are Python coroutines; offline --sql mode is not supported"
         )
     config = context.config
-    dm_log.configure(scrub=scrub)  # settings register their secrets when they load
+    dm_log.configure()  # redacted: settings register their secrets when they load
     given = config.attributes.get("connection")
     if given is not None and not caller_connection.is_shareable(given):
         raise CommandError(

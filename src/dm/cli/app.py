@@ -65,8 +65,6 @@ class Invocation:
     verbose: bool
     log_format: str
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    secrets: list[str] = dataclasses.field(default_factory=list)
-    """Secret parts of the configured URLs: masked in every line dm writes."""
     as_json: bool = False
     stdout: TextIO = dataclasses.field(default_factory=lambda: sys.stdout)
     """dm's own output; revision code's ``sys.stdout`` goes to the log instead."""
@@ -74,24 +72,20 @@ class Invocation:
 
     def settings(self, **overrides: Any) -> Settings:
         """Resolve settings from options, environment, ini file and defaults."""
-        from dm.config import log
         from dm.config.settings import Settings
 
-        settings = Settings.load(
+        return Settings.load(
             config_file=self.config_file,
             ini_section=self.section,
             database_url=self.database_url,
             **overrides,
-        )
-        self.secrets = sorted({*self.secrets, *settings.secrets()}, key=len, reverse=True)
-        log.add_secrets(self.secrets)
-        return settings
+        )  # Settings.load registers their secrets with dm.config.redaction
 
     def scrub(self, text: str) -> str:
         """Return ``text`` with every URL masked and every known secret removed."""
         from dm.config.redaction import scrub
 
-        return scrub(text, self.secrets)
+        return scrub(text)
 
 
 pass_invocation = click.make_pass_decorator(Invocation)
@@ -314,16 +308,12 @@ def main(
     from dm.backfill import progress
     from dm.config import log
     from dm.config.redaction import register
-    from dm.config.redaction import scrub
     from dm.config.urls import secrets_of
 
-    secrets = [database_url, *secrets_of(database_url)] if database_url else []
-    register(secrets)
-    invocation = Invocation(
-        config_file, section, database_url, verbose, log_format, secrets=secrets
-    )
-    ctx.obj = invocation
-    log.configure(verbose=verbose, json_lines=log_format == "json", secrets=secrets, scrub=scrub)
+    if database_url:  # masked from here on, before any settings load
+        register([database_url, *secrets_of(database_url)])
+    ctx.obj = Invocation(config_file, section, database_url, verbose, log_format)
+    log.configure(verbose=verbose, json_lines=log_format == "json")
     progress.use_bar(log_format == "text" and sys.stderr.isatty())
     if x_arguments or "dm.engine.alembic_context" in sys.modules:  # Alembic loads only when needed
         from dm.engine.alembic_context import set_x_arguments

@@ -6,42 +6,23 @@ import io
 import json
 import logging
 import sys
-from collections.abc import Callable
-from collections.abc import Iterable
 from datetime import UTC
 from datetime import datetime
 from typing import Any
 
+from dm.config.redaction import scrub
+
 _HANDLER_NAME = "dm"
-
-Scrub = Callable[[str, Iterable[str]], str]
-"""Return a text with the given secrets (and anything else secret) masked."""
-
-
-def _replace_secrets(text: str, secrets: Iterable[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 class RedactingFilter(logging.Filter):
-    """Mask every registered secret (and, with ``scrub``, every URL) in a record."""
-
-    def __init__(self, secrets: list[str], scrub: Scrub | None = None) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-        self.scrub: Scrub = scrub or _replace_secrets
-
-    def add(self, secrets: Iterable[str]) -> None:
-        """Register more secrets, longest first (a secret may contain another)."""
-        merged = {*self.secrets, *(s for s in secrets if s)}
-        self.secrets = sorted(merged, key=len, reverse=True)
+    """Mask every URL and every secret registered with ``dm.config.redaction`` in a record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = self.scrub(record.getMessage(), self.secrets), None
+        record.msg, record.args = scrub(record.getMessage()), None
         if record.exc_info and not record.exc_text:
             text = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = self.scrub(text, self.secrets)
+            record.exc_text = scrub(text)
         return True
 
 
@@ -119,16 +100,11 @@ class TextFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def configure(
-    *,
-    verbose: bool = False,
-    json_lines: bool = False,
-    secrets: list[str] | None = None,
-    scrub: Scrub | None = None,
-) -> None:
+def configure(*, verbose: bool = False, json_lines: bool = False) -> None:
     """Send dm's log records to stderr; call once per invocation (handlers are replaced).
 
-    :param scrub: masks secrets in a text (default: replaces each of ``secrets``).
+    Records are redacted by ``dm.config.redaction``'s rule, with the secrets registered
+    there (the settings register theirs when they load).
     """
     logger = logging.getLogger("dm")
     for handler in list(logger.handlers):
@@ -140,7 +116,7 @@ def configure(
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)-5s %(message)s"))
-    redacting = RedactingFilter(secrets or [], scrub)
+    redacting = RedactingFilter()
     handler.addFilter(redacting)
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -159,12 +135,3 @@ def _redact_other_loggers(redacting: RedactingFilter) -> None:
         for old in [f for f in handler.filters if isinstance(f, RedactingFilter)]:
             handler.removeFilter(old)
         handler.addFilter(redacting)
-
-
-def add_secrets(secrets: Iterable[str]) -> None:
-    """Mask ``secrets`` in every later record of dm's handler (once settings are known)."""
-    for handler in logging.getLogger("dm").handlers:
-        if handler.get_name() == _HANDLER_NAME:
-            for log_filter in handler.filters:
-                if isinstance(log_filter, RedactingFilter):
-                    log_filter.add(secrets)
