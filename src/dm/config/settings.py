@@ -379,8 +379,12 @@ class Settings(BaseSettings):
 
     def _once(self, name: str, parse: Callable[[], URL]) -> URL:
         """Return ``parse()``, parsed once per value of the settings it reads."""
-        key = (name, *(_raw(v) for v in (self.database_url, self.lock_database_url)))
-        key = (*key, str(self.config_file))
+        key = (
+            name,
+            _raw(self.database_url),
+            _raw(self.lock_database_url),
+            str(self.config_file),
+        )
         url = self._parsed.get(key)
         if url is None:
             url = self._parsed[key] = parse()
