@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import decimal
 import logging
 import time
 import uuid
@@ -39,22 +38,26 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import date
-from datetime import datetime
 from typing import Any
 from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from dm.backfill.errors import BatchingError as BatchingError
+from dm.backfill.keys import decode_key
+from dm.backfill.keys import encode_key
 from dm.backfill.progress import Progress
 from dm.backfill.progress import clock
+from dm.backfill.ranges import RANGES_PER_WORKER
+from dm.backfill.ranges import Outcome
+from dm.backfill.ranges import Range
+from dm.backfill.ranges import RangeStore
+from dm.backfill.ranges import split_points
+from dm.backfill.ranges import splittable
+from dm.backfill.ranges import with_progress
 
 log = logging.getLogger("dm.batched")
-
-
-class BatchingError(RuntimeError):
-    """``batched`` was used wrongly: outside a dm run, or with an unusable key or option."""
 
 
 class RunUnit(Protocol):
@@ -79,6 +82,52 @@ class RunUnit(Protocol):
 
     def autocommit(self) -> AbstractAsyncContextManager[None]:
         """Return a block that leaves the revision's transaction and resumes it after."""
+
+    @property
+    def parallel(self) -> Parallel | None:
+        """What a loop with ``workers`` needs (PostgreSQL, ``transactional = False``), or
+        None where loops run as one worker."""
+
+
+class Parallel(Protocol):
+    """What a unit of work offers a loop run with ``workers=N``: the ranges, and the run's
+    own workers (``dm.engine.workers``)."""
+
+    role: str
+    """``run`` (the attempt's own hook: it plans the ranges and finishes the loop) or
+    ``worker`` (a task of the run, or a ``dm work`` process, running the hook again)."""
+    joins: tuple[str, int] | None
+    """A worker's loop: its token and number (earlier loops are skipped)."""
+    progress: Progress | None
+    """The progress the run's own workers share (set by the run's loop)."""
+
+    def store(self, lease_seconds: float) -> RangeStore:
+        """Return the statements on the ranges, for this worker."""
+
+    def fenced(self) -> None:
+        """Note that a fenced statement (a range's checkpoint, claim or split) matched."""
+
+    async def start_workers(self, count: int, token: str, loop: int) -> None:
+        """Start ``count`` workers of the run, each running the hook on a connection of its
+        own and joining the loop ``token`` (``run`` only)."""
+
+    async def join_workers(self) -> None:
+        """Wait for the run's workers to end; raise what stopped or failed one."""
+
+    async def stop_workers(self) -> None:
+        """Cancel the run's workers (the loop ends early) and wait for them."""
+
+    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+        """After a batch of a range committed: raise ``StopAtBoundary`` to stop there (a
+        request on the attempt, the run's time, another worker that stopped)."""
+
+
+class WorkerDone(BaseException):
+    """Ends a worker's run of the hook once its loop has no range left (``role=worker``).
+
+    A ``BaseException``: revision code catching ``Exception`` cannot turn it into a return
+    and run the code after the loop, which is the run's alone.
+    """
 
 
 _current: contextvars.ContextVar[RunUnit | None] = contextvars.ContextVar(
@@ -212,6 +261,10 @@ _DEADBAND = 0.1
 """A computed size within this fraction of the current one leaves it unchanged."""
 _MAX_STEP = 2.0
 """The size changes by at most this factor from one batch to the next."""
+DEFAULT_LEASE_SECONDS = 60.0
+"""How long a worker holds a range of a parallel loop between two commits."""
+JOIN_POLL_SECONDS = 0.5
+"""How often the run looks again while other processes' workers finish their ranges."""
 WAIT_LOG_INTERVAL = 60.0
 """Seconds between two "still waiting" lines while ``pause_when`` holds a loop."""
 
@@ -230,6 +283,8 @@ async def batched(
     max_size: int | None = None,
     pause_when: PausePredicate | None = None,
     pause_poll: float = 5.0,
+    workers: int = 1,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> AsyncIterator[Batch]:
     """Walk ``query`` in batches of at most ``size`` rows, ordered by ``key``.
 
@@ -249,6 +304,14 @@ async def batched(
     :param pause_when: an async predicate ``f(session)`` checked between batches: while it
         returns a reason (a string, or True), the loop waits, checking again every
         ``pause_poll`` seconds. ``dm.backfill.backoff`` has ready-made ones.
+    :param workers: on PostgreSQL, in a ``transactional = False`` revision, split the key
+        space into ranges worked by ``workers`` workers at once, each on a connection of
+        its own; ``dm work`` processes may join (``dm.backfill.ranges``). Each worker runs
+        the hook again, so code before the loop runs in every worker and code after it in
+        the run alone. Needs one key column of integers, numerics, dates, timestamps or
+        UUIDs. Elsewhere the loop runs as one worker.
+    :param lease_seconds: how long a worker holds a range without committing a batch
+        before another may take it over from its checkpoint (longer than a batch takes).
     """
     context = _current.get()
     if context is None:
@@ -263,14 +326,58 @@ async def batched(
     if pause_poll <= 0:
         raise BatchingError(f"revision {revision}: batched() pause_poll must be positive")
     keyset = _Keyset.of(query, key, revision)
+    if workers < 1:
+        raise BatchingError(f"revision {revision}: batched() workers must be at least 1")
+    if not lease_seconds > 0:
+        raise BatchingError(f"revision {revision}: batched() lease_seconds must be positive")
     loop = context.loops
     context.loops += 1
+    parallel = context.parallel
+    if parallel is not None and parallel.joins is not None:  # a worker joining a loop
+        token, joined = parallel.joins
+        if loop < joined:
+            return  # finished by the run before the worker joined
+        if loop > joined or (workers < 2 and not _ranged_resume(context.resume, loop)):
+            raise WorkerDone
+    elif workers > 1 and parallel is None:
+        log.info(
+            "%s %s: batched(workers=%d) runs as one worker here (%s)",
+            context.direction,
+            revision,
+            workers,
+            "a transactional revision" if context.transactional else "SQLite has one writer",
+        )
     save = None if context.transactional else context.save_checkpoint
     label = f"{context.direction} {revision}" + (f" (loop {loop + 1})" if loop else "")
 
     start = _Start.from_checkpoint(context.resume, loop, keyset, revision)
     if start.skip:
         log.info("%s: finished by an earlier attempt; skipped", label)
+        return
+    if parallel is not None and (
+        workers > 1 or parallel.joins is not None or _ranged_resume(context.resume, loop)
+    ):
+        ranged = _RangedLoop(
+            session,
+            context,
+            parallel,
+            keyset,
+            query.order_by(None),
+            loop=loop,
+            label=label,
+            workers=workers,
+            lease_seconds=lease_seconds,
+            fetch=_fetch_rows if rows else _fetch_bounds,
+            sizer=sizer,
+            throttle=throttle,
+            waiter=None if pause_when is None else _Waiter(pause_when, pause_poll, label, False),
+            count=count,
+            probe=probe,
+        )
+        async for batch in ranged.run(start):
+            yield batch
+        if parallel.role == "worker":
+            raise WorkerDone
         return
     if start.done:
         log.info("%s: resuming after key %r, %d rows already done", label, start.last, start.done)
@@ -333,6 +440,263 @@ async def batched(
     finally:
         if not completed:
             progress.close()
+
+
+def _ranged_resume(checkpoint: Mapping[str, Any] | None, loop: int) -> bool:
+    """Return whether ``checkpoint`` is of loop ``loop`` run in ranges, not finished."""
+    return bool(
+        checkpoint
+        and checkpoint.get("ranges")
+        and checkpoint.get("loop") == loop
+        and not checkpoint.get("finished")
+    )
+
+
+class _RangedLoop:
+    """One worker's share of a loop run in key ranges (``workers=N``, PostgreSQL).
+
+    The run's own hook plans the ranges (or adopts those of the attempt it resumes),
+    starts the run's other workers, works ranges like them and, once none is left to
+    claim, waits for every range to finish (taking over any whose lease expired) before it
+    records the loop finished. A worker works ranges until none is left, then ends.
+    """
+
+    def __init__(
+        self,
+        session: AsyncSession,
+        context: RunUnit,
+        parallel: Parallel,
+        keyset: _Keyset,
+        query: sa.Select[Any],
+        *,
+        loop: int,
+        label: str,
+        workers: int,
+        lease_seconds: float,
+        fetch: Callable[[AsyncSession, sa.Select[Any], _Keyset, Any, int], Awaitable[Batch]],
+        sizer: _Sizer,
+        throttle: float,
+        waiter: _Waiter | None,
+        count: bool,
+        probe: Probe | None,
+    ) -> None:
+        self.session = session
+        self.context = context
+        self.parallel = parallel
+        self.keyset = keyset
+        self.query = query
+        self.loop = loop
+        self.label = label
+        self.workers = workers
+        self.store = parallel.store(lease_seconds)
+        self.fetch = fetch
+        self.sizer = sizer
+        self.throttle = throttle
+        self.waiter = waiter
+        self.count = count
+        self.probe = probe
+        self.revision = context.revision
+
+    async def run(self, start: _Start) -> AsyncIterator[Batch]:
+        """Yield this worker's batches; for the run, until the whole loop is done."""
+        if self.keyset.composite:
+            raise BatchingError(
+                f"revision {self.revision}: batched(workers=...) needs a key of one column"
+            )
+        await _refuse_null_keys(self.session, self.query, self.keyset, self.revision)
+        run = self.parallel.role == "run"
+        if run:
+            token, total = await self._begin(start)
+        else:
+            assert self.parallel.joins is not None
+            token, total = self.parallel.joins[0], None
+        progress = None if run else self.parallel.progress
+        own_progress = progress is None
+        if progress is None:
+            done = await self.store.rows_done(self.session, token)
+            await self.session.commit()
+            progress = Progress(self.label, total, done=done, batch_size=self.sizer.size)
+            if run:  # shared with the run's workers
+                self.parallel.progress = progress
+        completed = False
+        try:
+            if run and self.workers > 1:
+                await self.parallel.start_workers(self.workers - 1, token, self.loop)
+            while True:
+                held = await self._next_range(token)
+                if held is None:
+                    if not run or await self._all_finished(token):
+                        break
+                    await asyncio.sleep(JOIN_POLL_SECONDS)
+                    continue
+                try:
+                    async for batch in self._work(held, progress):
+                        yield batch
+                finally:
+                    self.store.hold(None)
+            if run:
+                await self._finish(token, total)
+            completed = True
+            if own_progress:
+                progress.finish()
+        finally:
+            if run and not completed:
+                await self.parallel.stop_workers()
+            if own_progress and not completed:
+                progress.close()
+
+    async def _begin(self, start: _Start) -> tuple[str, int | None]:
+        """Plan the loop's ranges, or adopt those of the attempt resumed; commits."""
+        resume = self.context.resume
+        session = self.session
+        if _ranged_resume(resume, self.loop):
+            assert resume is not None
+            token = str(resume["ranges"])
+            total = resume.get("rows_total")
+            left = await self.store.adopt(session, token, self._attempt_id())
+            await session.commit()
+            log.info("%s: resuming its ranges, %d not finished", self.label, left)
+            return token, None if total is None else int(total)
+        low, high = await _key_bounds(session, self._after(start.last), self.keyset)
+        for value in (low, high):
+            if value is not None and not splittable(value):
+                raise BatchingError(
+                    f"revision {self.revision}: batched(workers=...) needs a key of integers, "
+                    f"numerics, dates, timestamps or UUIDs to split into ranges, not "
+                    f"{type(value).__name__}"
+                )
+        total = None
+        if self.count:
+            total = start.done + await _count(session, self._after(start.last))
+        points = [] if low is None else split_points(low, high, self.workers * RANGES_PER_WORKER)
+        token = str(uuid.uuid4())
+        ranges = await self.store.plan(
+            session,
+            token=token,
+            revision=self.revision,
+            direction=self.context.direction,
+            loop=self.loop,
+            attempt_id=self._attempt_id(),
+            points=points,
+            first_lower=start.last,
+            rows_before=start.done,
+        )
+        await self.context.save_checkpoint(
+            session,
+            {
+                "loop": self.loop,
+                "ranges": token,
+                "workers": self.workers,
+                "last_key": None,
+                "rows_done": start.done,
+                "rows_total": total,
+                "finished": False,
+            },
+        )
+        await session.commit()
+        log.info("%s: %d key ranges for %d workers", self.label, ranges, self.workers)
+        return token, total
+
+    def _attempt_id(self) -> int:
+        attempt_id = getattr(self.context, "attempt_id", None)
+        assert isinstance(attempt_id, int)
+        return attempt_id
+
+    def _after(self, last: Any) -> sa.Select[Any]:
+        return self.query if last is None else self.query.where(self.keyset.after(last))
+
+    async def _next_range(self, token: str) -> Range | None:
+        """Claim a free range, else split the largest one another worker holds."""
+        held = await self.store.claim(self.session, token)
+        if held is None:
+            low, high = await _key_bounds(self.session, self.query, self.keyset)
+            held = await self.store.steal(self.session, token, low, high)
+        return held
+
+    async def _all_finished(self, token: str) -> bool:
+        """Once the run's own workers ended: whether every range is finished."""
+        await self.parallel.join_workers()
+        left = await self.store.unfinished(self.session, token)
+        await self.session.commit()
+        return left == 0
+
+    async def _finish(self, token: str, total: int | None) -> None:
+        """Record the loop finished (with the rows of all workers) and drop its ranges."""
+        done = await self.store.rows_done(self.session, token)
+        await self.store.drop(self.session, token)
+        await self.context.save_checkpoint(
+            self.session,
+            {
+                "loop": self.loop,
+                "last_key": None,
+                "rows_done": done,
+                "rows_total": total,
+                "finished": True,
+            },
+        )
+        await self.session.commit()
+
+    async def _work(self, held: Range, progress: Progress) -> AsyncIterator[Batch]:
+        """Page through one range, committing each batch with the range's checkpoint."""
+        session, keyset = self.session, self.keyset
+        while True:
+            limit = self.sizer.size
+            started = time.monotonic()
+            page = self._after(held.start)
+            if held.upper is not None:
+                page = page.where(keyset.within(None, held.upper, None))
+            page = page.order_by(*keyset.columns).limit(limit)
+            batch = await self.fetch(session, page, keyset, held.start, limit)
+            finished = batch.row_count < limit
+            last, done = held.last, held.rows_done
+            if batch.row_count:
+                yield batch
+                last, done = batch.upper, done + batch.row_count
+            outcome = await self.store.checkpoint(session, held, last, done, finished)
+            if not outcome.matched:
+                await session.rollback()
+                again = await self.store.reread(session, held)
+                await session.commit()
+                if again is None:
+                    log.warning(
+                        "%s: range %d was taken over (this worker's lease expired); its "
+                        "last batch was rolled back",
+                        self.label,
+                        held.number,
+                    )
+                    return
+                held = again  # split by another worker: the batch is redone within it
+                continue
+            self.parallel.fenced()
+            await session.commit()
+            if self.probe is not None and self.probe.committed is not None:
+                checkpoint = {"loop": self.loop, "range": held.number, "rows_done": done}
+                self.probe.committed(self.context, checkpoint, batch.row_count)
+            held = with_progress(outcome, held, last, done)
+            self.sizer.observe(batch.row_count, time.monotonic() - started)
+            progress.advance(batch.row_count, batch_size=self.sizer.size)
+            await self.parallel.after_range_checkpoint(outcome)
+            if finished:
+                return
+            if self.throttle:
+                await asyncio.sleep(self.throttle)
+            if self.waiter is not None:
+                await self.waiter.wait(session)
+
+
+async def _key_bounds(
+    session: AsyncSession, query: sa.Select[Any], keyset: _Keyset
+) -> tuple[Any, Any]:
+    """Return the smallest and largest key of ``query`` (None, None when it has no row):
+    two index look-ups, not a scan."""
+    (column,) = keyset.columns
+    keys = query.with_only_columns(
+        query.selected_columns[keyset.positions[0]], maintain_column_froms=True
+    )
+    low = (await session.execute(keys.order_by(column.asc()).limit(1))).scalar()
+    high = (await session.execute(keys.order_by(column.desc()).limit(1))).scalar()
+    await session.commit()
+    return low, high
 
 
 @dataclass
@@ -617,47 +981,3 @@ def _key_position(query: sa.Select[Any], key: sa.ColumnElement[Any], revision: s
         if column is key or column.compare(key):
             return index
     raise BatchingError(f"revision {revision}: the key column must be selected by the query")
-
-
-# -- keys in checkpoints ---------------------------------------------------------------
-# Integers and strings are stored as they are; other key types as {"<type>": "<text>"}.
-
-_TAGGED: dict[str, Callable[[str], Any]] = {
-    "uuid": uuid.UUID,
-    "datetime": datetime.fromisoformat,
-    "date": date.fromisoformat,
-    "decimal": decimal.Decimal,
-}
-
-
-def encode_key(value: Any, revision: str) -> Any:
-    """Return ``value`` as it is stored in a checkpoint (JSON).
-
-    :raises BatchingError: the key's type cannot be stored.
-    """
-    if isinstance(value, bool):
-        pass
-    elif isinstance(value, int | str):
-        return value
-    elif isinstance(value, uuid.UUID):
-        return {"uuid": str(value)}
-    elif isinstance(value, datetime):
-        return {"datetime": value.isoformat()}
-    elif isinstance(value, date):
-        return {"date": value.isoformat()}
-    elif isinstance(value, decimal.Decimal):
-        return {"decimal": str(value)}
-    raise BatchingError(
-        f"revision {revision}: a key of type {type(value).__name__} cannot be stored in a "
-        "checkpoint; use an integer, string, UUID, date, datetime or numeric key"
-    )
-
-
-def decode_key(stored: Any) -> Any:
-    """Return the key value ``encode_key`` stored as ``stored``."""
-    if isinstance(stored, dict):
-        ((tag, text),) = stored.items()
-        return _TAGGED[tag](text)
-    if isinstance(stored, int | str) and not isinstance(stored, bool):
-        return stored
-    raise ValueError(f"not a stored key: {stored!r}")

@@ -1,4 +1,4 @@
-"""``dm upgrade``, ``downgrade``, ``stamp``, ``run``, ``rollback``, ``resume``."""
+"""``dm upgrade``, ``downgrade``, ``stamp``, ``run``, ``rollback``, ``resume``, ``work``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from dm.cli.app import Invocation
+from dm.cli.app import emit_json
 from dm.cli.app import json_option
 from dm.cli.app import main
 from dm.cli.app import pass_invocation
@@ -247,3 +248,42 @@ def resume_revision(
     )
     result = run_coroutine(verbs.resume(settings, rev, dry_run=dry_run))
     render_run(result, "resume", as_json)
+
+
+@main.command("work")
+@click.argument("rev")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Wait this long for the run to reach the loop before concluding there is none.",
+)
+@json_option
+@pass_invocation
+def work(invocation: Invocation, rev: str, wait: float, as_json: bool) -> None:
+    """Join the running parallel loop of REV (dm.batched(..., workers=N)) as one more
+    worker, on PostgreSQL; exit 0 once no key range is left (or none was running).
+
+    Takes no migration lock: start several, in other pods too. A worker that is killed
+    loses its ranges when their lease expires; its committed batches stay.
+    """
+    from dm import verbs
+    from dm.core.errors import Incomplete
+
+    result = run_coroutine(verbs.work(invocation.settings(), rev, wait=wait))
+    if result.stopped is not None:
+        raise Incomplete(result.revision, f"{result.direction} {result.revision}: {result.stopped}")
+    if as_json:
+        emit_json(
+            {
+                "revision": result.revision,
+                "joined": result.joined,
+                "direction": result.direction,
+            }
+        )
+    elif result.joined:
+        write_line(f"{result.direction} {result.revision}: no key range left for this worker")
+    else:
+        write_line(f"{result.revision}: no parallel loop running; nothing to join")

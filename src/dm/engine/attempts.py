@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from dm.config.engines import configured_url
 from dm.config.engines import transaction_settings
@@ -261,6 +262,7 @@ class Runner:
             joined=self.joined,
             pooled=self._pooled,
             isolation_level=self._isolation_level,
+            connect=None if self.shared else self._worker_connection,
         )
 
     async def _run_batched(
@@ -409,26 +411,25 @@ class Runner:
     async def _prepare_session(self) -> None:
         """Apply the settings every revision on this connection runs with, once: to the
         session, or to each transaction on a connection that may be pooled."""
-        version = self.conn.dialect.server_version_info or (0,)
-        settings: dict[str, str] = {}
-        if version >= (14,):
-            # A statement whose client died (SIGKILL) is aborted within about a second,
-            # instead of running on and holding its locks against the next run.
-            settings["client_connection_check_interval"] = "1000"
-        if self.pg_lock_timeout:
-            # A data migration never queues behind live traffic's locks for long.
-            settings["lock_timeout"] = str(max(int(self.pg_lock_timeout * 1000), 1))
-        settings.update(session_guards(version, self.idle_in_transaction_timeout))
-        if self._pooled:
-            if self.conn.in_transaction():
-                await self.conn.commit()
-            transaction_settings(self.conn, settings)
-            self._session_ready = True
-            return
-        for name, value in settings.items():
-            await self.conn.execute(sa.text(f"SET {name} = {value}"))
-        await self.conn.commit()
+        await self._apply_settings(self.conn)
         self._session_ready = True
+
+    async def _worker_connection(self) -> AsyncConnection:
+        """Open a connection for a worker of a parallel loop, set up as the run's is."""
+        conn = await self.conn.engine.connect()
+        try:
+            await self._apply_settings(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _apply_settings(self, conn: AsyncConnection) -> None:
+        await prepare_connection(
+            conn,
+            lock_timeout=self.pg_lock_timeout,
+            idle_in_transaction_timeout=self.idle_in_transaction_timeout,
+        )
 
     async def _record_failure(
         self, attempt_id: int, exc: BaseException, message: str, duration: int
@@ -526,3 +527,31 @@ def _timeout_of(step: Step, default: float | None) -> float | None:
 
 def _elapsed_ms(started: float) -> int:
     return int((time.perf_counter() - started) * 1000)
+
+
+async def prepare_connection(
+    conn: AsyncConnection,
+    *,
+    lock_timeout: float | None,
+    idle_in_transaction_timeout: float | None,
+) -> None:
+    """Apply the settings every revision runs with to ``conn`` (PostgreSQL): to the
+    session, or to each transaction on a connection that may be pooled."""
+    version = conn.dialect.server_version_info or (0,)
+    settings: dict[str, str] = {}
+    if version >= (14,):
+        # A statement whose client died (SIGKILL) is aborted within about a second,
+        # instead of running on and holding its locks against the next run.
+        settings["client_connection_check_interval"] = "1000"
+    if lock_timeout:
+        # A data migration never queues behind live traffic's locks for long.
+        settings["lock_timeout"] = str(max(int(lock_timeout * 1000), 1))
+    settings.update(session_guards(version, idle_in_transaction_timeout))
+    if through_pooler(configured_url(conn.engine)):
+        if conn.in_transaction():
+            await conn.commit()
+        transaction_settings(conn, settings)
+        return
+    for name, value in settings.items():
+        await conn.execute(sa.text(f"SET {name} = {value}"))
+    await conn.commit()

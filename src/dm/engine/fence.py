@@ -97,9 +97,11 @@ class CommitFence:
     """
 
     def __init__(
-        self, conn: Connection, tracker: Tracker, run_id: str, *, joined: bool = False
+        self, conn: Connection, tracker: Tracker, run_id: str | None, *, joined: bool = False
     ) -> None:
-        """:param joined: ``conn`` is inside the caller's transaction (dm commits nothing)."""
+        """:param run_id: the run whose fence every commit needs; None for a ``dm work``
+            process, whose commits need only the range it holds (:meth:`require`).
+        :param joined: ``conn`` is inside the caller's transaction (dm commits nothing)."""
         self.conn = conn
         self.joined = joined
         self.held = False
@@ -111,11 +113,28 @@ class CommitFence:
         self._per_statement = False
         self._postgres = conn.dialect.name == "postgresql"
         meta = tracker.meta
-        check = sa.select(sa.literal(1)).where(
-            meta.c.key == FENCE_KEY, meta.c.value == sa.literal(run_id)
+        self._fence: sa.Select[Any] | None = None
+        if run_id is not None:
+            self._fence = sa.select(meta.c.key).where(
+                meta.c.key == FENCE_KEY, meta.c.value == sa.literal(run_id)
+            )
+        self._read: str | None = None
+        self._read_for_share: str | None = None
+        self.require(None)
+
+    def require(self, also: sa.Select[Any] | None) -> None:
+        """Make every commit need ``also`` to find a row as well (a worker's lease on the
+        range it holds), or only the run's fence again (None)."""
+        conditions = [query for query in (self._fence, also) if query is not None]
+        if not conditions:
+            self._read = self._read_for_share = None
+            return
+        check = sa.select(sa.literal(1)).where(*(sa.exists(query) for query in conditions))
+        shared = sa.select(sa.literal(1)).where(
+            *(sa.exists(query.with_for_update(read=True)) for query in conditions)
         )
-        self._read = _render(check, conn)
-        self._read_for_share = _render(check.with_for_update(read=True), conn)
+        self._read = _render(check, self.conn)
+        self._read_for_share = _render(shared, self.conn)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[CommitFence]:
@@ -261,7 +280,10 @@ class CommitFence:
 
     def _check(self, conn: Connection, *, for_share: bool, rollback: bool = True) -> None:
         """Read the fence; if it is another run's, roll back and raise ``FenceLost``."""
-        row = self._send(conn, self._read_for_share if for_share else self._read, fetch=True)
+        statement = self._read_for_share if for_share else self._read
+        if statement is None:
+            return
+        row = self._send(conn, statement, fetch=True)
         if row is None:
             if rollback:
                 self._rollback(conn)

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.compiler import compiles
 
+from dm.backfill.ranges import ranges_table
 from dm.config.redaction import stored
 from dm.core.errors import ConfigError
 from dm.core.errors import FenceBusy
@@ -34,7 +35,7 @@ from dm.core.state import TRANSITIONS as TRANSITIONS
 from dm.core.state import Attempt
 from dm.core.state import Status as Status
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Layout of the tracker written by this dm.
 
 1. pre-release prototype: ``id, revision, status, started_at, finished_at, error``.
@@ -46,6 +47,8 @@ SCHEMA_VERSION = 4
 4. where the environment's value came from (``environment_source``: ``DM_ENVIRONMENT``,
    ``dm.environment in alembic.ini``...) and ``db_user``, the database's ``session_user``
    of the connection that wrote the row, beside the self-asserted ``run_by`` (NULL on SQLite).
+5. the ``<table>_ranges`` table: the key ranges of batched loops run with ``workers``
+   (``dm.backfill.ranges``), claimed and checkpointed by each worker.
 """
 
 REQUEST_COLUMNS = ("request", "request_by", "request_reason")
@@ -221,6 +224,7 @@ class Tracker:
             sa.Column("key", sa.String(64), primary_key=True),
             sa.Column("value", sa.String(255), nullable=False),
         )
+        self.ranges = ranges_table(self.metadata, table)
         held = (
             sa.select(self.meta.c.key)
             .where(self.meta.c.key == FENCE_KEY, self.meta.c.value == sa.bindparam("fence"))
@@ -253,6 +257,15 @@ class Tracker:
             )
             .returning(t.c.request, t.c.request_by, t.c.request_reason)
         )
+
+    def fence_held(self, run_id: str) -> sa.ColumnElement[bool]:
+        """Return the condition "the fence is ``run_id``'s" (its row read ``FOR SHARE``)."""
+        held = (
+            sa.select(self.meta.c.key)
+            .where(self.meta.c.key == FENCE_KEY, self.meta.c.value == sa.literal(run_id))
+            .with_for_update(read=True)
+        )
+        return sa.exists(held)
 
     @property
     def qualified_name(self) -> str:
@@ -351,6 +364,7 @@ class Tracker:
                 self._write_version(sync, 1, insert=True)
                 self._upgrade_1_to_2(sync, sa.inspect(sync))
             self._add_missing_columns(sync)  # 2 -> 3 -> 4: new columns, all nullable
+            self.ranges.create(sync, checkfirst=True)  # 4 -> 5: the ranges table
             self._write_version(sync, SCHEMA_VERSION)
 
     def _version_query(self) -> sa.Select[tuple[Any]]:

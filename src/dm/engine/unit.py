@@ -43,6 +43,9 @@ from dm.engine.recording import Recorder
 from dm.engine.recording import Request
 from dm.engine.stops import StopAtBoundary
 from dm.engine.stops import StopPolicy
+from dm.engine.workers import Connect
+from dm.engine.workers import Crew
+from dm.engine.workers import Lease
 
 log = logging.getLogger("dm.runner")
 
@@ -102,6 +105,7 @@ class UnitOfWork:
         joined: bool = False,
         pooled: bool = False,
         isolation_level: str | None = None,
+        connect: Connect | None = None,
     ) -> None:
         """:param limit: the revision's time limit, in seconds; ``remaining``: what it
             leaves for this try.
@@ -138,6 +142,8 @@ class UnitOfWork:
         self._isolation_level = isolation_level
         self._postgres = self.conn.dialect.name == "postgresql"
         self._session: AsyncSession | None = None
+        self._connect = connect
+        self._crew: Crew | None = None
 
     # -- what dm.batched and the autocommit blocks call (dm.backfill.batching.RunUnit) -------------
 
@@ -155,6 +161,26 @@ class UnitOfWork:
         except StopAtBoundary as stop:
             self.stop = stop
             raise
+
+    @property
+    def parallel(self) -> Crew | None:
+        """The run's side of loops run with ``workers`` (``dm.engine.workers``): on
+        PostgreSQL, in a ``transactional = False`` revision run by dm itself."""
+        if self._crew is None:
+            if not self._postgres or self.transactional or self._joined or self._connect is None:
+                return None
+            run_id = self.recorder.run.run_id
+            tracker = self.recorder.tracker
+            owner = f"run:{run_id}:0"
+            self._crew = Crew(
+                tracker,
+                run_id,
+                Lease(self.recorder.fence, tracker, owner),
+                step=self.step,
+                stops=self._stops,
+                connect=self._connect,
+            )
+        return self._crew
 
     def autocommit(self) -> AbstractAsyncContextManager[None]:
         """Return the autocommit block of the running hook (``dm.autocommit``)."""
@@ -201,6 +227,8 @@ class UnitOfWork:
                 raise RevisionTimedOut(self._limit) from exc
             raise
         finally:
+            if self._crew is not None:
+                await self._crew.shutdown()
             self._session = None
             await session.close()
             if self.recorder.fence is not None:

@@ -44,6 +44,7 @@ from dm.verbs.run import rollback
 from dm.verbs.run import run
 from dm.verbs.run import stamp
 from dm.verbs.run import upgrade
+from dm.verbs.run import work
 
 __all__ = [
     "AttemptRecord",
@@ -85,4 +86,5 @@ __all__ = [
     "upgrade",
     "verify",
     "versions",
+    "work",
 ]

@@ -22,6 +22,7 @@ from dm.verbs.common import one_revision
 
 if TYPE_CHECKING:
     from dm.config.settings import Settings
+    from dm.engine.workers import WorkResult
 
 log = logging.getLogger("dm.verbs.run")
 
@@ -185,3 +186,43 @@ async def resume(settings: Settings, revision: str, *, dry_run: bool = False) ->
         return planning.with_decisions([Step(rev, False)], settings.environment, latest)
 
     return await execute_plan(settings, rev.id, plan, dry_run=dry_run)
+
+
+async def work(settings: Settings, revision: str, *, wait: float = 0.0) -> WorkResult:
+    """Join the running parallel loop of ``revision`` (``batched(..., workers=N)``) as one
+    more worker: claim its key ranges and work them with the revision's own hook until
+    none is left. Holds no migration lock; every commit needs the range it is for.
+
+    :param wait: seconds to wait for the loop to start (the run may not have reached it).
+    :raises UsageError: the database is SQLite (its loops run as one worker).
+    """
+    from dm.config.engines import is_sqlite
+    from dm.engine.attempts import prepare_connection
+    from dm.engine.workers import WorkResult
+    from dm.engine.workers import join
+
+    if is_sqlite(settings.url()):
+        raise UsageError(
+            "dm work needs PostgreSQL: on SQLite, which has one writer, a batched loop runs "
+            "as one worker"
+        )
+    graph = load_graph(settings)
+    rev = one_revision(graph, revision)
+
+    def step_of(direction: str) -> Step:
+        if direction == "downgrade" and rev.downgrade is None:  # pragma: no cover - the run's
+            raise UsageError(f"revision {rev.id} has no downgrade()")
+        return Step(rev, direction == "upgrade")
+
+    async with open_database(settings) as db:
+        conn = await db.conn()
+        if await db.tracker.layout(conn) is None:
+            await conn.rollback()
+            return WorkResult(rev.id, joined=False)
+        await conn.rollback()
+        await prepare_connection(
+            conn,
+            lock_timeout=settings.pg_lock_timeout,
+            idle_in_transaction_timeout=settings.idle_in_transaction_timeout,
+        )
+        return await join(db.tracker, conn, step_of, rev.id, wait=wait)

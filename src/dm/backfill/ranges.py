@@ -1,0 +1,470 @@
+"""Key ranges of a parallel ``dm.batched`` loop, kept in the tracker's ``<table>_ranges``.
+
+A loop run with ``workers=N`` (PostgreSQL) splits its key space into contiguous ranges
+``(lower, upper]``, one row each, under a token naming the loop. Every worker (a task of
+the run, or a ``dm work`` process) claims a range with ``FOR UPDATE SKIP LOCKED`` and a
+lease, pages through it, and commits each batch together with the range's checkpoint (its
+last key and row count). That checkpoint update is the range's fence: it matches only
+while the worker still owns the range and the range's bounds are those it paged with
+(``version``); otherwise the batch rolls back. A worker that died loses its lease when it
+expires; the range is then claimed again from its checkpoint. When no range is left to
+claim, a worker splits the largest remaining one at the middle of what is left
+(``steal``), so the last minutes are not one worker alone.
+
+Ranges need a key that can be split by value: one column of integers, numerics, dates,
+timestamps or UUIDs.
+"""
+
+from __future__ import annotations
+
+import decimal
+import uuid
+from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import replace
+from datetime import date
+from datetime import datetime
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dm.backfill.keys import decode_key
+from dm.backfill.keys import encode_key
+
+RANGES_PER_WORKER = 4
+"""Ranges planned per worker: a worker that finishes one claims the next before any split."""
+
+
+def ranges_table(metadata: sa.MetaData, tracker: str) -> sa.Table:
+    """Return the ranges table of the tracker named ``tracker`` (in ``metadata``)."""
+    return sa.Table(
+        f"{tracker}_ranges",
+        metadata,
+        sa.Column("token", sa.String(36), primary_key=True),
+        sa.Column("number", sa.Integer(), primary_key=True),
+        sa.Column("revision", sa.String(64), nullable=False),
+        sa.Column("direction", sa.String(16), nullable=False),
+        sa.Column("loop", sa.Integer(), nullable=False),
+        sa.Column("attempt_id", sa.BigInteger(), nullable=False),
+        sa.Column("lower_key", sa.JSON()),
+        sa.Column("upper_key", sa.JSON()),
+        sa.Column("last_key", sa.JSON()),
+        sa.Column("rows_done", sa.BigInteger(), nullable=False, default=0),
+        sa.Column("finished", sa.Boolean(), nullable=False, default=False),
+        sa.Column("version", sa.Integer(), nullable=False, default=0),
+        sa.Column("owner", sa.String(96)),
+        sa.Column("lease_until", sa.DateTime(timezone=True)),
+        sa.Index(f"ix_{tracker}_ranges_revision", "revision"),
+    )
+
+
+def splittable(value: Any) -> bool:
+    """Return whether a key value can be split by value (see the module docstring)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | decimal.Decimal | datetime | date | uuid.UUID)
+
+
+def _number(value: Any) -> float:
+    """Return ``value`` on a line, for comparing the sizes of ranges."""
+    if isinstance(value, uuid.UUID):
+        return float(value.int)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        return float(value.toordinal())
+    return float(value)
+
+
+def between(low: Any, high: Any, fraction: float) -> Any:
+    """Return the key ``fraction`` of the way from ``low`` to ``high`` (same type)."""
+    if isinstance(low, uuid.UUID):
+        return uuid.UUID(int=low.int + int((high.int - low.int) * fraction))
+    if isinstance(low, datetime):
+        return low + (high - low) * fraction
+    if isinstance(low, date):
+        return low + timedelta(days=int((high - low).days * fraction))
+    if isinstance(low, decimal.Decimal):
+        return low + (high - low) * decimal.Decimal(str(fraction))
+    return low + int((high - low) * fraction)
+
+
+def split_points(low: Any, high: Any, parts: int) -> list[Any]:
+    """Return up to ``parts - 1`` increasing keys strictly between ``low`` and ``high``."""
+    points: list[Any] = []
+    for index in range(1, parts):
+        point = between(low, high, index / parts)
+        if low < point < high and (not points or point > points[-1]):
+            points.append(point)
+    return points
+
+
+@dataclass(frozen=True)
+class Range:
+    """One claimed range: keys in ``(lower, upper]`` (None: unbounded), done up to ``last``."""
+
+    token: str
+    number: int
+    lower: Any
+    upper: Any
+    last: Any
+    rows_done: int
+    version: int
+
+    @property
+    def start(self) -> Any:
+        """The key the next page starts after (None: from the first key)."""
+        return self.lower if self.last is None else self.last
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a range's checkpoint update found: whether it matched, the range's bounds now,
+    and the request or status of the attempt (``dm pause``, ``dm cancel``, a stopped run)."""
+
+    matched: bool
+    upper: Any = None
+    version: int = 0
+    status: str | None = None
+    request: tuple[str, str | None, str | None] | None = None
+
+
+class RangeStore:
+    """The statements on the ranges of one loop (token), for one worker (``owner``)."""
+
+    def __init__(
+        self,
+        ranges: sa.Table,
+        attempts: sa.Table,
+        *,
+        owner: str,
+        lease_seconds: float,
+        fence: sa.ColumnElement[bool] | None = None,
+        holding: Callable[[str | None, int | None], None] | None = None,
+    ) -> None:
+        """:param attempts: the tracker's attempt table (for the attempt's status/request).
+        :param fence: a condition every checkpoint update carries besides the lease (the
+            run's fence, for the run's own workers).
+        :param holding: told of the range this worker holds from now on (token and
+            number; None, None: none), so that every commit of its connection needs it."""
+        self.ranges = ranges
+        self.attempts = attempts
+        self.owner = owner
+        self.lease: sa.ColumnElement[Any] = sa.literal_column(
+            f"interval '{float(lease_seconds)} seconds'"
+        )
+        self.fence = fence
+        self._holding = holding
+
+    def hold(self, held: Range | None) -> None:
+        """Note which range this worker holds now (None: none)."""
+        if self._holding is not None:
+            self._holding(*((None, None) if held is None else (held.token, held.number)))
+
+    def _lease_until(self) -> sa.ColumnElement[Any]:
+        return sa.func.clock_timestamp() + self.lease
+
+    # -- planning -------------------------------------------------------------------
+
+    async def plan(
+        self,
+        session: AsyncSession,
+        *,
+        token: str,
+        revision: str,
+        direction: str,
+        loop: int,
+        attempt_id: int,
+        points: list[Any],
+        first_lower: Any = None,
+        rows_before: int = 0,
+    ) -> int:
+        """Write the ranges cut at ``points`` (none: one range), the first starting after
+        ``first_lower`` (a loop an earlier attempt ran as one worker, with ``rows_before``
+        rows done); drop this revision's older ranges (a loop that starts over). Return how
+        many ranges there are."""
+        r = self.ranges
+        await session.execute(r.delete().where(r.c.revision == revision))
+        bounds = [first_lower, *points, None]
+        rows = [
+            {
+                "token": token,
+                "number": number,
+                "revision": revision,
+                "direction": direction,
+                "loop": loop,
+                "attempt_id": attempt_id,
+                "lower_key": None if low is None else encode_key(low, revision),
+                "upper_key": None if high is None else encode_key(high, revision),
+                "last_key": None,
+                "rows_done": rows_before if number == 0 else 0,
+                "finished": False,
+                "version": 0,
+            }
+            for number, (low, high) in enumerate(zip(bounds, bounds[1:], strict=False))
+        ]
+        await session.execute(r.insert(), rows)
+        return len(rows)
+
+    async def adopt(self, session: AsyncSession, token: str, attempt_id: int) -> int:
+        """Make ``attempt_id`` (a resumed attempt) the owner of the loop's ranges; release
+        the leases of the runs that held the migration lock before (they can commit no
+        more). Return how many ranges are left to do."""
+        r = self.ranges
+        ours = r.c.token == token
+        await session.execute(
+            r.update()
+            .where(ours, r.c.owner.like("run:%"))
+            .values(owner=None, lease_until=None, attempt_id=attempt_id)
+        )
+        await session.execute(r.update().where(ours).values(attempt_id=attempt_id))
+        return await self.unfinished(session, token)
+
+    async def unfinished(self, session: AsyncSession, token: str) -> int:
+        """Return how many of the loop's ranges are not finished."""
+        r = self.ranges
+        query = sa.select(sa.func.count()).where(r.c.token == token, sa.not_(r.c.finished))
+        return int((await session.execute(query)).scalar_one())
+
+    async def rows_done(self, session: AsyncSession, token: str) -> int:
+        """Return the rows the loop's ranges committed, all workers together."""
+        r = self.ranges
+        query = sa.select(sa.func.coalesce(sa.func.sum(r.c.rows_done), 0))
+        return int((await session.execute(query.where(r.c.token == token))).scalar_one())
+
+    async def drop(self, session: AsyncSession, token: str) -> None:
+        """Delete the loop's ranges (it finished; its checkpoint says so)."""
+        await session.execute(self.ranges.delete().where(self.ranges.c.token == token))
+
+    # -- claiming -------------------------------------------------------------------
+
+    async def claim(self, session: AsyncSession, token: str) -> Range | None:
+        """Claim a range nobody holds (never claimed, or its lease expired); commits."""
+        r = self.ranges
+        free = (
+            sa.select(r.c.number)
+            .where(
+                r.c.token == token,
+                sa.not_(r.c.finished),
+                sa.or_(r.c.owner.is_(None), r.c.lease_until < sa.func.clock_timestamp()),
+            )
+            .order_by(r.c.number)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        claimed = await session.execute(
+            r.update()
+            .where(r.c.token == token, r.c.number == free)
+            .values(owner=self.owner, lease_until=self._lease_until())
+            .returning(*self._range_columns())
+        )
+        row = claimed.first()
+        await session.commit()
+        held = None if row is None else _range(row)
+        self.hold(held)
+        return held
+
+    async def steal(self, session: AsyncSession, token: str, low: Any, high: Any) -> Range | None:
+        """Split the largest range another worker holds at the middle of what it has left;
+        claim the upper half. ``low`` and ``high`` are the loop's smallest and largest
+        keys now (for unbounded ends). Commits; None when nothing is worth splitting."""
+        r = self.ranges
+        held = await session.execute(
+            sa.select(*self._range_columns())
+            .where(r.c.token == token, sa.not_(r.c.finished))
+            .with_for_update(skip_locked=True)
+        )
+        best: tuple[float, Range, Any] | None = None
+        for row in held.all():
+            candidate = _range(row)
+            start = low if candidate.start is None else candidate.start
+            end = high if candidate.upper is None else candidate.upper
+            if start is None or end is None or not start < end:
+                continue
+            middle = between(start, end, 0.5)
+            if not start < middle < end:
+                continue
+            span = _number(end) - _number(start)
+            if best is None or span > best[0]:
+                best = (span, candidate, middle)
+        if best is None:
+            await session.commit()
+            return None
+        _, victim, middle = best
+        revision = await self._revision(session, token)
+        cut = encode_key(middle, revision)
+        await session.execute(
+            r.update()
+            .where(r.c.token == token, r.c.number == victim.number)
+            .values(upper_key=cut, version=r.c.version + 1)
+        )
+        number = (
+            int(
+                (
+                    await session.execute(
+                        sa.select(sa.func.max(r.c.number)).where(r.c.token == token)
+                    )
+                ).scalar_one()
+            )
+            + 1
+        )
+        template = (
+            await session.execute(
+                sa.select(r.c.revision, r.c.direction, r.c.loop, r.c.attempt_id).where(
+                    r.c.token == token, r.c.number == victim.number
+                )
+            )
+        ).one()
+        await session.execute(
+            r.insert().values(
+                token=token,
+                number=number,
+                revision=template.revision,
+                direction=template.direction,
+                loop=template.loop,
+                attempt_id=template.attempt_id,
+                lower_key=cut,
+                upper_key=None if victim.upper is None else encode_key(victim.upper, revision),
+                last_key=None,
+                rows_done=0,
+                finished=False,
+                version=0,
+                owner=self.owner,
+                lease_until=self._lease_until(),
+            )
+        )
+        await session.commit()
+        stolen = Range(token, number, middle, victim.upper, None, 0, 0)
+        self.hold(stolen)
+        return stolen
+
+    async def _revision(self, session: AsyncSession, token: str) -> str:
+        r = self.ranges
+        query = sa.select(r.c.revision).where(r.c.token == token).limit(1)
+        return str((await session.execute(query)).scalar_one())
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    async def checkpoint(
+        self, session: AsyncSession, held: Range, last: Any, rows_done: int, finished: bool
+    ) -> Outcome:
+        """Write the range's checkpoint in the batch's transaction (not committed): it
+        matches only while this worker owns the range at the bounds it paged with."""
+        r, a = self.ranges, self.attempts
+        conditions = [
+            r.c.token == held.token,
+            r.c.number == held.number,
+            r.c.owner == self.owner,
+            r.c.version == held.version,
+        ]
+        if self.fence is not None:
+            conditions.append(self.fence)
+        revision_key = None if last is None else encode_key(last, "checkpoint")
+        of_attempt = a.c.id == r.c.attempt_id
+        result = await session.execute(
+            r.update()
+            .where(*conditions)
+            .values(
+                last_key=revision_key,
+                rows_done=rows_done,
+                finished=finished,
+                owner=None if finished else self.owner,
+                lease_until=None if finished else self._lease_until(),
+            )
+            .returning(
+                r.c.upper_key,
+                r.c.version,
+                sa.select(a.c.status).where(of_attempt).scalar_subquery(),
+                sa.select(a.c.request).where(of_attempt).scalar_subquery(),
+                sa.select(a.c.request_by).where(of_attempt).scalar_subquery(),
+                sa.select(a.c.request_reason).where(of_attempt).scalar_subquery(),
+            )
+        )
+        row = result.first()
+        if row is None:
+            return Outcome(False)
+        upper, version, status, request, by, reason = row
+        return Outcome(
+            True,
+            None if upper is None else decode_key(upper),
+            int(version),
+            status,
+            None if request is None else (request, by, reason),
+        )
+
+    async def reread(self, session: AsyncSession, held: Range) -> Range | None:
+        """Return the range as it is now if this worker still owns it, else None."""
+        r = self.ranges
+        row = (
+            await session.execute(
+                sa.select(*self._range_columns()).where(
+                    r.c.token == held.token, r.c.number == held.number, r.c.owner == self.owner
+                )
+            )
+        ).first()
+        return None if row is None else _range(row)
+
+    def _range_columns(self) -> tuple[sa.ColumnElement[Any], ...]:
+        r = self.ranges
+        return (
+            r.c.token,
+            r.c.number,
+            r.c.lower_key,
+            r.c.upper_key,
+            r.c.last_key,
+            r.c.rows_done,
+            r.c.version,
+        )
+
+
+def _range(row: Any) -> Range:
+    token, number, lower, upper, last, rows_done, version = row
+    return Range(
+        token,
+        int(number),
+        None if lower is None else decode_key(lower),
+        None if upper is None else decode_key(upper),
+        None if last is None else decode_key(last),
+        int(rows_done),
+        int(version),
+    )
+
+
+@dataclass(frozen=True)
+class Joinable:
+    """A parallel loop a ``dm work`` process can join: its token and where it runs."""
+
+    token: str
+    revision: str
+    direction: str
+    loop: int
+
+
+async def joinable(session: AsyncSession, ranges: sa.Table, revision: str) -> Joinable | None:
+    """Return the loop of ``revision`` with ranges left to do, if any."""
+    r = ranges
+    row = (
+        await session.execute(
+            sa.select(r.c.token, r.c.revision, r.c.direction, r.c.loop)
+            .where(r.c.revision == revision, sa.not_(r.c.finished))
+            .limit(1)
+        )
+    ).first()
+    await session.commit()
+    return None if row is None else Joinable(*row)
+
+
+def with_progress(outcome: Outcome, held: Range, last: Any, rows_done: int) -> Range:
+    """Return ``held`` after a matched checkpoint: its new bounds, last key and rows."""
+    return replace(
+        held, upper=outcome.upper, version=outcome.version, last=last, rows_done=rows_done
+    )
+
+
+def as_mapping(held: Range) -> Mapping[str, Any]:
+    """Return a range as the ``Probe`` of tests sees it (``dm.testing``)."""
+    return {"range": held.number, "last_key": held.last, "rows_done": held.rows_done}

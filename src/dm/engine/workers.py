@@ -1,0 +1,386 @@
+"""Workers of a batched loop run in key ranges: the run's own, and ``dm work`` processes.
+
+A loop with ``workers=N`` (``dm.backfill.batching``, ``dm.backfill.ranges``) is worked by
+the run's hook and N - 1 tasks of the run, each running the revision's hook again on a
+connection of its own (:class:`Crew`). Other processes join with ``dm work REV``
+(:func:`join`): they run the hook the same way and claim ranges beside the run's workers.
+
+Every commit of a worker passes a fence. The run's workers commit only while the run
+holds the migration lock (the run's fence, as on the run's own connection) and only while
+they own the range they work (its lease); a ``dm work`` process, which holds no lock, only
+while it owns its range. A worker that lost its range (its lease expired and another took
+the range over) therefore commits nothing more: its batch rolls back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from dm.backfill.batching import WorkerDone
+from dm.backfill.batching import run_context
+from dm.backfill.progress import Progress
+from dm.backfill.ranges import Outcome
+from dm.backfill.ranges import RangeStore
+from dm.backfill.ranges import joinable
+from dm.core.errors import FenceLost
+from dm.core.errors import Incomplete
+from dm.core.errors import UsageError
+from dm.core.graph import Hook
+from dm.core.planning import Step
+from dm.engine.fence import CommitFence
+from dm.engine.hooks import call_hook
+from dm.engine.recording import Request
+from dm.engine.stops import StopAtBoundary
+from dm.engine.stops import StopPolicy
+from dm.engine.tracker import Status
+from dm.engine.tracker import Tracker
+
+log = logging.getLogger("dm.workers")
+
+Connect = Callable[[], Awaitable[AsyncConnection]]
+"""Open a connection set up as the run's working connection is (session settings)."""
+
+_STOPPING_STATUSES = {
+    Status.PAUSED.value: Status.PAUSED,
+    Status.CANCELLED.value: Status.CANCELLED,
+    Status.STOPPED.value: Status.STOPPED,
+    Status.ABANDONED.value: Status.ABANDONED,
+}
+"""Statuses of an attempt that end the ``dm work`` processes working its loop."""
+
+
+class Lease:
+    """The fence of one worker's connection: the range it holds, once it holds one."""
+
+    def __init__(self, fence: CommitFence | None, tracker: Tracker, owner: str) -> None:
+        self.fence = fence
+        self.tracker = tracker
+        self.owner = owner
+
+    def holding(self, token: str | None, number: int | None) -> None:
+        """Every commit from now on needs this worker to own range ``number`` of ``token``."""
+        if self.fence is None:
+            return
+        if token is None or number is None:
+            self.fence.require(None)
+            return
+        r = self.tracker.ranges
+        self.fence.require(
+            sa.select(r.c.number).where(
+                r.c.token == token, r.c.number == number, r.c.owner == self.owner
+            )
+        )
+
+    def held(self) -> None:
+        """A fenced statement matched in the current transaction: its commit is safe."""
+        if self.fence is not None:
+            self.fence.hold()
+
+
+class _Parallel:
+    """What one worker's ``batched`` loop sees (``dm.backfill.batching.Parallel``)."""
+
+    role = "worker"
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        owner: str,
+        lease: Lease,
+        *,
+        run_id: str | None,
+        joins: tuple[str, int] | None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.owner = owner
+        self.lease = lease
+        self.run_id = run_id
+        self.joins = joins
+        self.progress = progress
+
+    def store(self, lease_seconds: float) -> RangeStore:
+        fence = None if self.run_id is None else self.tracker.fence_held(self.run_id)
+        return RangeStore(
+            self.tracker.ranges,
+            self.tracker.table,
+            owner=self.owner,
+            lease_seconds=lease_seconds,
+            fence=fence,
+            holding=self.lease.holding,
+        )
+
+    def fenced(self) -> None:
+        self.lease.held()
+
+    async def start_workers(self, count: int, token: str, loop: int) -> None:
+        raise AssertionError("only the run starts workers")  # pragma: no cover
+
+    async def join_workers(self) -> None:
+        return None
+
+    async def stop_workers(self) -> None:
+        return None
+
+    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+        raise NotImplementedError
+
+
+class Crew(_Parallel):
+    """The run's side of a parallel loop: the run's hook and the tasks it starts."""
+
+    role = "run"
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        run_id: str,
+        lease: Lease,
+        *,
+        step: Step,
+        stops: StopPolicy,
+        connect: Connect,
+    ) -> None:
+        super().__init__(tracker, f"run:{run_id}:0", lease, run_id=run_id, joins=None)
+        self.run_id_value = run_id
+        self.step = step
+        self.stops = stops
+        self.connect = connect
+        self.stop: StopAtBoundary | None = None
+        """The first stop a worker met: the others stop at their next boundary."""
+        self.failure: BaseException | None = None
+        """What ended a worker task in failure: the run's loop raises it, the others end."""
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start_workers(self, count: int, token: str, loop: int) -> None:
+        for number in range(1, count + 1):
+            task = asyncio.create_task(self._work(number, token, loop))
+            self._tasks.append(task)
+
+    async def join_workers(self) -> None:
+        if not self._tasks:
+            return
+        tasks, self._tasks = self._tasks, []
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        except BaseException:
+            await _cancel(tasks)
+            raise
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        if self.failure is not None:
+            raise self.failure
+        if self.stop is not None:
+            raise self.stop
+
+    async def stop_workers(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        await _cancel(tasks)
+
+    async def shutdown(self) -> None:
+        """End the run's workers and the lease on the run's connection (the hook ended)."""
+        await self.stop_workers()
+        self.lease.holding(None, None)
+
+    async def after_range_checkpoint(self, outcome: Outcome, *, member: bool = False) -> None:
+        if self.failure is not None:
+            if member:
+                raise WorkerDone
+            failure, self.failure = self.failure, None
+            raise failure
+        if self.stop is not None:
+            raise self.stop
+        request = None if outcome.request is None else Request(*outcome.request)
+        try:
+            await self.stops.after_checkpoint(self.step, request)
+        except StopAtBoundary as stop:
+            self.stop = stop
+            raise
+
+    async def _work(self, number: int, token: str, loop: int) -> None:
+        """One worker of the run: the hook again, on a connection of its own."""
+        owner = f"run:{self.run_id_value}:{number}"
+        conn = await self.connect()
+        try:
+            assert conn.sync_connection is not None
+            fence = CommitFence(conn.sync_connection, self.tracker, self.run_id_value)
+            lease = Lease(fence, self.tracker, owner)
+            member = _Member(self, owner, lease, joins=(token, loop))
+            with fence.installed():
+                await _run_hook(conn, self.step, member)
+        except StopAtBoundary:
+            pass  # self.stop: the run's loop raises it once its workers ended
+        except Exception as exc:
+            if self.failure is None:
+                self.failure = exc
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+class _Member(_Parallel):
+    """A worker task of the run: it stops when the run's loop does."""
+
+    def __init__(self, crew: Crew, owner: str, lease: Lease, *, joins: tuple[str, int]) -> None:
+        super().__init__(
+            crew.tracker,
+            owner,
+            lease,
+            run_id=crew.run_id_value,
+            joins=joins,
+            progress=crew.progress,
+        )
+        self.crew = crew
+
+    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+        await self.crew.after_range_checkpoint(outcome, member=True)
+
+
+class _Joiner(_Parallel):
+    """A ``dm work`` process: it stops when the attempt it works for is stopped."""
+
+    stopped: StopAtBoundary | None = None
+
+    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+        if outcome.request is not None:
+            request = Request(*outcome.request)
+            if request.action in {"pause", "cancel", "abandon"}:
+                self.stopped = StopAtBoundary(Status.STOPPED, request.describe())
+                raise self.stopped
+        status = _STOPPING_STATUSES.get(outcome.status or "")
+        if status is not None:
+            self.stopped = StopAtBoundary(status, f"the attempt was {status.value}")
+            raise self.stopped
+
+
+@dataclass
+class WorkerUnit:
+    """What ``batched`` sees of a worker's run of the hook (``dm.backfill.batching.RunUnit``)."""
+
+    revision: str
+    direction: str
+    parallel: _Parallel
+    attempt_id: int | None = None
+    transactional: bool = False
+    resume: Mapping[str, Any] | None = None
+    loops: int = 0
+
+    async def save_checkpoint(self, session: AsyncSession, checkpoint: Mapping[str, Any]) -> Any:
+        raise UsageError(
+            f"revision {self.revision}: a worker can only join a loop run with workers"
+        )
+
+    async def after_checkpoint(self, request: Any) -> None:
+        return None
+
+    def autocommit(self) -> AbstractAsyncContextManager[None]:
+        raise UsageError(
+            f"revision {self.revision}: an autocommit block cannot run in a worker of a "
+            "parallel loop; run it before the loop"
+        )
+
+
+async def _run_hook(conn: AsyncConnection, step: Step, parallel: _Parallel) -> None:
+    """Run ``step``'s hook as a worker until its loop has no range left."""
+    hook: Hook | None = step.rev.upgrade if step.is_upgrade else step.rev.downgrade
+    assert hook is not None
+    unit = WorkerUnit(step.revision, step.direction, parallel)
+    session = AsyncSession(bind=conn, expire_on_commit=False)
+    try:
+        with run_context(unit):
+            await call_hook(hook, session)
+    except WorkerDone:
+        pass
+    finally:
+        parallel.lease.holding(None, None)
+        await session.close()
+        if conn.in_transaction():
+            await conn.rollback()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled():
+                task.exception()  # retrieved: what the loop raises is reported instead
+
+
+# -- dm work -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkResult:
+    """What a ``dm work`` process did."""
+
+    revision: str
+    joined: bool
+    """Whether it found the loop running and worked its ranges."""
+    direction: str | None = None
+    stopped: str | None = None
+    """Why it stopped before the loop's ranges were done (a request, a stopped attempt)."""
+
+
+async def join(
+    tracker: Tracker,
+    conn: AsyncConnection,
+    step_of: Callable[[str], Step],
+    revision: str,
+    *,
+    wait: float,
+    poll: float = 1.0,
+) -> WorkResult:
+    """Join the running loop of ``revision`` on ``conn``: claim and work its ranges with
+    the revision's own hook until none is left.
+
+    :param step_of: the step of the revision in a direction (``upgrade``/``downgrade``).
+    :param wait: seconds to wait for the loop to start (the run may not have reached it).
+    """
+    deadline = time.monotonic() + wait
+    session = AsyncSession(bind=conn, expire_on_commit=False)
+    try:
+        while True:
+            loop = await joinable(session, tracker.ranges, revision)
+            if loop is not None or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(poll)
+    finally:
+        await session.close()
+    if loop is None:
+        return WorkResult(revision, joined=False)
+    step = step_of(loop.direction)
+    owner = f"work:{uuid.uuid4()}"
+    assert conn.sync_connection is not None
+    fence = CommitFence(conn.sync_connection, tracker, None)
+    lease = Lease(fence, tracker, owner)
+    joiner = _Joiner(tracker, owner, lease, run_id=None, joins=(loop.token, loop.loop))
+    log.info("%s %s: joining its loop %d", loop.direction, revision, loop.loop + 1)
+    try:
+        with fence.installed():
+            await _run_hook(conn, step, joiner)
+    except StopAtBoundary as stop:
+        return WorkResult(revision, True, loop.direction, stopped=stop.reason)
+    except FenceLost:
+        raise Incomplete(
+            revision,
+            f"{loop.direction} {revision}: this worker's range was taken over (its lease "
+            "expired); its last batch was rolled back",
+        ) from None
+    return WorkResult(revision, True, loop.direction)
