@@ -89,12 +89,99 @@ def test_workers_in_one_run_process_every_row_once(project: Project) -> None:
     assert ranges_left(project) == 0
 
 
+def range_rows(project: Project, owner_like: str) -> int:
+    """Rows committed by the ranges whose owner matches (``work:%``: ``dm work`` workers)."""
+    if not has_table(project):
+        return 0
+    found = project.db.query(
+        "SELECT coalesce(sum(rows_done), 0) AS n FROM script_run_tracker_ranges "
+        "WHERE owner LIKE :owner",
+        owner=owner_like,
+    )
+    return int(found[0].n)
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_debug_output(project: Project, workers: int) -> None:
-    make_items(project, 4_000)
-    write_backfill(project, workers=workers, pause=0.05)
-    ran = run_dm(project, "upgrade", "heads")
-    print(ran.stderr)
-    assert counters(project) == {1: 4_000}
-    assert False
+
+def has_table(project: Project) -> bool:
+    found = project.db.query(
+        "SELECT 1 FROM pg_tables WHERE tablename = 'script_run_tracker_ranges'"
+    )
+    return bool(found)
+
+
+def has_ranges(project: Project) -> bool:
+    return has_table(project) and ranges_left(project) > 0
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str]:
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, stderr
+
+
+def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> None:
+    make_items(project, 30_000)
+    write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    workers = [spawn_dm(project, "work", REV, "--wait", "30") for _ in range(2)]
+    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 2_000, timeout=60)
+    workers[0].send_signal(signal.SIGKILL)
+    code, stderr = finish(run)
+    assert code == 0, stderr
+    assert finish(workers[1]) == (0, finish(workers[1])[1])
+    assert finish(workers[0])[0] == -signal.SIGKILL
+    assert counters(project) == {1: 30_000}
+    assert [a.status for a in project.db.tracker()] == ["success"]
+    assert ranges_left(project) == 0
+
+
+def test_the_run_killed_its_workers_go_on_and_the_next_run_finishes(project: Project) -> None:
+    make_items(project, 20_000)
+    write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
+    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 1_000, timeout=60)
+    run.send_signal(signal.SIGKILL)
+    assert finish(run)[0] == -signal.SIGKILL
+    code, stderr = finish(worker)  # it takes over the run's ranges once their leases expire
+    assert code == 0, stderr
+    assert counters(project) == {1: 20_000}
+    again = run_dm(project, "upgrade", "heads")
+    assert again.returncode == 0, again.stderr
+    assert "resuming its ranges, 0 not finished" in again.stderr
+    assert [a.status for a in project.db.tracker()] == ["failed", "success"]
+    assert counters(project) == {1: 20_000}
+
+
+def test_a_frozen_worker_past_its_lease_commits_nothing(project: Project) -> None:
+    make_items(project, 6_000)
+    write_backfill(project, workers=2, size=100, lease=1, pause=0.05)
+    run = spawn_dm(project, "upgrade", "heads")
+    wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
+    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    wait_for(lambda: worker.poll() is not None or range_rows(project, "work:%") >= 300, timeout=60)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:  # its lease expires; the run's workers take its range over
+        wait_for(lambda: run.poll() is not None or not owned_by_work(project), timeout=60)
+        before = counters(project)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    code, stderr = finish(run)
+    assert code == 0, stderr
+    code, stderr = finish(worker)
+    assert code == 0, stderr
+    assert "was taken over" in stderr
+    assert counters(project) == {1: 6_000}, before
+
+
+def owned_by_work(project: Project) -> bool:
+    """Whether a ``dm work`` process holds an unfinished range."""
+    return bool(
+        project.db.query(
+            "SELECT 1 FROM script_run_tracker_ranges WHERE owner LIKE 'work:%' AND NOT finished"
+        )
+    )

@@ -100,6 +100,9 @@ class Parallel(Protocol):
     """A worker's loop: its token and number (earlier loops are skipped)."""
     progress: Progress | None
     """The progress the run's own workers share (set by the run's loop)."""
+    stays: bool
+    """Whether the worker stays, once no range is left to claim, until every range is
+    finished (taking over any whose worker died): the run, and ``dm work`` processes."""
 
     def store(self, lease_seconds: float) -> RangeStore:
         """Return the statements on the ranges, for this worker."""
@@ -525,7 +528,7 @@ class _RangedLoop:
             while True:
                 held = await self._next_range(token)
                 if held is None:
-                    if not run or await self._all_finished(token):
+                    if not self.parallel.stays or await self._all_finished(token):
                         break
                     await asyncio.sleep(JOIN_POLL_SECONDS)
                     continue
@@ -610,11 +613,12 @@ class _RangedLoop:
         held = await self.store.claim(self.session, token)
         if held is None:
             low, high = await _key_bounds(self.session, self.query, self.keyset)
-            held = await self.store.steal(self.session, token, low, high)
+            held = await self.store.steal(self.session, token, low, high, self.sizer.size)
         return held
 
     async def _all_finished(self, token: str) -> bool:
-        """Once the run's own workers ended: whether every range is finished."""
+        """Once the run's own workers ended: whether every range is finished (the others'
+        workers may hold some still)."""
         await self.parallel.join_workers()
         left = await self.store.unfinished(self.session, token)
         await self.session.commit()
@@ -655,8 +659,10 @@ class _RangedLoop:
             outcome = await self.store.checkpoint(session, held, last, done, finished)
             if not outcome.matched:
                 await session.rollback()
+                self.store.hold(None)  # the look below commits nothing of the range's
                 again = await self.store.reread(session, held)
                 await session.commit()
+                self.store.hold(again)
                 if again is None:
                     log.warning(
                         "%s: range %d was taken over (this worker's lease expired); its "

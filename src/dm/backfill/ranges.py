@@ -36,6 +36,8 @@ from dm.backfill.keys import encode_key
 
 RANGES_PER_WORKER = 4
 """Ranges planned per worker: a worker that finishes one claims the next before any split."""
+SPLIT_BATCHES = 4
+"""A range is split only with at least this many batches left (see ``RangeStore.steal``)."""
 
 
 def ranges_table(metadata: sa.MetaData, tracker: str) -> sa.Table:
@@ -268,10 +270,17 @@ class RangeStore:
         self.hold(held)
         return held
 
-    async def steal(self, session: AsyncSession, token: str, low: Any, high: Any) -> Range | None:
-        """Split the largest range another worker holds at the middle of what it has left;
-        claim the upper half. ``low`` and ``high`` are the loop's smallest and largest
-        keys now (for unbounded ends). Commits; None when nothing is worth splitting."""
+    async def steal(
+        self, session: AsyncSession, token: str, low: Any, high: Any, batch_rows: int
+    ) -> Range | None:
+        """Split the range another worker holds with the most rows left (estimated from the
+        rows it has done) at the middle of what it has left; claim the upper half. ``low``
+        and ``high`` are the loop's smallest and largest keys now (for unbounded ends).
+
+        Only a range with at least ``SPLIT_BATCHES`` batches of ``batch_rows`` left is
+        split, so the cut falls well past the batch its worker is working on. Commits; None
+        when nothing is worth splitting.
+        """
         r = self.ranges
         held = await session.execute(
             sa.select(*self._range_columns())
@@ -281,16 +290,18 @@ class RangeStore:
         best: tuple[float, Range, Any] | None = None
         for row in held.all():
             candidate = _range(row)
-            start = low if candidate.start is None else candidate.start
+            begin = low if candidate.lower is None else candidate.lower
             end = high if candidate.upper is None else candidate.upper
-            if start is None or end is None or not start < end:
-                continue
+            start = candidate.last
+            if candidate.rows_done <= 0 or None in (begin, start, end) or not begin < start < end:
+                continue  # nothing done yet to estimate its rows from
+            density = candidate.rows_done / (_number(start) - _number(begin))
+            left = density * (_number(end) - _number(start))
             middle = between(start, end, 0.5)
-            if not start < middle < end:
+            if left < SPLIT_BATCHES * batch_rows or not start < middle < end:
                 continue
-            span = _number(end) - _number(start)
-            if best is None or span > best[0]:
-                best = (span, candidate, middle)
+            if best is None or left > best[0]:
+                best = (left, candidate, middle)
         if best is None:
             await session.commit()
             return None

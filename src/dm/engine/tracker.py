@@ -51,6 +51,8 @@ SCHEMA_VERSION = 5
    (``dm.backfill.ranges``), claimed and checkpointed by each worker.
 """
 
+RANGES_LAYOUT = 5
+"""The first layout with the ranges table (parallel batched loops)."""
 REQUEST_COLUMNS = ("request", "request_by", "request_reason")
 """The columns layout 3 added (read as NULL from a layout 2 tracker)."""
 WHO_COLUMNS = ("environment_source", "db_user")

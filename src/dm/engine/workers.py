@@ -95,6 +95,7 @@ class _Parallel:
     """What one worker's ``batched`` loop sees (``dm.backfill.batching.Parallel``)."""
 
     role = "worker"
+    stays = True
 
     def __init__(
         self,
@@ -234,7 +235,10 @@ class Crew(_Parallel):
 
 
 class _Member(_Parallel):
-    """A worker task of the run: it stops when the run's loop does."""
+    """A worker task of the run: it stops when the run's loop does, and ends once no range
+    is left to claim (the run's own loop waits for the rest)."""
+
+    stays = False
 
     def __init__(self, crew: Crew, owner: str, lease: Lease, *, joins: tuple[str, int]) -> None:
         super().__init__(

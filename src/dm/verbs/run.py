@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
     from dm.engine.workers import WorkResult
 
 log = logging.getLogger("dm.verbs.run")
+
+WORK_POLL_SECONDS = 1.0
+"""How often ``dm work --wait`` looks again for the loop to join."""
 
 
 async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = False) -> RunResult:
@@ -198,6 +203,7 @@ async def work(settings: Settings, revision: str, *, wait: float = 0.0) -> WorkR
     """
     from dm.config.engines import is_sqlite
     from dm.engine.attempts import prepare_connection
+    from dm.engine.tracker import RANGES_LAYOUT
     from dm.engine.workers import WorkResult
     from dm.engine.workers import join
 
@@ -214,15 +220,21 @@ async def work(settings: Settings, revision: str, *, wait: float = 0.0) -> WorkR
             raise UsageError(f"revision {rev.id} has no downgrade()")
         return Step(rev, direction == "upgrade")
 
+    deadline = time.monotonic() + wait
     async with open_database(settings) as db:
         conn = await db.conn()
-        if await db.tracker.layout(conn) is None:
+        while True:  # the tracker may not exist yet, or be older than parallel loops
+            layout = await db.tracker.layout(conn)
             await conn.rollback()
-            return WorkResult(rev.id, joined=False)
-        await conn.rollback()
+            if layout is not None and layout >= RANGES_LAYOUT:
+                break
+            if time.monotonic() >= deadline:
+                return WorkResult(rev.id, joined=False)
+            await asyncio.sleep(WORK_POLL_SECONDS)
         await prepare_connection(
             conn,
             lock_timeout=settings.pg_lock_timeout,
             idle_in_transaction_timeout=settings.idle_in_transaction_timeout,
         )
-        return await join(db.tracker, conn, step_of, rev.id, wait=wait)
+        left = max(deadline - time.monotonic(), 0.0)
+        return await join(db.tracker, conn, step_of, rev.id, wait=left, poll=WORK_POLL_SECONDS)
