@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import Project
+from conftest import make_sqlite
 from conftest import run_dm
 from conftest import spawn_dm
 from conftest import wait_for
@@ -39,11 +43,16 @@ async for batch in batched(
 ):
     await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
     await asyncio.sleep({pause})
+    while os.path.exists("hold"):  # the test holds every worker mid-batch
+        await asyncio.sleep(0.01)
 """
 
 
 @pytest.fixture(params=["postgresql"])
-def db(request: pytest.FixtureRequest) -> Any:
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """PostgreSQL (parallel loops need it), unless a test asks for SQLite."""
+    if request.param == "sqlite":
+        return make_sqlite(tmp_path)
     return request.getfixturevalue("postgres_db")
 
 
@@ -122,6 +131,7 @@ def finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, st
     return process.returncode, stderr
 
 
+@pytest.mark.slow
 def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> None:
     make_items(project, 30_000)
     write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
@@ -138,6 +148,7 @@ def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> No
     assert ranges_left(project) == 0
 
 
+@pytest.mark.slow
 def test_the_run_killed_its_workers_go_on_and_the_next_run_finishes(project: Project) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
@@ -185,3 +196,150 @@ def owned_by_work(project: Project) -> bool:
             "SELECT 1 FROM script_run_tracker_ranges WHERE owner LIKE 'work:%' AND NOT finished"
         )
     )
+
+
+@pytest.mark.slow
+def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Project) -> None:
+    make_items(project, 20_000)
+    write_backfill(project, workers=2, size=100, lease=5, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
+    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 500, timeout=60)
+    (project.root / "hold").touch()  # every worker waits in its batch
+    paused = run_dm(project, "pause", REV, "--reason", "peak traffic")
+    (project.root / "hold").unlink()
+    assert paused.returncode == 0, paused.stderr
+    code, stderr = finish(run)
+    assert code == 5, stderr
+    code, worker_err = finish(worker)
+    assert code == 5, worker_err
+    assert "paused by" in worker_err and "peak traffic" in worker_err
+    done = counters(project)
+    assert set(done) == {0, 1}, done  # stopped part-way, nothing twice
+    assert [a.status for a in project.db.tracker()] == ["paused"]
+    resumed = run_dm(project, "resume", REV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming its ranges" in resumed.stderr
+    assert counters(project) == {1: 20_000}
+    assert [a.status for a in project.db.tracker()] == ["paused", "success"]
+    assert ranges_left(project) == 0
+
+
+@pytest.mark.slow
+def test_max_runtime_stops_all_workers_and_the_next_run_goes_on(project: Project) -> None:
+    make_items(project, 20_000)
+    write_backfill(project, workers=3, size=100, pause=0.02)
+    stopped = run_dm(project, "upgrade", "heads", "--max-runtime", "1")
+    assert stopped.returncode == 5, stopped.stderr
+    done = counters(project)
+    assert set(done) == {0, 1} and done[1] >= 100, done
+    again = run_dm(project, "upgrade", "heads")
+    assert again.returncode == 0, again.stderr
+    assert counters(project) == {1: 20_000}
+    assert [a.status for a in project.db.tracker()] == ["stopped", "success"]
+
+
+def test_a_failing_worker_fails_the_attempt_and_the_next_run_resumes(project: Project) -> None:
+    make_items(project, 10_000)
+    body = BODY.format(size=100, workers=3, lease=5, pause=0.0) + (
+        "    if batch.lower is not None and batch.lower < 7_000 <= batch.upper "
+        "and not os.path.exists('fixed'):\n"
+        "        raise ValueError('bad row 7000')\n"
+    )
+    project.write(REV, None, body, extra=EXTRA)
+    failed = run_dm(project, "upgrade", "heads")
+    assert failed.returncode == 1, failed.stderr
+    assert "bad row 7000" in failed.stderr
+    done = counters(project)
+    assert set(done) <= {0, 1}, done
+    (project.root / "fixed").touch()
+    again = run_dm(project, "upgrade", "heads")
+    assert again.returncode == 0, again.stderr
+    assert counters(project) == {1: 10_000}
+    assert [a.status for a in project.db.tracker()] == ["failed", "success"]
+
+
+@pytest.mark.slow
+def test_a_worker_whose_connection_is_terminated_loses_nothing(project: Project) -> None:
+    make_items(project, 20_000)
+    write_backfill(project, workers=2, size=100, lease=2, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
+    worker = spawn_dm(project, "work", REV, "--wait", "30", env={"DM_POD_NAME": "worker-1"})
+    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 500, timeout=60)
+    killed = project.db.query(
+        "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity "
+        "WHERE application_name = 'dm:worker-1'"
+    )
+    assert [row.done for row in killed] == [True]
+    code, worker_err = finish(worker)
+    assert code == 75, worker_err
+    code, stderr = finish(run)
+    assert code == 0, stderr
+    assert counters(project) == {1: 20_000}
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+def test_on_sqlite_workers_run_as_one_and_dm_work_is_refused(project: Project) -> None:
+    project.db.query("CREATE TABLE items (id INTEGER PRIMARY KEY, hits INTEGER NOT NULL)")
+    project.db.query(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 1000) "
+        "INSERT INTO items SELECT x, 0 FROM c"
+    )
+    write_backfill(project, workers=4)
+    ran = run_dm(project, "upgrade", "heads")
+    assert ran.returncode == 0, ran.stderr
+    assert "batched(workers=4) runs as one worker here (SQLite has one writer)" in ran.stderr
+    assert counters(project) == {1: 1000}
+    refused = run_dm(project, "work", REV)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "dm: error: dm work needs PostgreSQL: on SQLite, which has one writer, a batched loop "
+        "runs as one worker"
+    ]
+
+
+KILL_ROUNDS = int(os.environ.get("DM_STRESS_ROUNDS", "20"))
+
+
+@pytest.mark.stress
+def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
+    project: Project,
+) -> None:
+    seed = int(os.environ.get("DM_TEST_SEED", time.time_ns() % 100_000))
+    rng = random.Random(seed)
+    rows = 20_000
+    make_items(project, rows)
+    down = None
+    for number in range(KILL_ROUNDS):
+        context = f"seed {seed}, round {number + 1}"
+        project.db.query("UPDATE items SET hits = 0")
+        rev = f"c0ffee{number:06d}"
+        body = BODY.format(size=100, workers=2, lease=1, pause=0.002)
+        project.write(rev, down, body, extra=EXTRA)
+        down = rev
+        processes = [spawn_dm(project, "upgrade", "heads", "--lock-timeout", "60")]
+        processes += [spawn_dm(project, "work", rev, "--wait", "30") for _ in range(2)]
+        for _ in range(3):  # three kills, each after a random share of the rows
+            target = counters(project).get(1, 0) + rng.randrange(500, 3_000)
+            wait_for(
+                lambda t=target, ps=processes: (
+                    counters(project).get(1, 0) >= t or all(p.poll() is not None for p in ps)
+                ),
+                timeout=60,
+            )
+            alive = [p for p in processes if p.poll() is None]
+            if not alive:
+                break
+            victim = rng.choice(alive)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            command = victim.args[3:]  # [python, -m, dm, ...]: the same command again
+            processes.append(spawn_dm(project, *command))
+        codes = [finish(p, timeout=120)[0] for p in processes]
+        assert all(code in (0, -signal.SIGKILL) for code in codes), f"{context}: {codes}"
+        finished = run_dm(project, "upgrade", "heads")
+        assert finished.returncode == 0, f"{context}: {finished.stderr}"
+        assert counters(project) == {1: rows}, context
+        assert ranges_left(project) == 0, context

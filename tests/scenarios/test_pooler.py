@@ -428,3 +428,43 @@ def test_autocommit_block_refused_on_a_pooled_url(pg_project: Project) -> None:
     assert result.returncode == 1, result.stderr
     assert "cannot run through a transaction pooler" in result.stderr
     assert "bug in dm" not in result.stderr
+
+
+PARALLEL_REVISION = """
+query = sa.select(items.c.id)
+async for batch in batched(session, query, key=items.c.id, size=100, workers=2):
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
+    await asyncio.sleep(0.005)
+"""
+
+PARALLEL_EXTRA = """
+import asyncio
+from dm import batched
+
+transactional = False
+items = sa.table("items", sa.column("id"), sa.column("hits"))
+"""
+
+
+@pytest.mark.slow
+def test_parallel_backfill_through_transaction_pooling(
+    pg_project: Project, transaction_pool: PgBouncer, spawn: Spawn
+) -> None:
+    """A loop with workers=2 and a dm work process, all through a transaction pool of two
+    server connections: every row once, both exit 0, no setting left on the pool."""
+    db = pg_project.db
+    db.query("CREATE TABLE items (id BIGINT PRIMARY KEY, hits INTEGER NOT NULL)")
+    db.query("INSERT INTO items SELECT g, 0 FROM generate_series(1, 10000) AS g")
+    pg_project.write("fa11e1000001", None, PARALLEL_REVISION, extra=PARALLEL_EXTRA)
+    env = {
+        "DM_DATABASE_URL": transaction_pool.url(db.url, **POOLED),
+        "DM_LOCK_DATABASE_URL": db.url,
+    }
+    run = spawn(pg_project, "upgrade", "heads", env=env)
+    worker = spawn(pg_project, "work", "fa11e1000001", "--wait", "30", env=env)
+    assert run.wait() == 0, run.stderr
+    assert worker.wait() == 0, worker.stderr
+    hits = db.query("SELECT hits, count(*) AS n FROM items GROUP BY hits")
+    assert {r.hits: r.n for r in hits} == {1: 10000}
+    defaults = server_defaults(db)
+    assert plain_settings(transaction_pool, db) == [defaults, defaults]

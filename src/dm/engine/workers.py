@@ -364,6 +364,8 @@ async def join(
             loop = await joinable(session, tracker.ranges, revision)
             if loop is not None or time.monotonic() >= deadline:
                 break
+            if await _settled(session, tracker, revision):
+                break  # its latest attempt ended: no loop of it is coming
             await asyncio.sleep(poll)
     finally:
         await session.close()
@@ -388,3 +390,16 @@ async def join(
             "expired); its last batch was rolled back",
         ) from None
     return WorkResult(revision, True, loop.direction)
+
+
+async def _settled(session: AsyncSession, tracker: Tracker, revision: str) -> bool:
+    """Return whether the latest attempt of ``revision`` ended in success (a worker started
+    after the loop finished has nothing to wait for)."""
+    t = tracker.table
+    status = (
+        await session.execute(
+            sa.select(t.c.status).where(t.c.revision == revision).order_by(t.c.id.desc()).limit(1)
+        )
+    ).scalar()
+    await session.commit()
+    return status in (Status.SUCCESS.value, Status.ROLLED_BACK.value)
