@@ -110,6 +110,16 @@ def range_rows(project: Project, owner_like: str) -> int:
     return int(found[0].n)
 
 
+def committed_rows(project: Project) -> int:
+    """Rows the loop's ranges committed, all workers together."""
+    if not has_table(project):
+        return 0
+    found = project.db.query(
+        "SELECT coalesce(sum(rows_done), 0) AS n FROM script_run_tracker_ranges"
+    )
+    return int(found[0].n)
+
+
 def has_table(project: Project) -> bool:
     found = project.db.query(
         "SELECT 1 FROM pg_tables WHERE tablename = 'script_run_tracker_ranges'"
@@ -343,3 +353,50 @@ def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
         assert finished.returncode == 0, f"{context}: {finished.stderr}"
         assert counters(project) == {1: rows}, context
         assert ranges_left(project) == 0, context
+
+
+@pytest.mark.slow
+def test_status_shows_the_rows_of_all_workers_while_the_loop_runs(project: Project) -> None:
+    make_items(project, 40_000)
+    write_backfill(project, workers=2, size=100, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    try:
+        wait_for(lambda: run.poll() is not None or status_rows(project) > 0, timeout=60)
+        (project.root / "hold").touch()  # the loop stays where it is while status is read
+        text = run_dm(project, "status")
+        assert "rows done in key ranges (2 workers)" in text.stdout, text.stdout
+    finally:
+        (project.root / "hold").unlink(missing_ok=True)
+        assert finish(run)[0] == 0
+        assert finish(worker)[0] == 0
+    assert counters(project) == {1: 40_000}
+
+
+def status_rows(project: Project) -> int:
+    (row,) = json.loads(run_dm(project, "status", "--json").stdout)
+    return int((row.get("checkpoint") or {}).get("rows_done") or 0)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_and_its_workers_and_records_it(project: Project) -> None:
+    make_items(project, 20_000)
+    write_backfill(project, workers=3, size=100, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    wait_for(lambda: run.poll() is not None or committed_rows(project) >= 500, timeout=60)
+    (project.root / "hold").touch()  # every worker waits in a batch when the signal comes
+    run.send_signal(signal.SIGTERM)
+    code, stderr = finish(run)
+    (project.root / "hold").unlink()
+    assert code == 143, stderr
+    assert "interrupted by SIGTERM" in stderr
+    idle = project.db.query(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name LIKE 'dm:%'"
+    )
+    assert idle[0].n == 0  # no worker connection outlives the run
+    assert set(counters(project)) == {0, 1}
+    assert [a.status for a in project.db.tracker()] == ["failed"]
+    again = run_dm(project, "upgrade", "heads")
+    assert again.returncode == 0, again.stderr
+    assert counters(project) == {1: 20_000}

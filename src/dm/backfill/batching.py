@@ -266,6 +266,8 @@ _MAX_STEP = 2.0
 """The size changes by at most this factor from one batch to the next."""
 DEFAULT_LEASE_SECONDS = 60.0
 """How long a worker holds a range of a parallel loop between two commits."""
+REPORT_SECONDS = 2.0
+"""How often the run writes the rows of all workers of a parallel loop in its attempt."""
 JOIN_POLL_SECONDS = 0.5
 """How often the run looks again while other processes' workers finish their ranges."""
 WAIT_LOG_INTERVAL = 60.0
@@ -499,6 +501,9 @@ class _RangedLoop:
         self.count = count
         self.probe = probe
         self.revision = context.revision
+        self._running: dict[str, Any] = {}
+        """The attempt's checkpoint while the loop runs (the run only)."""
+        self._reported = time.monotonic()
 
     async def run(self, start: _Start) -> AsyncIterator[Batch]:
         """Yield this worker's batches; for the run, until the whole loop is done."""
@@ -530,6 +535,7 @@ class _RangedLoop:
                 if held is None:
                     if not self.parallel.stays or await self._all_finished(token):
                         break
+                    await self._report(token)
                     await asyncio.sleep(JOIN_POLL_SECONDS)
                     continue
                 try:
@@ -556,6 +562,7 @@ class _RangedLoop:
             assert resume is not None
             token = str(resume["ranges"])
             total = resume.get("rows_total")
+            self._running = dict(resume)
             left = await self.store.adopt(session, token, self._attempt_id())
             await session.commit()
             log.info("%s: resuming its ranges, %d not finished", self.label, left)
@@ -584,18 +591,16 @@ class _RangedLoop:
             first_lower=start.last,
             rows_before=start.done,
         )
-        await self.context.save_checkpoint(
-            session,
-            {
-                "loop": self.loop,
-                "ranges": token,
-                "workers": self.workers,
-                "last_key": None,
-                "rows_done": start.done,
-                "rows_total": total,
-                "finished": False,
-            },
-        )
+        self._running = {
+            "loop": self.loop,
+            "ranges": token,
+            "workers": self.workers,
+            "last_key": None,
+            "rows_done": start.done,
+            "rows_total": total,
+            "finished": False,
+        }
+        await self.context.save_checkpoint(session, self._running)
         await session.commit()
         log.info("%s: %d key ranges for %d workers", self.label, ranges, self.workers)
         return token, total
@@ -615,6 +620,17 @@ class _RangedLoop:
             low, high = await _key_bounds(self.session, self.query, self.keyset)
             held = await self.store.steal(self.session, token, low, high, self.sizer.size)
         return held
+
+    async def _report(self, token: str) -> None:
+        """Every ``REPORT_SECONDS`` (the run only): write the rows all workers have done in
+        the attempt's checkpoint, for ``dm status`` and ``dm cancel --stuck-after``."""
+        now = time.monotonic()
+        if self.parallel.role != "run" or now - self._reported < REPORT_SECONDS:
+            return
+        self._reported = now
+        rows = await self.store.rows_done(self.session, token)
+        await self.context.save_checkpoint(self.session, {**self._running, "rows_done": rows})
+        await self.session.commit()
 
     async def _all_finished(self, token: str) -> bool:
         """Once the run's own workers ended: whether every range is finished (the others'
@@ -679,6 +695,7 @@ class _RangedLoop:
                 checkpoint = {"loop": self.loop, "range": held.number, "rows_done": done}
                 self.probe.committed(self.context, checkpoint, batch.row_count)
             held = with_progress(outcome, held, last, done)
+            await self._report(held.token)
             self.sizer.observe(batch.row_count, time.monotonic() - started)
             progress.advance(batch.row_count, batch_size=self.sizer.size)
             await self.parallel.after_range_checkpoint(outcome)

@@ -87,6 +87,8 @@ def describe_checkpoint(checkpoint: Mapping[str, Any]) -> str:
         rows += f"/{total:,}"
     loop = checkpoint.get("loop", 0)
     where = f"loop {loop + 1}, " if loop else ""
+    if checkpoint.get("ranges") and not checkpoint.get("finished"):
+        return f"{where}{rows} rows done in key ranges ({checkpoint.get('workers')} workers)"
     return f"{where}{rows} rows done, last key {checkpoint.get('last_key')!r}"
 
 
