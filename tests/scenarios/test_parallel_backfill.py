@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -90,6 +91,8 @@ def test_workers_in_one_run_process_every_row_once(project: Project) -> None:
     assert ran.returncode == 0, ran.stderr
     assert counters(project) == {1: 20_000}
     assert "key ranges for 3 workers" in ran.stderr
+    # The last progress line: the whole, then each worker's rate.
+    assert re.search(r"20,000 rows, [\d,]+ rows/s \([\d,]+ \+ [\d,]+ \+ [\d,]+\), done", ran.stderr)
     (attempt,) = project.db.tracker()
     assert attempt.status == "success"
     checkpoint = attempt.checkpoint
@@ -399,4 +402,28 @@ def test_sigterm_ends_the_run_and_its_workers_and_records_it(project: Project) -
     assert [a.status for a in project.db.tracker()] == ["failed"]
     again = run_dm(project, "upgrade", "heads")
     assert again.returncode == 0, again.stderr
+    assert counters(project) == {1: 20_000}
+
+
+@pytest.mark.slow
+def test_cancel_stops_every_worker_and_the_next_run_starts_over(project: Project) -> None:
+    make_items(project, 20_000)
+    write_backfill(project, workers=2, size=100, lease=5, pause=0.01)
+    run = spawn_dm(project, "upgrade", "heads")
+    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 300, timeout=60)
+    (project.root / "hold").touch()
+    cancelled = run_dm(project, "cancel", REV, "--reason", "wrong table")
+    (project.root / "hold").unlink()
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert finish(run)[0] == 5
+    code, worker_err = finish(worker)
+    assert code == 5 and "cancelled by" in worker_err, worker_err
+    assert [a.status for a in project.db.tracker()] == ["cancelled"]
+    first = counters(project)
+    assert set(first) == {0, 1}, first
+    project.db.query("UPDATE items SET hits = 0")  # what an operator's fix would do
+    again = run_dm(project, "upgrade", "heads")
+    assert again.returncode == 0, again.stderr
+    assert "resuming" not in again.stderr  # started over: new ranges
     assert counters(project) == {1: 20_000}

@@ -100,6 +100,8 @@ class Parallel(Protocol):
     """A worker's loop: its token and number (earlier loops are skipped)."""
     progress: Progress | None
     """The progress the run's own workers share (set by the run's loop)."""
+    number: int
+    """The worker's number in its process (0: the run's own hook, or a ``dm work``)."""
     stays: bool
     """Whether the worker stays, once no range is left to claim, until every range is
     finished (taking over any whose worker died): the run, and ``dm work`` processes."""
@@ -697,7 +699,9 @@ class _RangedLoop:
             held = with_progress(outcome, held, last, done)
             await self._report(held.token)
             self.sizer.observe(batch.row_count, time.monotonic() - started)
-            progress.advance(batch.row_count, batch_size=self.sizer.size)
+            progress.advance(
+                batch.row_count, batch_size=self.sizer.size, worker=self.parallel.number
+            )
             await self.parallel.after_range_checkpoint(outcome)
             if finished:
                 return

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 from typing import TextIO
 
 log = logging.getLogger("dm.progress")
@@ -44,16 +45,21 @@ class Figures:
     rate: float
     eta: float | None
     batch_size: int | None = None
+    worker_rates: tuple[float, ...] = ()
+    """Rows/s of each worker of a parallel loop (``workers=N``); empty for one worker."""
 
-    def as_dict(self) -> dict[str, int | float | None]:
+    def as_dict(self) -> dict[str, Any]:
         """Return the figures as JSON-ready values (rate in rows/s, eta in seconds)."""
-        return {
+        figures: dict[str, Any] = {
             "rows_done": self.done,
             "rows_total": self.total,
             "rows_per_second": round(self.rate, 1),
             "eta_seconds": None if self.eta is None else round(self.eta, 1),
             "batch_size": self.batch_size,
         }
+        if self.worker_rates:
+            figures["worker_rows_per_second"] = [round(rate, 1) for rate in self.worker_rates]
+        return figures
 
 
 class Progress:
@@ -79,6 +85,7 @@ class Progress:
         self._started = time.monotonic()
         self._last_report = self._started
         self._drawn = False
+        self._by_worker: dict[int, int] = {}
 
     def figures(self) -> Figures:
         """Return the current figures; the rate counts only this run's rows."""
@@ -87,11 +94,15 @@ class Progress:
         eta = None
         if self.total is not None and rate > 0:
             eta = max(self.total - self.done, 0) / rate
-        return Figures(self.done, self.total, rate, eta, self.batch_size)
+        workers: tuple[float, ...] = ()
+        if len(self._by_worker) > 1:
+            workers = tuple(self._by_worker[w] / elapsed for w in sorted(self._by_worker))
+        return Figures(self.done, self.total, rate, eta, self.batch_size, workers)
 
-    def advance(self, rows: int, *, batch_size: int | None = None) -> None:
-        """Count ``rows`` more rows done (the next batch's size: ``batch_size``); report if
-        the interval has passed."""
+    def advance(self, rows: int, *, batch_size: int | None = None, worker: int = 0) -> None:
+        """Count ``rows`` more rows done by ``worker`` (the next batch's size:
+        ``batch_size``); report if the interval has passed."""
+        self._by_worker[worker] = self._by_worker.get(worker, 0) + rows
         self.done += rows
         if batch_size is not None:
             self.batch_size = batch_size
@@ -175,6 +186,8 @@ def describe(figures: Figures, *, final: bool = False) -> str:
     else:
         text += " rows"
     text += f", {figures.rate:,.0f} rows/s"
+    if figures.worker_rates:
+        text += " (" + " + ".join(f"{rate:,.0f}" for rate in figures.worker_rates) + ")"
     if final:
         return text + ", done"
     if figures.batch_size is not None:

@@ -96,6 +96,7 @@ class _Parallel:
 
     role = "worker"
     stays = True
+    number = 0
 
     def __init__(
         self,
@@ -222,6 +223,7 @@ class Crew(_Parallel):
             fence = CommitFence(conn.sync_connection, self.tracker, self.run_id_value)
             lease = Lease(fence, self.tracker, owner)
             member = _Member(self, owner, lease, joins=(token, loop))
+            member.number = number
             with fence.installed():
                 await _run_hook(conn, self.step, member)
         except StopAtBoundary:
