@@ -38,6 +38,8 @@ RANGES_PER_WORKER = 4
 """Ranges planned per worker: a worker that finishes one claims the next before any split."""
 SPLIT_BATCHES = 4
 """A range is split only with at least this many batches left (see ``RangeStore.steal``)."""
+SPLIT_LOCK = "dm.ranges.split"
+"""Names the advisory lock that lets one worker of a loop split a range at a time."""
 
 
 def ranges_table(metadata: sa.MetaData, tracker: str) -> sa.Table:
@@ -282,6 +284,13 @@ class RangeStore:
         when nothing is worth splitting.
         """
         r = self.ranges
+        # One split at a time per loop (the new range's number is the next free one); the
+        # two-key form keeps clear of the single-key advisory lock of dm's migration lock.
+        await session.execute(
+            sa.select(
+                sa.func.pg_advisory_xact_lock(sa.func.hashtext(SPLIT_LOCK), sa.func.hashtext(token))
+            )
+        )
         held = await session.execute(
             sa.select(*self._range_columns())
             .where(r.c.token == token, sa.not_(r.c.finished))
