@@ -43,7 +43,7 @@ async for batch in batched(
     session, query, key=items.c.id, size={size}, workers={workers}, lease_seconds={lease}
 ):
     await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
-    await asyncio.sleep({pause})
+    await asyncio.sleep(float(os.environ.get("DM_TEST_PAUSE", {pause})))
     while os.path.exists("hold"):  # the test holds every worker mid-batch
         await asyncio.sleep(0.01)
 """
@@ -149,8 +149,10 @@ def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> No
     make_items(project, 30_000)
     write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
     run = spawn_dm(project, "upgrade", "heads")
-    workers = [spawn_dm(project, "work", REV, "--wait", "30") for _ in range(2)]
-    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 2_000, timeout=60)
+    slow = {"DM_TEST_PAUSE": "0.05"}  # alive when the kill comes
+    workers = [spawn_dm(project, "work", REV, "--wait", "30", env=slow) for _ in range(2)]
+    wait_for(lambda: range_rows(project, "work:%") >= 1_000, timeout=60)
+    assert workers[0].poll() is None
     workers[0].send_signal(signal.SIGKILL)
     code, stderr = finish(run)
     assert code == 0, stderr
@@ -165,10 +167,11 @@ def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> No
 def test_the_run_killed_its_workers_go_on_and_the_next_run_finishes(project: Project) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
-    run = spawn_dm(project, "upgrade", "heads")
+    run = spawn_dm(project, "upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # alive at the kill
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
     worker = spawn_dm(project, "work", REV, "--wait", "30")
-    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 1_000, timeout=60)
+    wait_for(lambda: range_rows(project, "work:%") >= 1_000, timeout=60)
+    assert run.poll() is None
     run.send_signal(signal.SIGKILL)
     assert finish(run)[0] == -signal.SIGKILL
     code, stderr = finish(worker)  # it takes over the run's ranges once their leases expire
@@ -214,7 +217,7 @@ def owned_by_work(project: Project) -> bool:
 @pytest.mark.slow
 def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Project) -> None:
     make_items(project, 20_000)
-    write_backfill(project, workers=2, size=100, lease=5, pause=0.01)
+    write_backfill(project, workers=2, size=100, lease=5, pause=0.03)
     run = spawn_dm(project, "upgrade", "heads")
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
     worker = spawn_dm(project, "work", REV, "--wait", "30")
@@ -242,7 +245,7 @@ def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Projec
 @pytest.mark.slow
 def test_max_runtime_stops_all_workers_and_the_next_run_goes_on(project: Project) -> None:
     make_items(project, 20_000)
-    write_backfill(project, workers=3, size=100, pause=0.02)
+    write_backfill(project, workers=3, size=100, pause=0.05)
     stopped = run_dm(project, "upgrade", "heads", "--max-runtime", "1")
     assert stopped.returncode == 5, stopped.stderr
     done = counters(project)
@@ -276,7 +279,7 @@ def test_a_failing_worker_fails_the_attempt_and_the_next_run_resumes(project: Pr
 @pytest.mark.slow
 def test_a_worker_whose_connection_is_terminated_loses_nothing(project: Project) -> None:
     make_items(project, 20_000)
-    write_backfill(project, workers=2, size=100, lease=2, pause=0.01)
+    write_backfill(project, workers=2, size=100, lease=2, pause=0.03)
     run = spawn_dm(project, "upgrade", "heads")
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
     worker = spawn_dm(project, "work", REV, "--wait", "30", env={"DM_POD_NAME": "worker-1"})
@@ -408,7 +411,7 @@ def test_sigterm_ends_the_run_and_its_workers_and_records_it(project: Project) -
 @pytest.mark.slow
 def test_cancel_stops_every_worker_and_the_next_run_starts_over(project: Project) -> None:
     make_items(project, 20_000)
-    write_backfill(project, workers=2, size=100, lease=5, pause=0.01)
+    write_backfill(project, workers=2, size=100, lease=5, pause=0.03)
     run = spawn_dm(project, "upgrade", "heads")
     worker = spawn_dm(project, "work", REV, "--wait", "30")
     wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 300, timeout=60)
