@@ -158,7 +158,7 @@ class Crew(_Parallel):
         connect: Connect,
     ) -> None:
         super().__init__(tracker, f"run:{run_id}:0", lease, run_id=run_id, joins=None)
-        self.run_id_value = run_id
+        self._run_id = run_id
         self.step = step
         self.stops = stops
         self.connect = connect
@@ -216,14 +216,13 @@ class Crew(_Parallel):
 
     async def _work(self, number: int, token: str, loop: int) -> None:
         """One worker of the run: the hook again, on a connection of its own."""
-        owner = f"run:{self.run_id_value}:{number}"
+        owner = f"run:{self._run_id}:{number}"
         conn = await self.connect()
         try:
             assert conn.sync_connection is not None
-            fence = CommitFence(conn.sync_connection, self.tracker, self.run_id_value)
+            fence = CommitFence(conn.sync_connection, self.tracker, self._run_id)
             lease = Lease(fence, self.tracker, owner)
-            member = _Member(self, owner, lease, joins=(token, loop))
-            member.number = number
+            member = _Member(self, number, owner, lease, joins=(token, loop))
             with fence.installed():
                 await _run_hook(conn, self.step, member)
         except StopAtBoundary:
@@ -242,16 +241,19 @@ class _Member(_Parallel):
 
     stays = False
 
-    def __init__(self, crew: Crew, owner: str, lease: Lease, *, joins: tuple[str, int]) -> None:
+    def __init__(
+        self, crew: Crew, number: int, owner: str, lease: Lease, *, joins: tuple[str, int]
+    ) -> None:
         super().__init__(
             crew.tracker,
             owner,
             lease,
-            run_id=crew.run_id_value,
+            run_id=crew.run_id,
             joins=joins,
             progress=crew.progress,
         )
         self.crew = crew
+        self.number = number
 
     async def after_range_checkpoint(self, outcome: Outcome) -> None:
         await self.crew.after_range_checkpoint(outcome, member=True)
