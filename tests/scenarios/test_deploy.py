@@ -344,3 +344,57 @@ def test_sqlite_in_an_unwritable_directory_says_what_to_set(project: Project) ->
     )
     assert "set DM_DATABASE_URL to the database to migrate" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_workers_job_joins_the_run_and_is_not_retried_after_a_stop() -> None:
+    """The parallel backfill's workers Job (docs/kubernetes.md): N pods of `dm work REV
+    --wait`, with the pre-deploy Job's image, pod, security context, Secret and resources,
+    and its podFailurePolicy: exit 5 (paused, cancelled, time-boxed) fails the Job, because a
+    retried worker would join the stopped backfill again."""
+    (workers,) = load_all(DEPLOY / "kubernetes" / "workers-job.yaml")
+    job = job_resources()["kubernetes"]
+    spec, upgrade = workers["spec"], job["spec"]
+    assert spec["parallelism"] == spec["completions"] > 1
+    assert spec["podFailurePolicy"] == upgrade["podFailurePolicy"]
+    (fail,) = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert 5 in fail["onExitCodes"]["values"]
+    for key in ("backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished"):
+        assert spec[key] == upgrade[key], key
+    pod, upgrade_pod = spec["template"]["spec"], upgrade["template"]["spec"]
+    for key in (
+        "restartPolicy",
+        "terminationGracePeriodSeconds",
+        "automountServiceAccountToken",
+        "securityContext",
+        "volumes",
+    ):
+        assert pod[key] == upgrade_pod[key], key
+    (container,) = pod["containers"]
+    (upgrade_container,) = upgrade_pod["containers"]
+    assert container["args"] == ["work", "REV", "--wait", "600"]
+    for key in (
+        "name",
+        "image",
+        "imagePullPolicy",
+        "terminationMessagePolicy",
+        "resources",
+        "securityContext",
+        "volumeMounts",
+    ):
+        assert container[key] == upgrade_container[key], key
+    env = {e["name"]: e for e in container["env"]}
+    upgrade_env = {e["name"]: e for e in upgrade_container["env"]}
+    for name in ("DM_LOG_FORMAT", "DM_ENVIRONMENT", "DM_DATABASE_URL", "DM_POD_NAME"):
+        assert env[name] == upgrade_env[name], name
+    assert "DM_LOCK_DATABASE_URL" not in env  # dm work takes no lock
+
+
+def test_workers_job_runs_dm_work_as_documented() -> None:
+    """`dm work REV --wait SECONDS` parses as the manifest writes it."""
+    from dm.cli.app import main
+
+    (workers,) = load_all(DEPLOY / "kubernetes" / "workers-job.yaml")
+    (container,) = workers["spec"]["template"]["spec"]["containers"]
+    name, *args = container["args"]
+    parsed = main.commands[name].make_context(name, args).params
+    assert parsed["rev"] == "REV" and parsed["wait"] == 600

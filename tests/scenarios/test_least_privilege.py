@@ -4,6 +4,8 @@ object and the right (exit 2). Roles get unique names per test and are dropped a
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from conftest import Project
+from conftest import run_dm
 from conftest import run_in_process
 from conftest import spawn_dm
 from conftest import wait_for
@@ -24,6 +28,7 @@ pytestmark = [
 SCHEMA = "dm_tracker"
 TRACKER = f"{SCHEMA}.script_run_tracker"
 BOTH_TABLES = f"{TRACKER}, {TRACKER}_meta"
+RANGES = f"{TRACKER}_ranges"
 INSERT_PERSON = "await session.execute(sa.text(\"INSERT INTO people VALUES ('{}')\"))"
 
 
@@ -51,10 +56,11 @@ class Roles:
 
 @pytest.fixture
 def roles(project: Project) -> Iterator[Roles]:
-    """A migration role, a read-only status/gate role and a pause/cancel role, with
-    CONNECT only (PUBLIC's rights on the database revoked), and the application's table."""
+    """A migration role, a read-only status/gate role, a pause/cancel role and a worker
+    role (``dm work``), with CONNECT only (PUBLIC's rights on the database revoked), and the
+    application's table."""
     suffix = uuid.uuid4().hex[:10]
-    names = {role: f"dm_{role}_{suffix}" for role in ("migrate", "gate", "control")}
+    names = {role: f"dm_{role}_{suffix}" for role in ("migrate", "gate", "control", "work")}
     database = project.db.url.rsplit("/", 1)[1]
     db = project.db
     for name in names.values():
@@ -71,6 +77,14 @@ def roles(project: Project) -> Iterator[Roles]:
         for name in names.values():
             db.query(f"DROP OWNED BY {name}")
             db.query(f"DROP ROLE {name}")
+
+
+def grant_migration_rows(roles: Roles) -> None:
+    """The migration role's grants on a tracker a DBA created (docs/security.md)."""
+    roles.grant(f"GRANT USAGE ON SCHEMA {SCHEMA} TO {{migrate}}")
+    roles.grant(f"GRANT SELECT, INSERT, UPDATE ON {BOTH_TABLES} TO {{migrate}}")
+    roles.grant(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {RANGES} TO {{migrate}}")
+    roles.grant(f"GRANT USAGE ON SEQUENCE {TRACKER}_id_seq TO {{migrate}}")
 
 
 def grant_readers(roles: Roles) -> None:
@@ -106,9 +120,7 @@ def test_the_migration_role_runs_on_a_tracker_a_dba_created_with_dml_grants_only
     project.write("a1", None)
     by_dba = run_in_process(project, "upgrade", env={"DM_TRACKER_SCHEMA": SCHEMA})
     assert by_dba.returncode == 0, by_dba.stderr
-    roles.grant(f"GRANT USAGE ON SCHEMA {SCHEMA} TO {{migrate}}")
-    roles.grant(f"GRANT SELECT, INSERT, UPDATE ON {BOTH_TABLES} TO {{migrate}}")
-    roles.grant(f"GRANT USAGE ON SEQUENCE {TRACKER}_id_seq TO {{migrate}}")
+    grant_migration_rows(roles)
     project.write("b2", "a1", INSERT_PERSON.format("b@example.org"))
     ran = run_in_process(project, "upgrade", env=roles.env("migrate"))
     assert ran.returncode == 0, ran.stderr
@@ -194,6 +206,108 @@ def test_the_control_role_pauses_a_running_backfill_and_can_do_nothing_else(
     control_db = type(project.db)("postgresql", roles.url("control"), roles.url("control"))
     with pytest.raises(Exception, match="permission denied for table script_run_tracker"):
         control_db.query(f"UPDATE {TRACKER} SET status = 'success'")
+
+
+PARALLEL = """
+import asyncio
+from pathlib import Path
+from dm import batched
+
+transactional = False
+items = sa.table("items", sa.column("id"), sa.column("hits"))
+"""
+PARALLEL_LOOP = """
+query = sa.select(items.c.id)
+async for batch in batched(session, query, key=items.c.id, size=100, workers=2):
+    while not Path(GO).exists():
+        await asyncio.sleep(0.02)
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
+"""
+ITEMS = 2_000
+
+
+def documented_worker_grants(roles: Roles) -> list[str]:
+    """The worker role's grants exactly as docs/security.md lists them, for this test's
+    schema, database and role."""
+    text = (REPO / "docs" / "security.md").read_text()
+    section = text.split("### The worker role (`dm work`)", 1)[1]
+    found = re.search(r"```sql\n(.+?)```", section, re.S)
+    assert found, "docs/security.md lost the worker role's grants"
+    sql = re.sub(r"--[^\n]*", "", found.group(1)).replace("dm_work", "{work}")
+    sql = re.sub(r"\bdm\b", SCHEMA, sql)
+    database = roles.project.db.url.rsplit("/", 1)[1]
+    sql = sql.replace("DATABASE app", f"DATABASE {database}")
+    return [statement.strip() for statement in sql.split(";") if statement.strip()]
+
+
+def ranges_held(project: Project, owner: str) -> int:
+    """Unfinished ranges whose owner matches ``owner`` (``run:%``, ``work:%``)."""
+    rows = project.db.query(
+        f"SELECT count(*) AS n FROM {RANGES} WHERE owner LIKE :owner AND NOT finished",
+        owner=owner,
+    )
+    return int(rows[0].n)
+
+
+def hits(project: Project) -> dict[int, int]:
+    """How many items were updated how many times."""
+    rows = project.db.query("SELECT hits, count(*) AS n FROM items GROUP BY hits")
+    return {row.hits: row.n for row in rows}
+
+
+@pytest.mark.process
+def test_the_worker_role_joins_a_parallel_backfill_with_the_documented_grants(
+    project: Project, roles: Roles, tmp_path: Path
+) -> None:
+    project.write("a1", None)
+    by_dba = run_in_process(project, "upgrade", env={"DM_TRACKER_SCHEMA": SCHEMA})
+    assert by_dba.returncode == 0, by_dba.stderr
+    grant_migration_rows(roles)
+    project.db.query("CREATE TABLE items (id BIGINT PRIMARY KEY, hits INTEGER NOT NULL)")
+    project.db.query(f"INSERT INTO items SELECT g, 0 FROM generate_series(1, {ITEMS}) AS g")
+    roles.grant("GRANT SELECT, UPDATE ON items TO {migrate}")
+    for statement in documented_worker_grants(roles):
+        roles.grant(statement)
+
+    # The run (migration role) and a dm work process (worker role) share the loop: its
+    # batches wait until the worker holds a range of its own.
+    go = tmp_path / "go"
+    project.write("b2", "a1", PARALLEL_LOOP, extra=f"{PARALLEL}GO = {str(go)!r}\n")
+    run = spawn_dm(project, "upgrade", env=roles.env("migrate"))
+    worker = None
+    try:
+        wait_for(lambda: run.poll() is not None or ranges_held(project, "run:%") == 2, 60)
+        worker = spawn_dm(project, "work", "b2", "--wait", "60", "--json", env=roles.env("work"))
+        wait_for(lambda: worker.poll() is not None or ranges_held(project, "work:%"), 60)
+    finally:
+        go.touch()
+        _, run_err = run.communicate(timeout=60)
+        out, err = worker.communicate(timeout=60) if worker else ("", "")
+    assert run.returncode == 0, run_err
+    assert worker.returncode == 0, err
+    assert json.loads(out) == {"revision": "b2", "joined": True, "direction": "upgrade"}
+    assert hits(project) == {1: ITEMS}
+    assert [row.status for row in project.db.tracker(TRACKER)] == ["success", "success"]
+
+    # Without UPDATE on the ranges: one line naming the table and the right, exit 2.
+    roles.grant(f"REVOKE UPDATE ON {RANGES} FROM {{work}}")
+    go = tmp_path / "go-again"
+    project.write("c3", "b2", PARALLEL_LOOP, extra=f"{PARALLEL}GO = {str(go)!r}\n")
+    run = spawn_dm(project, "upgrade", env=roles.env("migrate"))
+    try:
+        wait_for(lambda: run.poll() is not None or ranges_held(project, "run:%") == 2, 60)
+        denied = run_dm(project, "work", "c3", "--wait", "60", env=roles.env("work"))
+    finally:
+        go.touch()
+        _, run_err = run.communicate(timeout=60)
+    assert denied.returncode == 2, denied.stderr
+    (line,) = denied.stderr.strip().splitlines()[-1:]
+    assert line.startswith(
+        "dm: error: the database role lacks UPDATE on table script_run_tracker_ranges"
+    ), denied.stderr
+    assert "Traceback" not in denied.stderr
+    assert run.returncode == 0, run_err
+    assert hits(project) == {2: ITEMS}
 
 
 @pytest.mark.process

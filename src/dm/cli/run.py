@@ -258,16 +258,20 @@ def resume_revision(
     default=0.0,
     show_default=True,
     metavar="SECONDS",
-    help="Wait this long for the run to reach the loop before concluding there is none.",
+    help="Seconds to wait for the run to start the loop before concluding none is running.",
 )
 @json_option
 @pass_invocation
 def work(invocation: Invocation, rev: str, wait: float, as_json: bool) -> None:
     """Join the running parallel loop of REV (dm.batched(..., workers=N)) as one more
-    worker, on PostgreSQL; exit 0 once no key range is left (or none was running).
+    worker, on PostgreSQL.
+
+    It works key ranges until every range of the loop is finished (taking over those of
+    workers that died), then exits 0; it exits 0 too when no such loop is running. A
+    pause, cancel or time box of the run ends it after its batch (exit 5).
 
     Takes no migration lock: start several, in other pods too. A worker that is killed
-    loses its ranges when their lease expires; its committed batches stay.
+    loses its range when its lease expires; its committed batches stay.
     """
     from dm import verbs
     from dm.core.errors import Incomplete
