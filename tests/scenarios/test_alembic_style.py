@@ -199,6 +199,7 @@ def test_alembic_revisions_upgrade_downgrade_and_upgrade_again(project: Project)
     assert {r.name for r in project.db.query(tables)} == {
         "script_run_tracker",
         "script_run_tracker_meta",
+        "script_run_tracker_ranges",
     }
 
     ok(invoke(project, "upgrade", "heads"))
