@@ -217,7 +217,7 @@ def owned_by_work(project: Project) -> bool:
 @pytest.mark.slow
 def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Project) -> None:
     make_items(project, 20_000)
-    write_backfill(project, workers=2, size=100, lease=5, pause=0.03)
+    write_backfill(project, workers=2, size=100, lease=600, pause=0.03)
     run = spawn_dm(project, "upgrade", "heads")
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
     worker = spawn_dm(project, "work", REV, "--wait", "30")
@@ -234,6 +234,18 @@ def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Projec
     done = counters(project)
     assert set(done) == {0, 1}, done  # stopped part-way, nothing twice
     assert [a.status for a in project.db.tracker()] == ["paused"]
+    # Every worker gave its range up (the resumed run need not wait out the 600 s lease),
+    # and dm status shows the rows all of them committed.
+    leased = project.db.query(
+        "SELECT count(*) AS n FROM script_run_tracker_ranges WHERE owner IS NOT NULL"
+    )
+    assert leased[0].n == 0
+    assert status_rows(project) == committed_rows(project) == done[1]
+    # A worker started now does nothing: the attempt is paused.
+    late = run_dm(project, "work", REV)
+    assert late.returncode == 5, late.stderr
+    assert "nothing done" in late.stderr and "peak traffic" in late.stderr
+    assert counters(project) == done
     resumed = run_dm(project, "resume", REV)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming its ranges" in resumed.stderr
@@ -430,3 +442,21 @@ def test_cancel_stops_every_worker_and_the_next_run_starts_over(project: Project
     assert again.returncode == 0, again.stderr
     assert "resuming" not in again.stderr  # started over: new ranges
     assert counters(project) == {1: 20_000}
+
+
+def test_an_autocommit_block_before_a_parallel_loop_fails_with_one_clear_line(
+    project: Project,
+) -> None:
+    make_items(project, 2_000)
+    body = "async with dm.autocommit(session):\n    pass\n" + BODY.format(
+        size=100, workers=2, lease=5, pause=0.0
+    )
+    project.write(REV, None, body, extra=EXTRA + "import dm\n")
+    failed = run_dm(project, "upgrade", "heads")
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.splitlines()[-1] == (
+        f"dm: error: revision {REV} failed: UsageError: revision {REV}: an autocommit block "
+        "cannot run in a worker of a parallel loop (each worker runs the code before the loop "
+        "again): move it into a revision of its own before this one, or after the loop"
+    )
+    assert "Traceback" not in failed.stderr

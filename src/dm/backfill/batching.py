@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dm.backfill.errors import BatchingError as BatchingError
+from dm.backfill.errors import LoopStop
 from dm.backfill.keys import decode_key
 from dm.backfill.keys import encode_key
 from dm.backfill.progress import Progress
@@ -266,8 +267,10 @@ _DEADBAND = 0.1
 """A computed size within this fraction of the current one leaves it unchanged."""
 _MAX_STEP = 2.0
 """The size changes by at most this factor from one batch to the next."""
-DEFAULT_LEASE_SECONDS = 60.0
-"""How long a worker holds a range of a parallel loop between two commits."""
+DEFAULT_LEASE_SECONDS = 150.0
+"""How long a worker holds a range of a parallel loop between two commits: above dm's
+default ``idle_in_transaction_session_timeout`` (60 s) plus a long batch, so that a frozen
+worker's session, and the row locks of its batch, are gone before its range is taken over."""
 REPORT_SECONDS = 2.0
 """How often the run writes the rows of all workers of a parallel loop in its attempt."""
 JOIN_POLL_SECONDS = 0.5
@@ -543,6 +546,10 @@ class _RangedLoop:
                 try:
                     async for batch in self._work(held, progress):
                         yield batch
+                except LoopStop:  # its last checkpoint committed: free it for the next run
+                    self.store.hold(None)
+                    await self.store.release(self.session, held)
+                    raise
                 finally:
                     self.store.hold(None)
             if run:
@@ -550,6 +557,10 @@ class _RangedLoop:
             completed = True
             if own_progress:
                 progress.finish()
+        except LoopStop:
+            if run:  # dm status shows where the stop left the loop
+                await self._report(token, force=True)
+            raise
         finally:
             if run and not completed:
                 await self.parallel.stop_workers()
@@ -623,11 +634,11 @@ class _RangedLoop:
             held = await self.store.steal(self.session, token, low, high, self.sizer.size)
         return held
 
-    async def _report(self, token: str) -> None:
+    async def _report(self, token: str, *, force: bool = False) -> None:
         """Every ``REPORT_SECONDS`` (the run only): write the rows all workers have done in
         the attempt's checkpoint, for ``dm status`` and ``dm cancel --stuck-after``."""
         now = time.monotonic()
-        if self.parallel.role != "run" or now - self._reported < REPORT_SECONDS:
+        if self.parallel.role != "run" or (now - self._reported < REPORT_SECONDS and not force):
             return
         self._reported = now
         rows = await self.store.rows_done(self.session, token)

@@ -416,6 +416,17 @@ class RangeStore:
             None if request is None else (request, by, reason),
         )
 
+    async def release(self, session: AsyncSession, held: Range) -> None:
+        """Give up ``held`` (this worker stops; its last checkpoint committed): another
+        worker may claim it at once. Commits."""
+        r = self.ranges
+        await session.execute(
+            r.update()
+            .where(r.c.token == held.token, r.c.number == held.number, r.c.owner == self.owner)
+            .values(owner=None, lease_until=None)
+        )
+        await session.commit()
+
     async def reread(self, session: AsyncSession, held: Range) -> Range | None:
         """Return the range as it is now if this worker still owns it, else None."""
         r = self.ranges
@@ -456,26 +467,45 @@ def _range(row: Any) -> Range:
 
 @dataclass(frozen=True)
 class Joinable:
-    """A parallel loop a ``dm work`` process can join: its token and where it runs."""
+    """A parallel loop a ``dm work`` process can join: its token, where it runs, and the
+    status and request (``dm pause``, ``dm cancel``) of the attempt it works for."""
 
     token: str
     revision: str
     direction: str
     loop: int
+    status: str | None
+    request: tuple[str, str | None, str | None] | None
 
 
-async def joinable(session: AsyncSession, ranges: sa.Table, revision: str) -> Joinable | None:
+async def joinable(
+    session: AsyncSession, ranges: sa.Table, attempts: sa.Table, revision: str
+) -> Joinable | None:
     """Return the loop of ``revision`` with ranges left to do, if any."""
-    r = ranges
+    r, a = ranges, attempts
     row = (
         await session.execute(
-            sa.select(r.c.token, r.c.revision, r.c.direction, r.c.loop)
+            sa.select(
+                r.c.token,
+                r.c.revision,
+                r.c.direction,
+                r.c.loop,
+                a.c.status,
+                a.c.request,
+                a.c.request_by,
+                a.c.request_reason,
+            )
+            .join_from(r, a, a.c.id == r.c.attempt_id, isouter=True)
             .where(r.c.revision == revision, sa.not_(r.c.finished))
             .limit(1)
         )
     ).first()
     await session.commit()
-    return None if row is None else Joinable(*row)
+    if row is None:
+        return None
+    token, revision, direction, loop, status, request, by, reason = row
+    asked = None if request is None else (request, by, reason)
+    return Joinable(token, revision, direction, loop, status, asked)
 
 
 def with_progress(outcome: Outcome, held: Range, last: Any, rows_done: int) -> Range:

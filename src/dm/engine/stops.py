@@ -14,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+from dm.backfill.errors import LoopStop
 from dm.core.errors import Incomplete
 from dm.core.planning import Step
 from dm.engine.recording import Request
@@ -31,7 +32,7 @@ _STATUS_OF_REQUEST = {
 }
 
 
-class StopAtBoundary(BaseException):
+class StopAtBoundary(LoopStop):
     """Raised by the stop check after a batch committed: the attempt ends ``status``.
 
     A ``BaseException``, so revision code catching ``Exception`` around its loop cannot

@@ -37,7 +37,6 @@ from dm.backfill.ranges import Outcome
 from dm.backfill.ranges import RangeStore
 from dm.backfill.ranges import joinable
 from dm.core.errors import FenceLost
-from dm.core.errors import Incomplete
 from dm.core.errors import UsageError
 from dm.core.graph import Hook
 from dm.core.planning import Step
@@ -299,7 +298,8 @@ class WorkerUnit:
     def autocommit(self) -> AbstractAsyncContextManager[None]:
         raise UsageError(
             f"revision {self.revision}: an autocommit block cannot run in a worker of a "
-            "parallel loop; run it before the loop"
+            "parallel loop (each worker runs the code before the loop again): move it into "
+            "a revision of its own before this one, or after the loop"
         )
 
 
@@ -365,7 +365,7 @@ async def join(
     session = AsyncSession(bind=conn, expire_on_commit=False)
     try:
         while True:
-            loop = await joinable(session, tracker.ranges, revision)
+            loop = await joinable(session, tracker.ranges, tracker.table, revision)
             if loop is not None or time.monotonic() >= deadline:
                 break
             if await _settled(session, tracker, revision):
@@ -375,6 +375,14 @@ async def join(
         await session.close()
     if loop is None:
         return WorkResult(revision, joined=False)
+    if loop.request is not None:  # paused or cancelled: a worker must not go on with it
+        stopped = f"its attempt was {Request(*loop.request).describe()}; nothing done"
+        return WorkResult(revision, False, loop.direction, stopped=stopped)
+    if loop.status in _STOPPING_STATUSES:  # a failed one is resumed soon: its ranges stay
+        stopped = (
+            f"its attempt is {loop.status}; nothing done (the next dm {loop.direction} resumes it)"
+        )
+        return WorkResult(revision, False, loop.direction, stopped=stopped)
     step = step_of(loop.direction)
     owner = f"work:{uuid.uuid4()}"
     assert conn.sync_connection is not None
@@ -388,10 +396,10 @@ async def join(
     except StopAtBoundary as stop:
         return WorkResult(revision, True, loop.direction, stopped=stop.reason)
     except FenceLost:
-        raise Incomplete(
-            revision,
+        raise FenceLost(
             f"{loop.direction} {revision}: this worker's range was taken over (its lease "
-            "expired); its last batch was rolled back",
+            "expired) before the revision's code committed; that commit was refused and "
+            "rolled back"
         ) from None
     return WorkResult(revision, True, loop.direction)
 
