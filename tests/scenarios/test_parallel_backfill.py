@@ -123,6 +123,14 @@ def committed_rows(project: Project) -> int:
     return int(found[0].n)
 
 
+def leased_ranges(project: Project) -> int:
+    """Ranges some worker holds."""
+    found = project.db.query(
+        "SELECT count(*) AS n FROM script_run_tracker_ranges WHERE owner IS NOT NULL"
+    )
+    return int(found[0].n)
+
+
 def has_table(project: Project) -> bool:
     found = project.db.query(
         "SELECT 1 FROM pg_tables WHERE tablename = 'script_run_tracker_ranges'"
@@ -236,10 +244,7 @@ def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Projec
     assert [a.status for a in project.db.tracker()] == ["paused"]
     # Every worker gave its range up (the resumed run need not wait out the 600 s lease),
     # and dm status shows the rows all of them committed.
-    leased = project.db.query(
-        "SELECT count(*) AS n FROM script_run_tracker_ranges WHERE owner IS NOT NULL"
-    )
-    assert leased[0].n == 0
+    assert leased_ranges(project) == 0
     assert status_rows(project) == committed_rows(project) == done[1]
     # A worker started now does nothing: the attempt is paused.
     late = run_dm(project, "work", REV)
@@ -262,6 +267,7 @@ def test_max_runtime_stops_all_workers_and_the_next_run_goes_on(project: Project
     assert stopped.returncode == 5, stopped.stderr
     done = counters(project)
     assert set(done) == {0, 1} and done[1] >= 100, done
+    assert leased_ranges(project) == 0  # every worker gave its range up at the stop
     again = run_dm(project, "upgrade", "heads")
     assert again.returncode == 0, again.stderr
     assert counters(project) == {1: 20_000}

@@ -558,8 +558,10 @@ class _RangedLoop:
             if own_progress:
                 progress.finish()
         except LoopStop:
-            if run:  # dm status shows where the stop left the loop
-                await self._report(token, force=True)
+            if run:  # the run's other workers stop at their next boundary, ranges given up
+                with contextlib.suppress(LoopStop):
+                    await self.parallel.join_workers()
+                await self._report(token, force=True)  # dm status shows where it stopped
             raise
         finally:
             if run and not completed:
