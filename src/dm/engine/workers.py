@@ -15,7 +15,6 @@ the range over) therefore commits nothing more: its batch rolls back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -49,6 +48,9 @@ from dm.engine.tracker import Status
 from dm.engine.tracker import Tracker
 
 log = logging.getLogger("dm.workers")
+
+SHUTDOWN_SECONDS = 10.0
+"""How long the run's workers may take to reach their batch boundary once the hook failed."""
 
 Connect = Callable[[], Awaitable[AsyncConnection]]
 """Open a connection set up as the run's working connection is (session settings)."""
@@ -165,6 +167,8 @@ class Crew(_Parallel):
         """The first stop a worker met: the others stop at their next boundary."""
         self.failure: BaseException | None = None
         """What ended a worker task in failure: the run's loop raises it, the others end."""
+        self.ending = False
+        """The run's hook ended: the workers end at their next batch boundary."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start_workers(self, count: int, token: str, loop: int) -> None:
@@ -194,11 +198,25 @@ class Crew(_Parallel):
         await _cancel(tasks)
 
     async def shutdown(self) -> None:
-        """End the run's workers and the lease on the run's connection (the hook ended)."""
-        await self.stop_workers()
+        """End the run's workers and the lease on the run's connection (the hook ended).
+
+        When the run is being cancelled (a signal, its time limit) the workers are
+        cancelled with it; otherwise (the hook failed) each ends at its next batch
+        boundary, and one still in its batch after ``SHUTDOWN_SECONDS`` is cancelled.
+        """
+        tasks, self._tasks = self._tasks, []
+        current = asyncio.current_task()
+        if tasks and current is not None and current.cancelling():
+            await _cancel(tasks)
+        elif tasks:
+            self.ending = True
+            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
+            await _cancel(list(pending))
         self.lease.holding(None, None)
 
     async def after_range_checkpoint(self, outcome: Outcome, *, member: bool = False) -> None:
+        if member and self.ending:
+            raise WorkerDone
         if self.failure is not None:
             if member:
                 raise WorkerDone
@@ -230,8 +248,7 @@ class Crew(_Parallel):
             if self.failure is None:
                 self.failure = exc
         finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
+            await _close(conn)
 
 
 class _Member(_Parallel):
@@ -319,6 +336,19 @@ async def _run_hook(conn: AsyncConnection, step: Step, parallel: _Parallel) -> N
         await session.close()
         if conn.in_transaction():
             await conn.rollback()
+
+
+async def _close(conn: AsyncConnection) -> None:
+    """Close a worker's connection, to the end even if the worker is cancelled meanwhile
+    (a close cut short leaves the driver's connection half closed, and an error logged)."""
+    closing = asyncio.ensure_future(conn.close())
+    try:
+        await asyncio.wait({closing})  # not cancelled with the caller: it goes on
+    finally:
+        if not closing.done():
+            await asyncio.wait({closing})
+        if not closing.cancelled():
+            closing.exception()  # retrieved: the connection is gone either way
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
