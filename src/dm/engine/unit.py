@@ -250,17 +250,18 @@ class UnitOfWork:
         LOCAL``, PostgreSQL) and the mark checked after its hooks; the fence applies them
         again after a commit of the revision's code."""
         if self._postgres:
-            settings = []
-            if not self._joined:
-                # Inside the caller's transaction a SET LOCAL would outlive the revision.
-                settings += self._local_timeouts()
-            settings.append(_PG_MARK)
-            # One round trip: set_config(..., true) is SET LOCAL.
-            calls = ", ".join(f"set_config('{name}', '{value}', true)" for name, value in settings)
-            setup = f"SELECT {calls}"
+            # Inside the caller's transaction a SET LOCAL would outlive the revision.
+            limits = [] if self._joined else self._local_timeouts()
+            # One round trip: set_config(..., true) is SET LOCAL. The limits are bound, so
+            # that the statement is the same (prepared once) whatever time is left.
+            calls = [f"set_config('{name}', :{name}, true)" for name, _ in limits]
+            calls.append(f"set_config('{_PG_MARK[0]}', '{_PG_MARK[1]}', true)")
+            await self.conn.execute(sa.text(f"SELECT {', '.join(calls)}"), dict(limits))
+            inline = ", ".join(f"set_config('{n}', '{v}', true)" for n, v in [*limits, _PG_MARK])
+            setup = f"SELECT {inline}"
         else:
             setup = _SQLITE_MARK
-        await self.conn.exec_driver_sql(setup)
+            await self.conn.exec_driver_sql(setup)
         if self.recorder.fence is not None:
             self.recorder.fence.transaction_setup = (setup,)
 
