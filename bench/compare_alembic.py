@@ -14,9 +14,10 @@ repetition so that ``upgrade heads`` always starts from base. It measures whole-
 wall time (``subprocess`` + ``time.perf_counter``, interpreter start-up and imports
 included) of ``upgrade heads`` from base, ``upgrade heads`` again at head (a no-op),
 ``current`` and ``history``, running the tools alternately (the order is swapped every
-repetition), and prints medians, the dm/alembic ratio, the per-revision cost of upgrading
-((t_upgrade - t_noop) / N), time/N across sizes, the import floor of each tool, and
-PASS/FAIL for dm's performance targets:
+repetition), and prints medians with their min-max, the dm/alembic ratio with its range
+over the samples, the per-revision cost of upgrading ((t_upgrade - t_noop) / N), time/N
+and the marginal cost across sizes, the import floor of each tool, and PASS/FAIL for dm's
+performance targets:
 
 * ``dm current`` <= 0.8x alembic at the smallest N, <= 0.3x alembic at the largest N;
 * dm's per-revision upgrade cost <= 1.2x Alembic's (N >= 100);
@@ -402,6 +403,36 @@ def with_spread(median: float, spread: tuple[float, float], fmt: Callable[[float
     return f"{fmt(median)} ({fmt(low).split()[0]}-{fmt(high)})"
 
 
+def ratio_with_spread(
+    a: float, a_spread: tuple[float, float], b: float, b_spread: tuple[float, float]
+) -> str:
+    """Format a / b of the medians, with its range over the samples (lowest a / highest b
+    to highest a / lowest b)."""
+    (a_low, a_high), (b_low, b_high) = a_spread, b_spread
+    low, high = ratio(a_low, b_high), ratio(a_high, b_low)
+    return f"{ratio(a, b)} ({low.rstrip('x')}-{high})"
+
+
+def ratio_of(timings: Timings, n: int, operation: str, tool: str, other: str) -> str:
+    """Format tool / other for ``operation`` at N, with its range."""
+    return ratio_with_spread(
+        timings.median(n, tool, operation),
+        timings.spread(n, tool, operation),
+        timings.median(n, other, operation),
+        timings.spread(n, other, operation),
+    )
+
+
+def per_revision_ratio(timings: Timings, n: int, tool: str, other: str) -> str:
+    """Format tool / other of the per-revision upgrade cost at N, with its range."""
+    return ratio_with_spread(
+        timings.per_revision(n, tool),
+        timings.per_revision_spread(n, tool),
+        timings.per_revision(n, other),
+        timings.per_revision_spread(n, other),
+    )
+
+
 def print_size(timings: Timings, n: int, reps: int, tools: Sequence[str]) -> None:
     """Print the table of one N: medians (min-max) per tool, then the ratios."""
     print(f"\n== N = {n} revisions (median (min-max) of {reps}) ==")
@@ -420,41 +451,47 @@ def print_size(timings: Timings, n: int, reps: int, tools: Sequence[str]) -> Non
                 cells.append("n/a")
         for tool in others:
             if timings.has(n, "alembic", operation):
-                a = timings.median(n, "alembic", operation)
-                cells.append(ratio(timings.median(n, tool, operation), a))
+                cells.append(ratio_of(timings, n, operation, tool, "alembic"))
             else:
                 cells.append("n/a")
         if BEFORE in tools:
-            cells.append(
-                ratio(timings.median(n, "dm", operation), timings.median(n, BEFORE, operation))
-            )
+            cells.append(ratio_of(timings, n, operation, "dm", BEFORE))
         rows.append(tuple(cells))
     cells = ["per-revision upgrade cost"]
     for tool in tools:
         median = timings.per_revision(n, tool)
         cells.append(with_spread(median, timings.per_revision_spread(n, tool), us) + "/rev")
-    a = timings.per_revision(n, "alembic")
-    cells += [ratio(timings.per_revision(n, tool), a) for tool in others]
+    cells += [per_revision_ratio(timings, n, tool, "alembic") for tool in others]
     if BEFORE in tools:
-        cells.append(ratio(timings.per_revision(n, "dm"), timings.per_revision(n, BEFORE)))
+        cells.append(per_revision_ratio(timings, n, "dm", BEFORE))
     rows.append(tuple(cells))
     print_table(rows)
 
 
 def print_scaling(timings: Timings, sizes: Sequence[int], tools: Sequence[str]) -> None:
     """Print time/N for every operation across sizes, and the marginal cost per revision."""
-    print("\n== Scaling: median time / N (us per revision) ==")
+    print("\n== Scaling: median time / N (us per revision), (min-max) ==")
     rows = [("operation", *(f"N={n}" for n in sizes))]
     for operation in OPERATIONS:
         for tool in tools:
             if not timings.has(sizes[0], tool, operation):
                 continue
-            per_n = (us(timings.median(n, tool, operation) / n) for n in sizes)
+            per_n = (
+                with_spread(
+                    timings.median(n, tool, operation) / n,
+                    per_revision_of(timings.spread(n, tool, operation), n),
+                    us,
+                )
+                for n in sizes
+            )
             rows.append((f"{tool} {LABELS[operation]}", *per_n))
     print_table(rows)
     if len(sizes) < 2:
         return
-    print("\n== Scaling: marginal cost between sizes, (t(N2) - t(N1)) / (N2 - N1) ==")
+    print(
+        "\n== Scaling: marginal cost between sizes, (t(N2) - t(N1)) / (N2 - N1), of the "
+        "medians (range: lowest N2 sample - highest N1 sample to the reverse) =="
+    )
     pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
     rows = [("operation", *(f"{a}->{b}" for a, b in pairs))]
     for operation in OPERATIONS:
@@ -464,15 +501,36 @@ def print_scaling(timings: Timings, sizes: Sequence[int], tools: Sequence[str]) 
             rows.append(
                 (
                     f"{tool} {LABELS[operation]}",
-                    *(us(marginal(timings, tool, operation, a, b)) for a, b in pairs),
+                    *(
+                        with_spread(
+                            marginal(timings, tool, operation, a, b),
+                            marginal_spread(timings, tool, operation, a, b),
+                            us,
+                        )
+                        for a, b in pairs
+                    ),
                 )
             )
     print_table(rows)
 
 
+def per_revision_of(spread: tuple[float, float], n: int) -> tuple[float, float]:
+    """Return a (min, max) pair of seconds divided by N."""
+    return spread[0] / n, spread[1] / n
+
+
 def marginal(timings: Timings, tool: str, operation: str, a: int, b: int) -> float:
     """Return the marginal seconds per revision of ``operation`` between sizes a and b."""
     return (timings.median(b, tool, operation) - timings.median(a, tool, operation)) / (b - a)
+
+
+def marginal_spread(
+    timings: Timings, tool: str, operation: str, a: int, b: int
+) -> tuple[float, float]:
+    """Return the lowest and highest marginal cost the samples of sizes a and b allow."""
+    a_low, a_high = timings.spread(a, tool, operation)
+    b_low, b_high = timings.spread(b, tool, operation)
+    return (b_low - a_high) / (b - a), (b_high - a_low) / (b - a)
 
 
 @dataclass(frozen=True)
@@ -488,12 +546,20 @@ def evaluate(timings: Timings, sizes: Sequence[int]) -> list[Verdict]:
     """Check dm's targets against the measured medians."""
     verdicts: list[Verdict] = []
     small, large = sizes[0], sizes[-1]
+
+    def compared(n: int, operation: str) -> str:
+        d, a = (
+            with_spread(timings.median(n, tool, operation), timings.spread(n, tool, operation), ms)
+            for tool in ("dm", "alembic")
+        )
+        return f"dm {d} vs alembic {a} ({ratio_of(timings, n, operation, 'dm', 'alembic')})"
+
     a, d = timings.median(small, "alembic", "current"), timings.median(small, "dm", "current")
     verdicts.append(
         Verdict(
             f"dm current <= 0.8x alembic current at N={small}",
             d <= 0.8 * a,
-            f"dm {ms(d)} vs alembic {ms(a)} ({ratio(d, a)})",
+            compared(small, "current"),
         )
     )
     a, d = timings.median(large, "alembic", "current"), timings.median(large, "dm", "current")
@@ -501,17 +567,22 @@ def evaluate(timings: Timings, sizes: Sequence[int]) -> list[Verdict]:
         Verdict(
             f"dm current <= 0.3x alembic current at N={large}",
             d <= 0.3 * a,
-            f"dm {ms(d)} vs alembic {ms(a)} ({ratio(d, a)})",
+            compared(large, "current"),
         )
     )
     upgrade_sizes = [n for n in sizes if n >= 100] or [large]
     for n in upgrade_sizes:
         a, d = timings.per_revision(n, "alembic"), timings.per_revision(n, "dm")
+        d_text, a_text = (
+            with_spread(timings.per_revision(n, tool), timings.per_revision_spread(n, tool), us)
+            for tool in ("dm", "alembic")
+        )
         verdicts.append(
             Verdict(
                 f"dm per-revision upgrade cost <= 1.2x alembic at N={n}",
                 0 < a and 0 < d <= 1.2 * a,  # a cost at or below 0 is noise, not a pass
-                f"dm {us(d)}/rev vs alembic {us(a)}/rev ({ratio(d, a)})",
+                f"dm {d_text}/rev vs alembic {a_text}/rev "
+                f"({per_revision_ratio(timings, n, 'dm', 'alembic')})",
             )
         )
     for n in sizes:
@@ -521,7 +592,7 @@ def evaluate(timings: Timings, sizes: Sequence[int]) -> list[Verdict]:
             Verdict(
                 f"dm no-op upgrade at head <= 0.9x alembic at N={n}",
                 d <= 0.9 * a,
-                f"dm {ms(d)} vs alembic {ms(a)} ({ratio(d, a)})",
+                compared(n, "upgrade_noop"),
             )
         )
     # Linear: the marginal cost per revision between the two largest sizes, compared with

@@ -165,6 +165,46 @@ def test_raw_commit_in_a_transactional_revision_commits_and_goes_on(project: Pro
     assert rows_in_t(project) == 2
 
 
+def test_raw_commit_as_a_transactional_revisions_last_statement_leaves_it_applied(
+    project: Project,
+) -> None:
+    project.write("a1", None, CREATE_T)
+    project.write(
+        "b2",
+        "a1",
+        "await session.execute(sa.text('INSERT INTO t VALUES (1)'))\n"
+        "await session.execute(sa.text('COMMIT'))",
+    )
+    result = ok(invoke(project, "upgrade", "heads"))
+
+    assert "was not atomic" in result.stderr
+    assert status_of(project)["b2"]["state"] == "applied"
+    assert rows_in_t(project) == 1
+
+
+DRIVER_COMMIT = """
+await session.execute(sa.text('INSERT INTO t VALUES (1)'))
+raw = await (await session.connection()).get_raw_connection()
+driver = raw.driver_connection
+await (driver.commit() if hasattr(driver, "commit") else driver.execute("COMMIT"))
+"""
+
+
+def test_commit_on_the_drivers_own_connection_fails_a_transactional_revision(
+    project: Project,
+) -> None:
+    project.write("a1", None, CREATE_T)
+    project.write("b2", "a1", DRIVER_COMMIT)
+    result = invoke(project, "upgrade", "heads")
+
+    assert result.exit_code == 1
+    error = [line for line in result.stderr.splitlines() if line.startswith("dm: error:")]
+    assert len(error) == 1 and "ended dm's transaction itself" in error[0]
+    b2 = status_of(project)["b2"]
+    assert (b2["state"], b2["status"]) == ("failed", "failed")
+    assert "ended dm's transaction itself" in b2["error"]
+
+
 def test_raw_rollback_in_a_transactional_revision_fails_it_and_commits_nothing(
     project: Project,
 ) -> None:

@@ -39,6 +39,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator
 from collections.abc import Awaitable
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -306,7 +307,8 @@ class Runner:
                 # and begins the next; the failure path rolls back whichever is open.
                 await self.conn.begin()
                 await unit.run()
-                await self._finish(attempt_id, final, started)
+                check = unit.check_transaction_intact if unit.mark_unchecked else None
+                await self._finish(attempt_id, final, started, in_revision=check)
                 await self.conn.commit()
                 if number > 1:
                     log.info("%s: got its locks on try %d/%d", label, number, tries)
@@ -381,8 +383,18 @@ class Runner:
         if isinstance(exc, Exception):
             raise RevisionFailed(step.revision, message) from exc
 
-    async def _finish(self, attempt_id: int, status: Status, started: float) -> None:
-        await self.recorder.finish(attempt_id, status, duration_ms=_elapsed_ms(started))
+    async def _finish(
+        self,
+        attempt_id: int,
+        status: Status,
+        started: float,
+        *,
+        in_revision: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        duration = _elapsed_ms(started)
+        await self.recorder.finish(
+            attempt_id, status, duration_ms=duration, in_revision=in_revision
+        )
 
     async def _rollback(self) -> None:
         """Roll back whatever this run's connection still has open (nothing is recorded),

@@ -243,13 +243,21 @@ class Watchdog:
         now = time.monotonic()
         deadline = None if limit is None else now + limit
         with self._cond:
+            due = self._due()
             self._armed = _Armed(revision, attempt_id, limit, deadline, now, rescue)
-            self._cond.notify_all()
+            self._wake_if_due_changed(due)
 
     def disarm(self) -> None:
         """The revision ended and its outcome is recorded."""
         with self._cond:
+            due = self._due()
             self._armed = None
+            self._wake_if_due_changed(due)
+
+    def _wake_if_due_changed(self, due: float | None) -> None:
+        """Wake the thread when what it waits for changed (not, per revision, for a run
+        without time limits)."""
+        if self._due() != due:
             self._cond.notify_all()
 
     def note_signal(self, signum: signal.Signals) -> None:

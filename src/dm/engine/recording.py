@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from typing import Any
 
+import sqlalchemy as sa
+
 from dm.config.redaction import for_tracker
 from dm.core.errors import FenceLost
 from dm.core.graph import checksum
@@ -26,10 +28,17 @@ from dm.engine.tracker import Tracker
 from dm.engine.tracker import utcnow
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from dm.engine.fence import CommitFence
+
+IN_REVISION = "dm.in_revision"
+"""The PostgreSQL setting, transaction-local, that marks a transactional revision's
+transaction from before its hooks to its final status (``dm.engine.unit``)."""
 
 
 class Recorder:
@@ -53,6 +62,9 @@ class Recorder:
         self.latest: Mapping[str, Attempt] = dict(latest)
         """Each revision's latest attempt when the run took the lock (what it planned from)."""
         self._numbers = {revision: attempt.attempt for revision, attempt in latest.items()}
+        self._update_in_revision = tracker.update_attempt.where(
+            sa.text(f"current_setting('{IN_REVISION}', true) = 'on'")
+        )
 
     async def record(
         self,
@@ -131,9 +143,13 @@ class Recorder:
         error_message: str | None = None,
         error_traceback: str | None = None,
         reason: str | None = None,
+        in_revision: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Move this run's pending attempt to ``status`` in the caller's transaction.
 
+        :param in_revision: PostgreSQL, a transactional revision's final status: the update
+            also requires the revision's mark (``IN_REVISION``); when it matches nothing,
+            this is awaited first, to raise why the mark is gone.
         :raises FenceLost: the attempt is no longer this run's.
         """
         if status not in TRANSITIONS[Status.PENDING]:  # pragma: no cover - programming error
@@ -150,7 +166,14 @@ class Recorder:
             )
         if reason is not None:
             values["reason"] = reason
-        await self._update(self.conn, attempt_id, values)
+        if in_revision is None:
+            await self._update(self.conn, attempt_id, values)
+            return
+        try:
+            await self._update(self.conn, attempt_id, values, self._update_in_revision)
+        except FenceLost:
+            await in_revision()  # the mark is gone: say so, as a check before would have
+            raise
 
     async def save_checkpoint(
         self, attempt_id: int, session: AsyncSession, checkpoint: Mapping[str, Any]
@@ -168,11 +191,13 @@ class Recorder:
         executor: AsyncConnection | AsyncSession,
         attempt_id: int,
         values: Mapping[str, Any],
+        statement: sa.Update | None = None,
     ) -> Request | None:
         """Update this run's pending attempt; exactly one row must match (the fence).
         Return the request left on it, if any."""
         params = {**values, "attempt_id": attempt_id, "fence": self.run.run_id}
-        result = await executor.execute(self.tracker.update_attempt, params)
+        update = self.tracker.update_attempt if statement is None else statement
+        result = await executor.execute(update, params)
         rows = result.all()
         if len(rows) != 1:
             raise FenceLost(f"attempt {attempt_id}: {FENCE_LOST}")

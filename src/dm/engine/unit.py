@@ -39,6 +39,7 @@ from dm.core.graph import Hook
 from dm.core.graph import Revision
 from dm.core.planning import Step
 from dm.engine.hooks import call_hook
+from dm.engine.recording import IN_REVISION
 from dm.engine.recording import Recorder
 from dm.engine.recording import Request
 from dm.engine.stops import StopAtBoundary
@@ -53,8 +54,8 @@ log = logging.getLogger("dm.runner")
 # exist only as long as dm's transaction does (see TransactionEnded). On PostgreSQL a
 # transaction-local setting, which (unlike a query or a savepoint) still lets the revision
 # begin with SET TRANSACTION ISOLATION LEVEL; on SQLite a savepoint.
-_PG_MARK = "SET LOCAL dm.in_revision = 'on'"
-_PG_MARKED = sa.text("SELECT current_setting('dm.in_revision', true)")
+_PG_MARK = (IN_REVISION, "on")
+_PG_MARKED = sa.text(f"SELECT current_setting('{IN_REVISION}', true)")
 _SQLITE_MARK = "SAVEPOINT dm_revision"
 _SQLITE_RELEASE = sa.text("RELEASE SAVEPOINT dm_revision")
 
@@ -144,6 +145,10 @@ class UnitOfWork:
         self._session: AsyncSession | None = None
         self._connect = connect
         self._crew: Crew | None = None
+        self.mark_unchecked = False
+        """PostgreSQL: the revision's mark is still to be checked; the final status's
+        update requires it (``IN_REVISION``), and :meth:`check_transaction_intact` tells
+        why when that update matches nothing."""
 
     # -- what dm.batched and the autocommit blocks call (dm.backfill.batching.RunUnit) -------------
 
@@ -217,7 +222,7 @@ class UnitOfWork:
                         await _interruptible(self._hooks(session), interrupt)
             await self._settle(session)
             if self.transactional:
-                await self._check_transaction_intact()
+                await self._check_transaction_intact(raw_commits)
         except TimeoutError as exc:
             if self._limit is not None and deadline.expired():
                 raise RevisionTimedOut(self._limit) from exc
@@ -272,29 +277,48 @@ class UnitOfWork:
         """Begin a transactional revision's transaction: its time and lock limits (``SET
         LOCAL``, PostgreSQL) and the mark checked after its hooks; the fence applies them
         again after a commit of the revision's code."""
-        setup = []
-        if self._postgres and not self._joined:
+        if self._postgres:
             # Inside the caller's transaction a SET LOCAL would outlive the revision.
-            setup += self._local_timeouts()
-        setup.append(_PG_MARK if self._postgres else _SQLITE_MARK)
-        for statement in setup:
-            await self.conn.exec_driver_sql(statement)
+            limits = [] if self._joined else self._local_timeouts()
+            # One round trip: set_config(..., true) is SET LOCAL. The limits are bound, so
+            # that the statement is the same (prepared once) whatever time is left.
+            calls = [f"set_config('{name}', :{name}, true)" for name, _ in limits]
+            calls.append(f"set_config('{_PG_MARK[0]}', '{_PG_MARK[1]}', true)")
+            await self.conn.execute(sa.text(f"SELECT {', '.join(calls)}"), dict(limits))
+            inline = ", ".join(f"set_config('{n}', '{v}', true)" for n, v in [*limits, _PG_MARK])
+            setup = f"SELECT {inline}"
+        else:
+            setup = _SQLITE_MARK
+            await self.conn.exec_driver_sql(setup)
         if self.recorder.fence is not None:
-            self.recorder.fence.transaction_setup = tuple(setup)
+            self.recorder.fence.transaction_setup = (setup,)
 
-    def _local_timeouts(self) -> list[str]:
-        """Return the ``SET LOCAL`` statements of this try: they end with its transaction."""
-        statements = []
+    def _local_timeouts(self) -> list[tuple[str, str]]:
+        """Return the transaction-local time limits of this try: they end with its
+        transaction."""
+        settings = []
         if self._budget is not None:
             ms = max(int(self._budget * 1000), 1)
-            statements.append(f"SET LOCAL statement_timeout = {ms}")
+            settings.append(("statement_timeout", str(ms)))
         if self._lock_timeout is not None:  # a retry after a lock wait timed out
             ms = max(int(self._lock_timeout * 1000), 1)
-            statements.append(f"SET LOCAL lock_timeout = {ms}")
-        return statements
+            settings.append(("lock_timeout", str(ms)))
+        return settings
 
-    async def _check_transaction_intact(self) -> None:
-        """Raise if the revision's code ended dm's transaction behind the fence's back."""
+    async def _check_transaction_intact(self, raw_commits: int) -> None:
+        """Raise if the revision's code ended dm's transaction behind the fence's back.
+
+        On PostgreSQL, unless revision code committed (the next statement applies the mark
+        again), the check is left to the update of the final status, which requires the
+        mark (``mark_unchecked``): one round trip less per revision.
+        """
+        if self._postgres and self._raw_commits() == raw_commits:
+            self.mark_unchecked = True
+            return
+        await self.check_transaction_intact()
+
+    async def check_transaction_intact(self) -> None:
+        """Raise :class:`TransactionEnded` if the revision's mark is gone."""
         if self._postgres:
             intact = (await self.conn.execute(_PG_MARKED)).scalar() == "on"
         else:
