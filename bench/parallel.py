@@ -25,17 +25,24 @@ measured in the same run:
    Target: 4 workers >= 3x 1 worker.
 4. **memory** (``--memory-rows``, default 100,000 and 1,000,000): the peak RSS of the run
    (``workers=2``: two workers in one process) and of one ``dm work`` beside it, over the
-   update of (1). Target: each within 10% from the smallest to the largest table.
+   update of (1) in batches of ``--memory-size`` (default 1,000, so that the loop lasts long
+   enough for ``dm work`` to join; the table says whether it did). Target: each within 10%
+   from the smallest to the largest table.
 
 Each configuration runs once untimed on a small table first (imports, caches), then
 ``--reps`` times (default 3), the configurations of a scenario alternating in an order
 rotated each repetition. The tables show medians, min-max, rows/s, the ratio to the
-scenario's baseline, the CPU seconds of all its processes and their peak RSS. After every
+scenario's baseline, the revision's own seconds in the tracker (without start-up), the CPU
+seconds of all its processes, the seconds they waited for a CPU while runnable (their run
+queue: other work on the machine) and their peak RSS. After every
 run the table is checked (every row backfilled, rightly); otherwise FAIL and exit 1.
 
-``--trace`` runs ``workers=1`` and ``workers=2`` of (1) once more on a small table through
-the proxy without delay, which decodes the PostgreSQL protocol, and prints the statements
-and round trips per batch: where a batch's time goes besides the update.
+``--scenarios trace`` (not run by default) looks for where the time goes: it runs
+``workers=1`` and ``workers=2`` of (1) over ``--trace-rows`` and (2) (the run alone, then
+with one ``dm work``) over a fifth of them, once each, through the proxy without delay,
+which decodes the PostgreSQL protocol: the statements executed per batch and the round
+trips, beside what the server's backends were doing (``pg_stat_activity`` sampled every
+20 ms: on the CPU, waiting for a lock or I/O, or idle, the client's turn).
 
 Usage (PostgreSQL at 127.0.0.1:5432 as postgres; the database ``dm_bench_parallel`` is
 dropped and created by the script)::
@@ -70,10 +77,12 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import sqlalchemy as sa
+from batched import TRACKER_TABLE
 from batched import Target
 from batched import build_table
 from batched import check_table
@@ -257,26 +266,48 @@ async def check_docs(target: Target, rows: int) -> str | None:
 
 @dataclass(frozen=True)
 class Usage:
-    """What one process used: peak RSS (KiB) and CPU seconds."""
+    """What one process used: peak RSS (KiB), CPU seconds, seconds it waited for a CPU
+    while runnable (the run queue: other work on the machine), and its last line."""
 
     max_rss: int
     cpu: float
+    waited: float
+    said: str
 
 
 def child_main(command: Sequence[str]) -> int:
-    """Run ``command``, then print its peak RSS and CPU seconds as JSON on stdout."""
-    proc = subprocess.run(list(command), check=False, stdout=subprocess.DEVNULL)
+    """Run ``command``; print its peak RSS, CPU seconds, run-queue wait and last output
+    line as JSON on stdout."""
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(list(command), stdout=out)
+        waited = 0.0
+        while proc.poll() is None:
+            waited = _run_queue_seconds(proc.pid, waited)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.05)
+        out.seek(0)
+        lines = out.read().strip().splitlines()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(
-        json.dumps(
-            {
-                "rc": proc.returncode,
-                "max_rss": usage.ru_maxrss,
-                "cpu": usage.ru_utime + usage.ru_stime,
-            }
-        )
-    )
+    report = {
+        "rc": proc.returncode,
+        "max_rss": usage.ru_maxrss,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "waited": waited,
+        "said": lines[-1] if lines else "",
+    }
+    print(json.dumps(report))
     return 0
+
+
+def _run_queue_seconds(pid: int, last: float) -> float:
+    """Seconds the threads of ``pid`` waited on a run queue so far (``last`` once gone)."""
+    total = 0.0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return last
+    return max(total, last)
 
 
 async def start(args: Sequence[str], project: Project, url: str) -> asyncio.subprocess.Process:
@@ -305,7 +336,9 @@ async def finish(proc: asyncio.subprocess.Process, what: str) -> Usage:
         raise BenchError(f"{what}: no report ({stderr.decode()[-2000:]})") from None
     if report["rc"] != 0:
         raise BenchError(f"{what} exited {report['rc']}: {stderr.decode()[-2000:]}")
-    return Usage(int(report["max_rss"]), float(report["cpu"]))
+    return Usage(
+        int(report["max_rss"]), float(report["cpu"]), float(report["waited"]), report["said"]
+    )
 
 
 @dataclass(frozen=True)
@@ -314,10 +347,16 @@ class Sample:
 
     seconds: float
     usages: tuple[Usage, ...]
+    revision: float = 0.0
+    """The revision's own seconds as the tracker recorded them (no start-up)."""
 
     @property
     def cpu(self) -> float:
         return sum(u.cpu for u in self.usages)
+
+    @property
+    def waited(self) -> float:
+        return sum(u.waited for u in self.usages)
 
 
 async def run_dm(project: Project, url: str, joiners: int = 0) -> Sample:
@@ -342,55 +381,86 @@ async def run_dm(project: Project, url: str, joiners: int = 0) -> Sample:
 
 @dataclass
 class Traffic:
-    """What went through the proxy, client to server: statements executed, round trips."""
+    """What went through the proxy: statements executed, round trips, and the seconds from
+    each request to the server's ReadyForQuery, by statement (the server's time)."""
 
     executed: collections.Counter[str] = field(default_factory=collections.Counter)
+    seconds: collections.Counter[str] = field(default_factory=collections.Counter)
     round_trips: int = 0
     connections: int = 0
 
 
 class _Decoder:
-    """Decode the frontend messages of one connection (the PostgreSQL protocol, v3)."""
+    """Decode one connection's messages (the PostgreSQL protocol, v3): the client's
+    requests, and the server's ReadyForQuery that ends each."""
 
     def __init__(self, traffic: Traffic) -> None:
         self.traffic = traffic
-        self.buffer = b""
+        self.client = b""
+        self.server = b""
         self.started = False
+        self.ssl_reply = False
         self.statements: dict[bytes, str] = {}
+        self.bound: str | None = None
+        self.pending: collections.deque[tuple[str, float]] = collections.deque()
 
-    def feed(self, data: bytes) -> None:
-        self.buffer += data
+    def from_client(self, data: bytes) -> None:
+        self.client += data
         while True:
             if not self.started:  # SSLRequest/GSSENCRequest, then the startup message
-                if len(self.buffer) < 8:
+                if len(self.client) < 8:
                     return
-                length, code = struct.unpack("!ii", self.buffer[:8])
-                if len(self.buffer) < length:
+                length, code = struct.unpack("!ii", self.client[:8])
+                if len(self.client) < length:
                     return
-                self.buffer = self.buffer[length:]
-                self.started = code not in (80877103, 80877104)
+                self.client = self.client[length:]
+                self.ssl_reply = code in (80877103, 80877104)
+                self.started = not self.ssl_reply
                 continue
-            if len(self.buffer) < 5:
+            message = _message(self.client)
+            if message is None:
                 return
-            kind = self.buffer[:1]
-            (length,) = struct.unpack("!i", self.buffer[1:5])
-            if len(self.buffer) < 1 + length:
-                return
-            body, self.buffer = self.buffer[5 : 1 + length], self.buffer[1 + length :]
-            self._message(kind, body)
+            kind, body, self.client = message
+            self._request(kind, body)
 
-    def _message(self, kind: bytes, body: bytes) -> None:
+    def from_server(self, data: bytes) -> None:
+        self.server += data
+        if self.ssl_reply and self.server:  # one byte: N (no SSL here)
+            self.server, self.ssl_reply = self.server[1:], False
+        while (message := _message(self.server)) is not None:
+            kind, _, self.server = message
+            if kind == b"Z" and self.pending:  # ReadyForQuery: a request done
+                statement, sent = self.pending.popleft()
+                self.traffic.seconds[statement] += time.monotonic() - sent
+
+    def _request(self, kind: bytes, body: bytes) -> None:
         if kind == b"P":  # Parse: name, query
             name, rest = body.split(b"\0", 1)
             self.statements[name] = rest.split(b"\0", 1)[0].decode(errors="replace")
+            self.bound = "(prepare) " + _shape(self.statements[name])
         elif kind == b"B":  # Bind: portal, statement
-            statement = body.split(b"\0", 2)[1]
-            self.traffic.executed[_shape(self.statements.get(statement, "?"))] += 1
+            statement = _shape(self.statements.get(body.split(b"\0", 2)[1], "?"))
+            self.traffic.executed[statement] += 1
+            self.bound = statement
         elif kind == b"Q":  # a simple query (BEGIN, COMMIT)
-            self.traffic.executed[_shape(body.split(b"\0", 1)[0].decode(errors="replace"))] += 1
+            statement = _shape(body.split(b"\0", 1)[0].decode(errors="replace"))
+            self.traffic.executed[statement] += 1
             self.traffic.round_trips += 1
+            self.pending.append((statement, time.monotonic()))
         elif kind == b"S":  # Sync: the client waits for ReadyForQuery
             self.traffic.round_trips += 1
+            self.pending.append((self.bound or "?", time.monotonic()))
+            self.bound = None
+
+
+def _message(buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """Split one typed message off ``buffer``: its type, its body and the rest."""
+    if len(buffer) < 5:
+        return None
+    (length,) = struct.unpack("!i", buffer[1:5])
+    if len(buffer) < 1 + length:
+        return None
+    return buffer[:1], buffer[5 : 1 + length], buffer[1 + length :]
 
 
 def _shape(sql: str) -> str:
@@ -437,8 +507,8 @@ class DelayProxy:
         server_r, server_w = await asyncio.open_connection(*self.upstream)
         decoder = _Decoder(self.traffic) if self.decode else None
         pumps = [
-            asyncio.create_task(self._pump(client_r, server_w, decoder)),
-            asyncio.create_task(self._pump(server_r, client_w, None)),
+            asyncio.create_task(self._pump(client_r, server_w, decoder and decoder.from_client)),
+            asyncio.create_task(self._pump(server_r, client_w, decoder and decoder.from_server)),
         ]
         self._tasks.update(pumps)
         try:
@@ -451,7 +521,10 @@ class DelayProxy:
                 writer.close()
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: _Decoder | None
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decode: Callable[[bytes], None] | None,
     ) -> None:
         """Copy ``reader`` to ``writer``, each chunk ``delay`` seconds after it arrived."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -471,8 +544,8 @@ class DelayProxy:
         try:
             while True:
                 data = await reader.read(65536)
-                if decoder is not None and data:
-                    decoder.feed(data)
+                if decode is not None and data:
+                    decode(data)
                 await queue.put((time.monotonic() + self.delay, data))
                 if not data:
                     break
@@ -519,11 +592,27 @@ async def one_update(target: Target) -> Sample:
     return Sample(time.perf_counter() - started, ())
 
 
+async def revision_seconds(target: Target) -> float | None:
+    """The last successful revision's duration in the tracker, if there is one."""
+    conn = await target.connect()
+    try:
+        if not await conn.fetchval("SELECT to_regclass($1)", TRACKER_TABLE):
+            return None
+        duration_ms = await conn.fetchval(
+            f"SELECT duration_ms FROM {TRACKER_TABLE} WHERE status = 'success' "
+            "ORDER BY id DESC LIMIT 1"
+        )
+    finally:
+        await conn.close()
+    return None if duration_ms is None else int(duration_ms) / 1000
+
+
 async def measure(target: Target, scenario: Scenario, config: Config, rows: int) -> Sample:
     """A fresh database and table, one run of ``config``, the table checked."""
     await target.recreate()
     await scenario.build(rows)
     sample = await config.run()
+    sample = replace(sample, revision=await revision_seconds(target) or sample.seconds)
     problem = await scenario.check(rows)
     if problem:
         raise BenchError(f"{scenario.title}, {config.label}: {problem}")
@@ -541,9 +630,11 @@ async def run_scenario(target: Target, scenario: Scenario, reps: int, warm_rows:
         for config in order:
             sample = await measure(target, scenario, config, scenario.rows)
             scenario.samples[config.label].append(sample)
+            joined = [("no key range left" in u.said) for u in sample.usages[1:]]
             print(
                 f"  {scenario.title}: repetition {rep + 1}/{reps}: {config.label}: "
-                f"{sample.seconds:.2f} s",
+                f"{sample.seconds:.2f} s (revision {sample.revision:.2f} s"
+                f"{'' if all(joined) else '; a dm work process did not join'})",
                 file=sys.stderr,
                 flush=True,
             )
@@ -554,15 +645,29 @@ def median_rate(scenario: Scenario, label: str) -> float:
 
 
 def report(scenario: Scenario, reps: int) -> None:
-    """Print a scenario's table: medians and min-max, rows/s, the ratio to the baseline."""
+    """Print a scenario's table: medians and min-max, rows/s, the ratio to the baseline;
+    the revision's own seconds (no start-up), CPU and run-queue seconds of its processes."""
     base = median_rate(scenario, scenario.configs[0].label)
     print(f"\n== {scenario.title}: {scenario.rows:,} rows (median of {reps}) ==")
-    table = [("configuration", "seconds", "min-max", "rows/s", "ratio", "CPU s", "peak RSS MiB")]
+    table = [
+        (
+            "configuration",
+            "seconds",
+            "min-max",
+            "rows/s",
+            "ratio",
+            "revision s",
+            "CPU s",
+            "CPU wait s",
+            "peak RSS MiB",
+        )
+    ]
     for config in scenario.configs:
         samples = scenario.samples[config.label]
         seconds = [s.seconds for s in samples]
         rate = median_rate(scenario, config.label)
-        rss = [max((u.max_rss for u in s.usages), default=0) for s in samples]
+        rss = max(max((u.max_rss for u in s.usages), default=0) for s in samples)
+        processes = bool(samples[0].usages)
         table.append(
             (
                 config.label,
@@ -570,8 +675,10 @@ def report(scenario: Scenario, reps: int) -> None:
                 f"{min(seconds):.2f}-{max(seconds):.2f}",
                 f"{rate:,.0f}",
                 f"{rate / base:.2f}x",
-                f"{statistics.median(s.cpu for s in samples):.1f}" if samples[0].usages else "",
-                f"{max(rss) / 1024:.0f}" if max(rss) else "",
+                f"{statistics.median(s.revision for s in samples):.2f}",
+                f"{statistics.median(s.cpu for s in samples):.1f}" if processes else "",
+                f"{statistics.median(s.waited for s in samples):.1f}" if processes else "",
+                f"{rss / 1024:.0f}" if rss else "",
             )
         )
     print_table(table)
@@ -584,14 +691,23 @@ def verdict(passed: bool, text: str) -> bool:
 
 
 def target_ratio(scenario: Scenario, label: str, base: str, floor: float) -> bool:
-    """Check ``label`` >= ``floor`` x ``base`` (median rows/s), with the min-max ratios."""
-    ratio = median_rate(scenario, label) / median_rate(scenario, base)
-    fastest = min(s.seconds for s in scenario.samples[base]) / min(
+    """Check ``label`` >= ``floor`` x ``base`` (median wall seconds of the processes); the
+    line also gives the ratio of the best runs and of the revisions' own seconds."""
+
+    def median(which: str, revision: bool = False) -> float:
+        return statistics.median(
+            s.revision if revision else s.seconds for s in scenario.samples[which]
+        )
+
+    ratio = median(base) / median(label)
+    best = min(s.seconds for s in scenario.samples[base]) / min(
         s.seconds for s in scenario.samples[label]
     )
+    own = median(base, revision=True) / median(label, revision=True)
     return verdict(
         ratio >= floor,
-        f"{scenario.title}: {label} >= {floor}x {base}: {ratio:.2f}x (best runs: {fastest:.2f}x)",
+        f"{scenario.title}: {label} >= {floor}x {base}: {ratio:.2f}x "
+        f"(best runs {best:.2f}x; revision time alone {own:.2f}x)",
     )
 
 
@@ -610,7 +726,7 @@ async def measure_memory(target: Target, project: Project, sizes: list[int]) -> 
             raise BenchError(f"memory over {rows:,} rows: {problem}")
         measured.append((rows, sample))
     print("\n== Memory: peak RSS per process, update of (1), workers=2 plus one dm work ==")
-    table = [("rows", "seconds", "run (2 workers) MiB", "dm work (1 worker) MiB")]
+    table = [("rows", "seconds", "run (2 workers) MiB", "dm work (1 worker) MiB", "dm work")]
     for rows, sample in measured:
         run, work = sample.usages
         table.append(
@@ -619,47 +735,114 @@ async def measure_memory(target: Target, project: Project, sizes: list[int]) -> 
                 f"{sample.seconds:.2f}",
                 f"{run.max_rss / 1024:.1f}",
                 f"{work.max_rss / 1024:.1f}",
+                "joined" if "no key range left" in work.said else "did not join",
             )
         )
     print_table(table)
     (small_rows, small), (large_rows, large) = measured[0], measured[-1]
     return all(
-        verdict(
-            abs(b.max_rss - a.max_rss) <= 0.1 * a.max_rss,
-            f"memory: peak RSS of {who} over {large_rows:,} rows within 10% of "
-            f"{small_rows:,} rows: {b.max_rss / a.max_rss:.3f}x",
-        )
-        for who, a, b in zip(("the run", "dm work"), small.usages, large.usages, strict=True)
+        [
+            verdict(
+                abs(b.max_rss - a.max_rss) <= 0.1 * a.max_rss,
+                f"memory: peak RSS of {who} over {large_rows:,} rows within 10% of "
+                f"{small_rows:,} rows: {b.max_rss / a.max_rss:.3f}x",
+            )
+            for who, a, b in zip(("the run", "dm work"), small.usages, large.usages, strict=True)
+        ]
     )
 
 
 # -- tracing -----------------------------------------------------------------------------------
 
 
-async def trace(target: Target, root: Path, rows: int, size: int) -> None:
-    """Run (1) with 1 and 2 workers once through a decoding proxy; print the statements."""
+async def sample_backends(target: Target, stop: asyncio.Event) -> collections.Counter[str]:
+    """Sample what the benchmark database's backends do every 20 ms until ``stop``: on the
+    CPU, waiting (for what), or idle (the client's turn); by statement."""
+    seen: collections.Counter[str] = collections.Counter()
+    conn = await target.connect("postgres")
+    try:
+        while not stop.is_set():
+            for state, wait, query in await conn.fetch(
+                "SELECT state, wait_event_type || ':' || wait_event, query FROM pg_stat_activity"
+                " WHERE datname = $1 AND backend_type = 'client backend'",
+                target.database,
+            ):
+                doing = (wait or "on CPU") if state == "active" else state
+                seen[f"{doing:<28} {_shape(query or '')[:60]}"] += 1
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+    return seen
+
+
+async def trace_run(
+    target: Target,
+    title: str,
+    project: Project,
+    rows: int,
+    tables: tuple[Callable[[int], Awaitable[None]], Callable[[int], Awaitable[str | None]]],
+    write: str,
+    joiners: int = 0,
+) -> None:
+    """Run ``project`` once through a decoding proxy; print its statements per batch (a
+    batch: one ``write`` statement) and what the server's backends were doing."""
     upstream = sa.make_url(target.url)
     address = (upstream.host or "127.0.0.1", upstream.port or 5432)
-    batches = -(-rows // size)
-    for workers in (1, 2):
-        project = users_project(root, workers, size)
-        await target.recreate()
-        await build_table(target, rows)
-        async with DelayProxy(address, 0.0, decode=True) as proxy:
-            sample = await run_dm(project, proxy.url(target))
-        problem = await check_table(target, rows)
-        if problem:
-            raise BenchError(f"trace, workers={workers}: {problem}")
-        traffic = proxy.traffic
-        print(
-            f"\n== Trace: update of (1), {rows:,} rows, {batches} batches of {size:,}, "
-            f"workers={workers}: {sample.seconds:.2f} s, {traffic.connections} connections, "
-            f"{traffic.round_trips} round trips ({traffic.round_trips / batches:.1f} per batch) =="
+    build, check = tables
+    await target.recreate()
+    await build(rows)
+    stop = asyncio.Event()
+    async with DelayProxy(address, 0.0, decode=True) as proxy:
+        sampler = asyncio.create_task(sample_backends(target, stop))
+        try:
+            sample = await run_dm(project, proxy.url(target), joiners)
+        finally:
+            stop.set()
+            seen = await sampler
+    problem = await check(rows)
+    if problem:
+        raise BenchError(f"trace, {title}: {problem}")
+    traffic = proxy.traffic
+    batches = max(sum(n for s, n in traffic.executed.items() if s.startswith(write)), 1)
+    print(
+        f"\n== Trace: {title}, {rows:,} rows: {sample.seconds:.2f} s, CPU "
+        f"{' + '.join(f'{u.cpu:.1f}' for u in sample.usages)} s, {batches} batches, "
+        f"{traffic.connections} connections, {traffic.round_trips} round trips "
+        f"({traffic.round_trips / batches:.1f} per batch) =="
+    )
+    table = [("statement (by server seconds)", "executed", "per batch", "seconds", "ms each")]
+    for statement, seconds in traffic.seconds.most_common(14):
+        count = traffic.executed[statement]
+        table.append(
+            (
+                statement,
+                str(count),
+                f"{count / batches:.2f}",
+                f"{seconds:.2f}",
+                f"{1000 * seconds / count:.2f}" if count else "",
+            )
         )
-        table = [("statement", "executed", "per batch")]
-        for statement, count in traffic.executed.most_common(25):
-            table.append((statement, str(count), f"{count / batches:.2f}"))
-        print_table(table)
+    print_table(table)
+    total = sum(seen.values()) or 1
+    table = [("server backends (20 ms samples): doing, statement", "share")]
+    for doing, count in seen.most_common(12):
+        table.append((doing, f"{100 * count / total:.0f}%"))
+    print_table(table)
+
+
+async def trace(target: Target, root: Path, args: argparse.Namespace) -> None:
+    """Trace (1) with 1 and 2 workers and (2) with one and two processes."""
+    users = (lambda n: build_table(target, n), lambda n: check_table(target, n))
+    docs = (lambda n: build_docs(target, n), lambda n: check_docs(target, n))
+    for workers in (1, 2):
+        project = users_project(root, workers, args.size)
+        title = f"(1) update, workers={workers}, batches of {args.size:,}"
+        await trace_run(target, title, project, args.trace_rows, users, "UPDATE users")
+    project = docs_project(root, 2, args.py_size, args.py_rounds)
+    rows = max(args.trace_rows // 5, 10)
+    for joiners in (0, 1):
+        title = f"(2) Python transform, workers=2, the run + {joiners} dm work"
+        await trace_run(target, title, project, rows, docs, "UPDATE docs", joiners)
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -725,9 +908,10 @@ async def bench(args: argparse.Namespace, target: Target, root: Path) -> tuple[b
         report(remote, args.reps)
         passed &= target_ratio(remote, "workers=4", "workers=1", 3.0)
     if "memory" in chosen:
-        passed &= await measure_memory(target, users_project(root, 2, args.size), args.memory_rows)
+        project = users_project(root, 2, args.memory_size)
+        passed &= await measure_memory(target, project, args.memory_rows)
     if "trace" in chosen:
-        await trace(target, root, args.trace_rows, args.size)
+        await trace(target, root, args)
     return passed, []
 
 
@@ -764,7 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[100_000, 1_000_000],
         help="(4): comma-separated table sizes (100000,1000000)",
     )
-    parser.add_argument("--trace-rows", type=int, default=100_000, help="trace: rows (100000)")
+    parser.add_argument("--memory-size", type=int, default=1_000, help="(4): batch rows (1000)")
+    parser.add_argument(
+        "--trace-rows", type=int, default=200_000, help="trace: rows of (1), a fifth for (2)"
+    )
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (3)")
     parser.add_argument(
         "--url", default=DEFAULT_URL, help=f"PostgreSQL server, without a database ({DEFAULT_URL})"
@@ -779,7 +966,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--scenarios takes names among {','.join(SCENARIOS)}")
     if min(args.rows, args.py_rows, args.remote_rows, *args.memory_rows) < 10:
         parser.error("table sizes must be at least 10 rows")
-    if min(args.size, args.py_size, args.remote_size, args.reps, args.py_rounds) < 1:
+    if (
+        min(args.size, args.py_size, args.remote_size, args.memory_size, args.reps, args.py_rounds)
+        < 1
+    ):
         parser.error("batch sizes, --py-rounds and --reps must be at least 1")
     target = Target(args.url, args.database)
     print(
