@@ -34,15 +34,17 @@ Each configuration runs once untimed on a small table first (imports, caches), t
 rotated each repetition. The tables show medians, min-max, rows/s, the ratio to the
 scenario's baseline, the revision's own seconds in the tracker (without start-up), the CPU
 seconds of all its processes, the seconds they waited for a CPU while runnable (their run
-queue: other work on the machine) and their peak RSS. After every
-run the table is checked (every row backfilled, rightly); otherwise FAIL and exit 1.
+queue: other work on the machine) and their peak RSS. After every run the table is
+checked (every row backfilled, rightly); otherwise FAIL and exit 1.
 
 ``--scenarios trace`` (not run by default) looks for where the time goes: it runs
-``workers=1`` and ``workers=2`` of (1) over ``--trace-rows`` and (2) (the run alone, then
-with one ``dm work``) over a fifth of them, once each, through the proxy without delay,
-which decodes the PostgreSQL protocol: the statements executed per batch and the round
-trips, beside what the server's backends were doing (``pg_stat_activity`` sampled every
-20 ms: on the CPU, waiting for a lock or I/O, or idle, the client's turn).
+``workers=1`` and ``workers=2`` of (1) and ``workers=1`` and ``workers=4`` of (3) over
+``--trace-rows``, and (2) (the run alone, then with one ``dm work``) over a fifth of them,
+once each, through the proxy (delaying for (3) only), which decodes the PostgreSQL
+protocol: the statements executed per batch, the round trips and the seconds from each
+request to the server's answer (by statement), beside what the server's backends were
+doing (``pg_stat_activity`` sampled every 20 ms: on the CPU, waiting for a lock or I/O,
+or idle, the client's turn).
 
 Usage (PostgreSQL at 127.0.0.1:5432 as postgres; the database ``dm_bench_parallel`` is
 dropped and created by the script)::
@@ -783,6 +785,7 @@ async def trace_run(
     tables: tuple[Callable[[int], Awaitable[None]], Callable[[int], Awaitable[str | None]]],
     write: str,
     joiners: int = 0,
+    delay: float = 0.0,
 ) -> None:
     """Run ``project`` once through a decoding proxy; print its statements per batch (a
     batch: one ``write`` statement) and what the server's backends were doing."""
@@ -792,7 +795,7 @@ async def trace_run(
     await target.recreate()
     await build(rows)
     stop = asyncio.Event()
-    async with DelayProxy(address, 0.0, decode=True) as proxy:
+    async with DelayProxy(address, delay, decode=True) as proxy:
         sampler = asyncio.create_task(sample_backends(target, stop))
         try:
             sample = await run_dm(project, proxy.url(target), joiners)
@@ -831,13 +834,22 @@ async def trace_run(
 
 
 async def trace(target: Target, root: Path, args: argparse.Namespace) -> None:
-    """Trace (1) with 1 and 2 workers and (2) with one and two processes."""
+    """Trace (1) with 1 and 2 workers, (3) with 1 and 4, and (2) with one and two
+    processes."""
     users = (lambda n: build_table(target, n), lambda n: check_table(target, n))
     docs = (lambda n: build_docs(target, n), lambda n: check_docs(target, n))
     for workers in (1, 2):
         project = users_project(root, workers, args.size)
         title = f"(1) update, workers={workers}, batches of {args.size:,}"
         await trace_run(target, title, project, args.trace_rows, users, "UPDATE users")
+    for workers in (1, 4):
+        project = users_project(root, workers, args.remote_size)
+        title = (
+            f"(3) update, workers={workers}, batches of {args.remote_size:,}, "
+            f"{2 * args.delay_ms:g} ms per round trip"
+        )
+        delay = args.delay_ms / 1000
+        await trace_run(target, title, project, args.trace_rows, users, "UPDATE users", 0, delay)
     project = docs_project(root, 2, args.py_size, args.py_rounds)
     rows = max(args.trace_rows // 5, 10)
     for joiners in (0, 1):
