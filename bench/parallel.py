@@ -387,7 +387,7 @@ class Traffic:
     each request to the server's ReadyForQuery, by statement (the server's time)."""
 
     executed: collections.Counter[str] = field(default_factory=collections.Counter)
-    seconds: collections.Counter[str] = field(default_factory=collections.Counter)
+    seconds: dict[str, float] = field(default_factory=lambda: collections.defaultdict(float))
     round_trips: int = 0
     connections: int = 0
 
@@ -509,8 +509,12 @@ class DelayProxy:
         server_r, server_w = await asyncio.open_connection(*self.upstream)
         decoder = _Decoder(self.traffic) if self.decode else None
         pumps = [
-            asyncio.create_task(self._pump(client_r, server_w, decoder and decoder.from_client)),
-            asyncio.create_task(self._pump(server_r, client_w, decoder and decoder.from_server)),
+            asyncio.create_task(
+                self._pump(client_r, server_w, decoder.from_client if decoder else None)
+            ),
+            asyncio.create_task(
+                self._pump(server_r, client_w, decoder.from_server if decoder else None)
+            ),
         ]
         self._tasks.update(pumps)
         try:
@@ -814,7 +818,8 @@ async def trace_run(
         f"({traffic.round_trips / batches:.1f} per batch) =="
     )
     table = [("statement (by server seconds)", "executed", "per batch", "seconds", "ms each")]
-    for statement, seconds in traffic.seconds.most_common(14):
+    slowest = sorted(traffic.seconds.items(), key=lambda item: item[1], reverse=True)
+    for statement, seconds in slowest[:14]:
         count = traffic.executed[statement]
         table.append(
             (
@@ -827,10 +832,10 @@ async def trace_run(
         )
     print_table(table)
     total = sum(seen.values()) or 1
-    table = [("server backends (20 ms samples): doing, statement", "share")]
-    for doing, count in seen.most_common(12):
-        table.append((doing, f"{100 * count / total:.0f}%"))
-    print_table(table)
+    print_table(
+        [("server backends (20 ms samples): doing, statement", "share")]
+        + [(doing, f"{100 * count / total:.0f}%") for doing, count in seen.most_common(12)]
+    )
 
 
 async def trace(target: Target, root: Path, args: argparse.Namespace) -> None:
