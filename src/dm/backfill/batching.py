@@ -271,6 +271,8 @@ DEFAULT_LEASE_SECONDS = 150.0
 """How long a worker holds a range of a parallel loop between two commits: above dm's
 default ``idle_in_transaction_session_timeout`` (60 s) plus a long batch, so that a frozen
 worker's session, and the row locks of its batch, are gone before its range is taken over."""
+STOP_WAIT_SECONDS = 10.0
+"""How long a stopped run waits for the other processes' workers to reach their boundary."""
 REPORT_SECONDS = 2.0
 """How often the run writes the rows of all workers of a parallel loop in its attempt."""
 JOIN_POLL_SECONDS = 0.5
@@ -509,6 +511,7 @@ class _RangedLoop:
         self._running: dict[str, Any] = {}
         """The attempt's checkpoint while the loop runs (the run only)."""
         self._reported = time.monotonic()
+        self._waited: float | None = None
 
     async def run(self, start: _Start) -> AsyncIterator[Batch]:
         """Yield this worker's batches; for the run, until the whole loop is done."""
@@ -525,12 +528,13 @@ class _RangedLoop:
             token, total = self.parallel.joins[0], None
         progress = None if run else self.parallel.progress
         own_progress = progress is None
-        if progress is None:
+        if progress is None and run:  # shared with the run's workers
             done = await self.store.rows_done(self.session, token)
             await self.session.commit()
             progress = Progress(self.label, total, done=done, batch_size=self.sizer.size)
-            if run:  # shared with the run's workers
-                self.parallel.progress = progress
+            self.parallel.progress = progress
+        elif progress is None:  # a dm work process: its own rows
+            progress = Progress(self.label, None, batch_size=self.sizer.size)
         completed = False
         try:
             if run and self.workers > 1:
@@ -538,11 +542,16 @@ class _RangedLoop:
             while True:
                 held = await self._next_range(token)
                 if held is None:
-                    if not self.parallel.stays or await self._all_finished(token):
+                    if not self.parallel.stays:
                         break
+                    left = await self._left(token)
+                    if left == 0:
+                        break
+                    self._waiting(left)
                     await self._report(token)
                     await asyncio.sleep(JOIN_POLL_SECONDS)
                     continue
+                self._waited = None
                 try:
                     async for batch in self._work(held, progress):
                         yield batch
@@ -558,9 +567,10 @@ class _RangedLoop:
             if own_progress:
                 progress.finish()
         except LoopStop:
-            if run:  # the run's other workers stop at their next boundary, ranges given up
+            if run:  # the other workers stop at their next boundary, ranges given up
                 with contextlib.suppress(LoopStop):
                     await self.parallel.join_workers()
+                await self._others_stopped(token)
                 await self._report(token, force=True)  # dm status shows where it stopped
             raise
         finally:
@@ -603,6 +613,8 @@ class _RangedLoop:
             loop=self.loop,
             attempt_id=self._attempt_id(),
             points=points,
+            low=low,
+            high=high,
             first_lower=start.last,
             rows_before=start.done,
         )
@@ -632,8 +644,7 @@ class _RangedLoop:
         """Claim a free range, else split the largest one another worker holds."""
         held = await self.store.claim(self.session, token)
         if held is None:
-            low, high = await _key_bounds(self.session, self.query, self.keyset)
-            held = await self.store.steal(self.session, token, low, high, self.sizer.size)
+            held = await self.store.steal(self.session, token, self.sizer.size)
         return held
 
     async def _report(self, token: str, *, force: bool = False) -> None:
@@ -647,13 +658,37 @@ class _RangedLoop:
         await self.context.save_checkpoint(self.session, {**self._running, "rows_done": rows})
         await self.session.commit()
 
-    async def _all_finished(self, token: str) -> bool:
-        """Once the run's own workers ended: whether every range is finished (the others'
-        workers may hold some still)."""
+    async def _left(self, token: str) -> int:
+        """Return how many ranges are not finished (other workers hold them), once the
+        run's own workers ended."""
         await self.parallel.join_workers()
         left = await self.store.unfinished(self.session, token)
         await self.session.commit()
-        return left == 0
+        return left
+
+    async def _others_stopped(self, token: str) -> None:
+        """At a stop: wait, up to ``STOP_WAIT_SECONDS``, for the ``dm work`` processes to
+        finish their batch and give their range up, so the stop records their rows too."""
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            held = await self.store.held(self.session, token)
+            await self.session.commit()
+            if held == 0:
+                return
+            await asyncio.sleep(0.1)
+
+    def _waiting(self, left: int) -> None:
+        """Say, at once and then every ``WAIT_LOG_INTERVAL``, what this worker waits for."""
+        now = time.monotonic()
+        if self._waited is not None and now - self._waited < WAIT_LOG_INTERVAL:
+            return
+        self._waited = now
+        log.info(
+            "%s: no range left to claim; waiting for %d range(s) other workers hold (one "
+            "whose worker died is taken over when its lease expires)",
+            self.label,
+            left,
+        )
 
     async def _finish(self, token: str, total: int | None) -> None:
         """Record the loop finished (with the rows of all workers) and drop its ranges."""

@@ -29,6 +29,7 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dm.backfill.keys import decode_key
@@ -55,6 +56,8 @@ def ranges_table(metadata: sa.MetaData, tracker: str) -> sa.Table:
         sa.Column("attempt_id", sa.BigInteger(), nullable=False),
         sa.Column("lower_key", sa.JSON()),
         sa.Column("upper_key", sa.JSON()),
+        sa.Column("low_key", sa.JSON()),
+        sa.Column("high_key", sa.JSON()),
         sa.Column("last_key", sa.JSON()),
         sa.Column("rows_done", sa.BigInteger(), nullable=False, default=0),
         sa.Column("finished", sa.Boolean(), nullable=False, default=False),
@@ -125,6 +128,52 @@ class Range:
 
 
 @dataclass(frozen=True)
+class _Span:
+    """Where a range stands on the key line, for choosing one to split."""
+
+    range: Range
+    begin: Any
+    end: Any
+    start: Any
+
+    @classmethod
+    def of(cls, held: Range, low: Any, high: Any) -> _Span:
+        begin = held.lower if held.lower is not None else _decoded(low)
+        end = held.upper if held.upper is not None else _decoded(high)
+        return cls(held, begin, end, begin if held.last is None else held.last)
+
+    @property
+    def passed(self) -> float:
+        """How far along the key line its worker has got (0 when not begun)."""
+        if self.begin is None or self.start is None or not self.begin < self.start:
+            return 0.0
+        return _number(self.start) - _number(self.begin)
+
+    @property
+    def middle(self) -> Any:
+        """The key halfway through what is left, if there is one strictly inside."""
+        if None in (self.start, self.end) or not self.start < self.end:
+            return None
+        middle = between(self.start, self.end, 0.5)
+        return middle if self.start < middle < self.end else None
+
+    def rows_left(self, loop_density: float | None) -> float | None:
+        """Estimate the rows left, from its own rows per key or else the loop's."""
+        if None in (self.start, self.end) or not self.start < self.end:
+            return None
+        passed = self.passed
+        density = self.range.rows_done / passed if self.range.rows_done and passed else None
+        density = density if density is not None else loop_density
+        if density is None:
+            return None
+        return density * (_number(self.end) - _number(self.start))
+
+
+def _decoded(stored: Any) -> Any:
+    return None if stored is None else decode_key(stored)
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What a range's checkpoint update found: whether it matched, the range's bounds now,
     and the request or status of the attempt (``dm pause``, ``dm cancel``, a stopped run)."""
@@ -183,13 +232,16 @@ class RangeStore:
         loop: int,
         attempt_id: int,
         points: list[Any],
+        low: Any,
+        high: Any,
         first_lower: Any = None,
         rows_before: int = 0,
     ) -> int:
         """Write the ranges cut at ``points`` (none: one range), the first starting after
         ``first_lower`` (a loop an earlier attempt ran as one worker, with ``rows_before``
         rows done); drop this revision's older ranges (a loop that starts over). Return how
-        many ranges there are."""
+        many ranges there are. ``low`` and ``high``, the loop's smallest and largest key
+        when it was planned, size the open ends of the first and last range."""
         r = self.ranges
         await session.execute(r.delete().where(r.c.revision == revision))
         bounds = [first_lower, *points, None]
@@ -201,14 +253,16 @@ class RangeStore:
                 "direction": direction,
                 "loop": loop,
                 "attempt_id": attempt_id,
-                "lower_key": None if low is None else encode_key(low, revision),
-                "upper_key": None if high is None else encode_key(high, revision),
+                "lower_key": None if lower is None else encode_key(lower, revision),
+                "upper_key": None if upper is None else encode_key(upper, revision),
+                "low_key": None if low is None else encode_key(low, revision),
+                "high_key": None if high is None else encode_key(high, revision),
                 "last_key": None,
                 "rows_done": rows_before if number == 0 else 0,
                 "finished": False,
                 "version": 0,
             }
-            for number, (low, high) in enumerate(zip(bounds, bounds[1:], strict=False))
+            for number, (lower, upper) in enumerate(zip(bounds, bounds[1:], strict=False))
         ]
         await session.execute(r.insert(), rows)
         return len(rows)
@@ -231,6 +285,17 @@ class RangeStore:
         """Return how many of the loop's ranges are not finished."""
         r = self.ranges
         query = sa.select(sa.func.count()).where(r.c.token == token, sa.not_(r.c.finished))
+        return int((await session.execute(query)).scalar_one())
+
+    async def held(self, session: AsyncSession, token: str) -> int:
+        """Return how many unfinished ranges a live worker holds (lease not expired)."""
+        r = self.ranges
+        query = sa.select(sa.func.count()).where(
+            r.c.token == token,
+            sa.not_(r.c.finished),
+            r.c.owner.is_not(None),
+            r.c.lease_until > sa.func.clock_timestamp(),
+        )
         return int((await session.execute(query)).scalar_one())
 
     async def rows_done(self, session: AsyncSession, token: str) -> int:
@@ -272,16 +337,15 @@ class RangeStore:
         self.hold(held)
         return held
 
-    async def steal(
-        self, session: AsyncSession, token: str, low: Any, high: Any, batch_rows: int
-    ) -> Range | None:
-        """Split the range another worker holds with the most rows left (estimated from the
-        rows it has done) at the middle of what it has left; claim the upper half. ``low``
-        and ``high`` are the loop's smallest and largest keys now (for unbounded ends).
+    async def steal(self, session: AsyncSession, token: str, batch_rows: int) -> Range | None:
+        """Split the range another worker holds with the most rows left at the middle of
+        what it has left; claim the upper half. Commits; None when nothing is worth it.
 
-        Only a range with at least ``SPLIT_BATCHES`` batches of ``batch_rows`` left is
-        split, so the cut falls well past the batch its worker is working on. Commits; None
-        when nothing is worth splitting.
+        The rows left are estimated from the rows the range's worker has done over the keys
+        it has passed (from those of the whole loop for a range not begun); the open ends
+        of the first and last range run to the loop's smallest and largest key when it was
+        planned. Only a range with at least ``SPLIT_BATCHES`` batches of ``batch_rows`` left
+        is split, so the cut falls well past the batch its worker is working on.
         """
         r = self.ranges
         # One split at a time per loop (the new range's number is the next free one); the
@@ -291,30 +355,30 @@ class RangeStore:
                 sa.func.pg_advisory_xact_lock(sa.func.hashtext(SPLIT_LOCK), sa.func.hashtext(token))
             )
         )
-        held = await session.execute(
-            sa.select(*self._range_columns())
-            .where(r.c.token == token, sa.not_(r.c.finished))
-            .with_for_update(skip_locked=True)
-        )
-        best: tuple[float, Range, Any] | None = None
-        for row in held.all():
-            candidate = _range(row)
-            begin = low if candidate.lower is None else candidate.lower
-            end = high if candidate.upper is None else candidate.upper
-            start = candidate.last
-            if candidate.rows_done <= 0 or None in (begin, start, end) or not begin < start < end:
-                continue  # nothing done yet to estimate its rows from
-            density = candidate.rows_done / (_number(start) - _number(begin))
-            left = density * (_number(end) - _number(start))
-            middle = between(start, end, 0.5)
-            if left < SPLIT_BATCHES * batch_rows or not start < middle < end:
+        rows = (
+            await session.execute(
+                sa.select(*self._range_columns(), r.c.low_key, r.c.high_key)
+                .where(r.c.token == token, sa.not_(r.c.finished))
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        spans = [_Span.of(_range(row[:7]), row[7], row[8]) for row in rows]
+        begun = [span for span in spans if span.range.rows_done > 0 and span.passed > 0]
+        passed = sum(span.passed for span in begun)
+        done = sum(span.range.rows_done for span in begun)
+        loop_density = done / passed if passed > 0 else None
+        best: tuple[float, _Span] | None = None
+        for span in spans:
+            left = span.rows_left(loop_density)
+            if left is None or left < SPLIT_BATCHES * batch_rows or span.middle is None:
                 continue
             if best is None or left > best[0]:
-                best = (left, candidate, middle)
+                best = (left, span)
         if best is None:
             await session.commit()
             return None
-        _, victim, middle = best
+        victim = best[1].range
+        middle = best[1].middle
         revision = await self._revision(session, token)
         cut = encode_key(middle, revision)
         await session.execute(
@@ -322,33 +386,24 @@ class RangeStore:
             .where(r.c.token == token, r.c.number == victim.number)
             .values(upper_key=cut, version=r.c.version + 1)
         )
-        number = (
-            int(
-                (
-                    await session.execute(
-                        sa.select(sa.func.max(r.c.number)).where(r.c.token == token)
-                    )
-                ).scalar_one()
-            )
-            + 1
-        )
-        template = (
-            await session.execute(
-                sa.select(r.c.revision, r.c.direction, r.c.loop, r.c.attempt_id).where(
-                    r.c.token == token, r.c.number == victim.number
-                )
-            )
-        ).one()
+        last = sa.select(sa.func.max(r.c.number)).where(r.c.token == token)
+        number = int((await session.execute(last)).scalar_one()) + 1
+        template = sa.select(
+            r.c.revision, r.c.direction, r.c.loop, r.c.attempt_id, r.c.low_key, r.c.high_key
+        ).where(r.c.token == token, r.c.number == victim.number)
+        copied = (await session.execute(template)).one()
         await session.execute(
             r.insert().values(
                 token=token,
                 number=number,
-                revision=template.revision,
-                direction=template.direction,
-                loop=template.loop,
-                attempt_id=template.attempt_id,
+                revision=copied.revision,
+                direction=copied.direction,
+                loop=copied.loop,
+                attempt_id=copied.attempt_id,
                 lower_key=cut,
                 upper_key=None if victim.upper is None else encode_key(victim.upper, revision),
+                low_key=copied.low_key,
+                high_key=copied.high_key,
                 last_key=None,
                 rows_done=0,
                 finished=False,
@@ -416,6 +471,17 @@ class RangeStore:
             None if request is None else (request, by, reason),
         )
 
+    async def renew(
+        self, executor: AsyncSession | AsyncConnection, token: str, number: int
+    ) -> None:
+        """Renew this worker's lease on range ``number`` (it waits between two batches)."""
+        r = self.ranges
+        await executor.execute(
+            r.update()
+            .where(r.c.token == token, r.c.number == number, r.c.owner == self.owner)
+            .values(lease_until=self._lease_until())
+        )
+
     async def release(self, session: AsyncSession, held: Range) -> None:
         """Give up ``held`` (this worker stops; its last checkpoint committed): another
         worker may claim it at once. Commits."""
@@ -479,7 +545,7 @@ class Joinable:
 
 
 async def joinable(
-    session: AsyncSession, ranges: sa.Table, attempts: sa.Table, revision: str
+    session: AsyncSession | AsyncConnection, ranges: sa.Table, attempts: sa.Table, revision: str
 ) -> Joinable | None:
     """Return the loop of ``revision`` with ranges left to do, if any."""
     r, a = ranges, attempts

@@ -26,17 +26,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from dm.backfill.batching import WorkerDone
 from dm.backfill.batching import run_context
 from dm.backfill.progress import Progress
+from dm.backfill.ranges import Joinable
 from dm.backfill.ranges import Outcome
 from dm.backfill.ranges import RangeStore
 from dm.backfill.ranges import joinable
+from dm.core.errors import DmError
 from dm.core.errors import FenceLost
+from dm.core.errors import RevisionFailed
 from dm.core.errors import UsageError
+from dm.core.errors import describe_error
 from dm.core.graph import Hook
 from dm.core.planning import Step
 from dm.engine.fence import CommitFence
@@ -49,6 +54,9 @@ from dm.engine.tracker import Tracker
 
 log = logging.getLogger("dm.workers")
 
+ADOPT_SECONDS = 10.0
+"""How long a ``dm work`` process waits, once its attempt is recorded failed, for a new
+run to resume it (a run restarted after its predecessor was killed) before it stops."""
 SHUTDOWN_SECONDS = 10.0
 """How long the run's workers may take to reach their batch boundary once the hook failed."""
 
@@ -71,9 +79,12 @@ class Lease:
         self.fence = fence
         self.tracker = tracker
         self.owner = owner
+        self.current: tuple[str, int] | None = None
+        """The range this worker holds (token, number), if any."""
 
     def holding(self, token: str | None, number: int | None) -> None:
         """Every commit from now on needs this worker to own range ``number`` of ``token``."""
+        self.current = None if token is None or number is None else (token, number)
         if self.fence is None:
             return
         if token is None or number is None:
@@ -90,6 +101,28 @@ class Lease:
         """A fenced statement matched in the current transaction: its commit is safe."""
         if self.fence is not None:
             self.fence.hold()
+
+    async def release(self, conn: AsyncConnection) -> None:
+        """Give up the range held (the worker ends: a failure, a signal): its batch in
+        flight rolls back, its last checkpoint stays, and another worker may claim it at
+        once instead of after the lease. Best effort: a dead connection leaves the lease
+        to expire."""
+        if self.current is None:
+            return
+        token, number = self.current
+        self.holding(None, None)
+        r = self.tracker.ranges
+        try:
+            if conn.in_transaction():
+                await conn.rollback()
+            await conn.execute(
+                r.update()
+                .where(r.c.token == token, r.c.number == number, r.c.owner == self.owner)
+                .values(owner=None, lease_until=None)
+            )
+            await conn.commit()
+        except Exception:  # noqa: S110 - the lease expires instead
+            pass
 
 
 class _Parallel:
@@ -115,10 +148,11 @@ class _Parallel:
         self.run_id = run_id
         self.joins = joins
         self.progress = progress
+        self._store: RangeStore | None = None
 
     def store(self, lease_seconds: float) -> RangeStore:
         fence = None if self.run_id is None else self.tracker.fence_held(self.run_id)
-        return RangeStore(
+        self._store = RangeStore(
             self.tracker.ranges,
             self.tracker.table,
             owner=self.owner,
@@ -126,6 +160,7 @@ class _Parallel:
             fence=fence,
             holding=self.lease.holding,
         )
+        return self._store
 
     def fenced(self) -> None:
         self.lease.held()
@@ -276,20 +311,43 @@ class _Member(_Parallel):
 
 
 class _Joiner(_Parallel):
-    """A ``dm work`` process: it stops when the attempt it works for is stopped."""
+    """A ``dm work`` process: it stops when the attempt it works for is stopped, or failed
+    and not taken over by a new run within ``ADOPT_SECONDS``. (A run that was killed leaves
+    its attempt pending: its workers go on, and the next run finishes the loop.)"""
 
-    stopped: StopAtBoundary | None = None
+    conn: AsyncConnection
+    revision: str
 
     async def after_range_checkpoint(self, outcome: Outcome) -> None:
         if outcome.request is not None:
             request = Request(*outcome.request)
             if request.action in {"pause", "cancel", "abandon"}:
-                self.stopped = StopAtBoundary(Status.STOPPED, request.describe())
-                raise self.stopped
+                raise StopAtBoundary(Status.STOPPED, request.describe())
         status = _STOPPING_STATUSES.get(outcome.status or "")
         if status is not None:
-            self.stopped = StopAtBoundary(status, f"the attempt was {status.value}")
-            raise self.stopped
+            raise StopAtBoundary(status, f"its attempt was {status.value}")
+        if outcome.status == Status.FAILED.value and not await self._taken_over():
+            raise StopAtBoundary(
+                Status.STOPPED,
+                "its attempt failed (the next dm upgrade or dm resume goes on with its ranges)",
+            )
+
+    async def _taken_over(self) -> bool:
+        """Wait up to ``ADOPT_SECONDS`` for a new run to resume the failed attempt (its
+        ranges then belong to a pending attempt); return whether one did."""
+        assert self.joins is not None
+        deadline = time.monotonic() + ADOPT_SECONDS
+        while True:
+            if self.lease.current is not None and self._store is not None:
+                await self._store.renew(self.conn, *self.lease.current)  # keeps its range
+            loop = await joinable(self.conn, self.tracker.ranges, self.tracker.table, self.revision)
+            if loop is None or loop.token != self.joins[0]:
+                return False
+            if loop.status == Status.PENDING.value:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(1.0)
 
 
 @dataclass
@@ -332,8 +390,8 @@ async def _run_hook(conn: AsyncConnection, step: Step, parallel: _Parallel) -> N
     except WorkerDone:
         pass
     finally:
-        parallel.lease.holding(None, None)
         await session.close()
+        await parallel.lease.release(conn)
         if conn.in_transaction():
             await conn.rollback()
 
@@ -394,32 +452,29 @@ async def join(
     deadline = time.monotonic() + wait
     session = AsyncSession(bind=conn, expire_on_commit=False)
     try:
-        while True:
+        while True:  # a loop that is running: not paused, stopped or failed (not yet resumed)
             loop = await joinable(session, tracker.ranges, tracker.table, revision)
-            if loop is not None or time.monotonic() >= deadline:
+            held_up = None if loop is None else _held_up(loop)
+            if (loop is not None and held_up is None) or time.monotonic() >= deadline:
                 break
-            if await _settled(session, tracker, revision):
+            if loop is None and await _settled(session, tracker, revision):
                 break  # its latest attempt ended: no loop of it is coming
             await asyncio.sleep(poll)
     finally:
         await session.close()
     if loop is None:
         return WorkResult(revision, joined=False)
-    if loop.request is not None:  # paused or cancelled: a worker must not go on with it
-        stopped = f"its attempt was {Request(*loop.request).describe()}; nothing done"
-        return WorkResult(revision, False, loop.direction, stopped=stopped)
-    if loop.status in _STOPPING_STATUSES:  # a failed one is resumed soon: its ranges stay
-        stopped = (
-            f"its attempt is {loop.status}; nothing done (the next dm {loop.direction} resumes it)"
-        )
-        return WorkResult(revision, False, loop.direction, stopped=stopped)
+    if held_up is not None:
+        return WorkResult(revision, False, loop.direction, stopped=f"{held_up}; nothing done")
     step = step_of(loop.direction)
     owner = f"work:{uuid.uuid4()}"
     assert conn.sync_connection is not None
     fence = CommitFence(conn.sync_connection, tracker, None)
     lease = Lease(fence, tracker, owner)
     joiner = _Joiner(tracker, owner, lease, run_id=None, joins=(loop.token, loop.loop))
-    log.info("%s %s: joining its loop %d", loop.direction, revision, loop.loop + 1)
+    joiner.conn, joiner.revision = conn, revision
+    which = f" (loop {loop.loop + 1})" if loop.loop else ""
+    log.info("%s %s: joining its parallel loop%s", loop.direction, revision, which)
     try:
         with fence.installed():
             await _run_hook(conn, step, joiner)
@@ -431,6 +486,10 @@ async def join(
             "expired) before the revision's code committed; that commit was refused and "
             "rolled back"
         ) from None
+    except (DmError, DBAPIError):
+        raise  # dm's own, and database failures (transient or not), told as such
+    except Exception as exc:  # the revision's code failed in this worker
+        raise RevisionFailed(revision, describe_error(exc)) from exc
     return WorkResult(revision, True, loop.direction)
 
 
@@ -445,3 +504,15 @@ async def _settled(session: AsyncSession, tracker: Tracker, revision: str) -> bo
     ).scalar()
     await session.commit()
     return status in (Status.SUCCESS.value, Status.ROLLED_BACK.value)
+
+
+def _held_up(loop: Joinable) -> str | None:
+    """Why a worker must not join ``loop`` now (None: it may), while it waits."""
+    if loop.request is not None:  # paused or cancelled, not resumed yet
+        return f"its attempt was {Request(*loop.request).describe()}"
+    if loop.status in _STOPPING_STATUSES or loop.status == Status.FAILED.value:
+        return (
+            f"its attempt is {loop.status} (the next dm {loop.direction} or dm resume goes on "
+            "with its ranges)"
+        )
+    return None
