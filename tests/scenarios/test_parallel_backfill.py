@@ -412,13 +412,21 @@ def test_sigterm_ends_the_run_and_its_workers_and_records_it(project: Project) -
     make_items(project, 20_000)
     write_backfill(project, workers=3, size=100, pause=0.01)
     run = spawn_dm(project, "upgrade", "heads")
-    wait_for(lambda: run.poll() is not None or committed_rows(project) >= 500, timeout=60)
-    (project.root / "hold").touch()  # every worker waits in a batch when the signal comes
+    wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
+    workers = [spawn_dm(project, "work", REV, "--wait", "30") for _ in range(2)]
+    wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 300, timeout=60)
+    (project.root / "hold").touch()  # every worker waits in a batch when the signals come
+    workers[0].send_signal(signal.SIGTERM)
     run.send_signal(signal.SIGTERM)
     code, stderr = finish(run)
-    (project.root / "hold").unlink()
     assert code == 143, stderr
     assert "interrupted by SIGTERM" in stderr
+    assert finish(workers[0])[0] == 143
+    (project.root / "hold").unlink()
+    # The other worker stops too: the attempt failed, and no new run resumes it.
+    code, stderr = finish(workers[1])
+    assert code == 5 and "its attempt failed" in stderr, stderr
+    assert not owned_by_work(project)  # each dm work gave its range up as it ended
     idle = project.db.query(
         "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name LIKE 'dm:%'"
@@ -471,3 +479,22 @@ def test_an_autocommit_block_before_a_parallel_loop_fails_with_one_clear_line(
         "again): move it into a revision of its own before this one, or after the loop"
     )
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_a_revision_failing_in_dm_work_is_told_as_the_revision_s_failure(project: Project) -> None:
+    make_items(project, 4_000)
+    body = BODY.format(size=100, workers=2, lease=5, pause=0.02) + (
+        "    if os.environ.get('BOOM'):\n        raise ValueError('bad row in a worker')\n"
+    )
+    project.write(REV, None, body, extra=EXTRA)
+    run = spawn_dm(project, "upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # still running
+    wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
+    failed = run_dm(project, "work", REV, "--wait", "30", env={"BOOM": "1"})
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.splitlines()[-1] == (
+        f"dm: error: revision {REV} failed: ValueError: bad row in a worker"
+    )
+    code, stderr = finish(run)
+    assert code == 0, stderr  # the run takes the failed worker's range over at once
+    assert counters(project) == {1: 4_000}
