@@ -85,6 +85,10 @@ class RunUnit(Protocol):
         """Return a block that leaves the revision's transaction and resumes it after."""
 
     @property
+    def attempt_id(self) -> int | None:
+        """The attempt's row in the tracker (None for a worker of another process)."""
+
+    @property
     def parallel(self) -> Parallel | None:
         """What a loop with ``workers`` needs (PostgreSQL, ``transactional = False``), or
         None where loops run as one worker."""
@@ -346,7 +350,7 @@ async def batched(
     context.loops += 1
     parallel = context.parallel
     if parallel is not None and parallel.joins is not None:  # a worker joining a loop
-        token, joined = parallel.joins
+        _, joined = parallel.joins
         if loop < joined:
             return  # finished by the run before the worker joined
         if loop > joined or (workers < 2 and not _ranged_resume(context.resume, loop)):
@@ -633,8 +637,8 @@ class _RangedLoop:
         return token, total
 
     def _attempt_id(self) -> int:
-        attempt_id = getattr(self.context, "attempt_id", None)
-        assert isinstance(attempt_id, int)
+        attempt_id = self.context.attempt_id
+        assert attempt_id is not None  # the run's own hook
         return attempt_id
 
     def _after(self, last: Any) -> sa.Select[Any]:

@@ -277,21 +277,21 @@ class UnitOfWork:
         """Begin a transactional revision's transaction: its time and lock limits (``SET
         LOCAL``, PostgreSQL) and the mark checked after its hooks; the fence applies them
         again after a commit of the revision's code."""
+        statements = []
         if self._postgres:
-            # Inside the caller's transaction a SET LOCAL would outlive the revision.
-            limits = [] if self._joined else self._local_timeouts()
-            # One round trip: set_config(..., true) is SET LOCAL. The limits are bound, so
-            # that the statement is the same (prepared once) whatever time is left.
-            calls = [f"set_config('{name}', :{name}, true)" for name, _ in limits]
-            calls.append(f"set_config('{_PG_MARK[0]}', '{_PG_MARK[1]}', true)")
-            await self.conn.execute(sa.text(f"SELECT {', '.join(calls)}"), dict(limits))
-            inline = ", ".join(f"set_config('{n}', '{v}', true)" for n, v in [*limits, _PG_MARK])
-            setup = f"SELECT {inline}"
+            if not self._joined:  # inside the caller's transaction it would outlive the revision
+                statements += [
+                    f"SET LOCAL {name} = {value}" for name, value in self._local_timeouts()
+                ]
+            # SET LOCAL, not set_config(): a SET is no query, so the revision's code may still
+            # begin with SET TRANSACTION ISOLATION LEVEL.
+            statements.append(f"SET LOCAL {_PG_MARK[0]} = '{_PG_MARK[1]}'")
         else:
-            setup = _SQLITE_MARK
-            await self.conn.exec_driver_sql(setup)
+            statements.append(_SQLITE_MARK)
+        for statement in statements:
+            await self.conn.exec_driver_sql(statement)
         if self.recorder.fence is not None:
-            self.recorder.fence.transaction_setup = (setup,)
+            self.recorder.fence.transaction_setup = tuple(statements)
 
     def _local_timeouts(self) -> list[tuple[str, str]]:
         """Return the transaction-local time limits of this try: they end with its
