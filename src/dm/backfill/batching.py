@@ -561,7 +561,7 @@ class _RangedLoop:
                         yield batch
                 except LoopStop:  # its last checkpoint committed: free it for the next run
                     self.store.hold(None)
-                    await self.store.release(self.session, held)
+                    await self.store.release(self.session)
                     raise
                 finally:
                     self.store.hold(None)

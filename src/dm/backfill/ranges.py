@@ -482,13 +482,13 @@ class RangeStore:
             .values(lease_until=self._lease_until())
         )
 
-    async def release(self, session: AsyncSession, held: Range) -> None:
-        """Give up ``held`` (this worker stops; its last checkpoint committed): another
-        worker may claim it at once. Commits."""
+    async def release(self, session: AsyncSession) -> None:
+        """Give up the ranges this worker holds (it stops; its last checkpoint committed):
+        another worker may claim them at once. Commits."""
         r = self.ranges
         await session.execute(
             r.update()
-            .where(r.c.token == held.token, r.c.number == held.number, r.c.owner == self.owner)
+            .where(r.c.owner == self.owner, sa.not_(r.c.finished))
             .values(owner=None, lease_until=None)
         )
         await session.commit()

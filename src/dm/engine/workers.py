@@ -103,24 +103,29 @@ class Lease:
             self.fence.hold()
 
     async def release(self, conn: AsyncConnection) -> None:
-        """Give up the range held (the worker ends: a failure, a signal): its batch in
-        flight rolls back, its last checkpoint stays, and another worker may claim it at
-        once instead of after the lease. Best effort: a dead connection leaves the lease
-        to expire."""
-        if self.current is None:
-            return
-        token, number = self.current
+        """Give up the ranges this worker holds (it ends: a failure, a signal): its batch
+        in flight rolls back, its last checkpoints stay, and another worker may claim them
+        at once instead of after the lease. On a connection of its own when the worker's
+        is unusable (a statement cut short); a dead database leaves the lease to expire."""
         self.holding(None, None)
         r = self.tracker.ranges
+        give_up = (  # every range of its own: one claimed as it was cancelled too
+            r.update()
+            .where(r.c.owner == self.owner, sa.not_(r.c.finished))
+            .values(owner=None, lease_until=None)
+        )
         try:
             if conn.in_transaction():
                 await conn.rollback()
-            await conn.execute(
-                r.update()
-                .where(r.c.token == token, r.c.number == number, r.c.owner == self.owner)
-                .values(owner=None, lease_until=None)
-            )
+            await conn.execute(give_up)
             await conn.commit()
+            return
+        except Exception:  # noqa: S110 - try a fresh connection below
+            pass
+        try:
+            async with conn.engine.connect() as fresh:
+                await fresh.execute(give_up)
+                await fresh.commit()
         except Exception:  # noqa: S110 - the lease expires instead
             pass
 
@@ -390,8 +395,10 @@ async def _run_hook(conn: AsyncConnection, step: Step, parallel: _Parallel) -> N
     except WorkerDone:
         pass
     finally:
-        await session.close()
-        await parallel.lease.release(conn)
+        try:
+            await session.close()
+        finally:
+            await parallel.lease.release(conn)
         if conn.in_transaction():
             await conn.rollback()
 
@@ -474,7 +481,7 @@ async def join(
     joiner = _Joiner(tracker, owner, lease, run_id=None, joins=(loop.token, loop.loop))
     joiner.conn, joiner.revision = conn, revision
     which = f" (loop {loop.loop + 1})" if loop.loop else ""
-    log.info("%s %s: joining its parallel loop%s", loop.direction, revision, which)
+    log.info("%s %s: joining its parallel loop%s as %s", loop.direction, revision, which, owner)
     try:
         with fence.installed():
             await _run_hook(conn, step, joiner)
