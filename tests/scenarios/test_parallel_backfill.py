@@ -13,6 +13,8 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +59,26 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     if request.param == "sqlite":
         return make_sqlite(tmp_path)
     return request.getfixturevalue("postgres_db")
+
+
+Start = Callable[..., "subprocess.Popen[str]"]
+
+
+@pytest.fixture
+def start(project: Project) -> Iterator[Start]:
+    """Start ``dm ARGS`` in the project; whatever still runs at the end is killed and reaped."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        process = spawn_dm(project, *args, env=env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def make_items(project: Project, rows: int) -> None:
@@ -155,12 +177,12 @@ def finish(process: subprocess.Popen[str], timeout: float = 60) -> tuple[int, st
 
 
 @pytest.mark.slow
-def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> None:
+def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project, start: Start) -> None:
     make_items(project, 30_000)
     write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
-    run = spawn_dm(project, "upgrade", "heads")
+    run = start("upgrade", "heads")
     slow = {"DM_TEST_PAUSE": "0.05"}  # alive when the kill comes
-    workers = [spawn_dm(project, "work", REV, "--wait", "30", env=slow) for _ in range(2)]
+    workers = [start("work", REV, "--wait", "30", env=slow) for _ in range(2)]
     wait_for(lambda: range_rows(project, "work:%") >= 1_000, timeout=60)
     assert workers[0].poll() is None
     workers[0].send_signal(signal.SIGKILL)
@@ -174,12 +196,14 @@ def test_dm_work_joins_and_a_killed_worker_loses_nothing(project: Project) -> No
 
 
 @pytest.mark.slow
-def test_the_run_killed_its_workers_go_on_and_the_next_run_finishes(project: Project) -> None:
+def test_the_run_killed_its_workers_go_on_and_the_next_run_finishes(
+    project: Project, start: Start
+) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=200, lease=2, pause=0.01)
-    run = spawn_dm(project, "upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # alive at the kill
+    run = start("upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # alive at the kill
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
-    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    worker = start("work", REV, "--wait", "30")
     wait_for(lambda: range_rows(project, "work:%") >= 1_000, timeout=60)
     assert run.poll() is None
     run.send_signal(signal.SIGKILL)
@@ -195,12 +219,14 @@ def test_the_run_killed_its_workers_go_on_and_the_next_run_finishes(project: Pro
 
 
 @pytest.mark.slow
-def test_a_frozen_worker_past_its_lease_commits_nothing(project: Project) -> None:
+def test_a_frozen_worker_past_its_lease_commits_nothing(project: Project, start: Start) -> None:
     make_items(project, 4_000)
     write_backfill(project, workers=2, size=100, lease=1, pause=0.05)
-    run = spawn_dm(project, "upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # still running
+    run = start("upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # still running
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
-    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    # Frozen inside a transaction, its session ends after 3 s (the idle-in-transaction guard):
+    # its range row and row locks are then free to take over.
+    worker = start("work", REV, "--wait", "30", env={"DM_IDLE_IN_TRANSACTION_TIMEOUT": "3"})
     wait_for(lambda: worker.poll() is not None or range_rows(project, "work:%") >= 300, timeout=60)
     assert worker.poll() is None and run.poll() is None
     os.kill(worker.pid, signal.SIGSTOP)
@@ -212,8 +238,9 @@ def test_a_frozen_worker_past_its_lease_commits_nothing(project: Project) -> Non
     code, stderr = finish(run)
     assert code == 0, stderr
     code, stderr = finish(worker)
-    assert code == 0, stderr
-    assert "was taken over" in stderr
+    # Woken, it commits nothing of the range it lost: refused at its checkpoint (it goes on
+    # and ends 0), or its session was ended while it was frozen (exit 75).
+    assert (code == 0 and "was taken over" in stderr) or code == 75, stderr
     assert counters(project) == {1: 4_000}, before
 
 
@@ -235,12 +262,14 @@ def owned_by_work(project: Project) -> bool:
 
 
 @pytest.mark.slow
-def test_pause_stops_every_worker_and_resume_finishes_the_ranges(project: Project) -> None:
+def test_pause_stops_every_worker_and_resume_finishes_the_ranges(
+    project: Project, start: Start
+) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=100, lease=600, pause=0.03)
-    run = spawn_dm(project, "upgrade", "heads")
+    run = start("upgrade", "heads")
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
-    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    worker = start("work", REV, "--wait", "30")
     wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 500, timeout=60)
     (project.root / "hold").touch()  # every worker waits in its batch
     paused = run_dm(project, "pause", REV, "--reason", "peak traffic")
@@ -307,12 +336,14 @@ def test_a_failing_worker_fails_the_attempt_and_the_next_run_resumes(project: Pr
 
 
 @pytest.mark.slow
-def test_a_worker_whose_connection_is_terminated_loses_nothing(project: Project) -> None:
+def test_a_worker_whose_connection_is_terminated_loses_nothing(
+    project: Project, start: Start
+) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=100, lease=2, pause=0.03)
-    run = spawn_dm(project, "upgrade", "heads")
+    run = start("upgrade", "heads")
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
-    worker = spawn_dm(project, "work", REV, "--wait", "30", env={"DM_POD_NAME": "worker-1"})
+    worker = start("work", REV, "--wait", "30", env={"DM_POD_NAME": "worker-1"})
     wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 500, timeout=60)
     killed = project.db.query(
         "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity "
@@ -351,7 +382,7 @@ KILL_ROUNDS = int(os.environ.get("DM_STRESS_ROUNDS", "20"))
 
 @pytest.mark.stress
 def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
-    project: Project,
+    project: Project, start: Start
 ) -> None:
     seed = int(os.environ.get("DM_TEST_SEED", time.time_ns() % 100_000))
     rng = random.Random(seed)
@@ -365,8 +396,8 @@ def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
         body = BODY.format(size=100, workers=2, lease=1, pause=0.002)
         project.write(rev, down, body, extra=EXTRA)
         down = rev
-        processes = [spawn_dm(project, "upgrade", "heads", "--lock-timeout", "60")]
-        processes += [spawn_dm(project, "work", rev, "--wait", "30") for _ in range(2)]
+        processes = [start("upgrade", "heads", "--lock-timeout", "60")]
+        processes += [start("work", rev, "--wait", "30") for _ in range(2)]
         for _ in range(3):  # three kills, each after a random share of the rows
             target = counters(project).get(1, 0) + rng.randrange(500, 3_000)
             wait_for(
@@ -382,7 +413,7 @@ def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             command = victim.args[3:]  # [python, -m, dm, ...]: the same command again
-            processes.append(spawn_dm(project, *command))
+            processes.append(start(*command))
         ended = [(p.args[3:], *finish(p, timeout=120)) for p in processes]
         odd = [e for e in ended if e[1] not in (0, -signal.SIGKILL)]
         assert not odd, f"{context}: {odd}"
@@ -393,11 +424,13 @@ def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
 
 
 @pytest.mark.slow
-def test_status_shows_the_rows_of_all_workers_while_the_loop_runs(project: Project) -> None:
+def test_status_shows_the_rows_of_all_workers_while_the_loop_runs(
+    project: Project, start: Start
+) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=100, pause=0.1)
-    run = spawn_dm(project, "upgrade", "heads")
-    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    run = start("upgrade", "heads")
+    worker = start("work", REV, "--wait", "30")
     try:
         wait_for(lambda: run.poll() is not None or status_rows(project) > 0, timeout=60)
         (project.root / "hold").touch()  # the loop stays where it is while status is read
@@ -416,12 +449,14 @@ def status_rows(project: Project) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_ends_the_run_and_its_workers_and_records_it(project: Project) -> None:
+def test_sigterm_ends_the_run_and_its_workers_and_records_it(
+    project: Project, start: Start
+) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=3, size=100, pause=0.01)
-    run = spawn_dm(project, "upgrade", "heads", env={"DM_TEST_PAUSE": "0.1"})  # alive till then
+    run = start("upgrade", "heads", env={"DM_TEST_PAUSE": "0.1"})  # alive till then
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
-    workers = [spawn_dm(project, "work", REV, "--wait", "30") for _ in range(2)]
+    workers = [start("work", REV, "--wait", "30") for _ in range(2)]
     wait_for(lambda: run.poll() is not None or len(work_owners(project)) == 2, timeout=60)
     (project.root / "hold").touch()  # every worker waits in a batch when the signals come
     workers[0].send_signal(signal.SIGTERM)
@@ -452,11 +487,13 @@ def test_sigterm_ends_the_run_and_its_workers_and_records_it(project: Project) -
 
 
 @pytest.mark.slow
-def test_cancel_stops_every_worker_and_the_next_run_starts_over(project: Project) -> None:
+def test_cancel_stops_every_worker_and_the_next_run_starts_over(
+    project: Project, start: Start
+) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=2, size=100, lease=5, pause=0.03)
-    run = spawn_dm(project, "upgrade", "heads")
-    worker = spawn_dm(project, "work", REV, "--wait", "30")
+    run = start("upgrade", "heads")
+    worker = start("work", REV, "--wait", "30")
     wait_for(lambda: run.poll() is not None or range_rows(project, "work:%") >= 300, timeout=60)
     (project.root / "hold").touch()
     cancelled = run_dm(project, "cancel", REV, "--reason", "wrong table")
@@ -494,13 +531,15 @@ def test_an_autocommit_block_before_a_parallel_loop_fails_with_one_clear_line(
 
 
 @pytest.mark.slow
-def test_a_revision_failing_in_dm_work_is_told_as_the_revision_s_failure(project: Project) -> None:
+def test_a_revision_failing_in_dm_work_is_told_as_the_revision_s_failure(
+    project: Project, start: Start
+) -> None:
     make_items(project, 4_000)
     body = BODY.format(size=100, workers=2, lease=5, pause=0.02) + (
         "    if os.environ.get('BOOM'):\n        raise ValueError('bad row in a worker')\n"
     )
     project.write(REV, None, body, extra=EXTRA)
-    run = spawn_dm(project, "upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # still running
+    run = start("upgrade", "heads", env={"DM_TEST_PAUSE": "0.2"})  # still running
     wait_for(lambda: run.poll() is not None or has_ranges(project), timeout=60)
     failed = run_dm(project, "work", REV, "--wait", "30", env={"BOOM": "1"})
     assert failed.returncode == 1, failed.stderr
