@@ -20,7 +20,6 @@ from __future__ import annotations
 import decimal
 import uuid
 from collections.abc import Callable
-from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import replace
 from datetime import date
@@ -485,12 +484,7 @@ class RangeStore:
     async def release(self, session: AsyncSession) -> None:
         """Give up the ranges this worker holds (it stops; its last checkpoint committed):
         another worker may claim them at once. Commits."""
-        r = self.ranges
-        await session.execute(
-            r.update()
-            .where(r.c.owner == self.owner, sa.not_(r.c.finished))
-            .values(owner=None, lease_until=None)
-        )
+        await session.execute(give_up(self.ranges, self.owner))
         await session.commit()
 
     async def reread(self, session: AsyncSession, held: Range) -> Range | None:
@@ -516,6 +510,16 @@ class RangeStore:
             r.c.rows_done,
             r.c.version,
         )
+
+
+def give_up(ranges: sa.Table, owner: str) -> sa.Update:
+    """Return the statement that frees every unfinished range ``owner`` holds (its last
+    checkpoints stay): another worker may claim them at once."""
+    return (
+        ranges.update()
+        .where(ranges.c.owner == owner, sa.not_(ranges.c.finished))
+        .values(owner=None, lease_until=None)
+    )
 
 
 def _range(row: Any) -> Range:
@@ -579,8 +583,3 @@ def with_progress(outcome: Outcome, held: Range, last: Any, rows_done: int) -> R
     return replace(
         held, upper=outcome.upper, version=outcome.version, last=last, rows_done=rows_done
     )
-
-
-def as_mapping(held: Range) -> Mapping[str, Any]:
-    """Return a range as the ``Probe`` of tests sees it (``dm.testing``)."""
-    return {"range": held.number, "last_key": held.last, "rows_done": held.rows_done}

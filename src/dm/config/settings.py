@@ -167,24 +167,12 @@ class Settings(BaseSettings):
     @field_validator("tracker_table")
     @classmethod
     def _table(cls, value: str) -> str:
-        if not _IDENTIFIER.fullmatch(value):
-            raise ValueError(
-                "must be a letter or underscore followed by letters, digits and underscores"
-            )
-        if len(value) > MAX_TRACKER_TABLE:
-            raise ValueError(f"must be at most {MAX_TRACKER_TABLE} characters")
-        return value
+        return _identifier(value, MAX_TRACKER_TABLE)
 
     @field_validator("schema_version_table")
     @classmethod
     def _version_table(cls, value: str) -> str:
-        if not _IDENTIFIER.fullmatch(value):
-            raise ValueError(
-                "must be a letter or underscore followed by letters, digits and underscores"
-            )
-        if len(value) > MAX_IDENTIFIER:
-            raise ValueError(f"must be at most {MAX_IDENTIFIER} characters")
-        return value
+        return _identifier(value, MAX_IDENTIFIER)
 
     @field_validator("schema_alembic_section")
     @classmethod
@@ -662,3 +650,14 @@ def _describe_validation_error(exc: ValidationError) -> str:
 
 def _raw(value: SecretStr | None) -> str:
     return "" if value is None else value.get_secret_value()
+
+
+def _identifier(value: str, longest: int) -> str:
+    """Return ``value``, a plain SQL identifier of at most ``longest`` characters."""
+    if not _IDENTIFIER.fullmatch(value):
+        raise ValueError(
+            "must be a letter or underscore followed by letters, digits and underscores"
+        )
+    if len(value) > longest:
+        raise ValueError(f"must be at most {longest} characters")
+    return value

@@ -36,6 +36,7 @@ from dm.backfill.progress import Progress
 from dm.backfill.ranges import Joinable
 from dm.backfill.ranges import Outcome
 from dm.backfill.ranges import RangeStore
+from dm.backfill.ranges import give_up
 from dm.backfill.ranges import joinable
 from dm.core.errors import DmError
 from dm.core.errors import FenceLost
@@ -108,23 +109,19 @@ class Lease:
         at once instead of after the lease. On a connection of its own when the worker's
         is unusable (a statement cut short); a dead database leaves the lease to expire."""
         self.holding(None, None)
-        r = self.tracker.ranges
-        give_up = (  # every range of its own: one claimed as it was cancelled too
-            r.update()
-            .where(r.c.owner == self.owner, sa.not_(r.c.finished))
-            .values(owner=None, lease_until=None)
-        )
+        # Every range of its own: one claimed as it was cancelled too.
+        statement = give_up(self.tracker.ranges, self.owner)
         try:
             if conn.in_transaction():
                 await conn.rollback()
-            await conn.execute(give_up)
+            await conn.execute(statement)
             await conn.commit()
             return
         except Exception:  # noqa: S110 - try a fresh connection below
             pass
         try:
             async with conn.engine.connect() as fresh:
-                await fresh.execute(give_up)
+                await fresh.execute(statement)
                 await fresh.commit()
         except Exception:  # noqa: S110 - the lease expires instead
             pass
@@ -324,13 +321,9 @@ class _Joiner(_Parallel):
     revision: str
 
     async def after_range_checkpoint(self, outcome: Outcome) -> None:
-        if outcome.request is not None:
-            request = Request(*outcome.request)
-            if request.action in {"pause", "cancel", "abandon"}:
-                raise StopAtBoundary(Status.STOPPED, request.describe())
-        status = _STOPPING_STATUSES.get(outcome.status or "")
-        if status is not None:
-            raise StopAtBoundary(status, f"its attempt was {status.value}")
+        stop = _stopped_by(outcome.status, outcome.request)
+        if stop is not None:
+            raise stop
         if outcome.status == Status.FAILED.value and not await self._taken_over():
             raise StopAtBoundary(
                 Status.STOPPED,
@@ -513,13 +506,23 @@ async def _settled(session: AsyncSession, tracker: Tracker, revision: str) -> bo
     return status in (Status.SUCCESS.value, Status.ROLLED_BACK.value)
 
 
+def _stopped_by(
+    status: str | None, request: tuple[str, str | None, str | None] | None
+) -> StopAtBoundary | None:
+    """Return the stop of a ``dm work`` process whose attempt has ``status`` and
+    ``request`` (``dm pause``, ``dm cancel``), or None while it may work on."""
+    if request is not None and request[0] in {"pause", "cancel", "abandon"}:
+        return StopAtBoundary(Status.STOPPED, f"its attempt was {Request(*request).describe()}")
+    stopping = _STOPPING_STATUSES.get(status or "")
+    if stopping is not None:
+        return StopAtBoundary(stopping, f"its attempt was {stopping.value}")
+    return None
+
+
 def _held_up(loop: Joinable) -> str | None:
     """Why a worker must not join ``loop`` now (None: it may), while it waits."""
-    if loop.request is not None:  # paused or cancelled, not resumed yet
-        return f"its attempt was {Request(*loop.request).describe()}"
-    if loop.status in _STOPPING_STATUSES or loop.status == Status.FAILED.value:
-        return (
-            f"its attempt is {loop.status} (the next dm {loop.direction} or dm resume goes on "
-            "with its ranges)"
-        )
-    return None
+    stop = _stopped_by(loop.status, loop.request)
+    if stop is None and loop.status != Status.FAILED.value:
+        return None
+    why = stop.reason if stop is not None else f"its attempt was {loop.status}"
+    return f"{why} (the next dm {loop.direction} or dm resume goes on with its ranges)"
