@@ -523,9 +523,9 @@ class _RangedLoop:
             raise BatchingError(
                 f"revision {self.revision}: batched(workers=...) needs a key of one column"
             )
-        await _refuse_null_keys(self.session, self.query, self.keyset, self.revision)
         run = self.parallel.role == "run"
-        if run:
+        if run:  # once, before planning: the workers join a loop already checked
+            await _refuse_null_keys(self.session, self.query, self.keyset, self.revision)
             token, total = await self._begin(start)
         else:
             assert self.parallel.joins is not None
