@@ -127,9 +127,10 @@ class Parallel(Protocol):
     async def stop_workers(self) -> None:
         """Cancel the run's workers (the loop ends early) and wait for them."""
 
-    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+    async def after_range_checkpoint(self, outcome: Outcome) -> bool:
         """After a batch of a range committed: raise ``StopAtBoundary`` to stop there (a
-        request on the attempt, the run's time, another worker that stopped)."""
+        request on the attempt, the run's time, another worker that stopped). Return
+        whether the worker still owns its range (False: taken over while it waited)."""
 
 
 class WorkerDone(BaseException):
@@ -279,7 +280,7 @@ STOP_WAIT_SECONDS = 10.0
 """How long a stopped run waits for the other processes' workers to reach their boundary."""
 REPORT_SECONDS = 2.0
 """How often the run writes the rows of all workers of a parallel loop in its attempt."""
-JOIN_POLL_SECONDS = 0.5
+JOIN_POLL_SECONDS = 0.2
 """How often the run looks again while other processes' workers finish their ranges."""
 WAIT_LOG_INTERVAL = 60.0
 """Seconds between two "still waiting" lines while ``pause_when`` holds a loop."""
@@ -754,7 +755,16 @@ class _RangedLoop:
             progress.advance(
                 batch.row_count, batch_size=self.sizer.size, worker=self.parallel.number
             )
-            await self.parallel.after_range_checkpoint(outcome)
+            if finished:  # nobody owns the range now: no lease to keep, no commit to fence
+                self.store.hold(None)
+            if not await self.parallel.after_range_checkpoint(outcome) and not finished:
+                log.warning(
+                    "%s: range %d was taken over while this worker waited (its lease "
+                    "expired); its batches so far are committed",
+                    self.label,
+                    held.number,
+                )
+                return
             if finished:
                 return
             if self.throttle:

@@ -205,6 +205,7 @@ class RangeStore:
         self.ranges = ranges
         self.attempts = attempts
         self.owner = owner
+        self.lease_seconds = float(lease_seconds)
         self.lease: sa.ColumnElement[Any] = sa.literal_column(
             f"interval '{float(lease_seconds)} seconds'"
         )
@@ -472,14 +473,17 @@ class RangeStore:
 
     async def renew(
         self, executor: AsyncSession | AsyncConnection, token: str, number: int
-    ) -> None:
-        """Renew this worker's lease on range ``number`` (it waits between two batches)."""
+    ) -> bool:
+        """Renew this worker's lease on range ``number`` (it waits between two batches);
+        return whether it still owns the range (False: taken over, or finished)."""
         r = self.ranges
-        await executor.execute(
+        result = await executor.execute(
             r.update()
             .where(r.c.token == token, r.c.number == number, r.c.owner == self.owner)
             .values(lease_until=self._lease_until())
+            .returning(r.c.number)
         )
+        return result.first() is not None
 
     async def release(self, session: AsyncSession) -> None:
         """Give up the ranges this worker holds (it stops; its last checkpoint committed):

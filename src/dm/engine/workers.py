@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -71,6 +72,19 @@ _STOPPING_STATUSES = {
     Status.ABANDONED.value: Status.ABANDONED,
 }
 """Statuses of an attempt that end the ``dm work`` processes working its loop."""
+
+
+FIRST_POLL_SECONDS = 0.1
+"""A ``dm work`` process started with the run (a Job beside the pre-deploy Job) looks for
+the loop this soon again, then less and less often (up to its ``poll``)."""
+
+
+def polls(most: float) -> Iterator[float]:
+    """Pauses between looks for something to start: 0.1 s, doubling up to ``most``."""
+    pause = min(FIRST_POLL_SECONDS, most)
+    while True:
+        yield pause
+        pause = min(pause * 2, most)
 
 
 class Lease:
@@ -176,7 +190,7 @@ class _Parallel:
     async def stop_workers(self) -> None:
         return None
 
-    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+    async def after_range_checkpoint(self, outcome: Outcome) -> bool:
         raise NotImplementedError
 
 
@@ -251,7 +265,7 @@ class Crew(_Parallel):
             await _cancel(list(pending))
         self.lease.holding(None, None)
 
-    async def after_range_checkpoint(self, outcome: Outcome, *, member: bool = False) -> None:
+    async def after_range_checkpoint(self, outcome: Outcome, *, member: bool = False) -> bool:
         if member and self.ending:
             raise WorkerDone
         if self.failure is not None:
@@ -267,6 +281,7 @@ class Crew(_Parallel):
         except StopAtBoundary as stop:
             self.stop = stop
             raise
+        return True
 
     async def _work(self, number: int, token: str, loop: int) -> None:
         """One worker of the run: the hook again, on a connection of its own."""
@@ -308,8 +323,8 @@ class _Member(_Parallel):
         self.crew = crew
         self.number = number
 
-    async def after_range_checkpoint(self, outcome: Outcome) -> None:
-        await self.crew.after_range_checkpoint(outcome, member=True)
+    async def after_range_checkpoint(self, outcome: Outcome) -> bool:
+        return await self.crew.after_range_checkpoint(outcome, member=True)
 
 
 class _Joiner(_Parallel):
@@ -320,32 +335,44 @@ class _Joiner(_Parallel):
     conn: AsyncConnection
     revision: str
 
-    async def after_range_checkpoint(self, outcome: Outcome) -> None:
+    async def after_range_checkpoint(self, outcome: Outcome) -> bool:
         stop = _stopped_by(outcome.status, outcome.request)
         if stop is not None:
             raise stop
-        if outcome.status == Status.FAILED.value and not await self._taken_over():
+        if outcome.status != Status.FAILED.value:
+            return True
+        adopted, holds = await self._taken_over()
+        if not adopted:
             raise StopAtBoundary(
                 Status.STOPPED,
                 "its attempt failed (the next dm upgrade or dm resume goes on with its ranges)",
             )
+        return holds
 
-    async def _taken_over(self) -> bool:
+    async def _taken_over(self) -> tuple[bool, bool]:
         """Wait up to ``ADOPT_SECONDS`` for a new run to resume the failed attempt (its
-        ranges then belong to a pending attempt); return whether one did."""
-        assert self.joins is not None
+        ranges then belong to a pending attempt), renewing the lease on the range this
+        worker holds; return whether a run did, and whether the worker still owns its range
+        (a lease shorter than the wait may expire and the range be taken over)."""
+        assert self.joins is not None and self._store is not None
+        store = self._store
         deadline = time.monotonic() + ADOPT_SECONDS
+        pause = min(1.0, store.lease_seconds / 4)
+        holds = True
         while True:
-            if self.lease.current is not None and self._store is not None:
-                await self._store.renew(self.conn, *self.lease.current)  # keeps its range
+            if holds and self.lease.current is not None:
+                holds = await store.renew(self.conn, *self.lease.current)
+                if not holds:  # nothing of its own to commit: the look below is a read
+                    await self.conn.rollback()
+                    self.lease.holding(None, None)
             loop = await joinable(self.conn, self.tracker.ranges, self.tracker.table, self.revision)
             if loop is None or loop.token != self.joins[0]:
-                return False
+                return False, holds
             if loop.status == Status.PENDING.value:
-                return True
+                return True, holds
             if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(1.0)
+                return False, holds
+            await asyncio.sleep(pause)
 
 
 @dataclass
@@ -450,6 +477,7 @@ async def join(
     :param wait: seconds to wait for the loop to start (the run may not have reached it).
     """
     deadline = time.monotonic() + wait
+    pauses = polls(poll)
     session = AsyncSession(bind=conn, expire_on_commit=False)
     try:
         while True:  # a loop that is running: not paused, stopped or failed (not yet resumed)
@@ -459,7 +487,7 @@ async def join(
                 break
             if loop is None and await _settled(session, tracker, revision):
                 break  # its latest attempt ended: no loop of it is coming
-            await asyncio.sleep(poll)
+            await asyncio.sleep(next(pauses))
     finally:
         await session.close()
     if loop is None:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dm.verbs.run")
 
 WORK_POLL_SECONDS = 1.0
-"""How often ``dm work --wait`` looks again for the loop to join."""
+"""How often, at most, ``dm work --wait`` looks again for the loop to join (sooner at first:
+``dm.engine.workers.polls``)."""
 
 
 async def upgrade(settings: Settings, target: str = "heads", *, dry_run: bool = False) -> RunResult:
@@ -206,6 +207,7 @@ async def work(settings: Settings, revision: str, *, wait: float = 0.0) -> WorkR
     from dm.engine.tracker import RANGES_LAYOUT
     from dm.engine.workers import WorkResult
     from dm.engine.workers import join
+    from dm.engine.workers import polls
 
     if is_sqlite(settings.url()):
         raise UsageError(
@@ -221,6 +223,7 @@ async def work(settings: Settings, revision: str, *, wait: float = 0.0) -> WorkR
         return Step(rev, direction == "upgrade")
 
     deadline = time.monotonic() + wait
+    pauses = polls(WORK_POLL_SECONDS)
     async with open_database(settings) as db:
         conn = await db.conn()
         while True:  # the tracker may not exist yet, or be older than parallel loops
@@ -230,7 +233,7 @@ async def work(settings: Settings, revision: str, *, wait: float = 0.0) -> WorkR
                 break
             if time.monotonic() >= deadline:
                 return WorkResult(rev.id, joined=False)
-            await asyncio.sleep(WORK_POLL_SECONDS)
+            await asyncio.sleep(next(pauses))
         await prepare_connection(
             conn,
             lock_timeout=settings.pg_lock_timeout,
