@@ -34,8 +34,11 @@ Each configuration runs once untimed on a small table first (imports, caches), t
 rotated each repetition. The tables show medians, min-max, rows/s, the ratio to the
 scenario's baseline, the revision's own seconds in the tracker (without start-up), the CPU
 seconds of all its processes, the seconds they waited for a CPU while runnable (their run
-queue: other work on the machine) and their peak RSS. After every run the table is
-checked (every row backfilled, rightly); otherwise FAIL and exit 1.
+queue: other work on the machine), the share of the machine's CPU time (every core, every
+process: the server and the proxy too) used while it ran, and their peak RSS. A
+configuration whose machine is near 100% busy is bound by this machine's cores, not by dm.
+After every run the table is checked (every row backfilled, rightly); otherwise FAIL and
+exit 1.
 
 ``--scenarios trace`` (not run by default) looks for where the time goes: it runs
 ``workers=1`` and ``workers=2`` of (1) and ``workers=1`` and ``workers=4`` of (3) over
@@ -351,6 +354,9 @@ class Sample:
     usages: tuple[Usage, ...]
     revision: float = 0.0
     """The revision's own seconds as the tracker recorded them (no start-up)."""
+    busy: float = 0.0
+    """The share of the machine's CPU time (all cores) that something used during the run:
+    the processes, the server's backends, the proxy and whatever else ran."""
 
     @property
     def cpu(self) -> float:
@@ -613,12 +619,24 @@ async def revision_seconds(target: Target) -> float | None:
     return None if duration_ms is None else int(duration_ms) / 1000
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """The machine's CPU time so far, all cores, in clock ticks: (busy, total)."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    total = sum(fields[:8])  # guest time is counted in user time already
+    return total - idle, total
+
+
 async def measure(target: Target, scenario: Scenario, config: Config, rows: int) -> Sample:
     """A fresh database and table, one run of ``config``, the table checked."""
     await target.recreate()
     await scenario.build(rows)
+    busy_before, total_before = cpu_ticks()
     sample = await config.run()
-    sample = replace(sample, revision=await revision_seconds(target) or sample.seconds)
+    busy_after, total_after = cpu_ticks()
+    busy = (busy_after - busy_before) / max(total_after - total_before, 1)
+    sample = replace(sample, revision=await revision_seconds(target) or sample.seconds, busy=busy)
     problem = await scenario.check(rows)
     if problem:
         raise BenchError(f"{scenario.title}, {config.label}: {problem}")
@@ -652,7 +670,8 @@ def median_rate(scenario: Scenario, label: str) -> float:
 
 def report(scenario: Scenario, reps: int) -> None:
     """Print a scenario's table: medians and min-max, rows/s, the ratio to the baseline;
-    the revision's own seconds (no start-up), CPU and run-queue seconds of its processes."""
+    the revision's own seconds (no start-up), CPU and run-queue seconds of its processes,
+    and how busy the machine's cores were (all of them, every process) meanwhile."""
     base = median_rate(scenario, scenario.configs[0].label)
     print(f"\n== {scenario.title}: {scenario.rows:,} rows (median of {reps}) ==")
     table = [
@@ -665,6 +684,7 @@ def report(scenario: Scenario, reps: int) -> None:
             "revision s",
             "CPU s",
             "CPU wait s",
+            "machine busy",
             "peak RSS MiB",
         )
     ]
@@ -684,6 +704,7 @@ def report(scenario: Scenario, reps: int) -> None:
                 f"{statistics.median(s.revision for s in samples):.2f}",
                 f"{statistics.median(s.cpu for s in samples):.1f}" if processes else "",
                 f"{statistics.median(s.waited for s in samples):.1f}" if processes else "",
+                f"{statistics.median(s.busy for s in samples):.0%}",
                 f"{rss / 1024:.0f}" if rss else "",
             )
         )
