@@ -423,6 +423,71 @@ def test_sigkill_of_random_workers_at_random_moments_loses_and_repeats_nothing(
         assert ranges_left(project) == 0, context
 
 
+WAITING_BODY = """
+async def held_here(session):  # asks the database, as dm.backoff's predicates do
+    await session.execute(sa.text("SELECT 1"))
+    if os.environ.get("DM_TEST_WAIT") and os.path.exists("wait"):
+        return "the test holds this process"
+    return None
+
+query = sa.select(items.c.id)
+async for batch in batched(
+    session, query, key=items.c.id, size=100, workers=2, lease_seconds=2,
+    pause_when=held_here, pause_poll=30,
+):
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
+    await asyncio.sleep(0.02)
+"""
+
+
+@pytest.mark.slow
+def test_workers_held_by_pause_when_past_their_lease_keep_their_ranges(
+    project: Project, start: Start
+) -> None:
+    make_items(project, 6_000)
+    project.write(REV, None, WAITING_BODY, extra=EXTRA)
+    (project.root / "wait").touch()  # the run's workers wait after their first batch
+    run = start("upgrade", "heads", env={"DM_TEST_WAIT": "1"})
+    worker = start("work", REV, "--wait", "30")  # does every other range, then waits
+    try:
+
+        def run_holds_the_rest() -> bool:
+            found = project.db.query(
+                "SELECT count(*) FILTER (WHERE owner LIKE 'run:%') AS run, count(*) AS left, "
+                "max(lease_until) FILTER (WHERE owner LIKE 'run:%') AS until "
+                "FROM script_run_tracker_ranges WHERE NOT finished"
+            )
+            return found[0].left > 0 and found[0].run == found[0].left
+
+        wait_for(lambda: run.poll() is not None or (has_ranges(project) and run_holds_the_rest()))
+        assert run.poll() is None
+        leased = project.db.query(
+            "SELECT max(lease_until) AS until FROM script_run_tracker_ranges "
+            "WHERE owner LIKE 'run:%' AND NOT finished"
+        )[0].until
+        # Well past the leases the run's waiting workers held then (dm work looks for a
+        # range to claim every 0.2 s): renewed, the ranges are still theirs.
+        wait_for(
+            lambda: bool(
+                project.db.query(
+                    "SELECT clock_timestamp() > CAST(:t AS timestamptz) + interval '2 seconds' "
+                    "AS past",
+                    t=leased,
+                )[0].past
+            ),
+            timeout=30,
+        )
+        assert run_holds_the_rest()
+    finally:
+        (project.root / "wait").unlink()
+    code, stderr = finish(run)
+    assert code == 0, stderr
+    code, stderr = finish(worker)
+    assert code == 0, stderr
+    assert counters(project) == {1: 6_000}
+    assert ranges_left(project) == 0
+
+
 @pytest.mark.slow
 def test_status_shows_the_rows_of_all_workers_while_the_loop_runs(
     project: Project, start: Start

@@ -387,7 +387,10 @@ async def batched(
             fetch=_fetch_rows if rows else _fetch_bounds,
             sizer=sizer,
             throttle=throttle,
-            waiter=None if pause_when is None else _Waiter(pause_when, pause_poll, label, False),
+            # A waiting worker renews its lease at each look: look often enough to keep it.
+            waiter=None
+            if pause_when is None
+            else _Waiter(pause_when, min(pause_poll, lease_seconds / 4), label, False),
             count=count,
             probe=probe,
         )
@@ -758,19 +761,29 @@ class _RangedLoop:
             if finished:  # nobody owns the range now: no lease to keep, no commit to fence
                 self.store.hold(None)
             if not await self.parallel.after_range_checkpoint(outcome) and not finished:
-                log.warning(
-                    "%s: range %d was taken over while this worker waited (its lease "
-                    "expired); its batches so far are committed",
-                    self.label,
-                    held.number,
-                )
+                _taken_over_while_waiting(self.label, held)
                 return
             if finished:
                 return
             if self.throttle:
                 await asyncio.sleep(self.throttle)
             if self.waiter is not None:
-                await self.waiter.wait(session)
+
+                async def keep(held: Range = held) -> bool:
+                    return await self.store.renew(session, held.token, held.number)
+
+                if not await self.waiter.wait(session, keep=keep):
+                    _taken_over_while_waiting(self.label, held)
+                    return
+
+
+def _taken_over_while_waiting(label: str, held: Range) -> None:
+    log.warning(
+        "%s: range %d was taken over while this worker waited (its lease expired); its "
+        "batches so far are committed",
+        label,
+        held.number,
+    )
 
 
 async def _key_bounds(
@@ -868,15 +881,25 @@ class _Waiter:
             return None
         return answer if isinstance(answer, str) else f"{self.name} returned {answer!r}"
 
-    async def wait(self, session: AsyncSession) -> None:
-        """Return once the predicate gives no reason to wait (at once if it gives none)."""
+    async def wait(
+        self, session: AsyncSession, *, keep: Callable[[], Awaitable[bool]] | None = None
+    ) -> bool:
+        """Return once the predicate gives no reason to wait (at once if it gives none).
+
+        :param keep: a worker of a parallel loop: renew its lease on its range before each
+            look (in the look's transaction); False when it lost the range meanwhile, and
+            then the wait ends at once, returning False.
+        """
         reason = await self.reason(session)
         if reason is None:
-            return
+            return True
         started = last_line = time.monotonic()
         log.info("%s: waiting: %s", self.label, reason, extra={"waiting": reason})
         while reason is not None:
             await asyncio.sleep(self.poll)
+            if keep is not None and not await keep():
+                await session.rollback()
+                return False
             reason = await self.reason(session)
             now = time.monotonic()
             if reason is not None and now - last_line >= WAIT_LOG_INTERVAL:
@@ -889,6 +912,7 @@ class _Waiter:
                     extra={"waiting": reason},
                 )
         log.info("%s: resuming after waiting %s", self.label, clock(time.monotonic() - started))
+        return True
 
 
 @dataclass(frozen=True)
