@@ -7,7 +7,12 @@ directory:
   and ``async def downgrade(session)`` do nothing, run against PostgreSQL through
   ``DM_DATABASE_URL=postgresql://...``;
 * the equivalent plain Alembic project (``alembic init -t async``) with N sync no-op
-  revisions, ``sqlalchemy.url = postgresql+asyncpg://...``.
+  revisions, ``sqlalchemy.url = postgresql+asyncpg://...``; by default Alembic runs every
+  revision of an ``upgrade`` in one transaction and commits once at the end;
+* the same Alembic project with ``transaction_per_migration=True`` in its ``env.py``
+  (tool ``alembic-tpm``: Alembic with a transaction per revision, a commit after each one,
+  as dm commits every revision with its tracker row). It is timed for ``upgrade heads``
+  only (from base and at head): its ``current`` and ``history`` are plain Alembic's.
 
 Each tool gets its own fresh PostgreSQL database per N, dropped and re-created before every
 repetition so that ``upgrade heads`` always starts from base. It measures whole-process
@@ -15,9 +20,11 @@ wall time (``subprocess`` + ``time.perf_counter``, interpreter start-up and impo
 included) of ``upgrade heads`` from base, ``upgrade heads`` again at head (a no-op),
 ``current`` and ``history``, running the tools alternately (the order is swapped every
 repetition), and prints medians with their min-max, the dm/alembic ratio with its range
-over the samples, the per-revision cost of upgrading ((t_upgrade - t_noop) / N), time/N
-and the marginal cost across sizes, the import floor of each tool, and PASS/FAIL for dm's
-performance targets:
+over the samples, the per-revision cost of upgrading ((t_upgrade - t_noop) / N), the
+dm/alembic-tpm ratios of the per-revision cost and of the upgrade from base (how much of
+dm's per-revision cost is its commit per revision), time/N and the marginal cost across
+sizes, the import floor of each tool, and PASS/FAIL for dm's performance targets (all
+against plain Alembic):
 
 * ``dm current`` <= 0.8x alembic at the smallest N, <= 0.3x alembic at the largest N;
 * dm's per-revision upgrade cost <= 1.2x Alembic's (N >= 100);
@@ -57,12 +64,18 @@ from reporting import print_table
 
 DEFAULT_SIZES = (10, 100, 1000, 5000)
 TOOLS = ("alembic", "dm")
+ALEMBIC_TPM = "alembic-tpm"
+"""The tool name of Alembic configured with ``transaction_per_migration=True``."""
+ALEMBIC_TOOLS = {"alembic", ALEMBIC_TPM}
+TOOL_LABELS = {ALEMBIC_TPM: "alembic, a transaction per revision"}
 BEFORE = "dm-before"
 """The tool name of the dm given by ``--before-bin-dir`` (e.g. main's code), measured in the
 same run for before/after figures."""
 OPERATIONS = ("current", "upgrade_base", "upgrade_noop", "history", "check")
 DM_ONLY = {"check"}
 """Operations Alembic has no equivalent of (``dm check``: the gate at every pod start)."""
+TPM_OPERATIONS = {"upgrade_base", "upgrade_noop"}
+"""The operations timed for ``alembic-tpm`` (its current and history are plain Alembic's)."""
 IMPORT_ALEMBIC = 'python -c "import alembic.config"'
 DM_VERSION = "dm --version"
 LABELS = {
@@ -262,33 +275,57 @@ def make_dm_project(
     return Project(tool, directory, database, [str(bin_dir / "dm")], env, head, n)
 
 
-def make_alembic_project(root: Path, bin_dir: Path, pg: Postgres, n: int, database: str) -> Project:
-    """``alembic init -t async`` a project under ``root`` and write N no-op revisions."""
-    directory = root / f"alembic_{n}"
+def substitute_once(path: Path, pattern: str, replacement: str, what: str) -> None:
+    """Replace the one line of ``path`` matching ``pattern``; fail if there is not exactly one."""
+    text, count = re.subn(pattern, lambda _m: replacement, path.read_text(encoding="utf-8"))
+    if count != 1:
+        raise BenchError(f"{path}: expected one {what} line, found {count}")
+    path.write_text(text, encoding="utf-8")
+
+
+def make_alembic_project(
+    root: Path, bin_dir: Path, pg: Postgres, n: int, database: str, tool: str = "alembic"
+) -> Project:
+    """``alembic init -t async`` a project under ``root`` and write N no-op revisions.
+
+    For ``alembic-tpm``, ``env.py`` configures the context with
+    ``transaction_per_migration=True``: a transaction, and a commit, per revision.
+    """
+    directory = root / f"{tool}_{n}"
     directory.mkdir()
     env = base_env()
     timed([str(bin_dir / "alembic"), "init", "-t", "async", "migrations"], directory, env)
-    ini = directory / "alembic.ini"
-    text, count = re.subn(
+    substitute_once(
+        directory / "alembic.ini",
         r"(?m)^sqlalchemy\.url\s*=.*$",
-        lambda _m: f"sqlalchemy.url = {pg.url(database, 'postgresql+asyncpg')}",
-        ini.read_text(encoding="utf-8"),
+        f"sqlalchemy.url = {pg.url(database, 'postgresql+asyncpg')}",
+        "sqlalchemy.url",
     )
-    if count != 1:
-        raise BenchError(f"{ini}: expected one sqlalchemy.url line, found {count}")
-    ini.write_text(text, encoding="utf-8")
+    if tool == ALEMBIC_TPM:
+        substitute_once(
+            directory / "migrations" / "env.py",
+            r"(?m)^    context\.configure\("
+            r"connection=connection, target_metadata=target_metadata\)$",
+            "    context.configure(\n"
+            "        connection=connection,\n"
+            "        target_metadata=target_metadata,\n"
+            "        transaction_per_migration=True,\n"
+            "    )",
+            "context.configure(connection=connection, target_metadata=target_metadata)",
+        )
     head = write_revisions(directory / "migrations" / "versions", ALEMBIC_REVISION, n)
-    return Project("alembic", directory, database, [str(bin_dir / "alembic")], env, head, n)
+    return Project(tool, directory, database, [str(bin_dir / "alembic")], env, head, n)
 
 
 def check_output(project: Project, operation: str, output: str) -> None:
     """Fail loudly if a command did not do what it is being timed for."""
+    alembic = project.tool in ALEMBIC_TOOLS
     if operation == "upgrade_base":
-        ran = output.count("Running upgrade") if project.tool == "alembic" else _dm_done(output)
+        ran = output.count("Running upgrade") if alembic else _dm_done(output)
         if ran != project.n:
             raise BenchError(f"{project.tool} upgrade ran {ran} revisions, expected {project.n}")
     elif operation == "upgrade_noop":
-        ran = output.count("Running upgrade") if project.tool == "alembic" else _dm_done(output)
+        ran = output.count("Running upgrade") if alembic else _dm_done(output)
         if ran:
             raise BenchError(f"{project.tool} no-op upgrade ran {ran} revisions:\n{output}")
     elif operation == "current" and project.head not in output:
@@ -311,6 +348,13 @@ def command_for(operation: str) -> tuple[str, ...]:
     return (operation,)
 
 
+def measured(tool: str, operation: str) -> bool:
+    """Return whether ``operation`` is timed for ``tool``."""
+    if tool in ALEMBIC_TOOLS and operation in DM_ONLY:
+        return False
+    return tool != ALEMBIC_TPM or operation in TPM_OPERATIONS
+
+
 def bench_size(
     root: Path,
     bin_dirs: dict[str, Path],
@@ -324,8 +368,8 @@ def bench_size(
     databases = {tool: f"bench_{tool.replace('-', '_')}_{tag}_{n}" for tool in bin_dirs}
     projects = {
         tool: (
-            make_alembic_project(root, bin_dir, pg, n, databases[tool])
-            if tool == "alembic"
+            make_alembic_project(root, bin_dir, pg, n, databases[tool], tool)
+            if tool in ALEMBIC_TOOLS
             else make_dm_project(root, bin_dir, pg, n, databases[tool], tool)
         )
         for tool, bin_dir in bin_dirs.items()
@@ -343,7 +387,7 @@ def bench_size(
             # upgrade_base must come first (fresh databases); the rest run at head.
             for operation in ("upgrade_base", "upgrade_noop", "current", "history", "check"):
                 for tool in order:
-                    if operation in DM_ONLY and tool == "alembic":
+                    if not measured(tool, operation):
                         continue
                     project = projects[tool]
                     seconds, output = project.run(*command_for(operation))
@@ -436,8 +480,14 @@ def per_revision_ratio(timings: Timings, n: int, tool: str, other: str) -> str:
 def print_size(timings: Timings, n: int, reps: int, tools: Sequence[str]) -> None:
     """Print the table of one N: medians (min-max) per tool, then the ratios."""
     print(f"\n== N = {n} revisions (median (min-max) of {reps}) ==")
+    for tool in tools:
+        if tool in TOOL_LABELS:
+            print(f"{tool}: {TOOL_LABELS[tool]}")
     others = [tool for tool in tools if tool != "alembic"]
     header = ["operation", *tools, *(f"{tool}/alembic" for tool in others)]
+    tpm = ALEMBIC_TPM in tools
+    if tpm:
+        header.append(f"dm/{ALEMBIC_TPM}")
     if BEFORE in tools:
         header.append(f"dm/{BEFORE}")
     rows = [tuple(header)]
@@ -450,10 +500,16 @@ def print_size(timings: Timings, n: int, reps: int, tools: Sequence[str]) -> Non
             else:
                 cells.append("n/a")
         for tool in others:
-            if timings.has(n, "alembic", operation):
+            if timings.has(n, "alembic", operation) and timings.has(n, tool, operation):
                 cells.append(ratio_of(timings, n, operation, tool, "alembic"))
             else:
                 cells.append("n/a")
+        if tpm:
+            cells.append(
+                ratio_of(timings, n, operation, "dm", ALEMBIC_TPM)
+                if operation == "upgrade_base"
+                else "n/a"
+            )
         if BEFORE in tools:
             cells.append(ratio_of(timings, n, operation, "dm", BEFORE))
         rows.append(tuple(cells))
@@ -462,6 +518,8 @@ def print_size(timings: Timings, n: int, reps: int, tools: Sequence[str]) -> Non
         median = timings.per_revision(n, tool)
         cells.append(with_spread(median, timings.per_revision_spread(n, tool), us) + "/rev")
     cells += [per_revision_ratio(timings, n, tool, "alembic") for tool in others]
+    if tpm:
+        cells.append(per_revision_ratio(timings, n, "dm", ALEMBIC_TPM))
     if BEFORE in tools:
         cells.append(per_revision_ratio(timings, n, "dm", BEFORE))
     rows.append(tuple(cells))
@@ -694,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (bin_dir / name).exists():
             parser.error(f"{bin_dir / name} not found (pass --bin-dir)")
     before: Path | None = args.before_bin_dir
-    bin_dirs = {"alembic": bin_dir, "dm": bin_dir}
+    bin_dirs = {"alembic": bin_dir, ALEMBIC_TPM: bin_dir, "dm": bin_dir}
     if before is not None:
         for name in ("python", "dm"):
             if not (before / name).exists():
