@@ -154,6 +154,9 @@ def test_the_gate_role_reads_status_and_checks_and_can_write_nothing(
     denied = run_in_process(project, "upgrade", env=gate)
     assert denied.returncode == 2, denied.stderr
     assert "the database role lacks UPDATE on table script_run_tracker_meta" in denied.stderr
+    denied = run_in_process(project, "upgrade", "--json", env=gate)
+    error = json.loads(denied.stdout)["error"]
+    assert (error["exit_code"], error["kind"]) == (2, "privilege_missing"), error
     assert [row.revision for row in project.db.tracker(TRACKER)] == ["a1"]
     assert project.db.query("SELECT count(*) AS n FROM people")[0].n == 1
 

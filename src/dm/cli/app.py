@@ -173,13 +173,14 @@ class DmGroup(click.Group):
         except Exception as exc:
             problem = pooler_problem(exc)  # e.g. a prepared statement met through PgBouncer
             if problem is not None:
-                _fail(ctx, str(problem), problem.exit_code, exc)
+                _fail(ctx, str(problem), problem.exit_code, exc, told_as=problem)
             denied = privilege_problem(exc)  # the role lacks a grant: a configuration problem
             if denied is not None:
-                _fail(ctx, str(denied), denied.exit_code, exc)
+                _fail(ctx, str(denied), denied.exit_code, exc, told_as=denied)
             if is_transient(exc):  # e.g. the connection died between two revisions
                 failure = TransientFailure(f"transient database failure: {describe_error(exc)}")
-                _fail(ctx, f"{failure} (a retry may succeed)", failure.exit_code, exc)
+                message = f"{failure} (a retry may succeed)"
+                _fail(ctx, message, failure.exit_code, exc, told_as=failure)
             message = (
                 f"internal error: {describe_error(exc)}; this is a bug in dm, please report it "
                 "with the output of --verbose"
@@ -189,7 +190,19 @@ class DmGroup(click.Group):
             _fail(ctx, f"unexpected {exc!r}", 1, exc)
 
 
-def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
+def _fail(
+    ctx: click.Context,
+    message: str,
+    code: int,
+    exc: BaseException,
+    *,
+    told_as: DmError | None = None,
+) -> None:
+    """Report ``exc`` in one line and exit ``code``.
+
+    :param told_as: the error of dm's that ``exc`` (a driver's, say) is told as: its kind
+        names the failure in JSON output; the traceback stays ``exc``'s.
+    """
     from dm.config.redaction import scrub as scrub_text
 
     invocation = ctx.find_object(Invocation)
@@ -200,7 +213,7 @@ def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> No
     elif code == 1 and not isinstance(exc, DmError):
         message += " (run with --verbose for the traceback)"
     extra = {"revision": exc.revision} if isinstance(exc, RevisionFailed | Incomplete) else {}
-    _report(invocation, scrub(message), code, _kind(exc), trace, **extra)
+    _report(invocation, scrub(message), code, _kind(told_as or exc), trace, **extra)
     ctx.exit(code)
 
 
