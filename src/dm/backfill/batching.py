@@ -128,9 +128,20 @@ class Parallel(Protocol):
         """Cancel the run's workers (the loop ends early) and wait for them."""
 
     async def after_range_checkpoint(self, outcome: Outcome) -> bool:
-        """After a batch of a range committed: raise ``StopAtBoundary`` to stop there (a
-        request on the attempt, the run's time, another worker that stopped). Return
-        whether the worker still owns its range (False: taken over while it waited)."""
+        """After a batch of a range committed, or between two looks of a worker with no
+        range to work: raise ``StopAtBoundary`` to stop there (a request on the attempt, the
+        run's time, another worker that stopped). Return whether the worker still owns its
+        range (False: taken over while it waited)."""
+
+    async def stopping(self, session: AsyncSession, stop: LoopStop) -> None:
+        """The run's loop stops at ``stop``: tell the other processes' workers, which see
+        the attempt at their next checkpoint (``run`` only; commits)."""
+
+    def if_unfinished(self, settle: Callable[[], Awaitable[None]] | None) -> None:
+        """Await ``settle`` when the run's hook ends with this loop neither finished nor
+        stopped (a failure, a signal), before the hook's session closes: an exception in
+        the loop's body leaves the loop's generator to be closed later, by another task
+        (``run`` only; None: nothing to settle)."""
 
 
 class WorkerDone(BaseException):
@@ -280,6 +291,8 @@ STOP_WAIT_SECONDS = 10.0
 """How long a stopped run waits for the other processes' workers to reach their boundary."""
 REPORT_SECONDS = 2.0
 """How often the run writes the rows of all workers of a parallel loop in its attempt."""
+FAILED_SETTLE_SECONDS = 5.0
+"""How long the run, failing, tries to give its ranges up and write the rows done."""
 JOIN_POLL_SECONDS = 0.2
 """How often the run looks again while other processes' workers finish their ranges."""
 WAIT_LOG_INTERVAL = 60.0
@@ -543,7 +556,13 @@ class _RangedLoop:
             self.parallel.progress = progress
         elif progress is None:  # a dm work process: its own rows
             progress = Progress(self.label, None, batch_size=self.sizer.size)
-        completed = False
+        completed = stopped = False
+        if run:  # the hook may end without closing this generator: dm settles it then
+
+            async def settle() -> None:
+                await self._failed(token)
+
+            self.parallel.if_unfinished(settle)
         try:
             if run and self.workers > 1:
                 await self.parallel.start_workers(self.workers - 1, token, self.loop)
@@ -557,6 +576,10 @@ class _RangedLoop:
                         break
                     self._waiting(left)
                     await self._report(token)
+                    # A stop (a request, the run's time box) reaches a waiting worker too.
+                    state = await self.store.attempt_state(self.session, token)
+                    await self.session.commit()
+                    await self.parallel.after_range_checkpoint(state)
                     await asyncio.sleep(JOIN_POLL_SECONDS)
                     continue
                 self._waited = None
@@ -574,8 +597,10 @@ class _RangedLoop:
             completed = True
             if own_progress:
                 progress.finish()
-        except LoopStop:
+        except LoopStop as stop:
+            stopped = True
             if run:  # the other workers stop at their next boundary, ranges given up
+                await self.parallel.stopping(self.session, stop)
                 with contextlib.suppress(LoopStop):
                     await self.parallel.join_workers()
                 await self._others_stopped(token)
@@ -584,6 +609,8 @@ class _RangedLoop:
         finally:
             if run and not completed:
                 await self.parallel.stop_workers()
+            if run and (completed or stopped):
+                self.parallel.if_unfinished(None)
             if own_progress and not completed:
                 progress.close()
 
@@ -673,6 +700,23 @@ class _RangedLoop:
         left = await self.store.unfinished(self.session, token)
         await self.session.commit()
         return left
+
+    async def _failed(self, token: str) -> None:
+        """The run's loop ended in a failure or on a signal: give this worker's ranges up
+        (the next run, or a ``dm work`` process, may take them at once) and write the rows of
+        all workers in the attempt, for ``dm status``. Best effort, bounded: the failure is
+        what the caller records and tells, whatever happens here."""
+
+        async def settle() -> None:
+            await self.session.rollback()
+            self.store.hold(None)
+            await self.store.release(self.session)
+            await self._report(token, force=True)
+
+        try:
+            await asyncio.wait_for(settle(), FAILED_SETTLE_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - the loop's own failure is what counts
+            log.debug("%s: could not settle the loop's ranges: %s", self.label, exc)
 
     async def _others_stopped(self, token: str) -> None:
         """At a stop: wait, up to ``STOP_WAIT_SECONDS``, for the ``dm work`` processes to

@@ -281,6 +281,23 @@ class RangeStore:
         await session.execute(r.update().where(ours).values(attempt_id=attempt_id))
         return await self.unfinished(session, token)
 
+    async def attempt_state(self, session: AsyncSession, token: str) -> Outcome:
+        """Return the status and request of the attempt the loop's ranges belong to, as a
+        checkpoint would (a worker with no range to work looks between two waits)."""
+        r, a = self.ranges, self.attempts
+        of_loop = sa.select(r.c.attempt_id).where(r.c.token == token).limit(1).scalar_subquery()
+        row = (
+            await session.execute(
+                sa.select(a.c.status, a.c.request, a.c.request_by, a.c.request_reason).where(
+                    a.c.id == of_loop
+                )
+            )
+        ).first()
+        if row is None:
+            return Outcome(True)
+        status, request, by, reason = row
+        return Outcome(True, None, 0, status, None if request is None else (request, by, reason))
+
     async def unfinished(self, session: AsyncSession, token: str) -> int:
         """Return how many of the loop's ranges are not finished."""
         r = self.ranges

@@ -77,6 +77,7 @@ REQUESTED_NOTES = {
     "pause": "pause requested",
     "cancel": "cancel requested",
     "abandon": "cancel --skip requested",
+    "stop": "stop requested (its run's time is up)",
 }
 
 

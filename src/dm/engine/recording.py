@@ -186,6 +186,16 @@ class Recorder:
         """
         return await self._update(session, attempt_id, {"checkpoint": dict(checkpoint)})
 
+    async def ask_stop(self, attempt_id: int, session: AsyncSession, reason: str) -> None:
+        """Leave a ``stop`` request on this run's attempt, in the session's transaction: the
+        run stops on its own (its time box) and asks the other processes' workers of its
+        loop to stop at their next checkpoint too.
+
+        :raises FenceLost: the attempt is no longer this run's.
+        """
+        values = {"request": "stop", "request_by": self.run.run_by[:255], "request_reason": reason}
+        await self._update(session, attempt_id, values)
+
     async def _update(
         self,
         executor: AsyncConnection | AsyncSession,
@@ -217,6 +227,11 @@ class Request:
 
     def describe(self) -> str:
         """Return e.g. ``paused by ops@host: peak traffic``."""
-        done = {"pause": "paused", "cancel": "cancelled", "abandon": "cancelled (--skip)"}
+        done = {
+            "pause": "paused",
+            "cancel": "cancelled",
+            "abandon": "cancelled (--skip)",
+            "stop": "stopped",
+        }
         text = f"{done.get(self.action, self.action)} by {self.by or 'unknown'}"
         return f"{text}: {self.reason}" if self.reason else text

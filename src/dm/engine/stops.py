@@ -29,6 +29,7 @@ _STATUS_OF_REQUEST = {
     "pause": Status.PAUSED,
     "cancel": Status.CANCELLED,
     "abandon": Status.ABANDONED,
+    "stop": Status.STOPPED,  # the run's own stop, left for the other processes' workers
 }
 
 

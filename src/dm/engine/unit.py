@@ -184,8 +184,12 @@ class UnitOfWork:
                 step=self.step,
                 stops=self._stops,
                 connect=self._connect,
+                ask_stop=self._ask_stop,
             )
         return self._crew
+
+    async def _ask_stop(self, session: AsyncSession, reason: str) -> None:
+        await self.recorder.ask_stop(self.attempt_id, session, reason)
 
     def autocommit(self) -> AbstractAsyncContextManager[None]:
         """Return the autocommit block of the running hook (``dm.autocommit``)."""

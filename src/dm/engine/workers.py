@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from dm.backfill.batching import WorkerDone
 from dm.backfill.batching import run_context
+from dm.backfill.errors import LoopStop
 from dm.backfill.progress import Progress
 from dm.backfill.ranges import Joinable
 from dm.backfill.ranges import Outcome
@@ -165,6 +166,7 @@ class _Parallel:
         self.joins = joins
         self.progress = progress
         self._store: RangeStore | None = None
+        self._unfinished: Callable[[], Awaitable[None]] | None = None
 
     def store(self, lease_seconds: float) -> RangeStore:
         fence = None if self.run_id is None else self.tracker.fence_held(self.run_id)
@@ -193,6 +195,12 @@ class _Parallel:
     async def after_range_checkpoint(self, outcome: Outcome) -> bool:
         raise NotImplementedError
 
+    async def stopping(self, session: AsyncSession, stop: LoopStop) -> None:
+        return None
+
+    def if_unfinished(self, settle: Callable[[], Awaitable[None]] | None) -> None:
+        self._unfinished = settle
+
 
 class Crew(_Parallel):
     """The run's side of a parallel loop: the run's hook and the tasks it starts."""
@@ -208,12 +216,16 @@ class Crew(_Parallel):
         step: Step,
         stops: StopPolicy,
         connect: Connect,
+        ask_stop: Callable[[AsyncSession, str], Awaitable[None]],
     ) -> None:
+        """:param ask_stop: leave a ``stop`` request, with a reason, on the run's attempt
+        (in the session's transaction, fenced)."""
         super().__init__(tracker, f"run:{run_id}:0", lease, run_id=run_id, joins=None)
         self._run_id = run_id
         self.step = step
         self.stops = stops
         self.connect = connect
+        self._ask_stop = ask_stop
         self.stop: StopAtBoundary | None = None
         """The first stop a worker met: the others stop at their next boundary."""
         self.failure: BaseException | None = None
@@ -253,7 +265,8 @@ class Crew(_Parallel):
 
         When the run is being cancelled (a signal, its time limit) the workers are
         cancelled with it; otherwise (the hook failed) each ends at its next batch
-        boundary, and one still in its batch after ``SHUTDOWN_SECONDS`` is cancelled.
+        boundary, and one still in its batch after ``SHUTDOWN_SECONDS`` is cancelled. A
+        loop left unfinished then gives the run's ranges up and records the rows done.
         """
         tasks, self._tasks = self._tasks, []
         current = asyncio.current_task()
@@ -264,6 +277,17 @@ class Crew(_Parallel):
             _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_SECONDS)
             await _cancel(list(pending))
         self.lease.holding(None, None)
+        settle, self._unfinished = self._unfinished, None
+        if settle is not None:  # the loop ended in a failure or on a signal
+            await settle()
+
+    async def stopping(self, session: AsyncSession, stop: LoopStop) -> None:
+        """At the run's own stop (its time box) leave a ``stop`` request on the attempt, so
+        that the ``dm work`` processes stop after their batch too (a request of ``dm
+        pause`` or ``dm cancel`` they read already); the run's tasks stop at ``self.stop``."""
+        if isinstance(stop, StopAtBoundary) and stop.status is Status.STOPPED:
+            await self._ask_stop(session, stop.reason)
+            await session.commit()
 
     async def after_range_checkpoint(self, outcome: Outcome, *, member: bool = False) -> bool:
         if member and self.ending:
@@ -539,6 +563,8 @@ def _stopped_by(
 ) -> StopAtBoundary | None:
     """Return the stop of a ``dm work`` process whose attempt has ``status`` and
     ``request`` (``dm pause``, ``dm cancel``), or None while it may work on."""
+    if request is not None and request[0] == "stop":  # the run's own stop, e.g. its time box
+        return StopAtBoundary(Status.STOPPED, f"its run {request[2] or 'stopped'}")
     if request is not None and request[0] in {"pause", "cancel", "abandon"}:
         return StopAtBoundary(Status.STOPPED, f"its attempt was {Request(*request).describe()}")
     stopping = _STOPPING_STATUSES.get(status or "")
@@ -552,5 +578,5 @@ def _held_up(loop: Joinable) -> str | None:
     stop = _stopped_by(loop.status, loop.request)
     if stop is None and loop.status != Status.FAILED.value:
         return None
-    why = stop.reason if stop is not None else f"its attempt was {loop.status}"
+    why = stop.reason if stop is not None else "its attempt failed"
     return f"{why} (the next dm {loop.direction} or dm resume goes on with its ranges)"
