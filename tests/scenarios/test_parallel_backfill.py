@@ -244,6 +244,49 @@ def test_a_frozen_worker_past_its_lease_commits_nothing(project: Project, start:
     assert counters(project) == {1: 4_000}, before
 
 
+GAP_BODY = """
+query = sa.select(items.c.id)
+async for batch in batched(session, query, key=items.c.id, size=100, workers=2, lease_seconds=60):
+    await session.execute(items.update().where(batch.where()).values(hits=items.c.hits + 1))
+    if batch.upper > {dense}:  # a worker past the gap is slow
+        await asyncio.sleep(float(os.environ.get("DM_TEST_PAUSE", 0.1)))
+"""
+
+
+@pytest.mark.slow
+def test_a_range_whose_rows_sit_behind_a_gap_is_split(project: Project, start: Start) -> None:
+    # Ids 1-2,000, then nothing up to 190,000, then 190,001-193,000: of the 8 ranges cut by
+    # value, the last, (168,875, 193,000], holds 3,000 rows (30 batches) behind 21,000 empty
+    # keys. After its first batches its worker has done few rows over many keys: estimated
+    # from them, what it has left looks under 4 batches.
+    dense, gap_end, rows_after = 2_000, 190_000, 3_000
+    make_items(project, dense)
+    project.db.query(
+        f"INSERT INTO items SELECT g, 0 FROM generate_series({gap_end + 1}, "
+        f"{gap_end + rows_after}) AS g"
+    )
+    project.write(REV, None, GAP_BODY.format(dense=dense), extra=EXTRA)
+    run = start("upgrade", "heads")
+
+    def seen() -> str | None:
+        """Return "split" once a range split off the planned ones has rows done (the
+        other worker's, in the gap range's keys), "ended" if the run ended first."""
+        if has_table(project) and project.db.query(
+            "SELECT 1 FROM script_run_tracker_ranges WHERE number >= 8 AND rows_done > 0"
+        ):
+            return "split"
+        return None if run.poll() is None else "ended"
+
+    # Unsplit, the slow worker does the 30 batches alone (3 s) while the other one idles.
+    outcome = wait_for(seen, timeout=60)
+    code, stderr = finish(run)
+    assert code == 0, stderr
+    assert "8 key ranges for 2 workers" in stderr
+    assert outcome == "split", stderr
+    assert counters(project) == {1: dense + rows_after}
+    assert ranges_left(project) == 0
+
+
 def work_owners(project: Project) -> set[str]:
     """The ``dm work`` processes holding a range now."""
     rows = project.db.query(

@@ -679,8 +679,23 @@ class _RangedLoop:
         """Claim a free range, else split the largest one another worker holds."""
         held = await self.store.claim(self.session, token)
         if held is None:
-            held = await self.store.steal(self.session, token, self.sizer.size)
+            held = await self.store.steal(self.session, token, self.sizer.size, self._count)
         return held
+
+    async def _count(self, lower: Any, upper: Any, limit: int) -> int:
+        """Return how many rows of the loop's query have a key in ``(lower, upper]`` (None:
+        unbounded), counting at most ``limit``: the pages' own query over the key's order,
+        cut at ``limit`` rows, not a count of the whole range."""
+        (column,) = self.keyset.columns
+        page = self._after(lower)
+        if upper is not None:
+            page = page.where(self.keyset.within(None, upper, None))
+        keys = page.with_only_columns(
+            page.selected_columns[self.keyset.positions[0]], maintain_column_froms=True
+        )
+        cut = keys.order_by(column).limit(limit).subquery()
+        counted = sa.select(sa.func.count()).select_from(cut)
+        return int((await self.session.execute(counted)).scalar_one())
 
     async def _report(self, token: str, *, force: bool = False) -> None:
         """Every ``REPORT_SECONDS`` (the run only): write the rows all workers have done in

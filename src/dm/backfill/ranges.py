@@ -9,7 +9,9 @@ while the worker still owns the range and the range's bounds are those it paged 
 (``version``); otherwise the batch rolls back. A worker that died loses its lease when it
 expires; the range is then claimed again from its checkpoint. When no range is left to
 claim, a worker splits the largest remaining one at the middle of what is left
-(``steal``), so the last minutes are not one worker alone.
+(``steal``), so the last minutes are not one worker alone. The rows a range has left are
+estimated from its worker's progress; when that finds none worth splitting (a range whose
+rows sit behind a gap in its keys looks almost empty), the loop counts them, up to a bound.
 
 Ranges need a key that can be split by value: one column of integers, numerics, dates,
 timestamps or UUIDs.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import decimal
 import uuid
+from collections.abc import Awaitable
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace
@@ -40,6 +43,11 @@ SPLIT_BATCHES = 4
 """A range is split only with at least this many batches left (see ``RangeStore.steal``)."""
 SPLIT_LOCK = "dm.ranges.split"
 """Names the advisory lock that lets one worker of a loop split a range at a time."""
+
+RowCount = Callable[[Any, Any, int], Awaitable[int]]
+"""Count the loop's rows whose key is in ``(lower, upper]`` (None: unbounded on that side),
+stopping at ``limit``: ``count(lower, upper, limit)``, at most ``limit``. The loop gives it
+(``RangeStore.steal``): the ranges know the keys, not the loop's query."""
 
 
 def ranges_table(metadata: sa.MetaData, tracker: str) -> sa.Table:
@@ -149,6 +157,13 @@ class _Span:
         return _number(self.start) - _number(self.begin)
 
     @property
+    def keys_left(self) -> float:
+        """How much of the key line is left to its worker (0 when none)."""
+        if None in (self.start, self.end) or not self.start < self.end:
+            return 0.0
+        return _number(self.end) - _number(self.start)
+
+    @property
     def middle(self) -> Any:
         """The key halfway through what is left, if there is one strictly inside."""
         if None in (self.start, self.end) or not self.start < self.end:
@@ -211,6 +226,9 @@ class RangeStore:
         )
         self.fence = fence
         self._holding = holding
+        self._short: dict[tuple[str, int], tuple[int, Any]] = {}
+        """The ranges a count found too short to split (token and number), at the version
+        and last key it counted from: not counted again until their checkpoint moves."""
 
     def hold(self, held: Range | None) -> None:
         """Note which range this worker holds now (None: none)."""
@@ -354,7 +372,13 @@ class RangeStore:
         self.hold(held)
         return held
 
-    async def steal(self, session: AsyncSession, token: str, batch_rows: int) -> Range | None:
+    async def steal(
+        self,
+        session: AsyncSession,
+        token: str,
+        batch_rows: int,
+        count: RowCount | None = None,
+    ) -> Range | None:
         """Split the range another worker holds with the most rows left at the middle of
         what it has left; claim the upper half. Commits; None when nothing is worth it.
 
@@ -363,6 +387,13 @@ class RangeStore:
         of the first and last range run to the loop's smallest and largest key when it was
         planned. Only a range with at least ``SPLIT_BATCHES`` batches of ``batch_rows`` left
         is split, so the cut falls well past the batch its worker is working on.
+
+        When the estimate finds none, ``count`` (the loop's) counts the rows the ranges
+        really have left, up to ``SPLIT_BATCHES`` batches each, the widest key span first,
+        and the first range that has them all is split: one whose rows sit behind a gap in
+        its keys has done few rows over many keys and looks almost empty. A range counted
+        short is not counted again until its checkpoint moves (a worker waiting for the
+        others' last ranges looks every ``JOIN_POLL_SECONDS``).
         """
         r = self.ranges
         # One split at a time per loop (the new range's number is the next free one); the
@@ -391,11 +422,14 @@ class RangeStore:
                 continue
             if best is None or left > best[0]:
                 best = (left, span)
-        if best is None:
+        chosen = best[1] if best is not None else None
+        if chosen is None and count is not None:
+            chosen = await self._counted(token, spans, batch_rows, count)
+        if chosen is None:
             await session.commit()
             return None
-        victim = best[1].range
-        middle = best[1].middle
+        victim = chosen.range
+        middle = chosen.middle
         revision = await self._revision(session, token)
         cut = encode_key(middle, revision)
         await session.execute(
@@ -433,6 +467,28 @@ class RangeStore:
         stolen = Range(token, number, middle, victim.upper, None, 0, 0)
         self.hold(stolen)
         return stolen
+
+    async def _counted(
+        self, token: str, spans: list[_Span], batch_rows: int, count: RowCount
+    ) -> _Span | None:
+        """Return the first range, widest key span left first, that ``count`` finds with
+        at least ``SPLIT_BATCHES`` batches left; remember those it finds short."""
+        wanted = SPLIT_BATCHES * batch_rows
+        widest = sorted(
+            (span for span in spans if span.middle is not None),
+            key=lambda span: span.keys_left,
+            reverse=True,
+        )
+        for span in widest:
+            held = span.range
+            at = (held.version, held.last)
+            if self._short.get((token, held.number)) == at:
+                continue
+            if await count(held.start, held.upper, wanted) >= wanted:
+                self._short.pop((token, held.number), None)
+                return span
+            self._short[(token, held.number)] = at
+        return None
 
     async def _revision(self, session: AsyncSession, token: str) -> str:
         r = self.ranges
