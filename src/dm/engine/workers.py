@@ -15,6 +15,7 @@ the range over) therefore commits nothing more: its batch rolls back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -122,7 +123,16 @@ class Lease:
         """Give up the ranges this worker holds (it ends: a failure, a signal): its batch
         in flight rolls back, its last checkpoints stay, and another worker may claim them
         at once instead of after the lease. On a connection of its own when the worker's
-        is unusable (a statement cut short); a dead database leaves the lease to expire."""
+        is unusable (a statement cut short); a dead database leaves the lease to expire.
+        A cancellation meanwhile (the run stops its workers) waits for it to end."""
+        giving_up = asyncio.ensure_future(self._give_up(conn))
+        try:
+            await asyncio.shield(giving_up)
+        except asyncio.CancelledError:
+            await asyncio.wait({giving_up})
+            raise
+
+    async def _give_up(self, conn: AsyncConnection) -> None:
         self.holding(None, None)
         # Every range of its own: one claimed as it was cancelled too.
         statement = give_up(self.tracker.ranges, self.owner)
@@ -132,14 +142,16 @@ class Lease:
             await conn.execute(statement)
             await conn.commit()
             return
-        except Exception:  # noqa: S110 - try a fresh connection below
-            pass
+        except Exception as exc:  # try a fresh connection below, once this one is gone
+            log.debug("%s: giving its ranges up on its own connection failed: %s", self.owner, exc)
+            with contextlib.suppress(Exception):  # its session may hold the range's row lock
+                await conn.invalidate()
         try:
             async with conn.engine.connect() as fresh:
                 await fresh.execute(statement)
                 await fresh.commit()
-        except Exception:  # noqa: S110 - the lease expires instead
-            pass
+        except Exception as exc:  # the lease expires instead
+            log.debug("%s: could not give its ranges up: %s", self.owner, exc)
 
 
 class _Parallel:
@@ -390,6 +402,8 @@ class _Joiner(_Parallel):
                     await self.conn.rollback()
                     self.lease.holding(None, None)
             loop = await joinable(self.conn, self.tracker.ranges, self.tracker.table, self.revision)
+            if loop is None and await _settled(self.conn, self.tracker, self.revision):
+                return True, holds  # a new run resumed the loop and finished it meanwhile
             if loop is None or loop.token != self.joins[0]:
                 return False, holds
             if loop.status == Status.PENDING.value:
@@ -545,7 +559,9 @@ async def join(
     return WorkResult(revision, True, loop.direction)
 
 
-async def _settled(session: AsyncSession, tracker: Tracker, revision: str) -> bool:
+async def _settled(
+    session: AsyncSession | AsyncConnection, tracker: Tracker, revision: str
+) -> bool:
     """Return whether the latest attempt of ``revision`` ended in success (a worker started
     after the loop finished has nothing to wait for)."""
     t = tracker.table
