@@ -259,6 +259,7 @@ def hits(project: Project) -> dict[int, int]:
 
 
 @pytest.mark.process
+@pytest.mark.slow
 def test_the_worker_role_joins_a_parallel_backfill_with_the_documented_grants(
     project: Project, roles: Roles, tmp_path: Path
 ) -> None:
