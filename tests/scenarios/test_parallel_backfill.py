@@ -358,6 +358,12 @@ def test_max_runtime_stops_all_workers_and_the_next_run_goes_on(project: Project
     assert [a.status for a in project.db.tracker()] == ["stopped", "success"]
 
 
+def stop_requested(project: Project) -> bool:
+    """Whether the run left a ``stop`` request on its attempt (its time box is up)."""
+    found = project.db.query("SELECT request FROM script_run_tracker ORDER BY id DESC LIMIT 1")
+    return bool(found) and found[0].request == "stop"
+
+
 HELD_BODY = """
 query = sa.select(items.c.id)
 async for batch in batched(session, query, key=items.c.id, size=100, workers=2, lease_seconds=60):
@@ -386,9 +392,10 @@ def test_max_runtime_stops_a_run_that_waits_for_another_worker_s_range(
             timeout=60,
         )
         (project.root / "gate").unlink()
-        code, stderr = finish(run, timeout=40)
-    finally:
+        wait_for(lambda: run.poll() is not None or stop_requested(project), timeout=60)
+    finally:  # the held worker ends its batch, reads the run's stop request and stops
         (project.root / "hold").unlink()
+    code, stderr = finish(run)
     assert code == 5, stderr
     assert "no range left to claim; waiting for 1 range(s)" in stderr
     assert "the run's max runtime of 8s was reached" in stderr
