@@ -21,7 +21,9 @@ measured in the same run:
    (``workers=2``, one process).
 3. **remote database** (``--remote-rows``, default 200,000, batches of ``--remote-size``):
    the update of (1) through a TCP proxy of this script that delays every chunk by
-   ``--delay-ms`` (default 1) each way, 2 ms per round trip: ``workers=1`` vs ``workers=4``.
+   ``--delay-ms`` (default 1) each way, 2 ms per round trip: ``workers=1`` vs ``workers=4``
+   (four tasks of one process), and ``workers=2`` plus two ``dm work`` (four workers in
+   three processes: whether one process's event loop is what holds four workers back).
    Target: 4 workers >= 3x 1 worker.
 4. **memory** (``--memory-rows``, default 100,000 and 1,000,000): the peak RSS of the run
    (``workers=2``: two workers in one process) and of one ``dm work`` beside it, over the
@@ -930,6 +932,7 @@ async def bench(args: argparse.Namespace, target: Target, root: Path) -> tuple[b
         address = (upstream.host or "127.0.0.1", upstream.port or 5432)
         r1 = users_project(root, 1, args.remote_size)
         r4 = users_project(root, 4, args.remote_size)
+        r2 = users_project(root, 2, args.remote_size)
         async with DelayProxy(address, args.delay_ms / 1000) as proxy:
             remote_url = proxy.url(target)
             remote = Scenario(
@@ -940,6 +943,7 @@ async def bench(args: argparse.Namespace, target: Target, root: Path) -> tuple[b
                 [
                     Config("workers=1", lambda: run_dm(r1, remote_url)),
                     Config("workers=4", lambda: run_dm(r4, remote_url)),
+                    Config("workers=2, run + 2 dm work", lambda: run_dm(r2, remote_url, joiners=2)),
                 ],
             )
             await run_scenario(target, remote, args.reps, 2 * args.remote_size + 1)
