@@ -108,6 +108,14 @@ def ranges_left(project: Project) -> int:
     return int(found[0].n)
 
 
+def a_new_run_finishes(project: Project, rows: int, statuses: list[str]) -> None:
+    """The next run finishes the loop: every row exactly once, and the attempts' statuses."""
+    again = run_dm(project, "upgrade", "heads", env=QUICK)
+    assert again.returncode == 0, again.stderr
+    assert counters(project) == {1: rows}
+    assert [a.status for a in project.db.tracker()] == statuses
+
+
 def test_workers_in_one_run_process_every_row_once(project: Project) -> None:
     make_items(project, 20_000)
     write_backfill(project, workers=3)
@@ -352,10 +360,7 @@ def test_max_runtime_stops_all_workers_and_the_next_run_goes_on(project: Project
     done = counters(project)
     assert set(done) == {0, 1} and done[1] >= 100, done
     assert leased_ranges(project) == 0  # every worker gave its range up at the stop
-    again = run_dm(project, "upgrade", "heads", env=QUICK)
-    assert again.returncode == 0, again.stderr
-    assert counters(project) == {1: 20_000}
-    assert [a.status for a in project.db.tracker()] == ["stopped", "success"]
+    a_new_run_finishes(project, 20_000, ["stopped", "success"])
 
 
 def stop_requested(project: Project) -> bool:
@@ -401,10 +406,7 @@ def test_max_runtime_stops_a_run_that_waits_for_another_worker_s_range(
     assert "the run's max runtime of 8s was reached" in stderr
     code, told = finish(worker)
     assert code == 5 and "its run stopped" in told, told
-    again = run_dm(project, "upgrade", "heads")
-    assert again.returncode == 0, again.stderr
-    assert counters(project) == {1: 4_000}
-    assert [a.status for a in project.db.tracker()] == ["stopped", "success"]
+    a_new_run_finishes(project, 4_000, ["stopped", "success"])
 
 
 @pytest.mark.slow
@@ -442,10 +444,7 @@ def test_a_failing_worker_fails_the_attempt_and_the_next_run_resumes(project: Pr
     assert status_rows(project) == done.get(1, 0)  # the rows of every worker, recorded
     assert leased_ranges(project) == 0  # each worker gave its ranges up, the run's own too
     (project.root / "fixed").touch()
-    again = run_dm(project, "upgrade", "heads")
-    assert again.returncode == 0, again.stderr
-    assert counters(project) == {1: 10_000}
-    assert [a.status for a in project.db.tracker()] == ["failed", "success"]
+    a_new_run_finishes(project, 10_000, ["failed", "success"])
 
 
 @pytest.mark.slow

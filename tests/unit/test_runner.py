@@ -1,6 +1,6 @@
 """The runner's cancellation helpers on their own (in-process asyncio, no database).
 
-``_finish_despite_cancel`` guards the write of a failure against a second cancellation;
+``finish_despite_cancel`` guards the write of a failure against a second cancellation;
 ``_interruptible`` interrupts SQLite's running statement before a cancellation unwinds the
 hook. The behaviour they give real runs is tested with real processes in
 ``test_process.py`` and ``test_batched_process.py``.
@@ -12,11 +12,11 @@ import asyncio
 
 import pytest
 
-from dm.engine.attempts import _finish_despite_cancel
+from dm.engine.cancellation import finish_despite_cancel
 from dm.engine.unit import _interruptible
 
 
-def test_finish_despite_cancel_completes_the_work_then_reports_the_cancellation() -> None:
+def testfinish_despite_cancel_completes_the_work_then_reports_the_cancellation() -> None:
     finished: list[str] = []
     release = asyncio.Event()
 
@@ -25,7 +25,7 @@ def test_finish_despite_cancel_completes_the_work_then_reports_the_cancellation(
         finished.append("recorded")
 
     async def scenario() -> None:
-        task = asyncio.create_task(_finish_despite_cancel(record()))
+        task = asyncio.create_task(finish_despite_cancel(record()))
         await asyncio.sleep(0)
         task.cancel()  # twice: a second signal must not cut the record short either
         await asyncio.sleep(0)
@@ -38,13 +38,13 @@ def test_finish_despite_cancel_completes_the_work_then_reports_the_cancellation(
     assert finished == ["recorded"]
 
 
-def test_finish_despite_cancel_passes_the_work_result_and_errors_through() -> None:
+def testfinish_despite_cancel_passes_the_work_result_and_errors_through() -> None:
     async def fail() -> None:
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        asyncio.run(_finish_despite_cancel(fail()))
-    asyncio.run(_finish_despite_cancel(asyncio.sleep(0)))
+        asyncio.run(finish_despite_cancel(fail()))
+    asyncio.run(finish_despite_cancel(asyncio.sleep(0)))
 
 
 def test_interruptible_interrupts_first_and_lets_the_hook_unwind() -> None:

@@ -67,6 +67,7 @@ from dm.core.planning import Step
 from dm.core.transient import is_lock_timeout
 from dm.core.transient import is_transient
 from dm.engine import loop_watchdog
+from dm.engine.cancellation import finish_despite_cancel
 from dm.engine.lock_retries import LockRetries
 from dm.engine.lock_retries import LockWaitTimedOut
 from dm.engine.recording import Recorder
@@ -400,7 +401,7 @@ class Runner:
         """Roll back whatever this run's connection still has open (nothing is recorded),
         a transaction whose commit the fence refused included."""
         with contextlib.suppress(Exception):
-            await _finish_despite_cancel(self.conn.rollback())
+            await finish_despite_cancel(self.conn.rollback())
 
     @contextlib.asynccontextmanager
     async def _pending_row_transaction(self) -> AsyncIterator[None]:
@@ -458,7 +459,7 @@ class Runner:
             if isinstance(exc, Exception) and is_transient(exc):
                 # The connection died: a fresh one may hang on the same network (bounded).
                 write = asyncio.wait_for(write, RECORD_AFTER_LOSS_SECONDS)
-            await _finish_despite_cancel(write)
+            await finish_despite_cancel(write)
         except FenceLost:
             raise
         except Exception as record_error:  # the next run marks the attempt interrupted
@@ -494,23 +495,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
         return "interrupted"
     return describe_error(exc)  # a driver error without its statement and parameters
-
-
-async def _finish_despite_cancel(work: Awaitable[None]) -> None:
-    """Await ``work`` to its end even if this task is cancelled meanwhile, then re-cancel."""
-    task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
-        try:
-            await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            cancelled = True
-            if task.done():
-                break
-    if cancelled:
-        raise asyncio.CancelledError
-    task.result()
 
 
 def _label(step: Step) -> str:

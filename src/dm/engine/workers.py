@@ -48,6 +48,7 @@ from dm.core.errors import UsageError
 from dm.core.errors import describe_error
 from dm.core.graph import Hook
 from dm.core.planning import Step
+from dm.engine.cancellation import finish_despite_cancel
 from dm.engine.fence import CommitFence
 from dm.engine.hooks import call_hook
 from dm.engine.recording import Request
@@ -125,12 +126,7 @@ class Lease:
         at once instead of after the lease. On a connection of its own when the worker's
         is unusable (a statement cut short); a dead database leaves the lease to expire.
         A cancellation meanwhile (the run stops its workers) waits for it to end."""
-        giving_up = asyncio.ensure_future(self._give_up(conn))
-        try:
-            await asyncio.shield(giving_up)
-        except asyncio.CancelledError:
-            await asyncio.wait({giving_up})
-            raise
+        await finish_despite_cancel(self._give_up(conn))
 
     async def _give_up(self, conn: AsyncConnection) -> None:
         self.holding(None, None)
