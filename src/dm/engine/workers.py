@@ -400,9 +400,10 @@ class _Joiner(_Parallel):
             loop = await joinable(self.conn, self.tracker.ranges, self.tracker.table, self.revision)
             if loop is None and await _settled(self.conn, self.tracker, self.revision):
                 return True, holds  # a new run resumed the loop and finished it meanwhile
-            if loop is None or loop.token != self.joins[0]:
+            # No range left but not settled yet: the new run is recording its success.
+            if loop is not None and loop.token != self.joins[0]:
                 return False, holds
-            if loop.status == Status.PENDING.value:
+            if loop is not None and loop.status == Status.PENDING.value:
                 return True, holds
             if time.monotonic() >= deadline:
                 return False, holds
