@@ -19,12 +19,17 @@ measured in the same run:
    ``workers=2`` alone (two tasks in one process: one core, the GIL); ``workers=2`` plus one
    ``dm work`` process (two processes). Target: two processes >= 1.7x the run alone
    (``workers=2``, one process).
-3. **remote database** (``--remote-rows``, default 200,000, batches of ``--remote-size``):
+3. **remote database** (``--remote-rows``, default 1,000,000, batches of ``--remote-size``):
    the update of (1) through a TCP proxy of this script that delays every chunk by
    ``--delay-ms`` (default 1) each way, 2 ms per round trip: ``workers=1`` vs ``workers=4``
    (four tasks of one process), and ``workers=2`` plus two ``dm work`` (four workers in
    three processes: whether one process's event loop is what holds four workers back).
-   Target: 4 workers >= 3x 1 worker.
+   Target: 4 workers >= 3x 1 worker. Beside them, this machine's ceiling: the same
+   statements per batch written by hand on bare asyncpg (no dm, no SQLAlchemy), in a
+   process of its own, over 1 and 4 connections; the database's backends share this
+   machine's cores with the clients and the proxy, as a database in another zone would
+   not. A million rows by default, so that the start-up of a process (in both sides of the
+   ratio) weighs little beside the loop.
 4. **memory** (``--memory-rows``, default 100,000 and 1,000,000): the peak RSS of the run
    (``workers=2``: two workers in one process) and of one ``dm work`` beside it, over the
    update of (1) in batches of ``--memory-size`` (default 1,000, so that the loop lasts long
@@ -72,12 +77,15 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import resource
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable
 from collections.abc import Callable
@@ -386,6 +394,74 @@ async def run_dm(project: Project, url: str, joiners: int = 0) -> Sample:
     return Sample(time.perf_counter() - started, tuple(usages))
 
 
+async def run_hand(url: str, workers: int, size: int) -> Sample:
+    """Run :func:`hand_loop` in a process of its own, under the measuring wrapper."""
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, __file__, "--child", "--"),
+        *(sys.executable, __file__, "--hand-loop", url, str(workers), str(size)),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    usage = await finish(proc, "the hand-written loop")
+    seconds = time.perf_counter() - started
+    return Sample(seconds, (usage,), revision=json.loads(usage.said)["loop_seconds"])
+
+
+async def hand_loop(url: str, workers: int, size: int) -> float:
+    """The update of (1) written by hand on bare asyncpg, ``workers`` connections each
+    paging through a fixed key range, with dm's statements per batch (BEGIN, the page's
+    keys, the update, a checkpoint row, COMMIT) and none of its work: what this machine and
+    the proxy allow. Return the loop's seconds (connections included, imports not)."""
+    started = time.perf_counter()
+    setup = await asyncpg.connect(url)
+    try:
+        low, high = await setup.fetchrow("SELECT min(id), max(id) FROM users")
+        await setup.execute(
+            "CREATE TABLE IF NOT EXISTS hand_checkpoints (number int PRIMARY KEY, last bigint)"
+        )
+        bounds = [low - 1 + (high - low + 1) * n // workers for n in range(workers + 1)]
+        await setup.execute("TRUNCATE hand_checkpoints")
+        await setup.executemany(
+            "INSERT INTO hand_checkpoints VALUES ($1, $2)",
+            [(n, bounds[n]) for n in range(workers)],
+        )
+    finally:
+        await setup.close()
+
+    async def work(number: int) -> None:
+        conn = await asyncpg.connect(url)
+        last, upper = bounds[number], bounds[number + 1]
+        try:
+            while True:
+                async with conn.transaction():
+                    keys = await conn.fetch(
+                        "SELECT id FROM users WHERE display_name IS NULL AND id > $1"
+                        " AND id <= $2 ORDER BY id LIMIT $3",
+                        last,
+                        upper,
+                        size,
+                    )
+                    if keys:
+                        await conn.execute(
+                            "UPDATE users SET display_name = split_part(email, '@', 1)"
+                            " WHERE id > $1 AND id <= $2 AND display_name IS NULL",
+                            last,
+                            keys[-1]["id"],
+                        )
+                        last = keys[-1]["id"]
+                    await conn.execute(
+                        "UPDATE hand_checkpoints SET last = $1 WHERE number = $2", last, number
+                    )
+                if len(keys) < size:
+                    return
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(work(n) for n in range(workers)))
+    return time.perf_counter() - started
+
+
 # -- the delaying proxy ------------------------------------------------------------------------
 
 
@@ -402,10 +478,12 @@ class Traffic:
 
 class _Decoder:
     """Decode one connection's messages (the PostgreSQL protocol, v3): the client's
-    requests, and the server's ReadyForQuery that ends each."""
+    requests, and the server's ReadyForQuery that ends each (each direction decoded on its
+    own thread; ``lock`` guards what they share)."""
 
-    def __init__(self, traffic: Traffic) -> None:
+    def __init__(self, traffic: Traffic, lock: threading.Lock) -> None:
         self.traffic = traffic
+        self.lock = lock
         self.client = b""
         self.server = b""
         self.started = False
@@ -415,6 +493,14 @@ class _Decoder:
         self.pending: collections.deque[tuple[str, float]] = collections.deque()
 
     def from_client(self, data: bytes) -> None:
+        with self.lock:
+            self._from_client(data)
+
+    def from_server(self, data: bytes) -> None:
+        with self.lock:
+            self._from_server(data)
+
+    def _from_client(self, data: bytes) -> None:
         self.client += data
         while True:
             if not self.started:  # SSLRequest/GSSENCRequest, then the startup message
@@ -433,7 +519,7 @@ class _Decoder:
             kind, body, self.client = message
             self._request(kind, body)
 
-    def from_server(self, data: bytes) -> None:
+    def _from_server(self, data: bytes) -> None:
         self.server += data
         if self.ssl_reply and self.server:  # one byte: N (no SSL here)
             self.server, self.ssl_reply = self.server[1:], False
@@ -481,7 +567,12 @@ def _shape(sql: str) -> str:
 
 class DelayProxy:
     """Relay connections on ``port`` to the server, each chunk delayed ``delay`` seconds
-    each way (in order); optionally decode what the clients send."""
+    each way (in order); optionally decode what the clients send.
+
+    Threads, not this script's event loop: two per direction of each connection, one
+    reading and one delivering each chunk when it is due (``time.sleep`` wakes within tens
+    of microseconds; an event loop's timers wake at whole milliseconds, and one loop
+    relaying every connection adds its own queue to each chunk's delay)."""
 
     def __init__(self, upstream: tuple[str, int], delay: float, decode: bool = False) -> None:
         self.upstream = upstream
@@ -489,21 +580,24 @@ class DelayProxy:
         self.decode = decode
         self.traffic = Traffic()
         self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
 
     async def __aenter__(self) -> DelayProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        assert self._listener is not None
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
 
     def url(self, target: Target) -> str:
         return (
@@ -512,62 +606,56 @@ class DelayProxy:
             .render_as_string(hide_password=False)
         )
 
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        self.traffic.connections += 1
-        server_r, server_w = await asyncio.open_connection(*self.upstream)
-        decoder = _Decoder(self.traffic) if self.decode else None
-        pumps = [
-            asyncio.create_task(
-                self._pump(client_r, server_w, decoder.from_client if decoder else None)
-            ),
-            asyncio.create_task(
-                self._pump(server_r, client_w, decoder.from_server if decoder else None)
-            ),
-        ]
-        self._tasks.update(pumps)
-        try:
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in pumps:
-                task.cancel()
-                self._tasks.discard(task)
-            for writer in (client_w, server_w):
-                writer.close()
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream)
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, server]
+                self.traffic.connections += 1
+            decoder = _Decoder(self.traffic, self._lock) if self.decode else None
+            self._pump(client, server, decoder.from_client if decoder else None)
+            self._pump(server, client, decoder.from_server if decoder else None)
 
-    async def _pump(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        decode: Callable[[bytes], None] | None,
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, decode: Callable[[bytes], None] | None
     ) -> None:
-        """Copy ``reader`` to ``writer``, each chunk ``delay`` seconds after it arrived."""
-        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        """Copy ``source`` to ``sink``, each chunk ``delay`` seconds after it arrived."""
+        chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
 
-        async def deliver() -> None:
-            while True:
-                due, data = await queue.get()
-                wait = due - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if not data:
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        sender = asyncio.create_task(deliver())
-        try:
-            while True:
-                data = await reader.read(65536)
+        def read() -> None:
+            data = b"x"
+            while data:
+                try:
+                    data = source.recv(65536)
+                except OSError:
+                    data = b""
                 if decode is not None and data:
                     decode(data)
-                await queue.put((time.monotonic() + self.delay, data))
-                if not data:
-                    break
-            await sender
-        finally:
-            sender.cancel()
-            with contextlib.suppress(OSError, ConnectionError):
-                writer.write_eof()
+                chunks.put((time.monotonic() + self.delay, data))
+
+        def deliver() -> None:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    if not data:
+                        sink.shutdown(socket.SHUT_WR)
+                        return
+                    sink.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=read, daemon=True).start()
+        threading.Thread(target=deliver, daemon=True).start()
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -638,7 +726,8 @@ async def measure(target: Target, scenario: Scenario, config: Config, rows: int)
     sample = await config.run()
     busy_after, total_after = cpu_ticks()
     busy = (busy_after - busy_before) / max(total_after - total_before, 1)
-    sample = replace(sample, revision=await revision_seconds(target) or sample.seconds, busy=busy)
+    revision = sample.revision or await revision_seconds(target) or sample.seconds
+    sample = replace(sample, revision=revision, busy=busy)
     problem = await scenario.check(rows)
     if problem:
         raise BenchError(f"{scenario.title}, {config.label}: {problem}")
@@ -737,6 +826,24 @@ def target_ratio(scenario: Scenario, label: str, base: str, floor: float) -> boo
         ratio >= floor,
         f"{scenario.title}: {label} >= {floor}x {base}: {ratio:.2f}x "
         f"(best runs {best:.2f}x; revision time alone {own:.2f}x)",
+    )
+
+
+def ceiling(scenario: Scenario, ours: tuple[str, str], by_hand: tuple[str, str]) -> None:
+    """Print how far the hand-written loop gets from 1 to 4 connections on this machine (its
+    loop's own seconds) beside dm's ratio of revision times: the share of it dm reaches."""
+
+    def ratio(pair: tuple[str, str]) -> float:
+        many, one = (
+            statistics.median(s.revision for s in scenario.samples[label]) for label in pair
+        )
+        return one / many
+
+    top, got = ratio(by_hand), ratio(ours)
+    print(
+        f"INFO  {scenario.title}: this machine's ceiling, the same statements by hand on bare "
+        f"asyncpg, 4 connections against 1: {top:.2f}x (loop time); dm's workers=4 against "
+        f"workers=1: {got:.2f}x (revision time), {got / top:.0%} of it"
     )
 
 
@@ -933,6 +1040,7 @@ async def bench(args: argparse.Namespace, target: Target, root: Path) -> tuple[b
         r1 = users_project(root, 1, args.remote_size)
         r4 = users_project(root, 4, args.remote_size)
         r2 = users_project(root, 2, args.remote_size)
+        size = args.remote_size
         async with DelayProxy(address, args.delay_ms / 1000) as proxy:
             remote_url = proxy.url(target)
             remote = Scenario(
@@ -944,11 +1052,16 @@ async def bench(args: argparse.Namespace, target: Target, root: Path) -> tuple[b
                     Config("workers=1", lambda: run_dm(r1, remote_url)),
                     Config("workers=4", lambda: run_dm(r4, remote_url)),
                     Config("workers=2, run + 2 dm work", lambda: run_dm(r2, remote_url, joiners=2)),
+                    Config("by hand, 1 connection", lambda: run_hand(remote_url, 1, size)),
+                    Config("by hand, 4 connections", lambda: run_hand(remote_url, 4, size)),
                 ],
             )
             await run_scenario(target, remote, args.reps, 2 * args.remote_size + 1)
         report(remote, args.reps)
         passed &= target_ratio(remote, "workers=4", "workers=1", 3.0)
+        ceiling(
+            remote, ("workers=4", "workers=1"), ("by hand, 4 connections", "by hand, 1 connection")
+        )
     if "memory" in chosen:
         project = users_project(root, 2, args.memory_size)
         passed &= await measure_memory(target, project, args.memory_rows)
@@ -966,6 +1079,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["--child", "--"]:
         return child_main(argv[2:])
+    if argv[:1] == ["--hand-loop"]:
+        url, workers, size = argv[1], int(argv[2]), int(argv[3])
+        print(json.dumps({"loop_seconds": asyncio.run(hand_loop(url, workers, size))}))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
         "--scenarios",
@@ -979,7 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--py-rounds", type=int, default=3, help="(2): rewrites of each document (3)"
     )
-    parser.add_argument("--remote-rows", type=int, default=200_000, help="(3): rows (200000)")
+    parser.add_argument("--remote-rows", type=int, default=1_000_000, help="(3): rows (1000000)")
     parser.add_argument("--remote-size", type=int, default=1_000, help="(3): batch rows (1000)")
     parser.add_argument(
         "--delay-ms", type=float, default=1.0, help="(3): delay per chunk each way, ms (1)"
