@@ -397,7 +397,7 @@ async def batched(
             label=label,
             workers=workers,
             lease_seconds=lease_seconds,
-            fetch=_fetch_rows if rows else _fetch_bounds,
+            pages=_Pages(query, keyset, rows=rows),
             sizer=sizer,
             throttle=throttle,
             # A waiting worker renews its lease at each look: look often enough to keep it.
@@ -421,7 +421,7 @@ async def batched(
     def after(last: Any) -> sa.Select[Any]:
         return unordered if last is None else unordered.where(keyset.after(last))
 
-    fetch = _fetch_rows if rows else _fetch_bounds
+    pages = _Pages(query, keyset, rows=rows)
     await _refuse_null_keys(session, unordered, keyset, revision)
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
@@ -433,8 +433,7 @@ async def batched(
         while True:
             limit = sizer.size
             started = time.monotonic()
-            page = after(last).order_by(*keyset.columns).limit(limit)
-            batch = await fetch(session, page, keyset, last, limit)
+            batch = await pages.fetch(session, last, None, limit)
             finished = batch.row_count < limit
             if batch.row_count:
                 if keyset.has_null(batch.upper):
@@ -506,7 +505,7 @@ class _RangedLoop:
         label: str,
         workers: int,
         lease_seconds: float,
-        fetch: Callable[[AsyncSession, sa.Select[Any], _Keyset, Any, int], Awaitable[Batch]],
+        pages: _Pages,
         sizer: _Sizer,
         throttle: float,
         waiter: _Waiter | None,
@@ -522,7 +521,7 @@ class _RangedLoop:
         self.label = label
         self.workers = workers
         self.store = parallel.store(lease_seconds)
-        self.fetch = fetch
+        self.pages = pages
         self.sizer = sizer
         self.throttle = throttle
         self.waiter = waiter
@@ -775,15 +774,11 @@ class _RangedLoop:
 
     async def _work(self, held: Range, progress: Progress) -> AsyncIterator[Batch]:
         """Page through one range, committing each batch with the range's checkpoint."""
-        session, keyset = self.session, self.keyset
+        session = self.session
         while True:
             limit = self.sizer.size
             started = time.monotonic()
-            page = self._after(held.start)
-            if held.upper is not None:
-                page = page.where(keyset.within(None, held.upper, None))
-            page = page.order_by(*keyset.columns).limit(limit)
-            batch = await self.fetch(session, page, keyset, held.start, limit)
+            batch = await self.pages.fetch(session, held.start, held.upper, limit)
             finished = batch.row_count < limit
             last, done = held.last, held.rows_done
             if batch.row_count:
@@ -1080,7 +1075,10 @@ def _compare(
         return compare(columns[0], value)
     # Bound with each column's own type, not one guessed from the Python value: on
     # PostgreSQL each parameter of a row value is cast to the type it is bound with.
-    values = [sa.bindparam(None, v, type_=c.type) for c, v in zip(columns, value, strict=True)]
+    values = [
+        v if isinstance(v, sa.BindParameter) else sa.bindparam(None, v, type_=c.type)
+        for c, v in zip(columns, value, strict=True)
+    ]
     return compare(sa.tuple_(*columns), sa.tuple_(*values))
 
 
@@ -1090,32 +1088,74 @@ _OPERATORS: dict[str, Callable[[Any, Any], sa.ColumnElement[bool]]] = {
 }
 
 
-async def _fetch_rows(
-    session: AsyncSession, page: sa.Select[Any], keyset: _Keyset, lower: Any, limit: int
-) -> Batch:
-    found = list((await session.execute(page)).all())
-    upper = keyset.value(found[-1]) if found else None
-    return Batch(keyset, lower, upper, len(found), found, limit)
+class _Pages:
+    """The page queries of one loop, built once with bound parameters (the key bounds, the
+    size): building and caching a statement for each batch cost more CPU than running it.
 
-
-async def _fetch_bounds(
-    session: AsyncSession, page: sa.Select[Any], keyset: _Keyset, lower: Any, limit: int
-) -> Batch:
-    """Fetch a page's last key only: its ``limit``-th key (``OFFSET limit - 1``), one row.
-
-    No aggregate, so any ordered key type works (PostgreSQL has no ``max(uuid)``), and the
-    row count of a full page is ``limit``. Only a loop's last page, shorter, comes back
-    whole (its keys), to be counted.
+    A page is the loop's rows with ``lower < key <= upper`` (None: unbounded), in key
+    order, ``limit`` at most. By default only its last key comes back (its ``limit``-th
+    row, ``OFFSET limit - 1``: one row); a last page, shorter, comes back whole (its keys)
+    to be counted. No aggregate, so any ordered key type works (PostgreSQL has no
+    ``max(uuid)``). With ``rows``, the page's rows come back.
     """
-    keys = page.with_only_columns(
-        *(page.selected_columns[p] for p in keyset.positions), maintain_column_froms=True
-    )
-    row = (await session.execute(keys.offset(limit - 1).limit(1))).first()
-    if row is not None:
-        return Batch(keyset, lower, _key_of(row), limit, None, limit)
-    found = (await session.execute(keys)).all()
-    upper = _key_of(found[-1]) if found else None
-    return Batch(keyset, lower, upper, len(found), None, limit)
+
+    def __init__(self, query: sa.Select[Any], keyset: _Keyset, *, rows: bool) -> None:
+        self.query = query.order_by(None)
+        self.keyset = keyset
+        self.rows = rows
+        self._built: dict[tuple[bool, bool], tuple[sa.Select[Any], sa.Select[Any]]] = {}
+
+    async def fetch(self, session: AsyncSession, lower: Any, upper: Any, limit: int) -> Batch:
+        """Return the page after ``lower`` (up to ``upper``) of at most ``limit`` rows."""
+        page, last_row = self._statements(lower is not None, upper is not None)
+        params = {"dm_page_limit": limit, **self._bound("lower", lower)}
+        params.update(self._bound("upper", upper))
+        keyset = self.keyset
+        if self.rows:
+            found = list((await session.execute(page, params)).all())
+            last = keyset.value(found[-1]) if found else None
+            return Batch(keyset, lower, last, len(found), found, limit)
+        params["dm_page_offset"] = limit - 1
+        row = (await session.execute(last_row, params)).first()
+        if row is not None:
+            return Batch(keyset, lower, _key_of(row), limit, None, limit)
+        keys = (await session.execute(page, params)).all()
+        return Batch(keyset, lower, _key_of(keys[-1]) if keys else None, len(keys), None, limit)
+
+    def _statements(self, after: bool, up_to: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
+        """The page query (rows, or keys only) and its last row's, for these bounds."""
+        built = self._built.get((after, up_to))
+        if built is None:
+            columns = self.keyset.columns
+            page = self.query
+            if after:
+                page = page.where(_compare(columns, ">", self._parameters("lower")))
+            if up_to:
+                page = page.where(_compare(columns, "<=", self._parameters("upper")))
+            page = page.order_by(*columns)
+            if not self.rows:
+                keys = (page.selected_columns[p] for p in self.keyset.positions)
+                page = page.with_only_columns(*keys, maintain_column_froms=True)
+            last_row = page.offset(sa.bindparam("dm_page_offset")).limit(1)
+            built = self._built[after, up_to] = (
+                page.limit(sa.bindparam("dm_page_limit")),
+                last_row,
+            )
+        return built
+
+    def _parameters(self, bound: str) -> Any:
+        """The bound parameters of a key bound: one per key column, of its type."""
+        values = tuple(
+            sa.bindparam(f"dm_page_{bound}_{n}", type_=column.type)
+            for n, column in enumerate(self.keyset.columns)
+        )
+        return values if self.keyset.composite else values[0]
+
+    def _bound(self, bound: str, value: Any) -> dict[str, Any]:
+        if value is None:
+            return {}
+        values = value if self.keyset.composite else (value,)
+        return {f"dm_page_{bound}_{n}": v for n, v in enumerate(values)}
 
 
 def _key_of(row: Any) -> Any:

@@ -226,6 +226,7 @@ class RangeStore:
         )
         self.fence = fence
         self._holding = holding
+        self._checkpoints: dict[bool, sa.Update] = {}
         self._short: dict[tuple[str, int], tuple[int, Any]] = {}
         """The ranges a count found too short to split (token and number), at the version
         and last key it counted from: not counted again until their checkpoint moves."""
@@ -502,23 +503,52 @@ class RangeStore:
     ) -> Outcome:
         """Write the range's checkpoint in the batch's transaction (not committed): it
         matches only while this worker owns the range at the bounds it paged with."""
+        result = await session.execute(
+            self._checkpoint_statement(finished),
+            {
+                "dm_token": held.token,
+                "dm_number": held.number,
+                "dm_version": held.version,
+                "dm_last_key": None if last is None else encode_key(last, "checkpoint"),
+                "dm_rows_done": rows_done,
+            },
+        )
+        row = result.first()
+        if row is None:
+            return Outcome(False)
+        upper, version, status, request, by, reason = row
+        return Outcome(
+            True,
+            None if upper is None else decode_key(upper),
+            int(version),
+            status,
+            None if request is None else (request, by, reason),
+        )
+
+    def _checkpoint_statement(self, finished: bool) -> sa.Update:
+        """The checkpoint update, built once per worker with bound parameters (it runs
+        with every batch): the range's new checkpoint and lease where this worker owns it
+        at its version, returning its bounds and the attempt's status and request."""
+        built = self._checkpoints.get(finished)
+        if built is not None:
+            return built
         r, a = self.ranges, self.attempts
         conditions = [
-            r.c.token == held.token,
-            r.c.number == held.number,
+            r.c.token == sa.bindparam("dm_token"),
+            r.c.number == sa.bindparam("dm_number"),
             r.c.owner == self.owner,
-            r.c.version == held.version,
+            r.c.version == sa.bindparam("dm_version"),
         ]
         if self.fence is not None:
             conditions.append(self.fence)
-        revision_key = None if last is None else encode_key(last, "checkpoint")
         of_attempt = a.c.id == r.c.attempt_id
-        result = await session.execute(
+        built = self._checkpoints[finished] = (
             r.update()
             .where(*conditions)
             .values(
-                last_key=revision_key,
-                rows_done=rows_done,
+                # SQL NULL for no key yet, as a plain None value writes (not JSON null).
+                last_key=sa.bindparam("dm_last_key", type_=sa.JSON(none_as_null=True)),
+                rows_done=sa.bindparam("dm_rows_done"),
                 finished=finished,
                 owner=None if finished else self.owner,
                 lease_until=None if finished else self._lease_until(),
@@ -532,17 +562,7 @@ class RangeStore:
                 sa.select(a.c.request_reason).where(of_attempt).scalar_subquery(),
             )
         )
-        row = result.first()
-        if row is None:
-            return Outcome(False)
-        upper, version, status, request, by, reason = row
-        return Outcome(
-            True,
-            None if upper is None else decode_key(upper),
-            int(version),
-            status,
-            None if request is None else (request, by, reason),
-        )
+        return built
 
     async def renew(
         self, executor: AsyncSession | AsyncConnection, token: str, number: int
