@@ -546,8 +546,7 @@ class RangeStore:
             r.update()
             .where(*conditions)
             .values(
-                # SQL NULL for no key yet, as a plain None value writes (not JSON null).
-                last_key=sa.bindparam("dm_last_key", type_=sa.JSON(none_as_null=True)),
+                last_key=sa.bindparam("dm_last_key", type_=r.c.last_key.type),
                 rows_done=sa.bindparam("dm_rows_done"),
                 finished=finished,
                 owner=None if finished else self.owner,
