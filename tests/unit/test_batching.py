@@ -556,3 +556,85 @@ def test_a_null_key_anywhere_fails_the_loop_before_any_batch(
     assert result.exit_code == 1, result.stdout + result.stderr
     assert "is NULL in some rows of the query" in result.stderr
     assert hits(project) == [(0, 21)]
+
+
+DECLARED_DATE = """
+transactional = False
+max_runtime = 20  # a loop that does not advance stops here (exit 5), not in CI's time limit
+# The key is a timestamp column, declared a Date here: each bound compares as the value's
+# type (a datetime), as `key > value` does; the loop must still advance page by page.
+items = sa.table("items", sa.column("id"), sa.column("ts", sa.Date), sa.column("hits"))
+"""
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("shape", ["rows", "key range", "workers=2"])
+def test_a_key_declared_with_another_type_than_its_column_pages_through(
+    project: Project, shape: str
+) -> None:
+    project.db.query(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, ts TIMESTAMP NOT NULL UNIQUE,"
+        " hits INTEGER NOT NULL)"
+    )
+    project.db.query(
+        "INSERT INTO items SELECT i, timestamp '2024-01-01' + i * interval '1 second', 0"
+        " FROM generate_series(1, 60) AS i"
+    )
+    rows, workers = shape == "rows", 2 if shape == "workers=2" else 1
+    body = f"""
+    from dm import batched
+    query = sa.select(items.c.id, items.c.ts)
+    options = dict(key=items.c.ts, size=7, rows={rows}, workers={workers})
+    async for batch in batched(session, query, **options):
+        bound = items.c.id.in_([row.id for row in batch]) if options["rows"] else batch.where()
+        await session.execute(items.update().where(bound).values(hits=items.c.hits + 1))
+    """
+    project.write(A, None, body, extra=DECLARED_DATE)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 0, result.stderr
+    assert hits(project) == [(1, 60)]
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("clause", [".limit(2)", ".offset(1)", ".limit(2).offset(1)"])
+def test_a_query_with_its_own_limit_or_offset_is_refused(project: Project, clause: str) -> None:
+    make_items(project, 5)
+    body = f"""
+    from dm import batched
+    query = sa.select(items.c.id){clause}
+    async for batch in batched(session, query, key=items.c.id, size=2):
+        await session.execute(items.update().where(batch.where()).values(hits=1))
+    """
+    project.write(A, None, body, extra=SETUP)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 1
+    assert f"revision {A}: batched() pages the query itself" in result.stderr
+    assert hits(project) == [(0, 5)]  # nothing written
+
+
+ORM_ITEMS = """
+from sqlalchemy.orm import declarative_base
+
+Base = declarative_base()
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id = sa.Column(sa.Integer, primary_key=True)
+    hits = sa.Column(sa.Integer, nullable=False)
+"""
+
+
+def test_an_orm_attribute_is_a_key(project: Project) -> None:
+    make_items(project, 20)
+    body = """
+    from dm import batched
+    query = sa.select(Item.id).where(Item.hits == 0)
+    async for batch in batched(session, query, key=Item.id, size=6):
+        await session.execute(sa.update(Item).where(batch.where()).values(hits=Item.hits + 1))
+    """
+    project.write(A, None, body, extra=ORM_ITEMS)
+    result = invoke(project, "upgrade", "heads")
+    assert result.exit_code == 0, result.stderr
+    assert hits(project) == [(1, 20)]

@@ -43,6 +43,7 @@ from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import operators
 
 from dm.backfill.errors import BatchingError as BatchingError
 from dm.backfill.errors import LoopStop
@@ -356,6 +357,14 @@ async def batched(
     if pause_poll <= 0:
         raise BatchingError(f"revision {revision}: batched() pause_poll must be positive")
     keyset = _Keyset.of(query, key, revision)
+    # Private, but the only way to see them: a query's own LIMIT was ignored and its own
+    # OFFSET skipped rows of every page.
+    if any(c is not None for c in (query._limit_clause, query._offset_clause, query._fetch_clause)):
+        raise BatchingError(
+            f"revision {revision}: batched() pages the query itself (LIMIT and OFFSET by "
+            "batch): remove the query's own LIMIT, OFFSET or FETCH, or select what it "
+            "chose with a condition (e.g. key <= a bound)"
+        )
     if workers < 1:
         raise BatchingError(f"revision {revision}: batched() workers must be at least 1")
     if not lease_seconds > 0:
@@ -397,7 +406,7 @@ async def batched(
             label=label,
             workers=workers,
             lease_seconds=lease_seconds,
-            pages=_Pages(query, keyset, rows=rows),
+            pages=_Pages(query, keyset, rows=rows, revision=revision),
             sizer=sizer,
             throttle=throttle,
             # A waiting worker renews its lease at each look: look often enough to keep it.
@@ -421,7 +430,7 @@ async def batched(
     def after(last: Any) -> sa.Select[Any]:
         return unordered if last is None else unordered.where(keyset.after(last))
 
-    pages = _Pages(query, keyset, rows=rows)
+    pages = _Pages(query, keyset, rows=rows, revision=revision)
     await _refuse_null_keys(session, unordered, keyset, revision)
     total = None
     if count:  # the rows still to do, plus those an earlier attempt did
@@ -1019,7 +1028,11 @@ class _Keyset:
         key: sa.ColumnElement[Any] | Sequence[sa.ColumnElement[Any]],
         revision: str,
     ) -> _Keyset:
-        columns = tuple(key) if isinstance(key, tuple | list) else (key,)
+        keys = tuple(key) if isinstance(key, tuple | list) else (key,)
+        # An ORM attribute (Item.id) stands for its column.
+        columns = tuple(
+            k.__clause_element__() if hasattr(k, "__clause_element__") else k for k in keys
+        )
         if not columns:
             raise BatchingError(f"revision {revision}: batched() needs a key column")
         return cls(columns, tuple(_key_position(query, column, revision) for column in columns))
@@ -1097,65 +1110,88 @@ class _Pages:
     row, ``OFFSET limit - 1``: one row); a last page, shorter, comes back whole (its keys)
     to be counted. No aggregate, so any ordered key type works (PostgreSQL has no
     ``max(uuid)``). With ``rows``, the page's rows come back.
+
+    A bound is bound with the type ``key > value`` would give it (``batch.where()`` does
+    so): the key column's, or the value's where the two differ (a ``datetime`` for a column
+    declared ``Date``); a statement is built for each kind of value, in practice one.
     """
 
-    def __init__(self, query: sa.Select[Any], keyset: _Keyset, *, rows: bool) -> None:
+    def __init__(
+        self, query: sa.Select[Any], keyset: _Keyset, *, rows: bool, revision: str
+    ) -> None:
         self.query = query.order_by(None)
         self.keyset = keyset
         self.rows = rows
-        self._built: dict[tuple[bool, bool], tuple[sa.Select[Any], sa.Select[Any]]] = {}
+        self.revision = revision
+        self._built: dict[tuple[type | None, type | None], tuple[sa.Select[Any], ...]] = {}
 
     async def fetch(self, session: AsyncSession, lower: Any, upper: Any, limit: int) -> Batch:
         """Return the page after ``lower`` (up to ``upper``) of at most ``limit`` rows."""
-        page, last_row = self._statements(lower is not None, upper is not None)
+        page, last_row = self._statements(lower, upper)
         params = {"dm_page_limit": limit, **self._bound("lower", lower)}
         params.update(self._bound("upper", upper))
         keyset = self.keyset
         if self.rows:
             found = list((await session.execute(page, params)).all())
             last = keyset.value(found[-1]) if found else None
-            return Batch(keyset, lower, last, len(found), found, limit)
-        params["dm_page_offset"] = limit - 1
-        row = (await session.execute(last_row, params)).first()
-        if row is not None:
-            return Batch(keyset, lower, _key_of(row), limit, None, limit)
-        keys = (await session.execute(page, params)).all()
-        return Batch(keyset, lower, _key_of(keys[-1]) if keys else None, len(keys), None, limit)
+            batch = Batch(keyset, lower, last, len(found), found, limit)
+        else:
+            params["dm_page_offset"] = limit - 1
+            row = (await session.execute(last_row, params)).first()
+            if row is not None:
+                batch = Batch(keyset, lower, _key_of(row), limit, None, limit)
+            else:
+                keys = (await session.execute(page, params)).all()
+                last = _key_of(keys[-1]) if keys else None
+                batch = Batch(keyset, lower, last, len(keys), None, limit)
+        if batch.row_count and lower is not None and batch.upper == lower:
+            raise BatchingError(
+                f"revision {self.revision}: the page after key {lower!r} ended at that same "
+                "key, so the loop would not advance; is the key column declared with the "
+                "database column's type?"
+            )
+        return batch
 
-    def _statements(self, after: bool, up_to: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    def _statements(self, lower: Any, upper: Any) -> tuple[sa.Select[Any], ...]:
         """The page query (rows, or keys only) and its last row's, for these bounds."""
-        built = self._built.get((after, up_to))
+        kinds = (None if lower is None else type(lower), None if upper is None else type(upper))
+        built = self._built.get(kinds)
         if built is None:
             columns = self.keyset.columns
             page = self.query
-            if after:
-                page = page.where(_compare(columns, ">", self._parameters("lower")))
-            if up_to:
-                page = page.where(_compare(columns, "<=", self._parameters("upper")))
+            if lower is not None:
+                page = page.where(_compare(columns, ">", self._parameters("lower", ">", lower)))
+            if upper is not None:
+                page = page.where(_compare(columns, "<=", self._parameters("upper", "<=", upper)))
             page = page.order_by(*columns)
             if not self.rows:
                 keys = (page.selected_columns[p] for p in self.keyset.positions)
                 page = page.with_only_columns(*keys, maintain_column_froms=True)
             last_row = page.offset(sa.bindparam("dm_page_offset")).limit(1)
-            built = self._built[after, up_to] = (
-                page.limit(sa.bindparam("dm_page_limit")),
-                last_row,
-            )
+            built = self._built[kinds] = (page.limit(sa.bindparam("dm_page_limit")), last_row)
         return built
 
-    def _parameters(self, bound: str) -> Any:
-        """The bound parameters of a key bound: one per key column, of its type."""
-        values = tuple(
+    def _parameters(self, bound: str, operator: str, value: Any) -> Any:
+        """The bound parameters of a key bound: one per key column, typed as the loop's
+        comparison would type ``value`` (a row value: each column's own type)."""
+        columns = self.keyset.columns
+        if not self.keyset.composite:
+            (column,) = columns
+            compared = column.type.coerce_compared_value(_SQL_OPERATORS[operator], value)
+            return sa.bindparam(f"dm_page_{bound}_0", type_=compared)
+        return tuple(
             sa.bindparam(f"dm_page_{bound}_{n}", type_=column.type)
-            for n, column in enumerate(self.keyset.columns)
+            for n, column in enumerate(columns)
         )
-        return values if self.keyset.composite else values[0]
 
     def _bound(self, bound: str, value: Any) -> dict[str, Any]:
         if value is None:
             return {}
         values = value if self.keyset.composite else (value,)
         return {f"dm_page_{bound}_{n}": v for n, v in enumerate(values)}
+
+
+_SQL_OPERATORS = {">": operators.gt, "<=": operators.le}
 
 
 def _key_of(row: Any) -> Any:
