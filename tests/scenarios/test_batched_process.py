@@ -141,6 +141,10 @@ def test_every_row_is_processed_exactly_once_across_kills(project: Project) -> N
             assert "interrupted by SIGTERM" in stderr, context
         else:
             assert process.returncode == -signal.SIGKILL, context
+            if number == 0:  # what an operator sees before the next run: where it resumes
+                shown = run_dm(project, "status").stdout
+                assert "its run died" in shown, (context, shown)
+                assert "rows done, last key" in shown and "resumes there" in shown, shown
         done = counters(project)
         assert set(done) <= {0, 1}, f"{context}: a row was processed twice: {done}"
         assert done.get(1, 0) < ROWS, f"{context}: the run ended before the kill"

@@ -98,6 +98,9 @@ def status(invocation: Invocation, rev: str | None, as_json: bool) -> None:
             )
         elif row.state == "died":
             note = "its run died; the next run marks it interrupted and retries it"
+            if row.checkpoint:  # batches it committed: the retry resumes after them
+                note += "; checkpoint: " + describe_checkpoint(row.checkpoint)
+                note += f"; the next {row.direction} resumes there"
         elif row.status in STOPPED_NOTES:
             note = (row.reason or row.status) + STOPPED_NOTES[row.status].format(
                 direction=row.direction, revision=row.revision
