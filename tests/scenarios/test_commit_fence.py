@@ -50,6 +50,9 @@ async def steal():
 
     if Path(STOLEN).exists():
         return
+    # Noted first: once the fence is taken, the run may cancel this task (another worker
+    # met the loss) before it gets here again.
+    Path(STOLEN).touch()
     conn = await asyncpg.connect(DSN)
     try:
         await conn.execute(
@@ -57,7 +60,6 @@ async def steal():
         )
     finally:
         await conn.close()
-    Path(STOLEN).touch()
 '''
 
 SYNC_STEAL = '''
@@ -116,6 +118,21 @@ COMMIT_PATHS = {
             items = sa.table("items", sa.column("id"))
             async for batch in batched(session, sa.select(items.c.id), key=items.c.id, size=2):
                 if batch.upper == 4:  # the second batch: the first one's commit stays
+                    await session.execute(sa.text(INSERT))
+                    await steal()
+        """,
+    ),
+    "a parallel worker's batch commit (workers=2)": (
+        False,
+        ASYNC_STEAL,
+        """
+        from dm import batched
+
+        async def upgrade(session):
+            items = sa.table("items", sa.column("id"))
+            query = sa.select(items.c.id)
+            async for batch in batched(session, query, key=items.c.id, size=2, workers=2):
+                if (batch.lower or 0) < 4 <= batch.upper:  # the one batch holding key 4
                     await session.execute(sa.text(INSERT))
                     await steal()
         """,
